@@ -1,0 +1,312 @@
+"""Structured configs: the schema every YAML file under ``configs/`` is checked against.
+
+Hydra merges the YAML files onto these dataclasses, so an unknown key or a value of the wrong type
+fails when the run starts. ``validate`` then checks the values (ranges, enumerations) and names
+the offending key; ``train.py`` calls it before anything is built or written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation switches; evaluation always uses the deterministic path."""
+
+    random_crop: bool = True  # SSD-style crop/zoom that keeps boxes consistent
+    zoom_out: bool = False  # SSD "expand": paste the image on a larger canvas (more small faces)
+    zoom_out_max: float = 2.0
+    hflip: bool = True
+    photometric: bool = True
+
+
+@dataclass
+class SplitConfig:
+    """How train and val records are drawn from the annotation files.
+
+    ``official``: train from ``wider_face_train_bbx_gt.txt``, val from ``wider_face_val_bbx_gt.txt``.
+    ``random``: one annotation file (``source``) split by ``ratios`` with ``seed``; ``ratios`` holds
+    train, val and optionally a third held-out share (the paper used 0.4/0.1/0.5).
+    """
+
+    mode: str = "official"
+    source: str = "val"
+    ratios: list[float] = field(default_factory=lambda: [0.8, 0.2])
+    seed: int = 0
+
+
+@dataclass
+class SyntheticConfig:
+    num_images: int = 600
+    image_width: int = 320
+    image_height: int = 256
+    seed: int = 0
+    val_fraction: float = 0.2
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "synthetic"  # synthetic | widerface
+    # widerface: the folder holding WIDER_{train,val,test}/ and wider_face_split/.
+    # synthetic: the cache folder the generated dataset is written into (and re-used from).
+    root: str = ".cache/synthetic"
+    split: SplitConfig = field(default_factory=SplitConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    drop_invalid: bool = True
+    min_face_size: float = 0.0  # pixels, on the larger side of the face box
+    keep_empty: bool = True  # keep images without faces as negatives
+    on_bad_image: str = "error"  # error | skip
+    max_train_images: Optional[int] = None  # None: all
+    max_val_images: Optional[int] = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    num_workers: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "ssd_slim"  # ssd_slim | ssdlite | ssd_vgg16
+    # ssdlite only: mobilenet_v3_large (torchvision's SSDlite) or mobilenet_v2 (the offline
+    # ImageNet weights in ../shared/pretrained load into it).
+    backbone: str = "mobilenet_v3_large"
+    input_width: int = 320
+    input_height: int = 256
+    num_classes: int = 2  # background + face
+    batch_norm: bool = True
+    # Backbone weights: "none", "imagenet" (torchvision weights API, needs the network or its cache),
+    # or a path to a local state-dict file.
+    backbone_weights: str = "none"
+    width_mult: float = 1.0
+    # Anchors (ssd_slim): one list of square anchor sizes (pixels) per feature level.
+    feature_strides: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
+    min_sizes: list[list[int]] = field(
+        default_factory=lambda: [[10, 16, 24], [32, 48], [64, 96], [128, 192, 256]]
+    )
+    variances: list[float] = field(default_factory=lambda: [0.1, 0.2])
+    match_iou: float = 0.45
+    # Post-processing (prediction).
+    score_floor: float = 0.01  # keep candidates above this score before NMS
+    nms_iou: float = 0.4
+    pre_nms_top_k: int = 1000
+    max_detections: int = 200
+
+
+@dataclass
+class LossConfig:
+    class_weight: float = 1.0
+    box_weight: float = 1.0
+    box_loss: str = "huber"  # huber | l1
+    huber_delta: float = 1.0
+    neg_pos_ratio: float = 3.0  # 0: every negative counts (no mining)
+    min_negatives: int = 16  # per image, so a batch without faces still learns background
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    grad_clip_norm: Optional[float] = None  # None: no clipping
+
+
+@dataclass
+class ScheduleConfig:
+    warmup: bool = True
+    warmup_epochs: float = 1.0  # used when warmup_steps is None
+    warmup_steps: Optional[int] = None
+    warmup_start_factor: float = 0.01  # lr at step 0 = lr * this
+    after_warmup: str = "cosine"  # constant | multistep | cosine
+    milestones: list[float] = field(default_factory=lambda: [0.66, 0.9])  # fractions of training
+    gamma: float = 0.1
+    min_lr_factor: float = 0.01  # cosine floor, as a fraction of lr
+
+
+@dataclass
+class EvalConfig:
+    iou_threshold: float = 0.5
+    score_threshold: float = 0.5  # predictions counted for TP/FP/FN and mIoU
+    nms_iou: float = 0.4
+    ap_score_floor: float = 0.01
+    size_edges: list[float] = field(default_factory=lambda: [16.0, 64.0])
+    size_adaptive_iou: bool = False
+    num_logged_images: int = 4  # val images drawn with predictions each epoch
+
+
+@dataclass
+class StageConfig:
+    """Boundaries of the early / mid / late stages for per-stage loss summaries.
+
+    ``early_end_fraction`` None: the early stage is the warm-up (or 10% of steps without one).
+    """
+
+    early_end_fraction: Optional[float] = None
+    late_start_fraction: float = 0.7
+
+
+@dataclass
+class DiagnosisConfig:
+    enabled: bool = True
+    grad_norm_every: int = 50  # steps between gradient-norm-ratio samples
+    stop_on_stuck: bool = False
+    stop_on_diverged: bool = True
+    early_stopping_patience: Optional[int] = None  # epochs; None: off
+    early_stopping_metric: str = "miou"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 32
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # mixed precision, CUDA only
+    deterministic: bool = False
+    log_every: int = 10  # steps between TensorBoard scalar writes
+    torch_threads: Optional[int] = None  # None: torch's default
+
+
+@dataclass
+class Config:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    stages: StageConfig = field(default_factory=StageConfig)
+    diagnosis: DiagnosisConfig = field(default_factory=DiagnosisConfig)
+    # Resume: false, true (this run directory's checkpoints/last.pt), or a checkpoint path.
+    resume: Any = False
+    run_dir: Optional[str] = None  # None: Hydra's output directory
+
+
+def register_configs() -> None:
+    """Register the schemas so ``configs/**.yaml`` can name them in their defaults lists."""
+    store = ConfigStore.instance()
+    store.store(name="config_schema", node=Config)
+    store.store(group="dataset", name="dataset_schema", node=DatasetConfig)
+    store.store(group="model", name="model_schema", node=ModelConfig)
+    store.store(group="loss", name="loss_schema", node=LossConfig)
+    store.store(group="optim", name="optim_schema", node=OptimConfig)
+    store.store(group="schedule", name="schedule_schema", node=ScheduleConfig)
+
+
+class ConfigError(ValueError):
+    """A config value is out of range; the message names the key."""
+
+
+def _check(condition: bool, key: str, message: str, value: Any) -> None:
+    if not condition:
+        raise ConfigError(f"config error: {key}={value!r}: {message}")
+
+
+def _choice(value: str, key: str, allowed: tuple[str, ...]) -> None:
+    _check(value in allowed, key, f"expected one of {', '.join(allowed)}", value)
+
+
+def validate(cfg: Config) -> None:
+    """Check value ranges that types alone cannot express. Raises ``ConfigError``."""
+    d, m, lo, o, s, t, e = cfg.dataset, cfg.model, cfg.loss, cfg.optim, cfg.schedule, cfg.train, cfg.eval
+    _choice(d.name, "dataset.name", ("synthetic", "widerface"))
+    _choice(d.on_bad_image, "dataset.on_bad_image", ("error", "skip"))
+    _choice(d.split.mode, "dataset.split.mode", ("official", "random"))
+    _choice(d.split.source, "dataset.split.source", ("train", "val"))
+    ratios = list(d.split.ratios)
+    _check(len(ratios) in (2, 3) and all(r >= 0 for r in ratios) and 0 < sum(ratios) <= 1 + 1e-9,
+           "dataset.split.ratios", "expected 2 or 3 non-negative shares summing to at most 1", ratios)
+    _check(d.min_face_size >= 0, "dataset.min_face_size", "must be >= 0", d.min_face_size)
+    _check(d.num_workers >= 0, "dataset.num_workers", "must be >= 0", d.num_workers)
+    _check(d.synthetic.num_images >= 2, "dataset.synthetic.num_images", "must be >= 2", d.synthetic.num_images)
+    _check(0 < d.synthetic.val_fraction < 1, "dataset.synthetic.val_fraction", "must be in (0, 1)",
+           d.synthetic.val_fraction)
+    for key in ("image_width", "image_height"):
+        value = getattr(d.synthetic, key)
+        _check(value >= 64, f"dataset.synthetic.{key}", "must be >= 64 pixels", value)
+
+    _choice(m.name, "model.name", ("ssd_slim", "ssdlite", "ssd_vgg16"))
+    _check(m.input_width > 0 and m.input_height > 0, "model.input_width/input_height", "must be > 0",
+           (m.input_width, m.input_height))
+    _check(m.num_classes >= 2, "model.num_classes", "must be >= 2 (background + face)", m.num_classes)
+    _check(len(m.feature_strides) == len(m.min_sizes), "model.min_sizes",
+           f"needs one list per feature stride ({len(m.feature_strides)})", m.min_sizes)
+    _check(len(m.variances) == 2 and all(v > 0 for v in m.variances), "model.variances",
+           "expected two positive numbers", m.variances)
+    _check(0 < m.match_iou <= 1, "model.match_iou", "must be in (0, 1]", m.match_iou)
+    _check(0 < m.nms_iou <= 1, "model.nms_iou", "must be in (0, 1]", m.nms_iou)
+
+    _check(lo.class_weight >= 0, "loss.class_weight", "must be >= 0", lo.class_weight)
+    _check(lo.box_weight >= 0, "loss.box_weight", "must be >= 0", lo.box_weight)
+    _check(lo.class_weight + lo.box_weight > 0, "loss.class_weight+box_weight", "must not both be 0",
+           (lo.class_weight, lo.box_weight))
+    _choice(lo.box_loss, "loss.box_loss", ("huber", "l1"))
+    _check(lo.huber_delta > 0, "loss.huber_delta", "must be > 0", lo.huber_delta)
+    _check(lo.neg_pos_ratio >= 0, "loss.neg_pos_ratio", "must be >= 0 (0: all negatives)", lo.neg_pos_ratio)
+    _check(lo.min_negatives >= 1, "loss.min_negatives", "must be >= 1", lo.min_negatives)
+
+    _choice(o.name, "optim.name", ("sgd",))
+    _check(o.lr > 0, "optim.lr", "must be > 0", o.lr)
+    _check(0 <= o.momentum < 1, "optim.momentum", "must be in [0, 1)", o.momentum)
+    _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0", o.weight_decay)
+    _check(not o.nesterov or o.momentum > 0, "optim.nesterov", "needs momentum > 0", o.nesterov)
+    _check(o.grad_clip_norm is None or o.grad_clip_norm > 0, "optim.grad_clip_norm", "must be > 0 or null",
+           o.grad_clip_norm)
+
+    _choice(s.after_warmup, "schedule.after_warmup", ("constant", "multistep", "cosine"))
+    _check(s.warmup_epochs >= 0, "schedule.warmup_epochs", "must be >= 0", s.warmup_epochs)
+    _check(s.warmup_steps is None or s.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0",
+           s.warmup_steps)
+    _check(0 < s.warmup_start_factor <= 1, "schedule.warmup_start_factor", "must be in (0, 1]",
+           s.warmup_start_factor)
+    _check(all(0 < x < 1 for x in s.milestones), "schedule.milestones", "fractions in (0, 1)", s.milestones)
+    _check(0 < s.gamma <= 1, "schedule.gamma", "must be in (0, 1]", s.gamma)
+
+    _check(t.epochs >= 1, "train.epochs", "must be >= 1", t.epochs)
+    _check(t.batch_size >= 1, "train.batch_size", "must be >= 1", t.batch_size)
+    _choice(t.device, "train.device", ("auto", "cpu", "cuda"))
+    _check(t.log_every >= 1, "train.log_every", "must be >= 1", t.log_every)
+
+    _check(0 < e.iou_threshold <= 1, "eval.iou_threshold", "must be in (0, 1]", e.iou_threshold)
+    _check(0 <= e.score_threshold <= 1, "eval.score_threshold", "must be in [0, 1]", e.score_threshold)
+    _check(0 < e.nms_iou <= 1, "eval.nms_iou", "must be in (0, 1]", e.nms_iou)
+    _check(len(e.size_edges) == 2 and 0 < e.size_edges[0] < e.size_edges[1], "eval.size_edges",
+           "expected two increasing positive edges (small|medium, medium|large)", e.size_edges)
+
+    st = cfg.stages
+    _check(st.early_end_fraction is None or 0 < st.early_end_fraction < 1, "stages.early_end_fraction",
+           "must be in (0, 1) or null", st.early_end_fraction)
+    _check(0 < st.late_start_fraction < 1, "stages.late_start_fraction", "must be in (0, 1)",
+           st.late_start_fraction)
+    _check(cfg.diagnosis.grad_norm_every >= 1, "diagnosis.grad_norm_every", "must be >= 1",
+           cfg.diagnosis.grad_norm_every)
+
+
+def to_config(cfg: DictConfig | Config) -> Config:
+    """Turn Hydra's DictConfig into the typed ``Config`` and validate it."""
+    if isinstance(cfg, Config):
+        obj = cfg
+    else:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+        obj = OmegaConf.to_object(merged)
+    assert isinstance(obj, Config)
+    validate(obj)
+    return obj
+
+
+def as_flat_dict(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten a config dataclass into ``{"loss.box_weight": 0.05, ...}`` (HParams, reports)."""
+    out: dict[str, Any] = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if is_dataclass(value):
+            out.update(as_flat_dict(value, prefix=f"{key}."))
+        else:
+            out[key] = value
+    return out
