@@ -1,0 +1,85 @@
+"""Learning-rate schedule (per optimiser step) and the early / mid / late stage boundaries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.optim.lr_scheduler import (
+    ConstantLR,
+    CosineAnnealingLR,
+    LinearLR,
+    LRScheduler,
+    MultiStepLR,
+    SequentialLR,
+)
+
+from detlab.config import ScheduleConfig, StageConfig
+
+
+def warmup_steps(cfg: ScheduleConfig, steps_per_epoch: int) -> int:
+    """Number of optimiser steps of linear warm-up (0 when warm-up is off)."""
+    if not cfg.warmup:
+        return 0
+    if cfg.warmup_steps is not None:
+        return int(cfg.warmup_steps)
+    return int(round(cfg.warmup_epochs * steps_per_epoch))
+
+
+def _after_warmup(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, steps: int) -> LRScheduler:
+    steps = max(steps, 1)
+    if cfg.after_warmup == "constant":
+        return ConstantLR(optimizer, factor=1.0, total_iters=0)
+    if cfg.after_warmup == "multistep":
+        # Milestones are fractions of the post-warm-up steps, so they scale with the run length.
+        milestones = sorted({max(1, int(round(f * steps))) for f in cfg.milestones})
+        return MultiStepLR(optimizer, milestones=milestones, gamma=cfg.gamma)
+    if cfg.after_warmup == "cosine":
+        base_lr = optimizer.param_groups[0]["lr"]
+        return CosineAnnealingLR(optimizer, T_max=steps, eta_min=base_lr * cfg.min_lr_factor)
+    raise ValueError(f"unknown schedule.after_warmup: {cfg.after_warmup!r}")
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int
+) -> LRScheduler:
+    """Linear warm-up from ``lr * warmup_start_factor`` to ``lr``, then constant, multistep or cosine.
+
+    Stepped once per optimiser step. Built from ``torch.optim.lr_scheduler`` parts so its state
+    dict round-trips through checkpoints.
+    """
+    n_warm = min(warmup_steps(cfg, steps_per_epoch), max(total_steps - 1, 0))
+    main = _after_warmup(optimizer, cfg, total_steps - n_warm)
+    if n_warm == 0:
+        return main
+    # LinearLR reaches factor 1.0 after total_iters steps; SequentialLR hands over at n_warm.
+    warm = LinearLR(optimizer, start_factor=cfg.warmup_start_factor, end_factor=1.0, total_iters=n_warm)
+    return SequentialLR(optimizer, schedulers=[warm, main], milestones=[n_warm])
+
+
+@dataclass(frozen=True)
+class StageBoundaries:
+    """Steps ``[0, early_end)`` are early, ``[early_end, late_start)`` mid, ``[late_start, total)`` late."""
+
+    early_end: int
+    late_start: int
+
+    def stage(self, step: int) -> str:
+        if step < self.early_end:
+            return "early"
+        if step < self.late_start:
+            return "mid"
+        return "late"
+
+
+def stage_boundaries(
+    stages: StageConfig, schedule: ScheduleConfig, total_steps: int, steps_per_epoch: int
+) -> StageBoundaries:
+    """By default the early stage is the warm-up (10% of the steps without one); late is the last 30%."""
+    if stages.early_end_fraction is not None:
+        early_end = int(round(stages.early_end_fraction * total_steps))
+    else:
+        early_end = warmup_steps(schedule, steps_per_epoch) or int(round(0.1 * total_steps))
+    late_start = int(round(stages.late_start_fraction * total_steps))
+    early_end = max(1, min(early_end, late_start))
+    return StageBoundaries(early_end=early_end, late_start=max(early_end, late_start))

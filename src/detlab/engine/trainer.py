@@ -1,0 +1,409 @@
+"""The training loop: orchestrates data, model, loss, validation, diagnosis and run-directory output.
+
+The maths lives in the modules it calls; this file decides what happens when.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+from tqdm.auto import tqdm
+
+from detlab.config import Config, as_flat_dict
+from detlab.data import build_datasets, build_loader
+from detlab.diagnosis import Diagnoser, LossWeightSchedule, loss_term_grad_norms
+from detlab.engine.checkpoint import (
+    atomic_write_text,
+    find_resume_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    write_csv,
+    write_json,
+)
+from detlab.engine.schedule import StageBoundaries, build_scheduler, stage_boundaries
+from detlab.engine.tensorboard import add_scalars, open_writer, write_hparams
+from detlab.engine.validation import validate
+from detlab.loss import MultiBoxLoss
+from detlab.model import build_model
+from detlab.model.matching import assign_targets
+
+log = logging.getLogger(__name__)
+
+METRIC_COLUMNS = [
+    "epoch", "step", "lr",
+    "train/loss_cls", "train/loss_box", "train/loss_total",
+    "val/loss_cls", "val/loss_box", "val/loss_total",
+    "val/miou", "val/mean_tp_iou", "val/tp", "val/fp", "val/fn",
+    "val/precision", "val/recall", "val/f1", "val/ap50",
+    "val/pred_per_image", "val/pred_mean_size", "val/pred_large_share", "val/fp_small_share",
+    "train_time_s", "val_time_s",
+]
+LOSS_KEYS = ("loss_cls", "loss_box", "loss_total")
+HIGHER_IS_BETTER = {"miou", "recall", "precision", "f1", "ap50", "mean_tp_iou"}
+
+
+@dataclass
+class RunState:
+    """Everything a resumed run needs beyond the model and optimiser (plain types only)."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimiser steps completed
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: dict[str, float] = field(default_factory=dict)
+    stage_sums: dict[str, dict[str, float]] = field(default_factory=dict)
+    findings: list[dict[str, Any]] = field(default_factory=list)
+    elapsed_s: float = 0.0  # wall time of earlier sessions of this run
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class EpochOutcome:
+    means: dict[str, float]
+    diverged_message: Optional[str] = None
+    stop_message: Optional[str] = None
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available (use train.device=auto)")
+    return torch.device(name)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A seed per (run seed, epoch): a run resumed at an epoch boundary replays the same batches."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """One training run writing into ``run_dir`` (see docs/architecture.md, "Run directory")."""
+
+    def __init__(self, cfg: Config, run_dir: Path, overrides: Optional[list[str]] = None) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.overrides = list(overrides or [])
+        self.hparams = as_flat_dict(cfg)
+        self.state = RunState()
+        self.status = "running"
+        self.message = ""
+        self._session_start = time.time()
+
+    # ----------------------------------------------------------------------------------- set-up
+    def _build(self) -> None:
+        cfg = self.cfg
+        if cfg.train.torch_threads:
+            torch.set_num_threads(cfg.train.torch_threads)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        seed_everything(cfg.train.seed)
+        self.device = select_device(cfg.train.device)
+        self.amp = bool(cfg.train.amp and self.device.type == "cuda")
+
+        self.train_set, self.val_set = build_datasets(cfg)
+        drop_last = len(self.train_set) > cfg.train.batch_size
+        self.train_loader = build_loader(self.train_set, cfg.train.batch_size, shuffle=True,
+                                         num_workers=cfg.dataset.num_workers, seed=cfg.train.seed,
+                                         drop_last=drop_last)
+        self.val_loader = build_loader(self.val_set, cfg.train.batch_size, shuffle=False,
+                                       num_workers=cfg.dataset.num_workers, seed=cfg.train.seed)
+        self.steps_per_epoch = len(self.train_loader)
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+
+        self.model = build_model(cfg.model).to(self.device)
+        self.criterion = MultiBoxLoss(cfg.loss)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                         nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.total_steps, self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
+        self.stages: StageBoundaries = stage_boundaries(cfg.stages, cfg.schedule, self.total_steps,
+                                                        self.steps_per_epoch)
+        self.weights = LossWeightSchedule(cfg.diagnosis, cfg.loss.class_weight, cfg.loss.box_weight,
+                                          self.total_steps)
+        self.diagnoser = Diagnoser(cfg.diagnosis, self.total_steps, self.steps_per_epoch,
+                                   self.stages.early_end, self.stages.late_start)
+        self.shared_params = [p for p in self.model.shared_parameters() if p.requires_grad]
+
+    def _resume(self) -> bool:
+        path = find_resume_checkpoint(self.cfg.resume, self.run_dir)
+        if path is None:
+            return False
+        ckpt = load_checkpoint(path, map_location=self.device)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.state = RunState(**ckpt["state"])
+        self.diagnoser.load_state_dict(ckpt.get("diagnoser", {}))
+        log.info("resumed from %s at epoch %d, step %d", path, self.state.epoch, self.state.step)
+        return True
+
+    # ---------------------------------------------------------------------------------- running
+    def run(self) -> dict[str, Any]:
+        """Train to the end (or until divergence / an intervention stops it); returns the summary."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._build()
+            resumed = self._resume()
+            if resumed and self.state.epoch >= self.cfg.train.epochs:
+                log.info("run already complete (%d epochs); nothing to do", self.state.epoch)
+                self.status = "completed"
+                return self._write_summary()
+            atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(self.cfg)))
+            self.writer = open_writer(self.run_dir, self.state.step if resumed else None)
+            self._write_summary()
+            try:
+                self._loop()
+            finally:
+                self._finish_tensorboard()
+        except KeyboardInterrupt:
+            self.status, self.message = "stopped", "interrupted by the user (resume=true continues it)"
+            self._write_summary()
+            raise
+        except Exception as error:
+            self.status = "failed"
+            self.message = f"{type(error).__name__}: {error}"
+            self._traceback = traceback.format_exc(limit=8)
+            self._write_summary()
+            raise
+        return self._write_summary()
+
+    def _loop(self) -> None:
+        cfg = self.cfg
+        epochs = tqdm(range(self.state.epoch + 1, cfg.train.epochs + 1), desc="epochs", unit="epoch",
+                      initial=self.state.epoch, total=cfg.train.epochs, dynamic_ncols=True)
+        for epoch in epochs:
+            self._reseed(epoch)
+            t0 = time.time()
+            outcome = self._train_epoch(epoch)
+            train_time = time.time() - t0
+            if outcome.diverged_message:
+                self.status, self.message = "diverged", outcome.diverged_message
+                self._save("last.pt")
+                log.error("run diverged: %s", outcome.diverged_message)
+                return
+            t0 = time.time()
+            result = validate(self.model, self.val_loader, self.criterion, cfg.model, cfg.eval, self.device,
+                              amp=self.amp, num_images=cfg.eval.num_logged_images)
+            val_time = time.time() - t0
+            row = {"epoch": epoch, "step": self.state.step, "lr": self.optimizer.param_groups[0]["lr"],
+                   **{f"train/{k}": v for k, v in outcome.means.items()}, **result.metrics,
+                   "train_time_s": train_time, "val_time_s": val_time}
+            self.state.epoch = epoch
+            self.state.history.append(row)
+            self._log_epoch(epoch, row, result.images)
+            self._update_best(row)
+            self._observe_epoch(epoch, row)
+            self._save("last.pt")
+            write_csv(self.run_dir / "metrics.csv", self.state.history, METRIC_COLUMNS)
+            self._write_summary()
+            epochs.set_postfix(miou=f"{row.get('val/miou', 0.0):.3f}", recall=f"{row.get('val/recall', 0.0):.3f}")
+            stop, reason = self.diagnoser.should_stop()
+            if stop:
+                self.status = "diverged" if "diverg" in reason else "stopped"
+                self.message = reason
+                log.warning("stopping early: %s", reason)
+                return
+        self.status, self.message = "completed", ""
+
+    def _reseed(self, epoch: int) -> None:
+        seed = epoch_seed(self.cfg.train.seed, epoch)
+        seed_everything(seed)
+        generator = getattr(self.train_loader, "generator", None)
+        if generator is not None:
+            generator.manual_seed(seed)
+
+    def _train_epoch(self, epoch: int) -> EpochOutcome:
+        cfg, model = self.cfg, self.model
+        model.train()
+        sums = dict.fromkeys(LOSS_KEYS, 0.0)
+        seen = 0
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{cfg.train.epochs}", unit="batch", leave=False,
+                   dynamic_ncols=True)
+        for images, targets in bar:
+            step = self.state.step
+            images = images.to(self.device, non_blocking=True)
+            gt_boxes = [t["boxes"].to(self.device, non_blocking=True) for t in targets]
+            labels, box_targets = assign_targets(model.anchors, gt_boxes, model.box_coder, cfg.model.match_iou)
+            class_weight, box_weight = self.weights.weights(step)
+            with torch.autocast(device_type=self.device.type, enabled=self.amp):
+                out = model(images)
+            losses = self.criterion(out["cls_logits"].float(), out["bbox_regression"].float(), labels, box_targets)
+            weighted_cls = class_weight * losses["loss_cls"]
+            weighted_box = box_weight * losses["loss_box"]
+            loss_total = weighted_cls + weighted_box
+            values = {"loss_cls": float(losses["loss_cls"]), "loss_box": float(losses["loss_box"]),
+                      "loss_total": float(loss_total)}
+            if not math.isfinite(values["loss_total"]):
+                return EpochOutcome(means=self._means(sums, seen),
+                                    diverged_message=f"non-finite loss at step {step} (epoch {epoch}): "
+                                                     f"loss_cls={values['loss_cls']}, loss_box={values['loss_box']}")
+            signals: dict[str, float] = {**values, "lr": self.optimizer.param_groups[0]["lr"],
+                                         "num_pos": float(losses["num_pos"])}
+            if self.diagnoser.wants_grad_norms(step):
+                g_cls, g_box = loss_term_grad_norms(weighted_cls, weighted_box, self.shared_params)
+                signals.update(grad_norm_cls=g_cls, grad_norm_box=g_box)
+
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss_total).backward()
+            self.scaler.unscale_(self.optimizer)
+            max_norm = cfg.optim.grad_clip_norm or float("inf")
+            signals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            self.state.step += 1
+
+            for key in LOSS_KEYS:
+                sums[key] += values[key]
+            seen += 1
+            self._accumulate_stage(step, values)
+            if step % cfg.train.log_every == 0:
+                scalars = {f"train/{k}": v for k, v in signals.items()}
+                scalars["train/class_weight"], scalars["train/box_weight"] = class_weight, box_weight
+                if "grad_norm_cls" in signals and signals["grad_norm_cls"] > 0:
+                    scalars["diagnosis/grad_norm_ratio_box_to_cls"] = signals["grad_norm_box"] / signals["grad_norm_cls"]
+                add_scalars(self.writer, scalars, step)
+            self._report_findings(self.diagnoser.observe_step(step, epoch, signals), step)
+            bar.set_postfix(loss=f"{values['loss_total']:.3f}", cls=f"{values['loss_cls']:.3f}",
+                            box=f"{values['loss_box']:.3f}")
+            stop, reason = self.diagnoser.should_stop()
+            if stop:
+                diverged = "diverg" in reason
+                return EpochOutcome(means=self._means(sums, seen),
+                                    diverged_message=reason if diverged else None,
+                                    stop_message=None if diverged else reason)
+        return EpochOutcome(means=self._means(sums, seen))
+
+    @staticmethod
+    def _means(sums: dict[str, float], seen: int) -> dict[str, float]:
+        return {k: v / max(seen, 1) for k, v in sums.items()}
+
+    def _accumulate_stage(self, step: int, values: dict[str, float]) -> None:
+        stage = self.stages.stage(step)
+        acc = self.state.stage_sums.setdefault(stage, {"steps": 0.0, **dict.fromkeys(LOSS_KEYS, 0.0)})
+        acc["steps"] += 1
+        for key in LOSS_KEYS:
+            acc[key] += values[key]
+
+    def stage_means(self) -> dict[str, dict[str, float]]:
+        return {stage: {k: acc[k] / acc["steps"] for k in LOSS_KEYS}
+                for stage, acc in self.state.stage_sums.items() if acc["steps"]}
+
+    # ---------------------------------------------------------------------------------- outputs
+    def _log_epoch(self, epoch: int, row: dict[str, float], images: list[np.ndarray]) -> None:
+        step = self.state.step
+        add_scalars(self.writer, {k: v for k, v in row.items() if k.startswith("val/")}, step)
+        add_scalars(self.writer, {"train/epoch": epoch, "time/train_epoch_s": row["train_time_s"],
+                                  "time/val_epoch_s": row["val_time_s"]}, step)
+        for stage, means in self.stage_means().items():
+            add_scalars(self.writer, {f"stage/{stage}/{k}": v for k, v in means.items()}, step)
+        if images:
+            height = max(img.shape[0] for img in images)
+            width = max(img.shape[1] for img in images)
+            batch = np.zeros((len(images), height, width, 3), dtype=np.uint8)
+            for i, img in enumerate(images):
+                batch[i, : img.shape[0], : img.shape[1]] = img
+            self.writer.add_images("val/predictions", batch, step, dataformats="NHWC")
+        add_scalars(self.writer, {f"diagnosis/{k}": v for k, v in self.diagnoser.scalars().items()}, step)
+        self.writer.flush()
+
+    def _update_best(self, row: dict[str, float]) -> None:
+        metric = f"val/{self.cfg.diagnosis.early_stopping_metric}"
+        value = row.get(metric)
+        if value is None or not math.isfinite(value):
+            return
+        higher = self.cfg.diagnosis.early_stopping_metric in HIGHER_IS_BETTER
+        best = self.state.best.get(metric)
+        if best is None or (value > best if higher else value < best):
+            self.state.best = dict(row)
+            self._save("best.pt")
+
+    def _observe_epoch(self, epoch: int, row: dict[str, float]) -> None:
+        signals = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+        self._report_findings(self.diagnoser.observe_epoch(epoch, self.state.step, signals), self.state.step)
+
+    def _report_findings(self, findings: list, step: int) -> None:
+        for finding in findings:
+            log.warning(finding.console_line())
+            self.state.findings.append(finding.to_dict())
+            self.writer.add_text(f"diagnosis/{finding.detector}", finding.console_line(), step)
+
+    def _save(self, name: str) -> None:
+        checkpoint = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "state": {**self.state.to_dict(), "elapsed_s": self._elapsed()},
+            "diagnoser": self.diagnoser.state_dict(),
+            "config": OmegaConf.to_container(OmegaConf.structured(self.cfg)),
+            "epoch": self.state.epoch,
+            "step": self.state.step,
+        }
+        save_checkpoint(self.run_dir / "checkpoints" / name, checkpoint)
+
+    def _elapsed(self) -> float:
+        return self.state.elapsed_s + (time.time() - self._session_start)
+
+    def _final_metrics(self) -> dict[str, float]:
+        return dict(self.state.history[-1]) if self.state.history else {}
+
+    def _finish_tensorboard(self) -> None:
+        final = self._final_metrics()
+        metrics = {k.replace("val/", "final_"): final[k] for k in ("val/miou", "val/recall", "val/precision",
+                                                                  "val/ap50", "val/fp", "val/tp") if k in final}
+        if self.state.best:
+            metrics["best_miou"] = self.state.best.get("val/miou", float("nan"))
+        metrics["diverged"] = float(self.status == "diverged")
+        write_hparams(self.writer, self.hparams, metrics)
+        text = "\n".join(f"- {f['detector']} ({f['stage']}, step {f['step']}): {f['message']}"
+                         for f in self.state.findings) or "no findings"
+        self.writer.add_text("diagnosis/summary", text, self.state.step)
+        self.writer.close()
+
+    def _write_summary(self) -> dict[str, Any]:
+        summary: dict[str, Any] = {
+            "status": self.status,
+            "message": self.message,
+            "step": self.state.step,
+            "epochs": self.state.epoch,
+            "epochs_planned": self.cfg.train.epochs,
+            "hparams": self.hparams,
+            "overrides": self.overrides,
+            "best": self.state.best,
+            "final": self._final_metrics(),
+            "stages": self.stage_means(),
+            "findings": self.state.findings,
+            "wall_time_s": round(self._elapsed(), 3),
+            "device": str(getattr(self, "device", "")),
+        }
+        if getattr(self, "_traceback", None):
+            summary["traceback"] = self._traceback
+        write_json(self.run_dir / "summary.json", summary)
+        return summary
+
+
+def train(cfg: Config, run_dir: Path | str, overrides: Optional[list[str]] = None) -> dict[str, Any]:
+    """Train one run into ``run_dir``; returns the summary written to ``summary.json``."""
+    return Trainer(cfg, Path(run_dir), overrides).run()

@@ -1,0 +1,59 @@
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+
+from detlab.config import ConfigError, register_configs, to_config
+
+CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
+register_configs()
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_defaults_compose_and_validate():
+    cfg = to_config(_compose())
+    assert (cfg.dataset.name, cfg.model.name) == ("synthetic", "ssd_slim")
+    assert (cfg.loss.class_weight, cfg.loss.box_weight, cfg.loss.neg_pos_ratio) == (1.0, 1.0, 3.0)
+    assert cfg.model.min_sizes == [[10, 16, 24], [32, 48], [64, 96], [128, 192, 256]]
+
+
+@pytest.mark.parametrize("group", ["model=ssdlite", "model=ssd_vgg16", "dataset=widerface",
+                                   "schedule=constant", "schedule=warmup_multistep"])
+def test_every_group_option_composes(group):
+    to_config(_compose(group))
+
+
+def test_unknown_key_fails_at_composition():
+    with pytest.raises(ConfigCompositionException, match="loss.bogus"):
+        _compose("loss.bogus=1")
+
+
+def test_wrong_type_fails_at_composition():
+    with pytest.raises(ConfigCompositionException):
+        _compose("loss.box_weight=heavy")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("loss.box_weight=-0.5", "loss.box_weight"),
+    ("loss.class_weight=-1", "loss.class_weight"),
+    ("loss.neg_pos_ratio=-3", "loss.neg_pos_ratio"),
+    ("optim.lr=0", "optim.lr"),
+    ("dataset.on_bad_image=ignore", "dataset.on_bad_image"),
+    ("model.name=yolo", "model.name"),
+    ("dataset.split.ratios=[0.9,0.9]", "dataset.split.ratios"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        to_config(_compose(override))
+
+
+def test_sweep_experiment_lists_the_nine_box_weights():
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=box_weight_sweep"], return_hydra_config=True)
+    weights = [float(w) for w in cfg.hydra.sweeper.params["loss.box_weight"].split(",")]
+    assert weights == [0.01, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10]

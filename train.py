@@ -1,0 +1,57 @@
+"""Train an SSD detector: ``python train.py [group=option ...] [key=value ...]`` (Hydra).
+
+Examples:
+    python train.py                                   # default: ssd_slim on the embedded synthetic set
+    python train.py loss.box_weight=0.05              # one of the paper's loss-weight pairs
+    python train.py -m +experiment=box_weight_sweep   # the nine-run sweep
+    python train.py resume=outputs/2026-11-23/20-00-00  # continue a killed run
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from detlab.config import ConfigError, register_configs, to_config
+
+log = logging.getLogger("train")
+register_configs()
+
+
+@hydra.main(config_path="configs", config_name="config", version_base="1.3")
+def main(raw: DictConfig) -> float | None:
+    try:
+        cfg = to_config(raw)
+    except ConfigError as error:
+        # A bad value fails at start-up with the key named, before anything is built or written.
+        log.error(str(error))
+        sys.exit(2)
+    hydra_cfg = HydraConfig.get()
+    run_dir = cfg.run_dir or hydra_cfg.runtime.output_dir
+    overrides = list(hydra_cfg.overrides.task)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+
+    from detlab.engine.trainer import train  # after validation: importing torch takes seconds
+
+    try:
+        summary = train(cfg, run_dir, overrides)
+    except Exception:
+        if not multirun:
+            raise
+        # In a sweep a failing run is a result, not a reason to stop: summary.json holds the error.
+        log.exception("run %s failed; the sweep goes on", run_dir)
+        return None
+    log.info("status: %s; run directory: %s", summary["status"], run_dir)
+    if summary["status"] != "completed" and not multirun:
+        log.warning("run ended with status %s: %s", summary["status"], summary["message"])
+    final = summary.get("final", {})
+    return final.get("val/miou")
+
+
+if __name__ == "__main__":
+    main()
