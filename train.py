@@ -10,6 +10,7 @@ Examples:
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import hydra
@@ -21,6 +22,14 @@ from detlab.config import ConfigError, register_configs, to_config
 
 log = logging.getLogger("train")
 register_configs()
+
+
+def threads_per_job(hydra_cfg) -> int | None:
+    """Cores divided by the launcher's parallel jobs, so parallel runs don't oversubscribe the CPU."""
+    n_jobs = hydra_cfg.launcher.get("n_jobs") if "launcher" in hydra_cfg else None
+    if not n_jobs or n_jobs <= 1:
+        return None
+    return max(1, (os.cpu_count() or 1) // int(n_jobs))
 
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
@@ -35,6 +44,9 @@ def main(raw: DictConfig) -> float | None:
     run_dir = cfg.run_dir or hydra_cfg.runtime.output_dir
     overrides = list(hydra_cfg.overrides.task)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+
+    if cfg.train.torch_threads is None and multirun:
+        cfg.train.torch_threads = threads_per_job(hydra_cfg)
 
     from detlab.engine.trainer import train  # after validation: importing torch takes seconds
 

@@ -135,6 +135,9 @@ class EvalConfig:
     ap_score_floor: float = 0.01
     size_edges: list[float] = field(default_factory=lambda: [16.0, 64.0])
     size_adaptive_iou: bool = False
+    # With size_adaptive_iou: a face under size_edges[0] is matched at
+    # max(size_adaptive_iou_floor, iou_threshold * size / size_edges[0]) (see detlab.metrics).
+    size_adaptive_iou_floor: float = 0.3
     num_logged_images: int = 4  # val images drawn with predictions each epoch
 
 
@@ -150,13 +153,70 @@ class StageConfig:
 
 
 @dataclass
+class AdaptiveWeightsConfig:
+    """The paper's refinement: emphasise classification early, ramp the box weight up later.
+
+    The effective weights are ``loss.class_weight * c(step)`` and ``loss.box_weight * b(step)``;
+    ``b`` (and ``c``) hold their start factor until ``ramp_start_fraction`` of the training steps,
+    then ramp (``shape``) to 1 at ``ramp_end_fraction`` and stay there. Off: constant weights.
+    """
+
+    enabled: bool = False
+    start_box_factor: float = 0.1
+    start_class_factor: float = 1.0
+    ramp_start_fraction: float = 0.1
+    ramp_end_fraction: float = 0.5
+    shape: str = "linear"  # linear | cosine
+
+
+@dataclass
 class DiagnosisConfig:
+    """Failure-pattern detectors (``detlab.diagnosis``) and the interventions they can trigger.
+
+    Step windows count optimiser steps, epoch windows count validation epochs. Each detector fires
+    one finding per run (its onset); the TensorBoard scalar ``diagnosis/<detector>`` shows whether
+    its condition currently holds. ``enabled`` switches the detectors off; early stopping and the
+    adaptive weights are independent interventions with their own switches.
+    """
+
     enabled: bool = True
     grad_norm_every: int = 50  # steps between gradient-norm-ratio samples
     stop_on_stuck: bool = False
     stop_on_diverged: bool = True
     early_stopping_patience: Optional[int] = None  # epochs; None: off
-    early_stopping_metric: str = "miou"
+    early_stopping_metric: str = "miou"  # val/<metric>; higher is better except the losses
+    early_stopping_min_delta: float = 0.0  # an improvement must beat the best by more than this
+    # Early stuck: mean total loss of the last window of the early stage vs its first window.
+    loss_window: int = 50  # steps; shrunk to half the early stage when that is shorter
+    stuck_min_drop: float = 0.05  # relative drop below which the early stage counts as stuck
+    # Early avoidance (predicts only background), checked on epochs before the late stage.
+    avoidance_max_pred_per_image: float = 0.1
+    avoidance_max_recall: float = 0.05
+    avoidance_min_cls_drop: float = 0.05  # relative fall of loss_cls (first vs recent window)
+    # Loss imbalance: median of g_box / g_cls (weighted terms, shared parameters).
+    imbalance_ratio: float = 10.0  # fires above this or below its inverse
+    imbalance_window: int = 5  # most recent samples whose median is tested
+    imbalance_min_samples: int = 3
+    # Early random large boxes, checked on epochs that contain early-stage steps.
+    large_box_share: float = 0.5  # val/pred_large_share at or above this ...
+    large_box_max_precision: float = 0.2  # ... with val/precision below this
+    large_box_min_pred_per_image: float = 0.5  # ignore the share when there are hardly any boxes
+    # Mid-training small false-positive explosion.
+    fp_rise_epochs: int = 3  # consecutive epochs of rising val/fp
+    fp_min_growth: float = 0.2  # relative FP growth over those epochs
+    fp_small_share: float = 0.5  # val/fp_small_share at or above this
+    fp_cls_stagnation: float = 0.05  # train/loss_cls relative fall under this counts as stagnant
+    # Late overfitting: val loss rising (or val mIoU falling) while train loss falls.
+    overfit_epochs: int = 3  # consecutive epochs
+    overfit_min_change: float = 0.01  # relative change over those epochs
+    # Divergence: non-finite loss, or grad norm / raw loss far above their running median.
+    diverge_grad_factor: float = 20.0
+    diverge_loss_factor: float = 20.0
+    diverge_window: int = 200  # steps in the running median
+    diverge_min_history: int = 20  # finite samples before the factor test starts
+    diverge_patience: int = 3  # consecutive exploding steps
+    nonfinite_grad_patience: int = 20  # consecutive non-finite grad norms (AMP overflows skip steps)
+    adaptive_weights: AdaptiveWeightsConfig = field(default_factory=AdaptiveWeightsConfig)
 
 
 @dataclass
@@ -283,8 +343,34 @@ def validate(cfg: Config) -> None:
            "must be in (0, 1) or null", st.early_end_fraction)
     _check(0 < st.late_start_fraction < 1, "stages.late_start_fraction", "must be in (0, 1)",
            st.late_start_fraction)
-    _check(cfg.diagnosis.grad_norm_every >= 1, "diagnosis.grad_norm_every", "must be >= 1",
-           cfg.diagnosis.grad_norm_every)
+    dg = cfg.diagnosis
+    _check(dg.grad_norm_every >= 1, "diagnosis.grad_norm_every", "must be >= 1", dg.grad_norm_every)
+    _choice(dg.early_stopping_metric, "diagnosis.early_stopping_metric",
+            ("miou", "recall", "precision", "f1", "ap50", "mean_tp_iou", "loss_total", "loss_cls", "loss_box"))
+    _check(dg.early_stopping_patience is None or dg.early_stopping_patience >= 1,
+           "diagnosis.early_stopping_patience", "must be >= 1 or null", dg.early_stopping_patience)
+    for key in ("loss_window", "imbalance_window", "imbalance_min_samples", "fp_rise_epochs", "overfit_epochs",
+                "diverge_window", "diverge_min_history", "diverge_patience", "nonfinite_grad_patience"):
+        _check(getattr(dg, key) >= 1, f"diagnosis.{key}", "must be >= 1", getattr(dg, key))
+    for key in ("avoidance_max_recall", "large_box_share", "large_box_max_precision", "fp_small_share"):
+        _check(0 <= getattr(dg, key) <= 1, f"diagnosis.{key}", "must be in [0, 1]", getattr(dg, key))
+    for key in ("early_stopping_min_delta", "stuck_min_drop", "avoidance_max_pred_per_image",
+                "avoidance_min_cls_drop", "large_box_min_pred_per_image", "fp_min_growth", "fp_cls_stagnation",
+                "overfit_min_change"):
+        _check(getattr(dg, key) >= 0, f"diagnosis.{key}", "must be >= 0", getattr(dg, key))
+    for key in ("imbalance_ratio", "diverge_grad_factor", "diverge_loss_factor"):
+        _check(getattr(dg, key) > 1, f"diagnosis.{key}", "must be > 1", getattr(dg, key))
+    _check(dg.imbalance_min_samples <= dg.imbalance_window, "diagnosis.imbalance_min_samples",
+           f"must be <= diagnosis.imbalance_window ({dg.imbalance_window})", dg.imbalance_min_samples)
+    _check(dg.diverge_min_history <= dg.diverge_window, "diagnosis.diverge_min_history",
+           f"must be <= diagnosis.diverge_window ({dg.diverge_window})", dg.diverge_min_history)
+    aw = dg.adaptive_weights
+    _choice(aw.shape, "diagnosis.adaptive_weights.shape", ("linear", "cosine"))
+    _check(aw.start_box_factor >= 0 and aw.start_class_factor >= 0, "diagnosis.adaptive_weights.start_*_factor",
+           "must be >= 0", (aw.start_class_factor, aw.start_box_factor))
+    _check(0 <= aw.ramp_start_fraction <= aw.ramp_end_fraction <= 1, "diagnosis.adaptive_weights.ramp_*_fraction",
+           "expected 0 <= ramp_start_fraction <= ramp_end_fraction <= 1",
+           (aw.ramp_start_fraction, aw.ramp_end_fraction))
 
 
 def to_config(cfg: DictConfig | Config) -> Config:

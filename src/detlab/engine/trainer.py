@@ -252,16 +252,20 @@ class Trainer:
             weighted_cls = class_weight * losses["loss_cls"]
             weighted_box = box_weight * losses["loss_box"]
             loss_total = weighted_cls + weighted_box
-            values = {"loss_cls": float(losses["loss_cls"]), "loss_box": float(losses["loss_box"]),
-                      "loss_total": float(loss_total)}
+            values = {"loss_cls": float(losses["loss_cls"].detach()), "loss_box": float(losses["loss_box"].detach()),
+                      "loss_total": float(loss_total.detach())}
+            signals: dict[str, float] = {**values, "lr": self.optimizer.param_groups[0]["lr"],
+                                         "num_pos": float(losses["num_pos"])}
             if not math.isfinite(values["loss_total"]):
+                # Recorded as a divergence finding too, then the run ends before the bad update.
+                self._report_findings(self.diagnoser.observe_step(step, epoch, signals), step)
                 return EpochOutcome(means=self._means(sums, seen),
                                     diverged_message=f"non-finite loss at step {step} (epoch {epoch}): "
                                                      f"loss_cls={values['loss_cls']}, loss_box={values['loss_box']}")
-            signals: dict[str, float] = {**values, "lr": self.optimizer.param_groups[0]["lr"],
-                                         "num_pos": float(losses["num_pos"])}
             if self.diagnoser.wants_grad_norms(step):
-                g_cls, g_box = loss_term_grad_norms(weighted_cls, weighted_box, self.shared_params)
+                # Under AMP the terms are scaled like the real backward, so fp16 gradients don't underflow.
+                scale = self.scaler.get_scale() if self.amp else 1.0
+                g_cls, g_box = loss_term_grad_norms(weighted_cls, weighted_box, self.shared_params, scale=scale)
                 signals.update(grad_norm_cls=g_cls, grad_norm_box=g_box)
 
             self.optimizer.zero_grad(set_to_none=True)

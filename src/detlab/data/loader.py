@@ -1,0 +1,142 @@
+"""Factories the training loop calls: datasets from the config, batching, seeded DataLoaders."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from detlab.config import Config, DatasetConfig
+from detlab.data.splits import SplitRecords, resolve_split
+from detlab.data.synthetic import ensure_synthetic_dataset
+from detlab.data.transforms import build_transforms
+from detlab.data.wider import (
+    ImageRecord,
+    MissingImagesError,
+    WiderFaceDataset,
+    annotation_file,
+    filelist_file,
+    find_missing_images,
+    images_dir,
+    parse_wider_annotations,
+    parse_wider_filelist,
+)
+
+log = logging.getLogger(__name__)
+
+
+def dataset_root(d: DatasetConfig) -> Path:
+    """The folder in the official layout: ``d.root`` (relative to the working directory), or for
+    ``synthetic`` the generated folder inside it (generated now if absent)."""
+    root = Path(d.root).expanduser().resolve()
+    if d.name == "synthetic":
+        return ensure_synthetic_dataset(root, d.synthetic)
+    if d.name != "widerface":
+        raise ValueError(f"dataset.name must be 'synthetic' or 'widerface', got {d.name!r}")
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset.root {d.root!r} ({root}) is not a folder; expected WIDER FACE's "
+                                f"official layout (WIDER_val/images/..., wider_face_split/...)")
+    return root
+
+
+def load_split(d: DatasetConfig) -> SplitRecords:
+    """Train/val records as the config says, after checking every listed image exists."""
+    split = resolve_split(d, dataset_root(d))
+    check_all_images_exist([(split.train, split.train_images), (split.val, split.val_images)])
+    return split
+
+
+def check_all_images_exist(groups: Sequence[tuple[Sequence[ImageRecord], Path]]) -> None:
+    """One report (how many, the first few paths) over all groups, before any training starts."""
+    missing: dict[Path, None] = {}  # ordered and de-duplicated (random splits share one folder)
+    total = 0
+    for records, folder in groups:
+        total += len(records)
+        missing.update(dict.fromkeys(find_missing_images(records, folder)))
+    if missing:
+        raise MissingImagesError(list(missing), total)
+
+
+def build_datasets(cfg: Config) -> tuple[WiderFaceDataset, WiderFaceDataset]:
+    """``(train, val)``: train augmented as ``cfg.dataset.augment`` says, val deterministic."""
+    d = cfg.dataset
+    split = load_split(d)
+    size = (cfg.model.input_width, cfg.model.input_height)
+    train = WiderFaceDataset(split.train, split.train_images, build_transforms(d.augment, size, train=True),
+                             size, d.on_bad_image)
+    val = WiderFaceDataset(split.val, split.val_images, build_transforms(None, size, train=False), size,
+                           d.on_bad_image)
+    log.info("dataset %s: %d train images (%d faces), %d val images (%d faces)", d.name, len(train),
+             sum(r.num_faces for r in train.records), len(val), sum(r.num_faces for r in val.records))
+    return train, val
+
+
+def build_predict_dataset(cfg: Config, split: str = "test") -> WiderFaceDataset:
+    """A deterministic dataset over a whole official split, for prediction (e.g. the submission).
+
+    ``test`` reads ``wider_face_test_filelist.txt`` (no boxes: every record is box-less); ``train``
+    and ``val`` read their annotation files with the dataset filters.
+    """
+    d = cfg.dataset
+    root = dataset_root(d)
+    if split == "test":
+        records = [ImageRecord(path=p) for p in parse_wider_filelist(filelist_file(root, "test"))]
+    else:
+        records = parse_wider_annotations(annotation_file(root, split), drop_invalid=d.drop_invalid,
+                                          min_face_size=d.min_face_size, keep_empty=True)
+    folder = images_dir(root, split)
+    check_all_images_exist([(records, folder)])
+    size = (cfg.model.input_width, cfg.model.input_height)
+    return WiderFaceDataset(records, folder, build_transforms(None, size, train=False), size, d.on_bad_image)
+
+
+def collate_detection(batch: Sequence[Optional[tuple[torch.Tensor, dict[str, Any]]]]
+                      ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Stack images (same input size) and keep targets as a list (a variable number of boxes each).
+
+    ``None`` items (bad images skipped by the dataset) are dropped; a batch of only such items gives
+    an empty ``[0, 3, 0, 0]`` tensor and an empty list.
+    """
+    items = [item for item in batch if item is not None]
+    if not items:
+        return torch.zeros((0, 3, 0, 0)), []
+    images = torch.stack([image for image, _ in items])  # [B, 3, H, W]
+    return images, [target for _, target in items]
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader workers: torch is seeded per worker from the loader's generator; follow it with
+    numpy and random, and keep OpenCV single-threaded inside the worker (no oversubscription)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+    cv2.setNumThreads(1)
+
+
+def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int,
+                 drop_last: bool = False) -> DataLoader:
+    """A repeatable DataLoader: the shuffle order and the workers' random streams follow ``seed``.
+
+    With ``num_workers=0`` the augmentation draws from torch's global generator (seeded by the
+    trainer's ``seed_everything``).
+    """
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        collate_fn=collate_detection,
+        generator=generator,
+        worker_init_fn=seed_worker,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=drop_last,
+    )

@@ -1,0 +1,149 @@
+"""evaluate.py end to end on a tiny synthetic dataset and an untrained ssd_slim checkpoint."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from detlab.config import Config
+from detlab.data import build_datasets, build_loader
+from detlab.model import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+KEYS = ("miou", "mean_tp_iou", "tp", "fp", "fn", "precision", "recall", "f1", "ap50", "num_gt", "num_pred")
+
+
+def load_evaluate_module():
+    if "evaluate_script" in sys.modules:
+        return sys.modules["evaluate_script"]
+    spec = importlib.util.spec_from_file_location("evaluate_script", REPO / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["evaluate_script"] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_config(root: Path) -> Config:
+    cfg = Config()
+    cfg.dataset.root = str(root / "synthetic")
+    cfg.dataset.synthetic.num_images = 12
+    cfg.dataset.synthetic.val_fraction = 0.25
+    cfg.model.input_width, cfg.model.input_height = 160, 128
+    cfg.eval.score_threshold = 0.3  # an untrained model scores around 0.5: keep some above, some below
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    cfg = tiny_config(root)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    path = root / "last.pt"
+    torch.save({"model": model.state_dict(), "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+                "epoch": 2, "step": 7}, path)
+    return path, cfg, root
+
+
+def wider_ground_truth_for(records, folder: Path) -> Path:
+    """Official-layout .mat files for the val records, every face kept in every setting."""
+    from test_wider_eval import write_ground_truth
+
+    events: dict = {}
+    for r in records:
+        event, name = Path(r.path).parent.as_posix(), Path(r.path).stem
+        boxes = np.asarray(r.boxes, dtype=np.float64).reshape(-1, 4)
+        xywh = np.column_stack([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]])
+        kept = list(range(1, len(boxes) + 1))
+        events.setdefault(event, {})[name] = (xywh.tolist(), {"easy": kept, "medium": kept, "hard": kept})
+    return write_ground_truth(folder, events)
+
+
+def test_evaluate_equals_training_validation(checkpoint, tmp_path, capsys):
+    """The numbers of evaluate.py are those of the per-epoch validation for the same weights."""
+    from detlab.engine.validation import validate
+    from detlab.loss import MultiBoxLoss
+
+    path, cfg, _ = checkpoint
+    ev = load_evaluate_module()
+    # Same batch size as the loader below: an untrained model's scores are near-ties, and the float
+    # rounding of a convolution may depend on the batch size, which can flip an NMS decision.
+    result = ev.evaluate(ev.EvalRun(checkpoint=str(path), batch_size=3), tmp_path / "out")
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last == json.loads(json.dumps(result))
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == last
+    assert all(k in last for k in KEYS) and "small/recall" in last and "wider" not in last
+    assert last["epoch"] == 2 and last["num_images"] == 3
+
+    model = build_model(cfg.model)
+    model.load_state_dict(torch.load(path, weights_only=True)["model"])
+    _, val = build_datasets(cfg)
+    loader = build_loader(val, 3, shuffle=False, num_workers=0, seed=0)
+    metrics = validate(model, loader, MultiBoxLoss(cfg.loss), cfg.model, cfg.eval, torch.device("cpu")).metrics
+    assert last["num_pred"] > 0 and last["fp"] > 0
+    for key in KEYS:
+        assert last[key] == pytest.approx(metrics[f"val/{key}"], abs=1e-6), key
+
+
+def test_cli_wider_protocol_and_submission(checkpoint, tmp_path):
+    path, cfg, _ = checkpoint
+    _, val = build_datasets(cfg)
+    gt_dir = wider_ground_truth_for(val.records, tmp_path / "gt")
+    preds, out = tmp_path / "preds", tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "evaluate.py", f"checkpoint={path}", "split=val", "protocol=wider", f"gt_dir={gt_dir}",
+         f"save_predictions={preds}", f"output_dir={out}", "score_floor=0.05", "nms_iou=0.3", "max_detections=20",
+         "input_size=[128,96]"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert "WIDER FACE AP" in proc.stdout and "precision" in proc.stdout  # the human table came first
+    assert set(result["wider"]) == {"easy", "medium", "hard"}
+    assert all(k in result for k in KEYS)
+    assert result["settings"]["input_size"] == [128, 96] and result["settings"]["nms_iou"] == 0.3
+    assert json.loads((out / "metrics.json").read_text()) == result
+
+    files = sorted(preds.rglob("*.txt"))
+    assert len(files) == len(val.records)
+    for f in files:
+        text = f.read_text().splitlines()
+        assert text[0] == f.stem and int(text[1]) == len(text) - 2 <= 20
+        assert all(float(line.split()[4]) >= 0.05 for line in text[2:])
+
+    # The saved folder scored alone gives the same APs.
+    alone = subprocess.run([sys.executable, "-m", "detlab.wider_eval", str(preds), "--gt", str(gt_dir)],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert alone.returncode == 0, alone.stderr
+    assert json.loads(alone.stdout.strip().splitlines()[-1])["wider"] == pytest.approx(result["wider"], abs=1e-12)
+
+
+def test_cli_rejects_unknown_keys_and_bad_values(checkpoint):
+    path, _, _ = checkpoint
+    unknown = subprocess.run([sys.executable, "evaluate.py", f"checkpoint={path}", "bogus_key=1"],
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert unknown.returncode != 0 and "bogus_key" in unknown.stderr + unknown.stdout
+    bad = subprocess.run([sys.executable, "evaluate.py", f"checkpoint={path}", "split=train"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "split='train'" in bad.stderr + bad.stdout
+
+
+def test_original_input_size_and_missing_checkpoint(checkpoint, tmp_path, capsys):
+    path, _, _ = checkpoint
+    ev = load_evaluate_module()
+    result = ev.evaluate(ev.EvalRun(checkpoint=str(path), input_size="original"), tmp_path / "o")
+    assert result["num_images"] == 3 and result["settings"]["input_size"] == "original"
+    assert result["num_gt"] > 0
+    with pytest.raises(ev.EvaluationError, match="file not found"):
+        ev.evaluate(ev.EvalRun(checkpoint=str(tmp_path / "none.pt")), tmp_path / "o")
+    with pytest.raises(ev.EvaluationError, match="protocol=wider"):
+        ev.evaluate(ev.EvalRun(checkpoint=str(path), protocol="wider", gt_dir=str(tmp_path / "nogt")), tmp_path / "o")

@@ -1,0 +1,143 @@
+"""MultiBoxLoss: hand-computed values, weights, hard negative mining."""
+
+import math
+
+import pytest
+import torch
+
+from detlab.config import LossConfig
+from detlab.loss import MultiBoxLoss, box_regression_loss, classification_loss, mine_negatives
+
+
+def _tiny():
+    # One image, 4 anchors: anchor 0 is a face, 1..3 background.
+    logits = torch.tensor([[[0.0, 0.0], [2.0, 0.0], [0.0, 1.0], [1.0, 0.0]]])
+    labels = torch.tensor([[1, 0, 0, 0]])
+    bbox = torch.tensor([[[0.5, -2.0, 0.0, 1.5], [9.0, 9, 9, 9], [9.0, 9, 9, 9], [9.0, 9, 9, 9]]])
+    targets = torch.zeros(1, 4, 4)
+    return logits, bbox, labels, targets
+
+
+CE = [math.log(2.0), math.log(1 + math.exp(-2)), math.log(1 + math.exp(1)), math.log(1 + math.exp(-1))]
+
+
+def test_hand_computed_cross_entropy_and_huber():
+    logits, bbox, labels, targets = _tiny()
+    cfg = LossConfig(class_weight=1.0, box_weight=1.0, box_loss="huber", huber_delta=1.0, neg_pos_ratio=1.0, min_negatives=1)
+    out = MultiBoxLoss(cfg)(logits, bbox, labels, targets)
+    # 1 positive -> keep the 1 hardest negative: anchor 2 (CE log(1 + e) = 1.3133).
+    assert out["loss_cls"].item() == pytest.approx(CE[0] + CE[2], rel=1e-6)
+    # Huber(delta 1) of (0.5, -2, 0, 1.5): 0.125 + 1.5 + 0 + 1.0; background rows (9s) are ignored.
+    assert out["loss_box"].item() == pytest.approx(2.625, rel=1e-6)
+    assert out["loss_total"].item() == pytest.approx(CE[0] + CE[2] + 2.625, rel=1e-6)
+    assert out["num_pos"].item() == 1 and out["num_neg"].item() == 1
+
+    out = MultiBoxLoss(LossConfig(neg_pos_ratio=2.0, min_negatives=1))(logits, bbox, labels, targets)
+    assert out["loss_cls"].item() == pytest.approx(CE[0] + CE[2] + CE[3], rel=1e-6)
+
+
+def test_l1_and_huber_delta():
+    logits, bbox, labels, targets = _tiny()
+    l1 = MultiBoxLoss(LossConfig(box_loss="l1"))(logits, bbox, labels, targets)
+    assert l1["loss_box"].item() == pytest.approx(0.5 + 2.0 + 0.0 + 1.5)
+    huber = MultiBoxLoss(LossConfig(huber_delta=0.5))(logits, bbox, labels, targets)
+    # delta 0.5: 0.5 * 0.5^2 = 0.125; 0.5 * (2 - 0.25) = 0.875; 0; 0.5 * (1.5 - 0.25) = 0.625
+    assert huber["loss_box"].item() == pytest.approx(1.625)
+
+
+def test_normalised_by_number_of_positives():
+    logits = torch.zeros(2, 6, 2)
+    labels = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]])
+    bbox = torch.ones(2, 6, 4)
+    out = MultiBoxLoss(LossConfig(neg_pos_ratio=0.0, box_loss="l1"))(logits, bbox, labels, torch.zeros(2, 6, 4))
+    assert out["loss_cls"].item() == pytest.approx(12 * math.log(2) / 3)  # all 12 anchors, 3 positives
+    assert out["loss_box"].item() == pytest.approx(3 * 4 / 3)
+
+
+@pytest.mark.parametrize("cw,bw", [(1.0, 0.05), (2.0, 1.0), (0.0, 3.0), (0.5, 0.0)])
+def test_weights_scale_the_components_exactly(cw, bw):
+    g = torch.Generator().manual_seed(0)
+    logits, bbox = torch.randn(2, 50, 2, generator=g), torch.randn(2, 50, 4, generator=g)
+    labels = (torch.rand(2, 50, generator=g) < 0.1).long()
+    targets = torch.randn(2, 50, 4, generator=g)
+    base = MultiBoxLoss(LossConfig())(logits, bbox, labels, targets)
+    out = MultiBoxLoss(LossConfig(class_weight=cw, box_weight=bw))(logits, bbox, labels, targets)
+    assert torch.equal(out["loss_cls"], base["loss_cls"]) and torch.equal(out["loss_box"], base["loss_box"])
+    assert torch.equal(out["loss_total"], cw * base["loss_cls"] + bw * base["loss_box"])
+
+
+def test_mining_keeps_ratio_times_positives_per_image_hardest_first():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 100, 2, generator=g)
+    labels = torch.zeros(2, 100, dtype=torch.int64)
+    labels[0, :3] = 1
+    labels[1, 10:15] = 1
+    out = MultiBoxLoss(LossConfig(neg_pos_ratio=3.0, min_negatives=1))(logits, torch.zeros(2, 100, 4), labels, torch.zeros(2, 100, 4))
+    assert out["num_pos"].item() == 8 and out["num_neg"].item() == 9 + 15
+
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 2), labels.reshape(-1), reduction="none").view(2, 100)
+    kept = mine_negatives(ce, labels > 0, 3.0, 1)
+    assert kept.sum(dim=1).tolist() == [9, 15]
+    for b, k in ((0, 9), (1, 15)):
+        negatives = ce[b][labels[b] == 0]
+        assert torch.equal(torch.sort(ce[b][kept[b]]).values, torch.sort(negatives.topk(k).values).values)
+    expected = (ce[labels > 0].sum() + ce[kept].sum()) / 8
+    torch.testing.assert_close(out["loss_cls"], expected)
+
+
+def test_min_negatives_floor_and_fractional_ratio():
+    logits = torch.randn(1, 60, 2, generator=torch.Generator().manual_seed(3))
+    labels = torch.zeros(1, 60, dtype=torch.int64)
+    labels[0, :3] = 1
+    _, _, num_neg = classification_loss(logits, labels, neg_pos_ratio=3.0, min_negatives=16)
+    assert num_neg.item() == 16  # max(3 * 3, 16)
+    _, _, num_neg = classification_loss(logits, labels, neg_pos_ratio=1.5, min_negatives=1)
+    assert num_neg.item() == 5  # 1.5 * 3 = 4.5, rounded up
+
+
+def test_positives_are_never_mined():
+    logits = torch.zeros(1, 10, 2)
+    logits[0, :4, 0] = 10.0  # the positives are confidently "background": the highest CE of all
+    labels = torch.zeros(1, 10, dtype=torch.int64)
+    labels[0, :4] = 1
+    kept = mine_negatives(torch.nn.functional.cross_entropy(logits[0], labels[0], reduction="none")[None], labels > 0, 1.0, 1)
+    assert not (kept & (labels > 0)).any() and kept.sum() == 4
+    # A ratio asking for more negatives than exist keeps exactly all 6 negatives, no positive.
+    _, num_pos, num_neg = classification_loss(logits, labels, neg_pos_ratio=100.0, min_negatives=1)
+    assert num_pos.item() == 4 and num_neg.item() == 6
+
+
+def test_batch_without_positives_is_finite_and_positive():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 40, 2, generator=g, requires_grad=True)
+    labels = torch.zeros(3, 40, dtype=torch.int64)
+    out = MultiBoxLoss(LossConfig(min_negatives=16))(logits, torch.randn(3, 40, 4), labels, torch.full((3, 40, 4), float("nan")))
+    assert torch.isfinite(out["loss_total"]) and out["loss_cls"].item() > 0
+    assert out["loss_box"].item() == 0.0
+    assert out["num_pos"].item() == 0 and out["num_neg"].item() == 3 * 16
+    out["loss_total"].backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def test_ratio_zero_uses_all_negatives():
+    logits = torch.randn(2, 30, 2, generator=torch.Generator().manual_seed(1))
+    labels = torch.zeros(2, 30, dtype=torch.int64)
+    labels[0, 0] = 1
+    out = MultiBoxLoss(LossConfig(neg_pos_ratio=0.0))(logits, torch.zeros(2, 30, 4), labels, torch.zeros(2, 30, 4))
+    assert out["num_neg"].item() == 59
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 2), labels.reshape(-1), reduction="sum")
+    torch.testing.assert_close(out["loss_cls"], ce)
+
+
+def test_terms_backprop_separately():
+    logits = torch.randn(1, 20, 2, requires_grad=True)
+    bbox = torch.randn(1, 20, 4, requires_grad=True)
+    labels = torch.zeros(1, 20, dtype=torch.int64)
+    labels[0, :2] = 1
+    out = MultiBoxLoss(LossConfig())(logits, bbox, labels, torch.zeros(1, 20, 4))
+    g_logits, g_bbox = torch.autograd.grad(out["loss_box"], (logits, bbox), retain_graph=True, allow_unused=True)
+    assert g_logits is None and g_bbox[0, 2:].abs().sum() == 0 and g_bbox[0, :2].abs().sum() > 0
+    g_logits, g_bbox = torch.autograd.grad(out["loss_cls"], (logits, bbox), allow_unused=True)
+    assert g_bbox is None and g_logits.abs().sum() > 0
+    # The per-term functions return the un-normalised sums.
+    assert box_regression_loss(bbox, torch.zeros(1, 20, 4), labels).item() == pytest.approx(out["loss_box"].item() * 2)

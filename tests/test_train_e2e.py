@@ -1,0 +1,124 @@
+"""End-to-end training runs on a tiny synthetic dataset: files, TensorBoard tags, resume, divergence."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import detlab.engine.trainer as trainer_module
+from detlab.config import register_configs, to_config
+from detlab.engine.trainer import METRIC_COLUMNS, train
+
+REPO = Path(__file__).resolve().parents[1]
+register_configs()
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("synthetic")
+
+
+def tiny_config(root: Path, *overrides: str):
+    base = [
+        f"dataset.root={root}", "dataset.synthetic.num_images=20", "dataset.synthetic.image_width=160",
+        "dataset.synthetic.image_height=128", "model.input_width=160", "model.input_height=128",
+        "train.epochs=1", "train.batch_size=8", "train.log_every=1", "eval.num_logged_images=2",
+        "diagnosis.grad_norm_every=1",
+    ]
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return to_config(compose("config", overrides=base + list(overrides)))
+
+
+def scalar_tags(run_dir: Path) -> set[str]:
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    events.Reload()
+    return set(events.Tags()["scalars"]), set(events.Tags()["images"]), events
+
+
+def test_one_epoch_run_writes_every_file_and_tensorboard_tag(synthetic_root, tmp_path):
+    run_dir = tmp_path / "run"
+    summary = train(tiny_config(synthetic_root), run_dir, ["loss.box_weight=1.0"])
+
+    assert summary["status"] == "completed" and summary["epochs"] == 1
+    for name in ("config.yaml", "metrics.csv", "summary.json", "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (run_dir / name).is_file(), name
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    assert list(rows[0].keys()) == METRIC_COLUMNS and len(rows) == 1
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    for key in ("status", "epochs", "best", "final", "stages", "findings", "wall_time_s"):
+        assert key in on_disk
+    assert on_disk["final"]["val/miou"] == pytest.approx(float(rows[0]["val/miou"]), abs=1e-5)
+    assert set(on_disk["stages"]) <= {"early", "mid", "late"} and "early" in on_disk["stages"]
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert checkpoint["epoch"] == 1 and "model" in checkpoint and checkpoint["config"]["loss"]["box_weight"] == 1.0
+
+    scalars, images, events = scalar_tags(run_dir)
+    expected = {
+        "train/loss_cls", "train/loss_box", "train/loss_total", "train/lr",
+        "val/loss_cls", "val/loss_box", "val/loss_total", "val/miou", "val/tp", "val/fp", "val/fn",
+        "val/precision", "val/recall", "val/pred_per_image", "val/pred_mean_size",
+        "stage/early/loss_cls", "stage/early/loss_box", "stage/early/loss_total",
+        "diagnosis/grad_norm_ratio_box_to_cls", "hparam/final_miou",
+    }
+    assert expected <= scalars, expected - scalars
+    assert "val/predictions" in images
+    assert any(tag.startswith("diagnosis/") for tag in scalars - {"diagnosis/grad_norm_ratio_box_to_cls"})
+    hparams = events.PluginTagToContent("hparams")
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(hparams)
+
+
+def test_resumed_run_reproduces_the_uninterrupted_run(synthetic_root, tmp_path, monkeypatch):
+    overrides = ("train.epochs=2",)
+    straight = train(tiny_config(synthetic_root, *overrides), tmp_path / "straight")
+
+    real_validate = trainer_module.validate
+    calls = {"n": 0}
+
+    def validate_then_die(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # epoch 2 trained, not yet checkpointed: like a kill mid-run
+            raise KeyboardInterrupt
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "validate", validate_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(synthetic_root, *overrides), tmp_path / "killed")
+    assert json.loads((tmp_path / "killed" / "summary.json").read_text())["status"] == "stopped"
+    monkeypatch.setattr(trainer_module, "validate", real_validate)
+
+    resumed = train(tiny_config(synthetic_root, *overrides, "resume=true"), tmp_path / "killed")
+    assert resumed["status"] == "completed" and resumed["epochs"] == 2
+    straight_rows = list(csv.DictReader(open(tmp_path / "straight" / "metrics.csv")))
+    resumed_rows = list(csv.DictReader(open(tmp_path / "killed" / "metrics.csv")))
+    assert len(straight_rows) == len(resumed_rows) == 2
+    for a, b in zip(straight_rows, resumed_rows):
+        for column in METRIC_COLUMNS:
+            if column.endswith("_time_s"):
+                continue
+            assert float(a[column]) == pytest.approx(float(b[column]), rel=1e-5, abs=1e-6), column
+    assert straight["final"]["val/loss_total"] == pytest.approx(resumed["final"]["val/loss_total"], rel=1e-5)
+
+
+def test_non_finite_loss_ends_the_run_as_diverged(synthetic_root, tmp_path):
+    summary = train(tiny_config(synthetic_root, "optim.lr=1e12", "train.epochs=3"), tmp_path / "run")
+    assert summary["status"] == "diverged"
+    assert summary["step"] < 3 * 2  # stopped before the planned steps
+    assert "step" in summary["message"]
+    assert any(f["detector"] == "divergence" for f in summary["findings"])
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "diverged"
+
+
+def test_extreme_weight_pair_records_the_imbalance_finding(synthetic_root, tmp_path):
+    summary = train(tiny_config(synthetic_root, "loss.box_weight=100", "train.epochs=2"), tmp_path / "run")
+    imbalance = [f for f in summary["findings"] if f["detector"] == "loss_imbalance"]
+    assert imbalance, summary["findings"]
+    assert imbalance[0]["evidence"]["ratio_box_to_cls"] > 10 and imbalance[0]["evidence"]["box_dominates"] == 1.0
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert any(f["detector"] == "loss_imbalance" for f in on_disk["findings"])
