@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -91,8 +91,11 @@ def resolve_config(run: EvalRun, checkpoint_config: dict[str, Any]) -> Config:
         _check(len(size) == 2 and all(int(v) > 0 for v in size),
                f"input_size={run.input_size!r}: expected null, [W, H] or original")
         cfg.model.input_width, cfg.model.input_height = int(size[0]), int(size[1])
-    # The weights come from the checkpoint: never fetch or read backbone weights.
-    cfg.model.backbone_weights = "none"
+    # The weights come from the checkpoint: never fetch or read backbone weights, and pin the
+    # weight-dependent architecture choices so the state dict fits.
+    from detlab.model import architecture_config
+
+    cfg.model = architecture_config(cfg.model)
     e = cfg.eval
     for key in ("score_threshold", "iou_threshold", "nms_iou", "size_adaptive_iou"):
         if getattr(run, key) is not None:

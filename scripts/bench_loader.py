@@ -95,7 +95,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--widerface", type=Path, default=widerface_default())
     parser.add_argument("--step-seconds", type=float, default=0.5, help="training step time to compare with")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="intra-op threads of this process (workers always use 1). On a shared 2-core "
+                             "machine 2 threads made a 320x256 sample 10-40x slower (thread barriers stall)")
     args = parser.parse_args()
+    torch.set_num_threads(args.torch_threads)
 
     print(f"cores: {os.cpu_count()}, torch threads: {torch.get_num_threads()}, batch {args.batch_size}, "
           f"{args.batches} timed batches after the first")
@@ -116,7 +120,7 @@ def main() -> None:
             print(f"WIDER FACE not found at {args.widerface}: real-data figures skipped")
 
         for name, dataset, canvas in datasets:
-            decode, total = per_sample_costs(dataset, 64)
+            decode, total = per_sample_costs(dataset, 32)
             iou_crop, face_crop = crop_sampler_costs(dataset, 200, canvas)
             print(f"{name}: per sample (1 process) decode {decode:.1f} ms, decode + train transforms {total:.1f} ms; "
                   f"crop sampler RandomIoUCrop {iou_crop:.2f} ms vs RandomFaceCrop {face_crop:.2f} ms")

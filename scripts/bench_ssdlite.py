@@ -5,7 +5,10 @@ same random images and faces for both models. Measured side by side (interleaved
 same machine load): warm-up steps, then the median of N. Also prints ``ssd_slim``'s step at
 320x256.
 
-    python scripts/bench_ssdlite.py [--iters 3] [--warmup 1] [--batch 32] [--device auto]
+    python scripts/bench_ssdlite.py [--iters 5] [--warmup 1] [--batch 32] [--device auto] [--with-nchw]
+
+detlab runs its convolutions channels-last by default (``model.channels_last``); ``--with-nchw``
+also times it in torchvision's NCHW layout, to separate that from the rest of the step.
 """
 
 from __future__ import annotations
@@ -89,10 +92,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--no-slim", action="store_true", help="skip the ssd_slim figure")
+    parser.add_argument("--with-nchw", action="store_true",
+                        help="also time detlab ssdlite with model.channels_last=false (torchvision's memory layout)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,21 +116,23 @@ def main() -> None:
     n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, theirs))
     print(f"device={device} threads={torch.get_num_threads()} batch={args.batch} warmup={args.warmup} iters={args.iters}")
     print(f"detlab ssdlite: {n_ours:,} parameters, {ours.num_anchors} anchors; torchvision ssdlite320: {n_theirs:,} parameters")
-    medians = measure(
-        {
-            "detlab ssdlite 320x320": detlab_step(ours, images, faces, device),
-            "torchvision ssdlite320_mobilenet_v3_large": torchvision_step(theirs, images, faces, device),
-        },
-        args.warmup,
-        args.iters,
-        device,
-    )
+    steps = {
+        "detlab ssdlite 320x320": detlab_step(ours, images, faces, device),
+        "torchvision ssdlite320_mobilenet_v3_large": torchvision_step(theirs, images, faces, device),
+    }
+    if args.with_nchw:
+        nchw = build_model(ModelConfig(name="ssdlite", input_width=size, input_height=size, channels_last=False))
+        steps["detlab ssdlite 320x320 channels_last=false"] = detlab_step(nchw.to(device).train(), images, faces, device)
+    medians = measure(steps, args.warmup, args.iters, device)
     for name, seconds in medians.items():
         print(f"{name:45s} {seconds * 1000:9.1f} ms/step (median)")
-    t_ours, t_theirs = medians.values()
+    names = list(medians)
+    t_ours, t_theirs = medians[names[0]], medians[names[1]]
     verdict = "not slower" if t_ours <= t_theirs else "SLOWER"
     print(f"ratio detlab / torchvision = {t_ours / t_theirs:.3f} ({verdict})")
-    del ours, theirs
+    if args.with_nchw:
+        print(f"ratio detlab (channels_last=false) / torchvision = {medians[names[2]] / t_theirs:.3f}")
+    del ours, theirs, steps
 
     if not args.no_slim:
         slim = build_model(ModelConfig(name="ssd_slim")).to(device).train()

@@ -152,3 +152,36 @@ def test_test_split_loads_for_prediction(tmp_path):
     image, target = dataset[1]
     assert image.shape == (3, 256, 320) and target["boxes"].shape == (0, 4)
     torch.testing.assert_close(target["scale"], torch.tensor([40 / 320, 30 / 256]))
+
+
+def test_worker_init_after_opencv_threads_does_not_hang():
+    """Regression: cv2.setNumThreads(1) in a DataLoader worker forked while the parent's OpenCV
+    thread pool is busy deadlocks (seen in scripts/bench_loader.py; this pattern hung 5 of 8 forks
+    with it, 0 of 8 with setNumThreads(0)). Forks six times in a subprocess, 4 s per child."""
+    script = """
+import os, signal, time, cv2, numpy as np
+from detlab.data.loader import seed_worker
+hung = 0
+for _ in range(6):
+    image = np.random.rand(512, 512, 3).astype(np.float32)
+    for _ in range(5):  # keeps OpenCV's pthreads pool working right up to the fork
+        cv2.GaussianBlur(image, (0, 0), 3)
+        cv2.resize(image, (1024, 1024))
+    pid = os.fork()
+    if pid == 0:
+        seed_worker(0)
+        cv2.GaussianBlur(image, (0, 0), 3)
+        os._exit(0)
+    deadline = time.time() + 4
+    while not os.waitpid(pid, os.WNOHANG)[0]:
+        if time.time() > deadline:
+            hung += 1
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            break
+        time.sleep(0.01)
+print("hung", hung)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "hung 0" in result.stdout

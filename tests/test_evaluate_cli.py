@@ -101,7 +101,7 @@ def test_cli_wider_protocol_and_submission(checkpoint, tmp_path):
     proc = subprocess.run(
         [sys.executable, "evaluate.py", f"checkpoint={path}", "split=val", "protocol=wider", f"gt_dir={gt_dir}",
          f"save_predictions={preds}", f"output_dir={out}", "score_floor=0.05", "nms_iou=0.3", "max_detections=20",
-         "input_size=[128,96]"],
+         "input_size=[128,96]", f"hydra.run.dir={out}"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
@@ -127,12 +127,14 @@ def test_cli_wider_protocol_and_submission(checkpoint, tmp_path):
     assert json.loads(alone.stdout.strip().splitlines()[-1])["wider"] == pytest.approx(result["wider"], abs=1e-12)
 
 
-def test_cli_rejects_unknown_keys_and_bad_values(checkpoint):
+def test_cli_rejects_unknown_keys_and_bad_values(checkpoint, tmp_path):
     path, _, _ = checkpoint
-    unknown = subprocess.run([sys.executable, "evaluate.py", f"checkpoint={path}", "bogus_key=1"],
+    unknown = subprocess.run([sys.executable, "evaluate.py", f"checkpoint={path}", "bogus_key=1",
+                              f"hydra.run.dir={tmp_path / 'unknown'}"],
                              cwd=REPO, capture_output=True, text=True, timeout=120)
     assert unknown.returncode != 0 and "bogus_key" in unknown.stderr + unknown.stdout
-    bad = subprocess.run([sys.executable, "evaluate.py", f"checkpoint={path}", "split=train"],
+    bad = subprocess.run([sys.executable, "evaluate.py", f"checkpoint={path}", "split=train",
+                          f"hydra.run.dir={tmp_path / 'bad'}"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "split='train'" in bad.stderr + bad.stdout
 

@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 
 from detlab.config import ModelConfig
-from detlab.model import BackboneWeightsError, build_model, generate_anchors
+from detlab.model import BackboneWeightsError, architecture_config, build_model, generate_anchors
 from detlab.model.backbones import load_backbone_weights
 
 MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"
@@ -59,6 +59,19 @@ def test_slim_batch_norm_switch_and_width():
     half = build_model(ModelConfig(width_mult=0.5, input_width=64, input_height=64))
     assert n_params(half) < 260_188 / 2.5
     assert half(torch.randn(1, 3, 64, 64))["cls_logits"].shape == (1, half.anchors.shape[0], 2)
+
+
+def test_channels_last_switch_gives_the_same_outputs(slim):
+    plain = build_model(ModelConfig(channels_last=False))
+    plain.load_state_dict(slim.state_dict())
+    assert slim.backbone.stages[0][0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert plain.backbone.stages[0][0][0].weight.is_contiguous()
+    x = torch.randn(2, 3, 256, 320)
+    with torch.no_grad():
+        a, b = slim.eval()(x), plain.eval()(x)
+    slim.train()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-4)
 
 
 def test_slim_rejects_other_strides():
@@ -217,3 +230,18 @@ def test_offline_imagenet_is_a_clear_error(monkeypatch, backbone):
 def test_slim_has_no_imagenet_weights():
     with pytest.raises(BackboneWeightsError, match="no ImageNet weights"):
         build_model(ModelConfig(backbone_weights="imagenet"))
+
+
+def test_mobilenet_v3_local_weights_and_architecture_config(tmp_path):
+    state = torchvision.models.mobilenet_v3_large().state_dict()  # a full-tail classifier, random weights
+    path = tmp_path / "mnv3.pth"
+    torch.save(state, path)
+    cfg = ModelConfig(name="ssdlite", backbone_weights=str(path))
+    model = build_model(cfg)
+    torch.testing.assert_close(model.backbone.stages[0][0][0].weight, state["features.0.0.weight"])
+    # Rebuilding without weights keeps the full tail (torchvision's rule alone would reduce it).
+    assert build_model(architecture_config(cfg)).load_state_dict(model.state_dict()) is not None
+    with pytest.raises(RuntimeError):
+        build_model(ModelConfig(name="ssdlite")).load_state_dict(model.state_dict())
+    with pytest.raises(BackboneWeightsError, match="reduced_tail"):
+        build_model(ModelConfig(name="ssdlite", backbone_weights=str(path), reduced_tail=True))

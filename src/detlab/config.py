@@ -73,10 +73,17 @@ class ModelConfig:
     # ssdlite only: mobilenet_v3_large (torchvision's SSDlite) or mobilenet_v2 (the offline
     # ImageNet weights in ../shared/pretrained load into it).
     backbone: str = "mobilenet_v3_large"
+    # ssdlite + mobilenet_v3_large only: MobileNetV3's "reduced tail" (last stage halved). None follows
+    # torchvision's SSDlite: reduced without pretrained weights, full with them (the ImageNet weights
+    # are for the full tail). Set it explicitly to rebuild a trained model without loading weights.
+    reduced_tail: Optional[bool] = None
     input_width: int = 320
     input_height: int = 256
     num_classes: int = 2  # background + face
     batch_norm: bool = True
+    # Run the convolutions in channels-last (NHWC) memory format: faster with oneDNN on CPU and
+    # with tensor cores under AMP on CUDA. Same state dict either way (outputs equal to float tolerance).
+    channels_last: bool = True
     # Backbone weights: "none", "imagenet" (torchvision weights API, needs the network or its cache),
     # or a path to a local state-dict file.
     backbone_weights: str = "none"
@@ -107,9 +114,11 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"
+    name: str = "sgd"  # sgd | adamw
     lr: float = 0.01
-    momentum: float = 0.9
+    momentum: float = 0.9  # sgd
+    beta1: float = 0.9  # adamw
+    beta2: float = 0.999  # adamw
     nesterov: bool = False
     weight_decay: float = 5e-4
     grad_clip_norm: Optional[float] = None  # None: no clipping
@@ -310,7 +319,8 @@ def validate(cfg: Config) -> None:
     _check(lo.neg_pos_ratio >= 0, "loss.neg_pos_ratio", "must be >= 0 (0: all negatives)", lo.neg_pos_ratio)
     _check(lo.min_negatives >= 1, "loss.min_negatives", "must be >= 1", lo.min_negatives)
 
-    _choice(o.name, "optim.name", ("sgd",))
+    _choice(o.name, "optim.name", ("sgd", "adamw"))
+    _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)", (o.beta1, o.beta2))
     _check(o.lr > 0, "optim.lr", "must be > 0", o.lr)
     _check(0 <= o.momentum < 1, "optim.momentum", "must be in [0, 1)", o.momentum)
     _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0", o.weight_decay)

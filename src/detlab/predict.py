@@ -94,7 +94,9 @@ def predict_original_size(
     """Each image at its own size; the model for a size is rebuilt from ``state_dict`` (anchors differ)."""
     from dataclasses import replace
 
-    from detlab.model import build_model
+    from detlab.model import architecture_config, build_model
+
+    model_cfg = architecture_config(model_cfg)  # no backbone weights read: they come with state_dict
 
     models: "OrderedDict[tuple[int, int], nn.Module]" = OrderedDict()
     out: list[Prediction] = []
@@ -102,7 +104,7 @@ def predict_original_size(
         image, target = dataset[index]
         size = (int(image.shape[-1]), int(image.shape[-2]))  # (W, H)
         if size not in models:
-            model = build_model(replace(model_cfg, input_width=size[0], input_height=size[1], backbone_weights="none"))
+            model = build_model(replace(model_cfg, input_width=size[0], input_height=size[1]))
             model.load_state_dict(state_dict)
             models[size] = model.to(device).eval()
             if len(models) > cache_size:

@@ -112,11 +112,15 @@ def collate_detection(batch: Sequence[Optional[tuple[torch.Tensor, dict[str, Any
 
 def seed_worker(worker_id: int) -> None:
     """DataLoader workers: torch is seeded per worker from the loader's generator; follow it with
-    numpy and random, and keep OpenCV single-threaded inside the worker (no oversubscription)."""
+    numpy and random, and run OpenCV sequentially inside the worker (no oversubscription).
+
+    ``setNumThreads(0)``, not 1: in a process forked after the parent used OpenCV's pthreads pool,
+    ``cv2.setNumThreads(1)`` deadlocks (measured with opencv-python 5.0; 0 returns at once).
+    """
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
-    cv2.setNumThreads(1)
+    cv2.setNumThreads(0)
 
 
 def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int,

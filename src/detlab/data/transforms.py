@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import cv2
+import numpy as np
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -77,6 +79,38 @@ class RandomFaceCrop(v2.RandomIoUCrop):
                     is_within_crop_area=inside[t])
 
 
+def adjust_hue_uint8(image: torch.Tensor, hue_factor: float) -> torch.Tensor:
+    """``F.adjust_hue`` for a uint8 RGB ``[3, H, W]`` image through OpenCV's 8-bit HSV (hue in 1/256 turns)."""
+    hwc = image.permute(1, 2, 0).contiguous().numpy()  # a view when the memory is channels-last
+    hsv = cv2.cvtColor(hwc, cv2.COLOR_RGB2HSV_FULL)
+    hsv[..., 0] += np.uint8(int(round(hue_factor * 256)) % 256)  # uint8 wraps around: hue is circular
+    return torch.from_numpy(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)).permute(2, 0, 1)
+
+
+class PhotometricDistort(v2.RandomPhotometricDistort):
+    """``RandomPhotometricDistort`` with its hue step on OpenCV for uint8 images.
+
+    Measured on a 320x256 uint8 image, 1 thread: torchvision's ``adjust_hue`` (float HSV round
+    trip) 4-5 ms, OpenCV's 8-bit HSV 0.2 ms; the other steps take 0.1-0.3 ms each and are kept.
+    The parameters, their order (brightness, contrast before or after, saturation, hue, channel
+    permutation) and the other kernels are torchvision's.
+    """
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        hue = params["hue_factor"]
+        if hue is None or not (isinstance(inpt, tv_tensors.Image) and inpt.dtype == torch.uint8
+                               and inpt.ndim == 3 and inpt.shape[0] == 3):
+            return super().transform(inpt, params)
+        before_contrast = params["contrast_factor"] if params["contrast_before"] else None
+        out = super().transform(inpt, dict(params, contrast_factor=before_contrast, hue_factor=None,
+                                           channel_permutation=None))
+        out = tv_tensors.wrap(adjust_hue_uint8(out.as_subclass(torch.Tensor), hue), like=inpt)
+        after_contrast = None if params["contrast_before"] else params["contrast_factor"]
+        return super().transform(out, dict(brightness_factor=None, contrast_factor=after_contrast,
+                                           saturation_factor=None, hue_factor=None, contrast_before=False,
+                                           channel_permutation=params["channel_permutation"]))
+
+
 def build_transforms(augment: Optional[AugmentConfig], input_size: tuple[int, int], train: bool) -> v2.Compose:
     """``input_size`` is ``(W, H)``. ``train=False`` (or ``augment=None``) gives the deterministic path."""
     width, height = input_size
@@ -98,7 +132,7 @@ def build_transforms(augment: Optional[AugmentConfig], input_size: tuple[int, in
         if augment.hflip:
             ops.append(v2.RandomHorizontalFlip(p=0.5))
         if augment.photometric:
-            ops.append(v2.RandomPhotometricDistort(p=0.5))
+            ops.append(PhotometricDistort(p=0.5))
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     return v2.Compose(ops)
 

@@ -32,6 +32,7 @@ from detlab.engine.checkpoint import (
     write_csv,
     write_json,
 )
+from detlab.engine.optim import build_optimizer
 from detlab.engine.schedule import StageBoundaries, build_scheduler, stage_boundaries
 from detlab.engine.tensorboard import add_scalars, open_writer, write_hparams
 from detlab.engine.validation import validate
@@ -132,8 +133,7 @@ class Trainer:
 
         self.model = build_model(cfg.model).to(self.device)
         self.criterion = MultiBoxLoss(cfg.loss)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                         nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay)
+        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.total_steps, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         self.stages: StageBoundaries = stage_boundaries(cfg.stages, cfg.schedule, self.total_steps,

@@ -15,22 +15,13 @@ from detlab.data.transforms import denormalize
 from detlab.engine.tensorboard import draw_detections
 from detlab.metrics import DetectionEvaluator
 from detlab.model.matching import assign_targets
+from detlab.predict import to_original_frame
 
 
 @dataclass
 class ValidationResult:
     metrics: dict[str, float]
     images: list[np.ndarray] = field(default_factory=list)  # RGB uint8 [H, W, 3], drawn predictions
-
-
-def build_evaluator(cfg: EvalConfig) -> DetectionEvaluator:
-    return DetectionEvaluator(
-        iou_threshold=cfg.iou_threshold,
-        score_threshold=cfg.score_threshold,
-        size_edges=tuple(cfg.size_edges),
-        size_adaptive_iou=cfg.size_adaptive_iou,
-        ap_score_floor=cfg.ap_score_floor,
-    )
 
 
 class _PredictionStats:
@@ -66,13 +57,6 @@ class _PredictionStats:
         }
 
 
-def _to_original_frame(predictions: list[dict[str, torch.Tensor]], targets: list[dict[str, Any]]) -> None:
-    for pred, target in zip(predictions, targets):
-        sx, sy = (float(v) for v in target["scale"])
-        pred["boxes"] = pred["boxes"].float().cpu() * torch.tensor([sx, sy, sx, sy])
-        pred["scores"] = pred["scores"].float().cpu()
-
-
 @torch.no_grad()
 def validate(
     model: nn.Module,
@@ -86,7 +70,7 @@ def validate(
 ) -> ValidationResult:
     """Run the model over ``loader`` once; metrics are computed in original image pixels."""
     model.eval()
-    evaluator = build_evaluator(eval_cfg)
+    evaluator = DetectionEvaluator.from_config(eval_cfg)
     stats = _PredictionStats(eval_cfg.score_threshold, eval_cfg.size_edges[1])
     records = loader.dataset.records
     loss_sums = {"loss_cls": 0.0, "loss_box": 0.0, "loss_total": 0.0}
@@ -111,7 +95,8 @@ def validate(
         )
         if len(drawn) < num_images:
             drawn.extend(_draw(images, targets, predictions, eval_cfg.score_threshold, num_images - len(drawn)))
-        _to_original_frame(predictions, targets)
+        for pred, target in zip(predictions, targets):
+            pred["boxes"], pred["scores"] = to_original_frame(pred["boxes"], target), pred["scores"].float().cpu()
         gt_original = [torch.from_numpy(records[int(t["image_id"])].boxes).float() for t in targets]
         evaluator.update(predictions, gt_original)
         stats.update(predictions)

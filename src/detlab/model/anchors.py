@@ -67,7 +67,9 @@ def generate_anchors(
     return torch.cat(per_level, dim=0)
 
 
-def default_box_anchors(generator: DefaultBoxGenerator, image_size: tuple[int, int], feature_maps: list[Tensor]) -> Tensor:
+def default_box_anchors(
+    generator: DefaultBoxGenerator, image_size: tuple[int, int], feature_maps: list[Tensor]
+) -> Tensor:
     """torchvision's default boxes for ``feature_maps`` at ``image_size = (W, H)``: ``[A, 4]`` xyxy."""
     width, height = image_size
     # The generator reads only the padded batch shape and the image sizes from the ImageList.

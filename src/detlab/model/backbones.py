@@ -314,8 +314,21 @@ class SSDLiteBackbone(nn.Module):
         return features
 
 
+def resolve_reduced_tail(backbone: str, weights: str, reduced_tail: Optional[bool]) -> bool:
+    """MobileNetV3's reduced tail: explicit, or torchvision's SSDlite rule (reduced iff no weights)."""
+    if backbone != "mobilenet_v3_large":
+        return False
+    if reduced_tail is None:
+        return weights in ("none", "", None)
+    return bool(reduced_tail)
+
+
 def build_ssdlite_backbone(
-    backbone: str, weights: str, width_mult: float = 1.0, batch_norm: bool = True
+    backbone: str,
+    weights: str,
+    width_mult: float = 1.0,
+    batch_norm: bool = True,
+    reduced_tail: Optional[bool] = None,
 ) -> SSDLiteBackbone:
     if not batch_norm:
         raise ValueError(
@@ -323,16 +336,21 @@ def build_ssdlite_backbone(
             "batch_norm=false is supported by ssd_slim and ssd_vgg16"
         )
     norm_layer = ssdlite_norm_layer()
+    pretrained = weights not in ("none", "", None)
     if backbone == "mobilenet_v3_large":
         # torchvision's SSDlite halves the last stage ("reduced tail", MobileNetV3 paper Table 6)
         # when no pretrained backbone is used, and re-initialises it with N(0, 0.03).
-        pretrained = weights not in ("none", "", None)
+        reduced = resolve_reduced_tail(backbone, weights, reduced_tail)
+        if reduced and pretrained:
+            raise BackboneWeightsError(
+                "model.reduced_tail=true: MobileNetV3 weights are for the full tail; use "
+                "model.reduced_tail=false (or leave it null) with model.backbone_weights"
+            )
         classifier = mobilenet_v3_large(
-            weights=None, norm_layer=norm_layer, reduced_tail=not pretrained, width_mult=width_mult
+            weights=None, norm_layer=norm_layer, reduced_tail=reduced, width_mult=width_mult
         )
         imagenet = MobileNet_V3_Large_Weights.IMAGENET1K_V1 if width_mult == 1.0 else None
     elif backbone == "mobilenet_v2":
-        pretrained = weights not in ("none", "", None)
         classifier = mobilenet_v2(weights=None, norm_layer=norm_layer, width_mult=width_mult)
         imagenet = MobileNet_V2_Weights.IMAGENET1K_V1 if width_mult == 1.0 else None
     else:
@@ -362,14 +380,17 @@ class VGGBackbone(nn.Module):
         mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
         std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
         vgg_mean = torch.tensor([0.48235, 0.45882, 0.40784]).view(1, 3, 1, 1)
-        scale, shift = (std * 255, (mean - vgg_mean) * 255) if adapt_input else (torch.ones_like(std), torch.zeros_like(std))
-        self.adapt_input = adapt_input
-        self.register_buffer("input_scale", scale, persistent=False)
-        self.register_buffer("input_shift", shift, persistent=False)
+        if adapt_input:
+            scale, shift = std * 255, (mean - vgg_mean) * 255
+        else:
+            scale, shift = torch.ones_like(std), torch.zeros_like(std)
+        # Persistent and always applied (identity without the adapter): a model rebuilt without
+        # weights (``architecture_config``) gets the adapter back from the checkpoint's state dict.
+        self.register_buffer("input_scale", scale)
+        self.register_buffer("input_shift", shift)
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        if self.adapt_input:
-            x = x * self.input_scale + self.input_shift
+        x = x * self.input_scale + self.input_shift
         return list(self.extractor(x).values())
 
 

@@ -12,9 +12,10 @@ Rules (SSD, as in torchvision's ``SSDMatcher`` and the Ultra-Light detector):
 3. Faces with zero width or height cannot be matched (their encoded target would be ``-inf``).
 
 The batch is handled by padding the ground truth to ``[B, N_max, 4]`` with a validity mask.
-Because every image shares the same anchors, the batched IoU ``[B, N_max, A]`` is torchvision's
-``box_iou`` of the flattened faces against the anchors, reshaped; padded rows are set to -1 so
-they never win a max. Only the padding itself loops over the (short) Python list of images.
+Because every image shares the same anchors, the batched IoU ``[B, N_max, A]`` needs no
+hand-written broadcasting: it is torchvision's ``box_iou`` of the batch's faces (flattened)
+against the anchors, scattered into the padded layout; padded rows are -1 so they never win a
+max. Only the padding itself loops over the (short) Python list of images.
 """
 
 from __future__ import annotations
@@ -43,10 +44,15 @@ def pad_boxes(gt_boxes: list[Tensor], device: torch.device) -> tuple[Tensor, Ten
 
 
 def batched_iou(padded: Tensor, valid: Tensor, anchors: Tensor) -> Tensor:
-    """IoU ``[B, N_max, A]`` of padded faces against the shared anchors; invalid rows are -1."""
+    """IoU ``[B, N_max, A]`` of padded faces against the shared anchors; invalid rows are -1.
+
+    Only the valid rows go through ``box_iou`` (a batch with one crowded image would otherwise
+    pay ``B * N_max`` rows), then they are scattered into the padded layout.
+    """
     batch, n_max, _ = padded.shape
-    iou = box_iou(padded.reshape(-1, 4), anchors).reshape(batch, n_max, -1)  # [B, N_max, A]
-    return iou.masked_fill(~valid.unsqueeze(-1), -1.0)
+    iou = torch.full((batch, n_max, anchors.shape[0]), -1.0, dtype=torch.float32, device=padded.device)
+    iou[valid] = box_iou(padded[valid], anchors)  # [T, A] -> [B, N_max, A]
+    return iou
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ Head initialisation (documented because the study is about how training starts):
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Iterator, Optional
 
 import torch
@@ -34,6 +35,7 @@ from .backbones import (
     build_ssdlite_backbone,
     build_vgg_backbone,
     load_backbone_weights,
+    resolve_reduced_tail,
     separable_conv,
     ssdlite_norm_layer,
 )
@@ -103,6 +105,10 @@ class SSD(nn.Module):
         self.input_size = (int(input_size[0]), int(input_size[1]))  # (W, H)
         self.num_classes = num_classes
         self.cfg = cfg if cfg is not None else ModelConfig()
+        # NHWC (see ModelConfig.channels_last): weights are converted here, inputs in forward.
+        self.channels_last = bool(self.cfg.channels_last)
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
 
     @property
     def num_anchors(self) -> int:
@@ -115,6 +121,8 @@ class SSD(nn.Module):
                 f"SSD: expected images [B, 3, {height}, {width}] (model input size W x H = {width} x {height}), "
                 f"got {list(images.shape)}"
             )
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.head(self.backbone(images))
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
@@ -215,7 +223,9 @@ def _build_ssd_slim(cfg: ModelConfig) -> tuple[nn.Module, nn.Module, Tensor]:
 def _build_default_box_model(cfg: ModelConfig) -> tuple[nn.Module, nn.Module, Tensor]:
     input_size = (cfg.input_width, cfg.input_height)
     if cfg.name == "ssdlite":
-        backbone = build_ssdlite_backbone(cfg.backbone, cfg.backbone_weights, cfg.width_mult, cfg.batch_norm)
+        backbone = build_ssdlite_backbone(
+            cfg.backbone, cfg.backbone_weights, cfg.width_mult, cfg.batch_norm, cfg.reduced_tail
+        )
         generator = DefaultBoxGenerator([[2, 3] for _ in range(6)], min_ratio=0.2, max_ratio=0.95)
     else:
         backbone = build_vgg_backbone(cfg.backbone_weights, batch_norm=cfg.batch_norm, width_mult=cfg.width_mult)
@@ -236,8 +246,24 @@ def _build_default_box_model(cfg: ModelConfig) -> tuple[nn.Module, nn.Module, Te
     return backbone, head, anchors
 
 
+def architecture_config(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` with ``backbone_weights="none"`` and every weight-dependent choice pinned.
+
+    Use it to rebuild a trained model (then ``load_state_dict``) without fetching or reading
+    backbone weights: with ``backbone_weights`` alone set to ``none``, torchvision's SSDlite rule
+    would switch MobileNetV3 to its reduced tail and the state dict would not fit.
+    """
+    reduced = cfg.reduced_tail
+    if cfg.name == "ssdlite":
+        reduced = resolve_reduced_tail(cfg.backbone, cfg.backbone_weights, cfg.reduced_tail)
+    return replace(cfg, backbone_weights="none", reduced_tail=reduced)
+
+
 def build_model(cfg: ModelConfig) -> SSD:
-    """Build ``cfg.name`` (``ssd_slim`` | ``ssdlite`` | ``ssd_vgg16``) for ``cfg.input_width x input_height``."""
+    """Build ``cfg.name`` (``ssd_slim`` | ``ssdlite`` | ``ssd_vgg16``) for ``cfg.input_width x input_height``.
+
+    ``model.cfg`` keeps ``cfg``; ``architecture_config(cfg)`` rebuilds the same network without weights.
+    """
     if cfg.name == "ssd_slim":
         backbone, head, anchors = _build_ssd_slim(cfg)
     elif cfg.name in ("ssdlite", "ssd_vgg16"):

@@ -1,0 +1,45 @@
+"""A two-run multirun in which one run diverges: both summaries, a report marking it, a clean exit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def test_multirun_survives_a_diverging_run_and_reports_it(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    tiny = [
+        f"dataset.root={tmp_path / 'synthetic'}", "dataset.synthetic.num_images=20",
+        "dataset.synthetic.image_width=160", "dataset.synthetic.image_height=128",
+        "model.input_width=160", "model.input_height=128", "train.epochs=2", "train.batch_size=8",
+        "eval.num_logged_images=1", f"hydra.sweep.dir={sweep_dir}",
+    ]
+    sweep = subprocess.run(
+        [sys.executable, "train.py", "-m", "optim.lr=0.01,1e12", *tiny],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    assert "2 runs: 1 completed, 1 diverged, 0 failed" in sweep.stdout
+
+    summaries = {json.loads(p.read_text())["hparams"]["optim.lr"]: json.loads(p.read_text())
+                 for p in sweep_dir.rglob("summary.json")}
+    # Run folders are named by their overrides (paths such as dataset.root excluded).
+    assert all("optim.lr=" in p.parent.name for p in sweep_dir.rglob("summary.json"))
+    assert summaries[0.01]["status"] == "completed"
+    diverged = summaries[1e12]
+    assert diverged["status"] == "diverged" and diverged["step"] >= 0 and "non-finite" in diverged["message"]
+
+    report = subprocess.run([sys.executable, "scripts/sweep_report.py", str(sweep_dir)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    markdown = (sweep_dir / "report.md").read_text()
+    assert "DIVERGED" in markdown
+    assert (sweep_dir / "report.csv").read_text().count("\n") == 3  # header + two runs
+    assert (sweep_dir / "report.png").stat().st_size > 10_000
