@@ -41,5 +41,7 @@ def test_multirun_survives_a_diverging_run_and_reports_it(tmp_path):
     assert report.returncode == 0, report.stderr[-3000:]
     markdown = (sweep_dir / "report.md").read_text()
     assert "DIVERGED" in markdown
+    # Runs are named by what sets them apart, not by the overrides every run shares.
+    assert "| optim.lr=0.01 |" in markdown and "| optim.lr=1000000000000.0 |" in markdown
     assert (sweep_dir / "report.csv").read_text().count("\n") == 3  # header + two runs
     assert (sweep_dir / "report.png").stat().st_size > 10_000

@@ -42,7 +42,7 @@ class SplitConfig:
 
 @dataclass
 class SyntheticConfig:
-    num_images: int = 600
+    num_images: int = 1000
     image_width: int = 320
     image_height: int = 256
     seed: int = 0

@@ -185,6 +185,7 @@ def load_sweep(sweep_dir: Path | str) -> list[RunResult]:
     """All runs below ``sweep_dir``, sorted by box weight (numerically; unknown last), then name."""
     sweep_dir = Path(sweep_dir)
     runs = [load_run(path) for path in find_run_dirs(sweep_dir)]
+    _drop_shared_overrides_from_names(runs)
     names = Counter(run.name for run in runs)
     for run in runs:  # two runs with the same overrides (nested sweeps): name them by their folder
         if names[run.name] > 1:
@@ -292,6 +293,18 @@ def _override_key(override: str) -> str:
 def _run_name(overrides: list[str], folder: str) -> str:
     defining = [o for o in overrides if "=" in o and _override_key(o) not in NON_DEFINING_OVERRIDE_KEYS]
     return ",".join(defining) or folder
+
+
+def _drop_shared_overrides_from_names(runs: list[RunResult]) -> None:
+    """In a sweep of several runs, name each by what sets it apart (``loss.box_weight=0.05``):
+    overrides every run shares (the dataset, the preset) say nothing about the run."""
+    if len(runs) < 2:
+        return
+    shared = set.intersection(*(set(run.overrides) for run in runs))
+    for run in runs:
+        if run.overrides:
+            distinct = [o for o in run.overrides if o not in shared]
+            run.name = _run_name(distinct, run.path.name) if distinct else run.name
 
 
 def _weight(key: str, hparams: dict[str, Any], overrides: list[str], config: Optional[DictConfig]) -> Optional[float]:
