@@ -9,19 +9,46 @@ Examples:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from detlab.config import ConfigError, register_configs, to_config
+from detlab.config import Config, ConfigError, register_configs, to_config
 
 log = logging.getLogger("train")
 register_configs()
+
+
+def resumed_run_dir(resume: object) -> str | None:
+    """``resume=<run dir or checkpoint>`` continues that run in its own directory."""
+    if isinstance(resume, bool) or resume is None or str(resume).lower() in ("", "true", "false"):
+        return None
+    path = Path(str(resume)).expanduser()
+    return str(path if path.is_dir() else path.parent.parent)
+
+
+def config_of_run(run_dir: Path, resume: object) -> Config:
+    """The saved, validated config of the run being resumed (so it continues as it started)."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise FileNotFoundError(f"resume={resume}: {saved} not found; is {run_dir} a run directory?")
+    cfg = to_config(OmegaConf.load(saved))
+    cfg.resume = str(resume)
+    return cfg
+
+
+def original_overrides(run_dir: Path) -> list[str] | None:
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("overrides")
+    except (OSError, ValueError):
+        return None
 
 
 def threads_per_job(hydra_cfg) -> int | None:
@@ -41,8 +68,14 @@ def main(raw: DictConfig) -> float | None:
         log.error(str(error))
         sys.exit(2)
     hydra_cfg = HydraConfig.get()
-    run_dir = cfg.run_dir or hydra_cfg.runtime.output_dir
     overrides = list(hydra_cfg.overrides.task)
+    run_dir = cfg.run_dir or resumed_run_dir(cfg.resume) or hydra_cfg.runtime.output_dir
+    if resumed_run_dir(cfg.resume):
+        cfg = config_of_run(Path(run_dir), cfg.resume)
+        overrides = original_overrides(Path(run_dir)) or overrides
+        ignored = [o for o in overrides if not o.startswith("resume=")]
+        if ignored:
+            log.warning("resuming %s with its own config; ignoring %s", run_dir, " ".join(ignored))
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
 
     if cfg.train.torch_threads is None and multirun:

@@ -57,3 +57,22 @@ def test_sweep_experiment_lists_the_nine_box_weights():
         cfg = compose("config", overrides=["+experiment=box_weight_sweep"], return_hydra_config=True)
     weights = [float(w) for w in cfg.hydra.sweeper.params["loss.box_weight"].split(",")]
     assert weights == [0.01, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10]
+
+
+@pytest.mark.parametrize("launcher, plugin", [("local_parallel", "hydra_plugins.hydra_joblib_launcher"),
+                                              ("slurm", "hydra_plugins.hydra_submitit_launcher")])
+def test_launcher_configs_compose(launcher, plugin):
+    pytest.importorskip(plugin)
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert "_target_" in cfg.hydra.launcher
+    if launcher == "local_parallel":
+        assert cfg.hydra.launcher.n_jobs == 2
+
+
+def test_presets_compose():
+    quick = to_config(_compose("+preset=quick"))
+    assert (quick.dataset.synthetic.num_images, quick.train.epochs) == (300, 6)
+    paper = to_config(_compose("+preset=paper"))
+    assert (paper.optim.name, paper.train.epochs, paper.train.batch_size, paper.loss.neg_pos_ratio) == ("sgd", 20, 32, 3.0)
+    assert paper.schedule.warmup

@@ -122,3 +122,22 @@ def test_extreme_weight_pair_records_the_imbalance_finding(synthetic_root, tmp_p
     assert imbalance[0]["evidence"]["ratio_box_to_cls"] > 10 and imbalance[0]["evidence"]["box_dominates"] == 1.0
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert any(f["detector"] == "loss_imbalance" for f in on_disk["findings"])
+
+
+def test_cli_resume_of_a_run_directory_uses_that_runs_config(synthetic_root, tmp_path):
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    tiny = [f"dataset.root={synthetic_root}", "dataset.synthetic.num_images=20", "dataset.synthetic.image_width=160",
+            "dataset.synthetic.image_height=128", "model.input_width=160", "model.input_height=128",
+            "train.epochs=1", "train.batch_size=8", "eval.num_logged_images=0"]
+    first = subprocess.run([sys.executable, "train.py", f"run_dir={run_dir}", "loss.box_weight=0.5", *tiny],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = subprocess.run([sys.executable, "train.py", f"resume={run_dir}", f"hydra.run.dir={tmp_path / 'h'}"],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "run already complete" in again.stdout + again.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["hparams"]["loss.box_weight"] == 0.5 and "loss.box_weight=0.5" in summary["overrides"]
