@@ -147,7 +147,7 @@ def stuck_step(s: int) -> dict:
 
 
 def test_stuck_fires_at_end_of_early_stage():
-    diag = make()
+    diag = make(stuck_min_fraction=0.0)  # the check spans the early stage alone
     findings = run(diag, stuck_step, None, 1)
     finding = only(findings, "stuck")
     assert (finding.stage, finding.step, finding.epoch) == ("early", 99, 1)
@@ -159,14 +159,26 @@ def test_stuck_fires_at_end_of_early_stage():
 
 
 def test_stuck_stops_the_run_when_switched_on():
-    diag = make(stop_on_stuck=True)
+    diag = make(stop_on_stuck=True, stuck_min_fraction=0.0)
     run(diag, stuck_step, None, 1)
     stop, reason = diag.should_stop()
     assert stop and reason.startswith("stuck at step 99") and "diverg" not in reason
 
 
+def test_stuck_spans_at_least_the_min_fraction_of_training():
+    # A slow warm-up (2% drop in the early stage) followed by a real fall is not stuck: with the
+    # default 20% of 1000 steps the check runs at step 199, over 100-step windows.
+    def slow_start(s: int) -> dict:
+        return {**stuck_step(s), "loss_total": 5.0 if s < 100 else 4.9 if s < 150 else 4.0}
+
+    assert run(make(), slow_start, None, 2) == []
+    finding = only(run(make(), lambda s: {**stuck_step(s), "loss_total": 5.0 if s < 100 else 4.9}, None, 2), "stuck")
+    assert (finding.step, finding.epoch, finding.stage) == (199, 2, "mid")
+    assert finding.evidence["window_steps"] == 50 and finding.evidence["relative_drop"] == pytest.approx(0.02)
+
+
 def test_stuck_not_fired_when_loss_falls_enough():
-    diag = make()
+    diag = make(stuck_min_fraction=0.0)
     assert run(diag, lambda s: {**stuck_step(s), "loss_total": 5.0 if s < 50 else 4.7}, None, 2) == []
 
 

@@ -198,6 +198,9 @@ class DiagnosisConfig:
     # Early stuck: mean total loss of the last window of the early stage vs its first window.
     loss_window: int = 50  # steps; shrunk to half the early stage when that is shorter
     stuck_min_drop: float = 0.05  # relative drop below which the early stage counts as stuck
+    # The stuck check spans at least this fraction of training: a short warm-up (lr still ramping)
+    # alone is too little to call a run stuck (measured: it fired on default runs that later learned).
+    stuck_min_fraction: float = 0.2
     # Early avoidance (predicts only background), checked on epochs before the late stage.
     avoidance_max_pred_per_image: float = 0.1
     avoidance_max_recall: float = 0.05
@@ -364,7 +367,7 @@ def validate(cfg: Config) -> None:
         _check(getattr(dg, key) >= 1, f"diagnosis.{key}", "must be >= 1", getattr(dg, key))
     for key in ("avoidance_max_recall", "large_box_share", "large_box_max_precision", "fp_small_share"):
         _check(0 <= getattr(dg, key) <= 1, f"diagnosis.{key}", "must be in [0, 1]", getattr(dg, key))
-    for key in ("early_stopping_min_delta", "stuck_min_drop", "avoidance_max_pred_per_image",
+    for key in ("early_stopping_min_delta", "stuck_min_drop", "stuck_min_fraction", "avoidance_max_pred_per_image",
                 "avoidance_min_cls_drop", "large_box_min_pred_per_image", "fp_min_growth", "fp_cls_stagnation",
                 "overfit_min_change"):
         _check(getattr(dg, key) >= 0, f"diagnosis.{key}", "must be >= 0", getattr(dg, key))

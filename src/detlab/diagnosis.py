@@ -260,8 +260,10 @@ class Diagnoser:
         self.steps_per_epoch = max(1, int(steps_per_epoch))
         self.early_end_step = max(0, int(early_end_step))
         self.late_start_step = max(self.early_end_step, int(late_start_step))
-        # Both loss windows must fit in the early stage without overlapping.
-        self.loss_window = max(1, min(cfg.loss_window, self.early_end_step // 2))
+        # "The first part of training": the early stage, or the first stuck_min_fraction of the steps
+        # when that is longer. Both loss windows fit in it without overlapping.
+        self.stuck_end_step = max(self.early_end_step, math.ceil(cfg.stuck_min_fraction * self.total_steps))
+        self.loss_window = max(1, min(cfg.loss_window, self.stuck_end_step // 2))
         self._schedule = LossWeightSchedule(cfg, 1.0, 1.0, self.total_steps)
         self.findings: list[Finding] = []
         self._active = dict.fromkeys(DETECTORS, False)
@@ -331,7 +333,7 @@ class Diagnoser:
                 if len(first) < self.loss_window:
                     first.append(float(value))
                 recent.append(float(value))
-        if not self._stuck_checked and self.early_end_step >= 2 and step >= self.early_end_step - 1:
+        if not self._stuck_checked and self.stuck_end_step >= 2 and step >= self.stuck_end_step - 1:
             self._stuck_checked = True
             self._check_stuck(step, epoch, signals, new)
         if "grad_norm_cls" in signals and "grad_norm_box" in signals:
@@ -432,7 +434,7 @@ class Diagnoser:
         self._active[STUCK] = stuck
         if stuck:
             self._fire(new, STUCK, step, epoch,
-                       f"total loss fell only {100 * drop:.1f}% over the early stage "
+                       f"total loss fell only {100 * drop:.1f}% over the first {self.stuck_end_step} steps "
                        f"({first:.4g} -> {last:.4g}, {self.loss_window}-step windows)",
                        {"loss_first_window": first, "loss_last_window": last, "relative_drop": drop,
                         "min_drop": self.cfg.stuck_min_drop, "window_steps": self.loss_window,
