@@ -29,15 +29,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 PAPER_BOX_WEIGHTS = (0.01, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
-METRIC_COLUMNS = [
-    "epoch", "step", "lr",
-    "train/loss_cls", "train/loss_box", "train/loss_total",
-    "val/loss_cls", "val/loss_box", "val/loss_total",
-    "val/miou", "val/mean_tp_iou", "val/tp", "val/fp", "val/fn",
-    "val/precision", "val/recall", "val/f1", "val/ap50",
-    "val/pred_per_image", "val/pred_mean_size",
-    "train_time_s", "val_time_s",
-]
+# The trainer's own column list, so the fixtures cannot drift from what runs write.
+from detlab.engine.trainer import METRIC_COLUMNS  # noqa: E402
 DEFAULT_MESSAGES = {
     "diverged": "non-finite loss (nan) at step {step}",
     "failed": "RuntimeError: CUDA out of memory",
