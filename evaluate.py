@@ -46,7 +46,7 @@ class EvalRun:
     protocol: str = "detection"
     save_predictions: Optional[str] = None
     gt_dir: Optional[str] = None
-    input_size: Any = None  # null | [W, H] | "original"
+    input_size: Any = None  # null: the checkpoint's eval.input_size | [W, H] | N (longer side) | "original"
     score_floor: Optional[float] = None
     nms_iou: Optional[float] = None
     max_detections: Optional[int] = None
@@ -86,11 +86,15 @@ def resolve_config(run: EvalRun, checkpoint_config: dict[str, Any]) -> Config:
         raise EvaluationError(f"checkpoint config does not match the schema: {error}") from None
     if run.dataset is not None:
         cfg.dataset = run.dataset
-    if run.input_size not in (None, "original"):
-        size = list(run.input_size) if not isinstance(run.input_size, str) else []
-        _check(len(size) == 2 and all(int(v) > 0 for v in size),
-               f"input_size={run.input_size!r}: expected null, [W, H] or original")
-        cfg.model.input_width, cfg.model.input_height = int(size[0]), int(size[1])
+    from detlab.config import INVALID_SIZE, test_input_size
+
+    requested = run.input_size if run.input_size is not None else cfg.eval.input_size
+    size = test_input_size(requested)
+    _check(size is not INVALID_SIZE,
+           f"input_size={requested!r}: expected null, [W, H], a longer side N (int >= 32) or original")
+    cfg.eval.input_size = list(size) if isinstance(size, tuple) else size
+    if isinstance(size, tuple):
+        cfg.model.input_width, cfg.model.input_height = size
     # The weights come from the checkpoint: never fetch or read backbone weights, and pin the
     # weight-dependent architecture choices so the state dict fits.
     from detlab.model import architecture_config
@@ -150,8 +154,10 @@ def evaluate(run: EvalRun, output_dir: Path) -> dict[str, Any]:
     e, m = cfg.eval, cfg.model
     options = dict(score_floor=e.ap_score_floor, nms_iou=e.nms_iou, max_detections=m.max_detections,
                    pre_nms_top_k=m.pre_nms_top_k, amp=run.amp and device.type == "cuda")
-    if run.input_size == "original":
-        images = OriginalSizeImages(dataset.records, dataset.images_dir)
+    test_size = cfg.eval.input_size
+    if test_size == "original" or isinstance(test_size, int):
+        long_side = test_size if isinstance(test_size, int) else None
+        images = OriginalSizeImages(dataset.records, dataset.images_dir, long_side=long_side)
         predictions = predict_original_size(m, checkpoint["model"], images, device, **options)
     else:
         model = build_model(m)
@@ -186,7 +192,8 @@ def evaluate(run: EvalRun, output_dir: Path) -> dict[str, Any]:
     result.update({
         "checkpoint": str(path), "epoch": checkpoint.get("epoch"), "step": checkpoint.get("step"),
         "dataset": cfg.dataset.name, "split": run.split, "num_images": len(predictions),
-        "settings": {"input_size": run.input_size if run.input_size == "original" else [m.input_width, m.input_height],
+        "settings": {"input_size": test_size if (test_size == "original" or isinstance(test_size, int))
+                     else [m.input_width, m.input_height],
                      "score_threshold": e.score_threshold, "iou_threshold": e.iou_threshold,
                      "score_floor": e.ap_score_floor, "nms_iou": e.nms_iou, "max_detections": m.max_detections,
                      "size_edges": list(e.size_edges), "size_adaptive_iou": e.size_adaptive_iou},

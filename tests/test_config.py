@@ -76,3 +76,29 @@ def test_presets_compose():
     paper = to_config(_compose("+preset=paper"))
     assert (paper.optim.name, paper.train.epochs, paper.train.batch_size, paper.loss.neg_pos_ratio) == ("sgd", 20, 32, 3.0)
     assert paper.schedule.warmup
+
+
+def test_test_input_size_forms():
+    from detlab.config import INVALID_SIZE, test_input_size
+
+    assert test_input_size(None) is None and test_input_size("original") == "original"
+    assert test_input_size(640) == 640 and test_input_size([640, 512]) == (640, 512)
+    for bad in (True, 8, [640], [640, 0], "large", [1, 2, 3]):
+        assert test_input_size(bad) is INVALID_SIZE
+
+
+def test_bad_eval_input_size_and_cache_are_named():
+    from detlab.config import Config, ConfigError, validate
+
+    cfg = Config()
+    cfg.eval.input_size = "huge"
+    with pytest.raises(ConfigError, match=r"eval.input_size='huge'"):
+        validate(cfg)
+    cfg = Config()
+    cfg.dataset.cache = "memory"
+    with pytest.raises(ConfigError, match=r"dataset.cache='memory'"):
+        validate(cfg)
+    cfg = Config()
+    cfg.model.ignore_iou = 0.5  # must be below match_iou (0.45)
+    with pytest.raises(ConfigError, match=r"model.ignore_iou=0.5"):
+        validate(cfg)

@@ -39,7 +39,7 @@ def test_other_seed_gives_other_files(tmp_path):
 
 def test_official_layout_read_by_the_same_parser(tmp_path):
     root = ensure_synthetic_dataset(tmp_path, tiny(num_images=12))
-    assert root == tmp_path / "n12_96x64_seed0_val0.34_v1"  # keyed on the generation parameters
+    assert root == tmp_path / "n12_96x64_seed0_val0.34_v2"  # keyed on the generation parameters
     train = parse_wider_annotations(annotation_file(root, "train"))
     val = parse_wider_annotations(annotation_file(root, "val"))
     assert (len(train), len(val)) == (8, 4)  # round(12 * 0.34) = 4 val images

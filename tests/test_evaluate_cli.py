@@ -149,3 +149,26 @@ def test_original_input_size_and_missing_checkpoint(checkpoint, tmp_path, capsys
         ev.evaluate(ev.EvalRun(checkpoint=str(tmp_path / "none.pt")), tmp_path / "o")
     with pytest.raises(ev.EvaluationError, match="protocol=wider"):
         ev.evaluate(ev.EvalRun(checkpoint=str(path), protocol="wider", gt_dir=str(tmp_path / "nogt")), tmp_path / "o")
+
+
+def test_longer_side_images_keep_aspect_and_pad(tmp_path):
+    import cv2
+    import numpy as np
+
+    from detlab.data import parse_wider_annotations
+    from detlab.predict import OriginalSizeImages
+
+    folder = tmp_path / "images" / "0--P"
+    folder.mkdir(parents=True)
+    cv2.imwrite(str(folder / "a.png"), np.full((300, 1000, 3), 128, np.uint8))
+    ann = tmp_path / "gt.txt"
+    ann.write_text("0--P/a.png\n1\n10 10 20 20 0 0 0 0 0 0\n")
+    dataset = OriginalSizeImages(parse_wider_annotations(ann), tmp_path / "images", long_side=640)
+    image, target = dataset[0]
+    # 1000x300 -> 640x192 (keep aspect), padded to a multiple of 64: 640x192 already is.
+    assert tuple(image.shape) == (3, 192, 640)
+    assert target["scale"].tolist() == pytest.approx([1000 / 640, 300 / 192])
+    dataset = OriginalSizeImages(parse_wider_annotations(ann), tmp_path / "images", long_side=500)
+    image, target = dataset[0]
+    assert tuple(image.shape) == (3, 192, 512)  # 500x150 padded to 512x192 with zeros (the mean colour)
+    assert float(image[:, 150:, :].abs().max()) == 0.0 and float(image[:, :, 500:].abs().max()) == 0.0

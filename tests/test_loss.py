@@ -141,3 +141,16 @@ def test_terms_backprop_separately():
     assert g_bbox is None and g_logits.abs().sum() > 0
     # The per-term functions return the un-normalised sums.
     assert box_regression_loss(bbox, torch.zeros(1, 20, 4), labels).item() == pytest.approx(out["loss_box"].item() * 2)
+
+
+def test_ignored_anchors_get_no_loss_and_are_never_mined():
+    from detlab.loss import classification_loss
+
+    # One positive, two ignored anchors with the largest background loss, three plain negatives.
+    logits = torch.tensor([[[0.0, 0.0], [-5.0, 5.0], [-5.0, 5.0], [0.0, 1.0], [0.0, 2.0], [0.0, 3.0]]])
+    labels = torch.tensor([[1, -1, -1, 0, 0, 0]])
+    loss, num_pos, num_neg = classification_loss(logits, labels, neg_pos_ratio=2.0, min_negatives=1)
+    ce = torch.nn.functional.cross_entropy(logits[0], torch.tensor([1, 0, 0, 0, 0, 0]), reduction="none")
+    # Mined: the two hardest *background* anchors (indices 5 and 4), not the ignored ones.
+    assert int(num_pos) == 1 and int(num_neg) == 2
+    torch.testing.assert_close(loss, ce[0] + ce[5] + ce[4])

@@ -113,3 +113,17 @@ def test_batch_with_different_face_counts_equals_per_image(seed):
         torch.testing.assert_close(single_targets[0], targets[b])
     # Every face owns at least one positive anchor.
     assert all(labels[b].sum() >= min(1, f.shape[0]) for b, f in enumerate(faces))
+
+
+def test_ignore_band_labels_near_misses_and_keeps_forced_anchors():
+    # Face [0, 0, 10, 10]: IoU 1 with anchor 0, 1/3 with anchor 1, 0 with anchors 2 and 3.
+    anchors = torch.tensor([[0.0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30], [100, 100, 110, 110]])
+    face = torch.tensor([[0.0, 0, 10, 10]])
+    labels, _ = assign_targets(anchors, [face], CODER, iou_threshold=0.45, ignore_iou=0.3)
+    assert labels.tolist() == [[1, -1, 0, 0]]
+    labels, _ = assign_targets(anchors, [face], CODER, iou_threshold=0.45, ignore_iou=0.34)  # 1/3 < 0.34
+    assert labels.tolist() == [[1, 0, 0, 0]]
+    # A forced match below the ignore band stays positive: IoU 0.36 with anchor 2.
+    small = torch.tensor([[20.0, 20, 26, 26]])
+    labels, _ = assign_targets(anchors, [small], CODER, iou_threshold=0.45, ignore_iou=0.3)
+    assert labels.tolist() == [[0, 0, 1, 0]]

@@ -65,11 +65,16 @@ class DatasetConfig:
     max_val_images: Optional[int] = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     num_workers: int = 0
+    # Decoded-image cache (detlab.data.cache): none | ram | disk. Each image is decoded once and kept
+    # as uint8, its longer side at most cache_max_side pixels (null: as decoded).
+    cache: str = "none"
+    cache_max_side: Optional[int] = None
+    cache_dir: str = ".cache/decoded"  # dataset.cache=disk only
 
 
 @dataclass
 class ModelConfig:
-    name: str = "ssd_slim"  # ssd_slim | ssdlite | ssd_vgg16
+    name: str = "ssd_slim"  # ssd_slim | ssd_mobilenet_v2 | ssdlite | ssd_vgg16
     # ssdlite only: mobilenet_v3_large (torchvision's SSDlite) or mobilenet_v2 (the offline
     # ImageNet weights in ../shared/pretrained load into it).
     backbone: str = "mobilenet_v3_large"
@@ -88,13 +93,16 @@ class ModelConfig:
     # or a path to a local state-dict file.
     backbone_weights: str = "none"
     width_mult: float = 1.0
-    # Anchors (ssd_slim): one list of square anchor sizes (pixels) per feature level.
+    # Anchors (ssd_slim, ssd_mobilenet_v2): one list of square anchor sizes (pixels) per feature level.
     feature_strides: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
     min_sizes: list[list[int]] = field(
         default_factory=lambda: [[10, 16, 24], [32, 48], [64, 96], [128, 192, 256]]
     )
     variances: list[float] = field(default_factory=lambda: [0.1, 0.2])
     match_iou: float = 0.45
+    # Anchors whose best IoU is in [ignore_iou, match_iou) are neither face nor background (no loss,
+    # never mined); null: every non-positive anchor is background (classic SSD).
+    ignore_iou: Optional[float] = None
     # Post-processing (prediction).
     score_floor: float = 0.01  # keep candidates above this score before NMS
     nms_iou: float = 0.4
@@ -148,6 +156,10 @@ class EvalConfig:
     # max(size_adaptive_iou_floor, iou_threshold * size / size_edges[0]) (see detlab.metrics).
     size_adaptive_iou_floor: float = 0.3
     num_logged_images: int = 4  # val images drawn with predictions each epoch
+    # Test-time input of evaluate.py / scripts (not of the per-epoch validation, which uses the model's
+    # training size): null = the training size | [W, H] | N (keep aspect, longer side N pixels, padded to
+    # a multiple of 64) | original (each image at its own size). A preset records its recommended one.
+    input_size: Any = None
 
 
 @dataclass
@@ -233,11 +245,14 @@ class DiagnosisConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 20
+    # 15 epochs (375 steps on the default set) keep the default run under 6 minutes on 2 CPU cores.
+    epochs: int = 15
     batch_size: int = 32
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    amp: bool = True  # mixed precision, CUDA only
+    amp: bool = True  # CUDA: float16 autocast with a gradient scaler
+    # CPU: bfloat16 autocast (AVX-512 BF16 / AMX CPUs run it faster; see README, "Measured").
+    cpu_bf16: bool = True
     deterministic: bool = False
     log_every: int = 10  # steps between TensorBoard scalar writes
     torch_threads: Optional[int] = None  # None: torch's default
@@ -295,6 +310,9 @@ def validate(cfg: Config) -> None:
            "dataset.split.ratios", "expected 2 or 3 non-negative shares summing to at most 1", ratios)
     _check(d.min_face_size >= 0, "dataset.min_face_size", "must be >= 0", d.min_face_size)
     _check(d.num_workers >= 0, "dataset.num_workers", "must be >= 0", d.num_workers)
+    _choice(d.cache, "dataset.cache", ("none", "ram", "disk"))
+    _check(d.cache_max_side is None or d.cache_max_side >= 32, "dataset.cache_max_side",
+           "must be >= 32 pixels or null", d.cache_max_side)
     _check(d.synthetic.num_images >= 2, "dataset.synthetic.num_images", "must be >= 2", d.synthetic.num_images)
     _check(0 < d.synthetic.val_fraction < 1, "dataset.synthetic.val_fraction", "must be in (0, 1)",
            d.synthetic.val_fraction)
@@ -302,7 +320,7 @@ def validate(cfg: Config) -> None:
         value = getattr(d.synthetic, key)
         _check(value >= 64, f"dataset.synthetic.{key}", "must be >= 64 pixels", value)
 
-    _choice(m.name, "model.name", ("ssd_slim", "ssdlite", "ssd_vgg16"))
+    _choice(m.name, "model.name", ("ssd_slim", "ssd_mobilenet_v2", "ssdlite", "ssd_vgg16"))
     _check(m.input_width > 0 and m.input_height > 0, "model.input_width/input_height", "must be > 0",
            (m.input_width, m.input_height))
     _check(m.num_classes >= 2, "model.num_classes", "must be >= 2 (background + face)", m.num_classes)
@@ -311,6 +329,8 @@ def validate(cfg: Config) -> None:
     _check(len(m.variances) == 2 and all(v > 0 for v in m.variances), "model.variances",
            "expected two positive numbers", m.variances)
     _check(0 < m.match_iou <= 1, "model.match_iou", "must be in (0, 1]", m.match_iou)
+    _check(m.ignore_iou is None or 0 <= m.ignore_iou < m.match_iou, "model.ignore_iou",
+           f"must be in [0, model.match_iou={m.match_iou}) or null", m.ignore_iou)
     _check(0 < m.nms_iou <= 1, "model.nms_iou", "must be in (0, 1]", m.nms_iou)
 
     _check(lo.class_weight >= 0, "loss.class_weight", "must be >= 0", lo.class_weight)
@@ -348,6 +368,8 @@ def validate(cfg: Config) -> None:
     _check(0 < e.iou_threshold <= 1, "eval.iou_threshold", "must be in (0, 1]", e.iou_threshold)
     _check(0 <= e.score_threshold <= 1, "eval.score_threshold", "must be in [0, 1]", e.score_threshold)
     _check(0 < e.nms_iou <= 1, "eval.nms_iou", "must be in (0, 1]", e.nms_iou)
+    _check(test_input_size(e.input_size) is not INVALID_SIZE, "eval.input_size",
+           "expected null, [W, H], a longer-side length N (int) or original", e.input_size)
     _check(len(e.size_edges) == 2 and 0 < e.size_edges[0] < e.size_edges[1], "eval.size_edges",
            "expected two increasing positive edges (small|medium, medium|large)", e.size_edges)
 
@@ -384,6 +406,25 @@ def validate(cfg: Config) -> None:
     _check(0 <= aw.ramp_start_fraction <= aw.ramp_end_fraction <= 1, "diagnosis.adaptive_weights.ramp_*_fraction",
            "expected 0 <= ramp_start_fraction <= ramp_end_fraction <= 1",
            (aw.ramp_start_fraction, aw.ramp_end_fraction))
+
+
+INVALID_SIZE = object()
+
+
+def test_input_size(value: Any) -> Any:
+    """``eval.input_size`` normalised: ``None`` | ``(W, H)`` | ``int`` (longer side) | ``"original"``;
+    ``INVALID_SIZE`` when it is none of those."""
+    if value is None or value == "original":
+        return value
+    if isinstance(value, bool):
+        return INVALID_SIZE
+    if isinstance(value, int):
+        return value if value >= 32 else INVALID_SIZE
+    try:
+        size = [int(v) for v in value]
+    except (TypeError, ValueError):
+        return INVALID_SIZE
+    return tuple(size) if len(size) == 2 and all(v >= 32 for v in size) else INVALID_SIZE
 
 
 def to_config(cfg: DictConfig | Config) -> Config:

@@ -17,35 +17,41 @@ Mining (as torchvision's ``SSD.compute_loss``, per image): negatives are ranked 
 cross-entropy and image ``b`` keeps its ``max(neg_pos_ratio * num_pos_b, min_negatives)`` hardest
 (rounded up; at most all of its negatives; ties between equal losses are broken by ``topk``).
 The floor ``min_negatives`` lets images and batches without faces still learn background with a
-finite, non-zero loss. ``neg_pos_ratio = 0`` keeps every negative. Positives are never ranked as
-negatives.
+finite, non-zero loss. ``neg_pos_ratio = 0`` keeps every negative. Positives, and anchors the
+matcher put in its ignore band (label ``IGNORE``), are never ranked as negatives.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LossConfig
+from .model.matching import IGNORE
 
 
-def mine_negatives(cls_loss: Tensor, positive: Tensor, neg_pos_ratio: float, min_negatives: int) -> Tensor:
+def mine_negatives(
+    cls_loss: Tensor, positive: Tensor, neg_pos_ratio: float, min_negatives: int, negative: Optional[Tensor] = None
+) -> Tensor:
     """Mask ``[B, A]`` of the negatives kept by hard negative mining (see the module docstring).
 
-    ``cls_loss [B, A]`` is the per-anchor cross-entropy (only its order matters), ``positive [B, A]``.
+    ``cls_loss [B, A]`` is the per-anchor cross-entropy (only its order matters), ``positive [B, A]``;
+    ``negative [B, A]`` the background anchors that may be mined (default: every non-positive).
     """
-    negative = ~positive
+    negative = ~positive if negative is None else negative
     if neg_pos_ratio <= 0:
         return negative
     num_pos = positive.sum(dim=1, keepdim=True)  # [B, 1]
     # Rounded up; the 1e-4 keeps float error (1.1 * 10 = 11.000000000000002) from adding one.
     num_keep = torch.clamp(neg_pos_ratio * num_pos - 1e-4, min=float(min_negatives)).ceil().long()  # [B, 1]
     num_keep = torch.minimum(num_keep, negative.sum(dim=1, keepdim=True))
-    # Positives get -inf so they rank last. Rather than torchvision's double sort (the rank of
+    # Non-negatives (positives, ignored anchors) get -inf so they rank last. Rather than torchvision's double sort (the rank of
     # every anchor), take the top-k of each image for the batch's largest k and keep, per image,
     # the first num_keep[b] of them: same set, a fraction of the work (k << A).
-    ranked = cls_loss.detach().masked_fill(positive, -float("inf"))  # [B, A]
+    ranked = cls_loss.detach().masked_fill(~negative, -float("inf"))  # [B, A]
     k_max = int(num_keep.max()) if num_keep.numel() else 0
     keep = torch.zeros_like(positive)
     if k_max > 0:
@@ -64,10 +70,12 @@ def classification_loss(
     """
     num_classes = cls_logits.shape[-1]
     # float32 even under autocast: the mining sort and log-softmax want the precision.
-    ce = F.cross_entropy(cls_logits.float().reshape(-1, num_classes), labels.reshape(-1), reduction="none")
+    # Anchors labelled IGNORE (-1, the matcher's ignore band) get no loss and are never mined.
+    ce = F.cross_entropy(cls_logits.float().reshape(-1, num_classes), labels.reshape(-1), reduction="none",
+                         ignore_index=IGNORE)
     ce = ce.view_as(labels)  # [B, A]
     positive = labels > 0  # [B, A]
-    negative = mine_negatives(ce, positive, neg_pos_ratio, min_negatives)  # [B, A]
+    negative = mine_negatives(ce, positive, neg_pos_ratio, min_negatives, negative=labels == 0)  # [B, A]
     selected = positive | negative
     # torch.where rather than boolean indexing: no host sync on CUDA, and no 0 * inf = nan.
     return torch.where(selected, ce, torch.zeros_like(ce)).sum(), positive.sum(), negative.sum()

@@ -2,21 +2,24 @@
 
 ``predict_dataset`` runs a model over a deterministic loader at the model's fixed input size and maps
 the boxes back with each target's ``scale``. ``predict_original_size`` runs every image at its own
-size (batch of one): the SSD's anchors depend on the input size, so one model per distinct size is
-built from the same weights (kept in a small cache).
+size, or keep-aspect at "longer side = N" (``eval.input_size: N``), batch of one: the SSD's anchors
+depend on the input size, so one model per distinct size is built from the same weights (cached).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 from torchvision.transforms import v2
 
 from detlab.config import ModelConfig
+
+if TYPE_CHECKING:
+    import numpy as np
 
 Prediction = tuple[int, torch.Tensor, torch.Tensor]  # (image_id, boxes [K, 4] xyxy original px, scores [K])
 
@@ -58,13 +61,22 @@ def predict_dataset(
 
 
 class OriginalSizeImages(torch.utils.data.Dataset):
-    """``records`` read at their own size: ``(image [3, H, W] normalised, {"image_id", "scale"=(1, 1)})``."""
+    """``records`` read at their own size, or keep-aspect resized so the longer side is ``long_side``.
 
-    def __init__(self, records: Sequence[Any], images_dir: Path) -> None:
+    Items are ``(image [3, H, W] normalised, {"image_id", "scale"})`` with ``original = input * scale``.
+    With ``long_side`` the resized image is padded (bottom and right, with the normalised mean, i.e.
+    zeros) to a multiple of ``pad_to`` pixels, so WIDER's many aspect ratios share a few input sizes
+    (one model, i.e. one anchor set, per size).
+    """
+
+    def __init__(self, records: Sequence[Any], images_dir: Path, long_side: Optional[int] = None,
+                 pad_to: int = 64) -> None:
         from detlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
         self.records = list(records)
         self.images_dir = Path(images_dir)
+        self.long_side = long_side
+        self.pad_to = pad_to
         self.transform = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
     def __len__(self) -> int:
@@ -73,9 +85,27 @@ class OriginalSizeImages(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         from detlab.data.wider import read_image_rgb
 
-        rgb = read_image_rgb(self.images_dir / self.records[index].path)  # [H, W, 3] uint8
+        image, target = self.prepare(read_image_rgb(self.images_dir / self.records[index].path))
+        return image, {"image_id": index, **target}
+
+    def prepare(self, rgb: "np.ndarray") -> tuple[torch.Tensor, dict[str, Any]]:
+        """RGB uint8 ``[H, W, 3]`` -> ``(normalised [3, H', W'], {"scale"})``, as ``__getitem__``."""
+        import cv2
+
+        height, width = rgb.shape[:2]
+        scale = torch.ones(2)
+        if self.long_side:
+            factor = self.long_side / max(height, width)
+            size = (max(int(round(width * factor)), 1), max(int(round(height * factor)), 1))
+            interpolation = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
+            rgb = cv2.resize(rgb, size, interpolation=interpolation)
+            scale = torch.tensor([width / size[0], height / size[1]], dtype=torch.float32)
         image = self.transform(torch.from_numpy(rgb).permute(2, 0, 1).contiguous())
-        return image, {"image_id": index, "scale": torch.ones(2)}
+        if self.long_side and self.pad_to > 1:
+            pad_h = -image.shape[1] % self.pad_to
+            pad_w = -image.shape[2] % self.pad_to
+            image = torch.nn.functional.pad(image, (0, pad_w, 0, pad_h))
+        return image, {"scale": scale}
 
 
 @torch.no_grad()
@@ -89,9 +119,10 @@ def predict_original_size(
     max_detections: int,
     pre_nms_top_k: Optional[int] = None,
     amp: bool = False,
-    cache_size: int = 8,
+    cache_size: int = 32,
 ) -> list[Prediction]:
-    """Each image at its own size; the model for a size is rebuilt from ``state_dict`` (anchors differ)."""
+    """Each image at its own input size (``OriginalSizeImages``); a model per size is rebuilt from
+    ``state_dict`` (the anchors depend on the size) and kept in a cache of ``cache_size``."""
     from dataclasses import replace
 
     from detlab.model import architecture_config, build_model

@@ -26,7 +26,9 @@ from detlab.data.wider import (
     images_dir,
     parse_wider_annotations,
     parse_wider_filelist,
+    read_image_rgb,
 )
+from detlab.data.cache import DecodedImageCache
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +65,20 @@ def check_all_images_exist(groups: Sequence[tuple[Sequence[ImageRecord], Path]])
         raise MissingImagesError(list(missing), total)
 
 
+def build_image_cache(d: DatasetConfig) -> DecodedImageCache:
+    """The decoded-image cache the config asks for (``dataset.cache``, ``cache_max_side``, ``cache_dir``)."""
+    return DecodedImageCache(d.cache, d.cache_max_side, d.cache_dir, read_image_rgb)
+
+
 def build_datasets(cfg: Config) -> tuple[WiderFaceDataset, WiderFaceDataset]:
     """``(train, val)``: train augmented as ``cfg.dataset.augment`` says, val deterministic."""
     d = cfg.dataset
     split = load_split(d)
     size = (cfg.model.input_width, cfg.model.input_height)
     train = WiderFaceDataset(split.train, split.train_images, build_transforms(d.augment, size, train=True),
-                             size, d.on_bad_image)
+                             size, d.on_bad_image, cache=build_image_cache(d))
     val = WiderFaceDataset(split.val, split.val_images, build_transforms(None, size, train=False), size,
-                           d.on_bad_image)
+                           d.on_bad_image, cache=build_image_cache(d))
     log.info("dataset %s: %d train images (%d faces), %d val images (%d faces)", d.name, len(train),
              sum(r.num_faces for r in train.records), len(val), sum(r.num_faces for r in val.records))
     return train, val

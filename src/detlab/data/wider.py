@@ -25,6 +25,8 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from detlab.data.cache import DecodedImageCache
+
 log = logging.getLogger(__name__)
 
 ATTRIBUTE_NAMES = ("blur", "expression", "illumination", "invalid", "occlusion", "pose")
@@ -272,6 +274,7 @@ class WiderFaceDataset(Dataset):
         transform: Transform,
         input_size: tuple[int, int],
         on_bad_image: str = "error",
+        cache: Optional[DecodedImageCache] = None,
     ) -> None:
         if on_bad_image not in ("error", "skip"):
             raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
@@ -280,6 +283,7 @@ class WiderFaceDataset(Dataset):
         self.transform = transform
         self.input_size = tuple(input_size)  # (W, H)
         self.on_bad_image = on_bad_image
+        self.cache = cache if cache is not None else DecodedImageCache("none", None, None, read_image_rgb)
         # Shared memory, so skips counted inside DataLoader workers are visible to the caller.
         self._skipped = torch.zeros(len(self.records), dtype=torch.bool).share_memory_()
 
@@ -293,7 +297,7 @@ class WiderFaceDataset(Dataset):
     def __getitem__(self, index: int) -> Optional[tuple[torch.Tensor, dict]]:
         record = self.records[index]
         try:
-            rgb = read_image_rgb(self.images_dir / record.path)
+            rgb, (height, width) = self.cache.get(self.images_dir / record.path)
         except BadImageError as error:
             if self.on_bad_image == "error":
                 raise BadImageError(f"{error} (dataset.on_bad_image=skip skips such images)") from None
@@ -301,14 +305,17 @@ class WiderFaceDataset(Dataset):
                 self._skipped[index] = True
                 log.warning("skipping %s (%d image(s) skipped so far)", error, self.num_skipped)
             return None
-        height, width = rgb.shape[:2]
+        record_boxes = torch.from_numpy(record.boxes)
+        if rgb.shape[:2] != (height, width):  # a downscaled cache entry: boxes follow the pixels
+            factors = torch.tensor([rgb.shape[1] / width, rgb.shape[0] / height] * 2, dtype=torch.float32)
+            record_boxes = record_boxes * factors
         # [H, W, 3] -> [3, H, W] view (channels-last memory, which the uint8 resize kernel prefers).
         image = tv_tensors.Image(torch.from_numpy(rgb).permute(2, 0, 1))
-        boxes = tv_tensors.BoundingBoxes(torch.from_numpy(record.boxes), format="XYXY",
-                                         canvas_size=(height, width))
+        boxes = tv_tensors.BoundingBoxes(record_boxes, format="XYXY", canvas_size=tuple(rgb.shape[:2]))
         labels = torch.ones(len(record.boxes), dtype=torch.int64)
         image, target = self.transform(image, {"boxes": boxes, "labels": labels})
         in_w, in_h = self.input_size
+        # orig_size and scale refer to the file's own pixels, whatever size the cache holds.
         return image.as_subclass(torch.Tensor), {
             "boxes": target["boxes"].as_subclass(torch.Tensor).float().reshape(-1, 4),  # [N, 4] input xyxy
             "labels": target["labels"],  # [N] int64

@@ -119,7 +119,10 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(cfg.train.seed)
         self.device = select_device(cfg.train.device)
-        self.amp = bool(cfg.train.amp and self.device.type == "cuda")
+        # Autocast: float16 on CUDA (with the gradient scaler), bfloat16 on the CPU (no scaler needed:
+        # bfloat16 has float32's exponent range).
+        cuda = self.device.type == "cuda"
+        self.amp = bool(cfg.train.amp) if cuda else bool(cfg.train.cpu_bf16)
 
         self.train_set, self.val_set = build_datasets(cfg)
         drop_last = len(self.train_set) > cfg.train.batch_size
@@ -135,7 +138,7 @@ class Trainer:
         self.criterion = MultiBoxLoss(cfg.loss)
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.total_steps, self.steps_per_epoch)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and cuda)
         self.stages: StageBoundaries = stage_boundaries(cfg.stages, cfg.schedule, self.total_steps,
                                                         self.steps_per_epoch)
         self.weights = LossWeightSchedule(cfg.diagnosis, cfg.loss.class_weight, cfg.loss.box_weight,
@@ -244,7 +247,8 @@ class Trainer:
             step = self.state.step
             images = images.to(self.device, non_blocking=True)
             gt_boxes = [t["boxes"].to(self.device, non_blocking=True) for t in targets]
-            labels, box_targets = assign_targets(model.anchors, gt_boxes, model.box_coder, cfg.model.match_iou)
+            labels, box_targets = assign_targets(model.anchors, gt_boxes, model.box_coder, cfg.model.match_iou,
+                                                 cfg.model.ignore_iou)
             class_weight, box_weight = self.weights.weights(step)
             with torch.autocast(device_type=self.device.type, enabled=self.amp):
                 out = model(images)
@@ -264,7 +268,7 @@ class Trainer:
                                                      f"loss_cls={values['loss_cls']}, loss_box={values['loss_box']}")
             if self.diagnoser.wants_grad_norms(step):
                 # Under AMP the terms are scaled like the real backward, so fp16 gradients don't underflow.
-                scale = self.scaler.get_scale() if self.amp else 1.0
+                scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
                 g_cls, g_box = loss_term_grad_norms(weighted_cls, weighted_box, self.shared_params, scale=scale)
                 signals.update(grad_norm_cls=g_cls, grad_norm_box=g_box)
 

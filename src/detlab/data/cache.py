@@ -1,0 +1,100 @@
+"""Decoded-image cache: each image is decoded once, downscaled to at most ``max_side`` pixels, kept as uint8.
+
+Why: on real WIDER FACE (JPEGs of about 1024x700) decoding is the largest single cost of a training
+step on a CPU (``python scripts/bench_loader.py`` prints it). Later epochs only crop and resize.
+
+- ``none``: decode every time (what the dataset did before the cache existed).
+- ``ram``: a dict in the process. With ``dataset.num_workers > 0`` each worker fills its own copy.
+- ``disk``: one ``.npy`` per image under ``folder``, named by a hash of the image's path, size, mtime
+  and ``max_side`` (an edited image, or another ``max_side``, is a new entry); written atomically,
+  so a killed run never leaves a half-written entry. Survives runs and is shared by sweep jobs.
+
+``max_side`` (``dataset.cache_max_side``) bounds memory: a 1024x683 image at ``max_side=640`` is
+640x427 (0.8 MB). Images no larger than it are kept at their own size. The dataset scales the boxes
+by the same factors and still reports the original size, so metrics stay in original pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import cv2
+import numpy as np
+
+from detlab.fileio import atomic_binary_writer
+
+CACHE_MODES = ("none", "ram", "disk")
+
+Decoder = Callable[[Path], np.ndarray]
+
+
+def downscale_to_max_side(rgb: np.ndarray, max_side: Optional[int]) -> np.ndarray:
+    """``rgb`` shrunk (area interpolation) so its longer side is at most ``max_side``; never enlarged."""
+    height, width = rgb.shape[:2]
+    if not max_side or max(height, width) <= max_side:
+        return rgb
+    factor = max_side / max(height, width)
+    size = (max(int(round(width * factor)), 1), max(int(round(height * factor)), 1))
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+
+
+class DecodedImageCache:
+    """``get(path) -> (rgb [h, w, 3] uint8, (orig_height, orig_width))``; see the module docstring."""
+
+    def __init__(self, mode: str, max_side: Optional[int], folder: Optional[os.PathLike | str], decode: Decoder) -> None:
+        if mode not in CACHE_MODES:
+            raise ValueError(f"dataset.cache={mode!r}: expected one of {', '.join(CACHE_MODES)}")
+        if max_side is not None and max_side < 1:
+            raise ValueError(f"dataset.cache_max_side={max_side!r}: must be >= 1 or null")
+        if mode == "disk" and folder is None:
+            raise ValueError("dataset.cache=disk needs dataset.cache_dir")
+        self.mode = mode
+        self.max_side = max_side if mode != "none" else None
+        self.folder = Path(folder).expanduser().resolve() if (mode == "disk" and folder is not None) else None
+        self.decode = decode
+        self._ram: dict[str, tuple[np.ndarray, tuple[int, int]]] = {}
+
+    def get(self, path: Path) -> tuple[np.ndarray, tuple[int, int]]:
+        if self.mode == "none":
+            rgb = self.decode(path)
+            return rgb, (int(rgb.shape[0]), int(rgb.shape[1]))
+        key = str(path)
+        if self.mode == "ram":
+            hit = self._ram.get(key)
+            if hit is None:
+                hit = self._load(path)
+                self._ram[key] = hit
+            return hit
+        return self._from_disk(path)
+
+    def _load(self, path: Path) -> tuple[np.ndarray, tuple[int, int]]:
+        rgb = self.decode(path)  # raises BadImageError for an unreadable file: nothing is cached
+        original = (int(rgb.shape[0]), int(rgb.shape[1]))
+        return np.ascontiguousarray(downscale_to_max_side(rgb, self.max_side)), original
+
+    def _entry(self, path: Path) -> Path:
+        stat = os.stat(path)
+        ident = f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{self.max_side}"
+        digest = hashlib.sha1(ident.encode()).hexdigest()
+        assert self.folder is not None
+        return self.folder / digest[:2] / f"{digest}.npz"
+
+    def _from_disk(self, path: Path) -> tuple[np.ndarray, tuple[int, int]]:
+        try:
+            entry = self._entry(path)
+        except FileNotFoundError:
+            return self._load(path)  # the decoder raises its own clear error for a missing file
+        if entry.exists():
+            try:
+                with np.load(entry) as data:
+                    return data["rgb"], (int(data["orig"][0]), int(data["orig"][1]))
+            except (OSError, ValueError, KeyError, EOFError):
+                pass  # unreadable entry (another tool truncated it): decode again and rewrite it
+        rgb, original = self._load(path)
+        # Concurrent sweep jobs or a killed run never expose half an entry; a lost entry is only a re-decode.
+        with atomic_binary_writer(entry, fsync=False) as handle:
+            np.savez(handle, rgb=rgb, orig=np.array(original, dtype=np.int64))
+        return rgb, original
