@@ -245,3 +245,28 @@ def test_mobilenet_v3_local_weights_and_architecture_config(tmp_path):
         build_model(ModelConfig(name="ssdlite")).load_state_dict(model.state_dict())
     with pytest.raises(BackboneWeightsError, match="reduced_tail"):
         build_model(ModelConfig(name="ssdlite", backbone_weights=str(path), reduced_tail=True))
+
+
+def test_ssd_mobilenet_v2_taps_anchors_and_heads():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="ssd_mobilenet_v2"))
+    # MobileNetV2 taps at strides 8/16/32 (32, 96, 320 channels) + the slim extra layer at 64.
+    assert model.backbone.out_channels == [32, 96, 320, 256]
+    assert model.num_anchors == 4700  # the same face anchors as ssd_slim at 320x256
+    torch.testing.assert_close(model.anchors, build_model(ModelConfig()).anchors)
+    out = model.eval()(torch.zeros(2, 3, 256, 320))
+    assert out["cls_logits"].shape == (2, 4700, 2) and out["bbox_regression"].shape == (2, 4700, 4)
+    sizes = [f.shape[-2:] for f in model.backbone(torch.zeros(1, 3, 256, 320))]
+    assert [tuple(s) for s in sizes] == [(32, 40), (16, 20), (8, 10), (4, 5)]
+    with pytest.raises(ValueError, match="feature strides"):
+        build_model(ModelConfig(name="ssd_mobilenet_v2", feature_strides=[8, 16, 32], min_sizes=[[10], [32], [64]]))
+
+
+def test_ssd_mobilenet_v2_loads_the_imagenet_file():
+    path = find_pretrained()
+    if path is None:
+        pytest.skip("../shared/pretrained/mobilenet_v2-b0353104.pth not found (set DETLAB_PRETRAINED)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model = build_model(ModelConfig(name="ssd_mobilenet_v2", backbone_weights=str(path)))
+    torch.testing.assert_close(model.backbone.stages[0][0][0].weight, state["features.0.0.weight"])
+    torch.testing.assert_close(model.backbone.stages[2][-1].conv[0][0].weight, state["features.17.conv.0.0.weight"])
