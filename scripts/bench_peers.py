@@ -33,10 +33,9 @@ from typing import Any, Callable, Optional
 import cv2
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from detlab.config import register_configs, to_config
+from detlab.config import compose_config, to_config
 from detlab.data import build_datasets
 from detlab.data.wider import read_image_rgb
 from detlab.fileio import atomic_write_text
@@ -183,9 +182,7 @@ def main() -> None:
         detect, cfg, label = detlab_detector(args.checkpoint, args.threads)
         detectors[f"detlab ({cfg.model.name})"] = (detect, label)
     else:
-        register_configs()
-        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-            cfg = to_config(compose("config", overrides=["dataset=widerface", *args.overrides]))
+        cfg = compose_config(CONFIGS, ["dataset=widerface", *args.overrides])
     for name, factory, label in (("opencv_res10", opencv_res10, "300x300"),
                                  ("retinaface_mnet025", retinaface_mnet025, "original size")):
         if name in args.skip:

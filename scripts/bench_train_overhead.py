@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
-from detlab.config import register_configs, to_config
+from detlab.config import compose_config
 from detlab.data import build_datasets, build_loader
 from detlab.diagnosis import Diagnoser, loss_term_grad_norms
 from detlab.engine.optim import build_optimizer
@@ -38,9 +37,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.batch_size=16")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = to_config(compose("config", overrides=args.overrides))
+    cfg = compose_config(CONFIGS, args.overrides)
     train_set, val_set = build_datasets(cfg)
     loader = build_loader(train_set, cfg.train.batch_size, shuffle=True, num_workers=args.workers,
                           seed=0, drop_last=True)

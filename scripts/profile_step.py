@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from hydra import compose, initialize_config_dir
 
-from detlab.config import register_configs, to_config
+from detlab.config import compose_config
 from detlab.data import build_datasets, build_loader
 from detlab.diagnosis import Diagnoser
 from detlab.engine.optim import build_optimizer
@@ -61,9 +60,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="train.py overrides, e.g. dataset=widerface")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = to_config(compose("config", overrides=args.overrides))
+    cfg = compose_config(CONFIGS, args.overrides)
     torch.manual_seed(0)
     train_set, _ = build_datasets(cfg)
     decode = train_set.cache.decode = Timed(train_set.cache.decode)

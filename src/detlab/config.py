@@ -7,8 +7,10 @@ the offending key; ``train.py`` calls it before anything is built or written.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -437,6 +439,16 @@ def to_config(cfg: DictConfig | Config) -> Config:
     assert isinstance(obj, Config)
     validate(obj)
     return obj
+
+
+def compose_config(config_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
+    """``configs/config.yaml`` composed with train.py-style ``overrides`` outside a Hydra app
+    (benchmark scripts), then typed and validated like train.py's."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
+        return to_config(compose("config", overrides=list(overrides)))
 
 
 def as_flat_dict(obj: Any, prefix: str = "") -> dict[str, Any]:

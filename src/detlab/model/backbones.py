@@ -201,7 +201,22 @@ def _kaiming_init(module: nn.Module) -> None:
             nn.init.zeros_(layer.bias)
 
 
-class SlimBackbone(nn.Module):
+class StagedBackbone(nn.Module):
+    """A backbone of ``stages`` then ``extras`` (``nn.ModuleList`` each); ``forward`` returns every
+    block's output, finest first: the feature maps the SSD heads read."""
+
+    stages: nn.ModuleList
+    extras: nn.ModuleList
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        features = []
+        for block in [*self.stages, *self.extras]:
+            x = block(x)
+            features.append(x)
+        return features
+
+
+class SlimBackbone(StagedBackbone):
     """Ultra-Light ``Mb_Tiny`` body (base 16 channels) + its stride-64 extra layer.
 
     Feature maps: stride 8 (64 ch), 16 (128 ch), 32 (256 ch), 64 (256 ch) at ``width_mult=1``.
@@ -252,13 +267,6 @@ class SlimBackbone(nn.Module):
         self.out_channels = [c(4 * b), c(8 * b), c(16 * b), c(16 * b)]
         _kaiming_init(self)
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        features = []
-        for block in [*self.stages, *self.extras]:
-            x = block(x)
-            features.append(x)
-        return features
-
 
 # --------------------------------------------------------------------------------------------------
 # ssdlite: MobileNetV3-Large / MobileNetV2 + SSDlite extras
@@ -269,7 +277,7 @@ def ssdlite_norm_layer() -> Callable[..., nn.Module]:
     return partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)
 
 
-class SSDLiteBackbone(nn.Module):
+class SSDLiteBackbone(StagedBackbone):
     """Two MobileNet stages (C4 expansion output at stride 16, last layer at stride 32) + 4 extras.
 
     The same layout as torchvision's ``SSDLiteFeatureExtractorMobileNet``, re-assembled here so
@@ -305,13 +313,6 @@ class SSDLiteBackbone(nn.Module):
         _normal_init(self.extras)
         expansion = layers[0].out_channels
         self.out_channels = [expansion, last, depth(512), depth(256), depth(256), depth(128)]
-
-    def forward(self, x: Tensor) -> list[Tensor]:
-        features = []
-        for block in [*self.stages, *self.extras]:
-            x = block(x)
-            features.append(x)
-        return features
 
 
 def resolve_reduced_tail(backbone: str, weights: str, reduced_tail: Optional[bool]) -> bool:
@@ -365,7 +366,7 @@ def build_ssdlite_backbone(
 # ssd_mobilenet_v2: MobileNetV2 body, face anchors (ssd_slim's strides and heads)
 
 
-class MobileNetV2FaceBackbone(nn.Module):
+class MobileNetV2FaceBackbone(StagedBackbone):
     """MobileNetV2's features at strides 8, 16 and 32 plus one extra layer at stride 64.
 
     The taps are the outputs of the last block of each resolution (32, 96 and 320 channels at
@@ -411,13 +412,6 @@ class MobileNetV2FaceBackbone(nn.Module):
     def _out_channels(stage: nn.Sequential) -> int:
         convs = [m for m in stage.modules() if isinstance(m, nn.Conv2d)]
         return int(convs[-1].out_channels)
-
-    def forward(self, x: Tensor) -> list[Tensor]:
-        features = []
-        for block in [*self.stages, *self.extras]:
-            x = block(x)
-            features.append(x)
-        return features
 
 
 def _block_stride(block: nn.Module) -> int:
