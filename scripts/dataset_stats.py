@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from detlab.config import register_configs, to_config
+from detlab.fileio import atomic_write_text
 
 log = logging.getLogger("dataset_stats")
 register_configs()
@@ -128,9 +128,7 @@ def main(raw: DictConfig) -> None:
     summary = {"dataset": cfg.dataset.name, "root": str(Path(cfg.dataset.root).resolve()),
                "config": OmegaConf.to_container(OmegaConf.structured(cfg.dataset)),
                "images": public["all"]["images"], "faces": public["all"]["faces"], "splits": public}
-    tmp = out / "stats.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / "stats.json")
+    atomic_write_text(out / "stats.json", json.dumps(summary, indent=2))
     plot(stats, out / "face_sizes.png", cfg.dataset.name)
     print(f"wrote {out / 'stats.json'} and {out / 'face_sizes.png'}")
 

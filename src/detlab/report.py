@@ -18,7 +18,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from detlab.fileio import atomic_binary_writer, atomic_write_text
 
 STATUSES = ("completed", "diverged", "failed", "stopped", "running")
 FAILED_STATUSES = ("diverged", "failed")
@@ -632,19 +633,6 @@ def plot_sweep(runs: Sequence[RunResult], title: str = "") -> Figure:
 
 
 # ------------------------------------------------------------------------------------------ writing
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then ``os.replace``: nothing half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(sweep_dir: Path | str, out_dir: Path | str | None = None,
                  runs: Optional[Sequence[RunResult]] = None) -> dict[str, Path]:
     """Write report.md, report.csv and report.png (default: into the sweep folder).
@@ -657,9 +645,10 @@ def write_report(sweep_dir: Path | str, out_dir: Path | str | None = None,
     runs = load_sweep(sweep_dir) if runs is None else list(runs)
     paths = {"md": out_dir / "report.md", "csv": out_dir / "report.csv", "png": out_dir / "report.png"}
     markdown = report_markdown(sweep_dir, runs, figure_name=paths["png"].name)
-    _atomic_write(paths["md"], lambda p: p.write_text(markdown))
+    atomic_write_text(paths["md"], markdown)
     table_csv = report_csv(report_table(runs))
-    _atomic_write(paths["csv"], lambda p: p.write_text(table_csv))
+    atomic_write_text(paths["csv"], table_csv)
     figure = plot_sweep(runs, title=f"{sweep_dir.name or sweep_dir}: {format_counts(runs)}")
-    _atomic_write(paths["png"], lambda p: figure.savefig(p, format="png"))
+    with atomic_binary_writer(paths["png"], fsync=False) as handle:
+        figure.savefig(handle, format="png")
     return paths

@@ -36,13 +36,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
 import numpy as np
 
+from detlab.fileio import atomic_write_text
 from detlab.metrics import ap_voc
 
 SETTINGS = ("easy", "medium", "hard")
@@ -266,7 +266,7 @@ def save_predictions(predictions: Mapping[str, np.ndarray], out_dir: str | os.Pa
         array = array[np.argsort(-array[:, 4], kind="stable")]
         lines = [name, str(len(array))] + [" ".join(repr(float(v)) for v in row) for row in array]
         path = out_dir / event / f"{name}.txt"
-        _atomic_write_text(path, "\n".join(lines) + "\n")
+        atomic_write_text(path, "\n".join(lines) + "\n")
         written.append(path)
     return written
 
@@ -309,19 +309,6 @@ def _read_prediction_file(path: Path) -> tuple[str, np.ndarray]:
         except ValueError:
             raise ValueError(f"{path}:{k + 3}: expected 'x y w h score', found {line!r}") from None
     return name, boxes
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ----------------------------------------------------------------------------- CLI
