@@ -28,7 +28,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from detlab.config import Config, ConfigError, DatasetConfig, to_config
+from detlab.config import INVALID_SIZE, Config, ConfigError, DatasetConfig, test_input_size, to_config
 
 log = logging.getLogger("evaluate")
 
@@ -86,8 +86,6 @@ def resolve_config(run: EvalRun, checkpoint_config: dict[str, Any]) -> Config:
         raise EvaluationError(f"checkpoint config does not match the schema: {error}") from None
     if run.dataset is not None:
         cfg.dataset = run.dataset
-    from detlab.config import INVALID_SIZE, test_input_size
-
     requested = run.input_size if run.input_size is not None else cfg.eval.input_size
     size = test_input_size(requested)
     _check(size is not INVALID_SIZE,

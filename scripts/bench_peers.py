@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from detlab.config import compose_config, to_config
+from detlab.config import Config, compose_config, to_config
 from detlab.data import build_datasets
 from detlab.data.wider import read_image_rgb
 from detlab.fileio import atomic_write_text
@@ -102,53 +102,40 @@ def retinaface_mnet025(threads: int) -> Detector:
 
 
 def detlab_detector(checkpoint: Path, threads: int) -> tuple[Detector, Config, str]:
-    """The checkpoint's model at its recorded test size (``eval.input_size``), batch of one."""
-    from dataclasses import replace
-
+    """The checkpoint's model at its recorded test size (``eval.input_size``), batch of one, through the
+    package's prediction path (``detlab.predict``), as evaluate.py runs it."""
     from torchvision import tv_tensors
 
     from detlab.config import test_input_size
     from detlab.data.transforms import build_transforms
-    from detlab.model import architecture_config, build_model
-    from detlab.predict import OriginalSizeImages, to_original_frame
+    from detlab.predict import ModelsBySize, OriginalSizeImages, predict_dataset
+    from detlab.wider_eval import xyxy_to_submission
 
     torch.set_num_threads(threads)
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     cfg = to_config(OmegaConf.create(state["config"]))
-    model_cfg = architecture_config(cfg.model)
+    models = ModelsBySize(cfg.model, state["model"], torch.device("cpu"))
     size = test_input_size(cfg.eval.input_size)
-    models: dict[tuple[int, int], torch.nn.Module] = {}
-
-    def model_for(width: int, height: int) -> torch.nn.Module:
-        if (width, height) not in models:
-            model = build_model(replace(model_cfg, input_width=width, input_height=height))
-            model.load_state_dict(state["model"])
-            models[(width, height)] = model.eval()
-        return models[(width, height)]
-
-    if isinstance(size, int) or size == "original":
-        prepare = OriginalSizeImages([], Path("."), long_side=size if isinstance(size, int) else None)
+    per_image_size = isinstance(size, int) or size == "original"
+    if per_image_size:
+        prepare = OriginalSizeImages([], Path("."), long_side=size if isinstance(size, int) else None).prepare
         label = f"{size} px longer side" if isinstance(size, int) else "original size"
     else:
-        width, height = size if isinstance(size, tuple) else (model_cfg.input_width, model_cfg.input_height)
-        fixed = build_transforms(None, (width, height), train=False)
+        width, height = size if isinstance(size, tuple) else (cfg.model.input_width, cfg.model.input_height)
+        resize = build_transforms(None, (width, height), train=False)
         label = f"{width}x{height}"
 
-    @torch.no_grad()
     def detect(rgb: np.ndarray) -> np.ndarray:
-        height0, width0 = rgb.shape[:2]
-        if isinstance(size, int) or size == "original":
-            image, target = prepare.prepare(rgb)
+        if per_image_size:
+            image, target = prepare(rgb)
         else:
-            image = fixed(tv_tensors.Image(torch.from_numpy(rgb).permute(2, 0, 1)))
-            target = {"scale": torch.tensor([width0 / width, height0 / height])}
-        model = model_for(int(image.shape[-1]), int(image.shape[-2]))
-        out = model(image.unsqueeze(0))
-        pred = model.postprocess(out["cls_logits"], out["bbox_regression"], score_floor=SCORE_FLOOR,
-                                 nms_iou=cfg.eval.nms_iou, max_detections=cfg.model.max_detections)[0]
-        boxes = to_original_frame(pred["boxes"], target).numpy().astype(np.float64)
-        scores = pred["scores"].float().numpy().astype(np.float64)
-        return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2], scores[:, None]], axis=1)
+            image = resize(tv_tensors.Image(torch.from_numpy(rgb).permute(2, 0, 1)))
+            target = {"scale": torch.tensor([rgb.shape[1] / width, rgb.shape[0] / height])}
+        model = models(image.shape[-1], image.shape[-2])
+        [(_, boxes, scores)] = predict_dataset(model, [(image.unsqueeze(0), [{"image_id": 0, **target}])],
+                                               torch.device("cpu"), SCORE_FLOOR, cfg.eval.nms_iou,
+                                               cfg.model.max_detections, cfg.model.pre_nms_top_k)
+        return xyxy_to_submission(boxes.numpy(), scores.numpy())
 
     return detect, cfg, label
 

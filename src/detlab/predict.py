@@ -108,6 +108,36 @@ class OriginalSizeImages(torch.utils.data.Dataset):
         return image, {"scale": scale}
 
 
+class ModelsBySize:
+    """``models(width, height)``: the checkpoint's model built for that input size (an SSD's anchors
+    depend on it) from one state dict, the ``cache_size`` most recently used ones kept."""
+
+    def __init__(self, model_cfg: ModelConfig, state_dict: Mapping[str, torch.Tensor], device: torch.device,
+                 cache_size: int = 32) -> None:
+        from detlab.model import architecture_config
+
+        self.model_cfg = architecture_config(model_cfg)  # no backbone weights read: they come with state_dict
+        self.state_dict = state_dict
+        self.device = device
+        self.cache_size = cache_size
+        self._models: "OrderedDict[tuple[int, int], nn.Module]" = OrderedDict()
+
+    def __call__(self, width: int, height: int) -> nn.Module:
+        from dataclasses import replace
+
+        from detlab.model import build_model
+
+        size = (int(width), int(height))
+        if size not in self._models:
+            model = build_model(replace(self.model_cfg, input_width=size[0], input_height=size[1]))
+            model.load_state_dict(self.state_dict)
+            self._models[size] = model.to(self.device).eval()
+            if len(self._models) > self.cache_size:
+                self._models.popitem(last=False)
+        self._models.move_to_end(size)
+        return self._models[size]
+
+
 @torch.no_grad()
 def predict_original_size(
     model_cfg: ModelConfig,
@@ -121,27 +151,12 @@ def predict_original_size(
     amp: bool = False,
     cache_size: int = 32,
 ) -> list[Prediction]:
-    """Each image at its own input size (``OriginalSizeImages``); a model per size is rebuilt from
-    ``state_dict`` (the anchors depend on the size) and kept in a cache of ``cache_size``."""
-    from dataclasses import replace
-
-    from detlab.model import architecture_config, build_model
-
-    model_cfg = architecture_config(model_cfg)  # no backbone weights read: they come with state_dict
-
-    models: "OrderedDict[tuple[int, int], nn.Module]" = OrderedDict()
+    """Each image at its own input size (``OriginalSizeImages``), batch of one, through ``ModelsBySize``."""
+    models = ModelsBySize(model_cfg, state_dict, device, cache_size)
     out: list[Prediction] = []
     for index in range(len(dataset)):
         image, target = dataset[index]
-        size = (int(image.shape[-1]), int(image.shape[-2]))  # (W, H)
-        if size not in models:
-            model = build_model(replace(model_cfg, input_width=size[0], input_height=size[1]))
-            model.load_state_dict(state_dict)
-            models[size] = model.to(device).eval()
-            if len(models) > cache_size:
-                models.popitem(last=False)
-        models.move_to_end(size)
-        batch = predict_dataset(models[size], [(image.unsqueeze(0), [target])], device, score_floor, nms_iou,
-                                max_detections, pre_nms_top_k, amp)
-        out.extend(batch)
+        model = models(image.shape[-1], image.shape[-2])
+        out.extend(predict_dataset(model, [(image.unsqueeze(0), [target])], device, score_floor, nms_iou,
+                                   max_detections, pre_nms_top_k, amp))
     return out

@@ -13,9 +13,9 @@ Rules (SSD, as in torchvision's ``SSDMatcher`` and the Ultra-Light detector):
 4. Optional ignore band (``ignore_iou``, as the low threshold of torchvision's ``Matcher`` in
    RetinaNet and Faster R-CNN): an anchor whose best IoU lies in ``[ignore_iou, iou_threshold)`` and
    that is not forced is labelled ``IGNORE`` (-1): neither a face nor background, so it is never mined
-   as a hard negative. Without it, the anchors one stride beside a face (same pixels, IoU 0.3-0.45)
-   are the hardest "negatives" and hold the face scores down (see README, "Why the default
-   run is confident").
+   as a hard negative: the anchors one stride beside a face (nearly the same pixels) stop counting
+   as its hardest "negatives". Measured in README: +4.6 easy AP on WIDER with a pretrained body,
+   no gain on the default run.
 
 The batch is handled by padding the ground truth to ``[B, N_max, 4]`` with a validity mask.
 Because every image shares the same anchors, the batched IoU ``[B, N_max, A]`` needs no
