@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from detlab.config import Config, ConfigError, register_configs, to_config
+from detlab.config import Config, ConfigError, load_saved_config, register_configs, to_config
 
 log = logging.getLogger("train")
 register_configs()
@@ -39,7 +39,7 @@ def config_of_run(run_dir: Path, resume: object) -> Config:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise FileNotFoundError(f"resume={resume}: {saved} not found; is {run_dir} a run directory?")
-    cfg = to_config(OmegaConf.load(saved))
+    cfg = load_saved_config(OmegaConf.load(saved))
     cfg.resume = str(resume)
     return cfg
 

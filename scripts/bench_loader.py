@@ -20,6 +20,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from detlab.data.wider import default_widerface_root
 from detlab.config import Config, SyntheticConfig
 from detlab.data import build_datasets, build_loader, ensure_synthetic_dataset
 from detlab.data.cache import DecodedImageCache
@@ -27,10 +28,6 @@ from detlab.data.transforms import RandomFaceCrop
 from detlab.data.wider import read_image_rgb
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def widerface_default() -> Path:
-    return Path(os.environ.get("DETLAB_WIDERFACE") or REPO.parent / "shared" / "widerface")
 
 
 def time_generation(root: Path) -> float:
@@ -95,7 +92,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=10, help="timed batches per configuration")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--widerface", type=Path, default=widerface_default())
+    parser.add_argument("--widerface", type=Path, default=default_widerface_root())
     parser.add_argument("--cache-max-side", type=int, default=1024, help="dataset.cache_max_side for the cached rows")
     parser.add_argument("--step-seconds", type=float, default=0.5, help="training step time to compare with")
     parser.add_argument("--torch-threads", type=int, default=1,

@@ -33,9 +33,8 @@ from typing import Any, Callable, Optional
 import cv2
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
-from detlab.config import Config, compose_config, to_config
+from detlab.config import Config, compose_config
 from detlab.data import build_datasets
 from detlab.data.wider import read_image_rgb
 from detlab.fileio import atomic_write_text
@@ -106,14 +105,17 @@ def detlab_detector(checkpoint: Path, threads: int) -> tuple[Detector, Config, s
     package's prediction path (``detlab.predict``), as evaluate.py runs it."""
     from torchvision import tv_tensors
 
+    from dataclasses import replace
+
     from detlab.config import test_input_size
     from detlab.data.transforms import build_transforms
+    from detlab.engine.checkpoint import load_trained
     from detlab.predict import ModelsBySize, OriginalSizeImages, predict_dataset
     from detlab.wider_eval import xyxy_to_submission
 
     torch.set_num_threads(threads)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    cfg = to_config(OmegaConf.create(state["config"]))
+    cfg, state = load_trained(checkpoint)
+    settings = replace(cfg.eval, score_floor=SCORE_FLOOR)
     models = ModelsBySize(cfg.model, state["model"], torch.device("cpu"))
     size = test_input_size(cfg.eval.input_size)
     per_image_size = isinstance(size, int) or size == "original"
@@ -133,8 +135,7 @@ def detlab_detector(checkpoint: Path, threads: int) -> tuple[Detector, Config, s
             target = {"scale": torch.tensor([rgb.shape[1] / width, rgb.shape[0] / height])}
         model = models(image.shape[-1], image.shape[-2])
         [(_, boxes, scores)] = predict_dataset(model, [(image.unsqueeze(0), [{"image_id": 0, **target}])],
-                                               torch.device("cpu"), SCORE_FLOOR, cfg.eval.nms_iou,
-                                               cfg.model.max_detections, cfg.model.pre_nms_top_k)
+                                               torch.device("cpu"), settings)
         return xyxy_to_submission(boxes.numpy(), scores.numpy())
 
     return detect, cfg, label

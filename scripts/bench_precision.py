@@ -3,7 +3,8 @@
     python scripts/bench_precision.py                        # ssd_slim and ssd_mobilenet_v2, batch 32, 320x256
     python scripts/bench_precision.py --models ssd_slim --compile --threads 2
 
-One step = forward, multibox loss against real matched targets, backward, AdamW. The variants run
+One step = the training loop's ``train_step`` (matching, forward, multibox loss, backward, AdamW) on
+a fixed batch with six faces per image. The variants run
 in turn (A B A B ...) for ``--rounds`` rounds of ``--steps`` steps so a drifting machine hits every
 variant alike; printed are the median milliseconds per step and the ratio to float32. With
 ``--compile`` the compile time (first compiled step) is printed apart, with the number of steps it
@@ -19,19 +20,19 @@ from dataclasses import replace
 
 import torch
 
-from detlab.config import LossConfig, ModelConfig
-from detlab.loss import MultiBoxLoss
-from detlab.model import build_model
-from detlab.model.matching import assign_targets
+from detlab.config import Config, ModelConfig, OptimConfig
+from detlab.engine.step import build_training
 
 
 def make_step(name: str, bf16: bool, compiled: bool, batch: int, width: int, height: int):
     torch.manual_seed(0)
-    cfg = replace(ModelConfig(name=name, input_width=width, input_height=height), match_iou=0.35)
-    model = build_model(cfg).train()
-    forward = torch.compile(model) if compiled else model
-    criterion = MultiBoxLoss(LossConfig())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    cfg = Config(model=replace(ModelConfig(name=name, input_width=width, input_height=height), match_iou=0.35),
+                 optim=OptimConfig(name="adamw", lr=1e-3))
+    cfg.train.cpu_bf16 = bf16
+    parts = build_training(cfg, torch.device("cpu"), total_steps=10_000, steps_per_epoch=100)
+    parts.model.train()
+    if compiled:
+        parts.model = torch.compile(parts.model)
     images = torch.randn(batch, 3, height, width)
     generator = torch.Generator().manual_seed(0)
     faces = []
@@ -39,15 +40,10 @@ def make_step(name: str, bf16: bool, compiled: bool, batch: int, width: int, hei
         xy = torch.rand(6, 2, generator=generator) * torch.tensor([width - 40.0, height - 40.0])
         wh = 8 + torch.rand(6, 1, generator=generator) * 30
         faces.append(torch.cat([xy, xy + wh], dim=1))
-    labels, targets = assign_targets(model.anchors, faces, model.box_coder, cfg.match_iou)
+    counter = iter(range(10**9))
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = forward(images)
-        loss = criterion(out["cls_logits"].float(), out["bbox_regression"].float(), labels, targets)["loss_total"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        parts.step(images, faces, next(counter))
 
     return step
 

@@ -2,9 +2,10 @@
 
     python scripts/bench_train_overhead.py [--steps 30] [--threads 2] [--workers 0]
 
-Prints, for the default config (ssd_slim, synthetic, batch 32): the median time of a bare training
-step (forward, loss, backward, SGD), of the data loading per batch, of one gradient-norm sample of
-the two loss terms (taken every ``diagnosis.grad_norm_every`` steps), of ``Diagnoser.observe_step``,
+Prints, for the default config (ssd_slim, synthetic, batch 32): the median time of a training step
+(the loop's ``train_step``: matching, forward, loss, backward, optimiser), of the data loading per
+batch, of one gradient-norm sample of the two loss terms (taken every ``diagnosis.grad_norm_every``
+steps: the step with the sample minus the step without, alternating), of ``Diagnoser.observe_step``,
 and of one full validation pass, each as a share of an epoch's wall time.
 """
 
@@ -19,12 +20,10 @@ import torch
 
 from detlab.config import compose_config
 from detlab.data import build_datasets, build_loader
-from detlab.diagnosis import Diagnoser, loss_term_grad_norms
-from detlab.engine.optim import build_optimizer
+from detlab.diagnosis import Diagnoser
+from detlab.engine.schedule import stage_boundaries
+from detlab.engine.step import build_training
 from detlab.engine.validation import validate
-from detlab.loss import MultiBoxLoss
-from detlab.model import build_model
-from detlab.model.matching import assign_targets
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -38,18 +37,20 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = compose_config(CONFIGS, args.overrides)
+    device = torch.device("cpu")
     train_set, val_set = build_datasets(cfg)
     loader = build_loader(train_set, cfg.train.batch_size, shuffle=True, num_workers=args.workers,
                           seed=0, drop_last=True)
     val_loader = build_loader(val_set, cfg.train.batch_size, shuffle=False, num_workers=args.workers, seed=0)
-    model = build_model(cfg.model)
-    criterion = MultiBoxLoss(cfg.loss)
-    optimizer = build_optimizer(model.parameters(), cfg.optim)
     steps_per_epoch = len(loader)
-    diagnoser = Diagnoser(cfg.diagnosis, steps_per_epoch * cfg.train.epochs, steps_per_epoch, 10, 100)
-    shared = list(model.shared_parameters())
+    total_steps = steps_per_epoch * cfg.train.epochs
+    parts = build_training(cfg, device, total_steps, steps_per_epoch)
+    stages = stage_boundaries(cfg.stages, cfg.schedule, total_steps, steps_per_epoch)
+    diagnoser = Diagnoser(cfg.diagnosis, stages, total_steps, steps_per_epoch)
+    shared = [p for p in parts.model.shared_parameters() if p.requires_grad]
+    parts.model.train()
 
-    data_t, step_t, grad_t, observe_t = [], [], [], []
+    data_t, step_t, sampled_t, observe_t = [], [], [], []
     step = 0
     while step < args.steps:
         batches = iter(loader)
@@ -60,42 +61,32 @@ def main() -> None:
             except StopIteration:
                 break
             t1 = time.perf_counter()
-            labels, box_targets = assign_targets(model.anchors, [t["boxes"] for t in targets], model.box_coder,
-                                                 cfg.model.match_iou)
-            out = model(images)
-            losses = criterion(out["cls_logits"], out["bbox_regression"], labels, box_targets)
+            sample = step % 2 == 1  # alternate, so drift hits both kinds alike
+            record = parts.step(images, [t["boxes"] for t in targets], step, grad_clip_norm=cfg.optim.grad_clip_norm,
+                                grad_norm_params=shared if sample else None)
             t2 = time.perf_counter()
-            g_cls, g_box = loss_term_grad_norms(losses["loss_cls"], losses["loss_box"], shared)
+            diagnoser.observe_step(step, 1, record.signals())
             t3 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss_total"].backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))
-            optimizer.step()
-            t4 = time.perf_counter()
-            signals = {"loss_cls": float(losses["loss_cls"].detach()), "loss_box": float(losses["loss_box"].detach()),
-                       "loss_total": float(losses["loss_total"].detach()), "lr": 0.01, "grad_norm": grad_norm,
-                       "grad_norm_cls": g_cls, "grad_norm_box": g_box, "num_pos": float(losses["num_pos"])}
-            diagnoser.observe_step(step, 1, signals)
-            t5 = time.perf_counter()
             if step > 0:  # the first step pays one-off allocation costs
                 data_t.append(t1 - t0)
-                step_t.append((t2 - t1) + (t4 - t3))
-                grad_t.append(t3 - t2)
-                observe_t.append(t5 - t4)
+                (sampled_t if sample else step_t).append(t2 - t1)
+                observe_t.append(t3 - t2)
             step += 1
 
     t0 = time.perf_counter()
-    validate(model, val_loader, criterion, cfg.model, cfg.eval, torch.device("cpu"), num_images=cfg.eval.num_logged_images)
+    validate(parts.model, val_loader, parts.criterion, cfg.eval, device, step, amp=parts.amp,
+             num_images=cfg.eval.num_logged_images)
     val_s = time.perf_counter() - t0
 
     med = statistics.median
-    data, bare, grad, observe = med(data_t), med(step_t), med(grad_t), med(observe_t)
+    data, bare, observe = med(data_t), med(step_t), med(observe_t)
+    grad = max(med(sampled_t) - bare, 0.0)
     every = cfg.diagnosis.grad_norm_every
     train_epoch = steps_per_epoch * (data + bare + observe) + (steps_per_epoch / every) * grad
     epoch = train_epoch + val_s
-    print(f"config: {cfg.model.name}, batch {cfg.train.batch_size}, {len(train_set)} train / {len(val_set)} val "
+    print(f"config: {cfg.model.name} (autocast {parts.amp}), batch {cfg.train.batch_size}, {len(train_set)} train / {len(val_set)} val "
           f"images, {steps_per_epoch} steps per epoch, torch threads {args.threads}, workers {args.workers}")
-    print(f"median per step: data {data * 1e3:.1f} ms | forward+loss+backward+step {bare * 1e3:.1f} ms | "
+    print(f"median per step: data {data * 1e3:.1f} ms | train_step {bare * 1e3:.1f} ms | "
           f"grad-norm sample {grad * 1e3:.1f} ms (every {every} steps) | observe_step {observe * 1e6:.1f} us")
     print(f"validation pass: {val_s:.2f} s")
     print(f"share of an epoch ({epoch:.1f} s): data {100 * steps_per_epoch * data / epoch:.1f}% | "

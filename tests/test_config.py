@@ -46,6 +46,13 @@ def test_wrong_type_fails_at_composition():
     ("dataset.on_bad_image=ignore", "dataset.on_bad_image"),
     ("model.name=yolo", "model.name"),
     ("dataset.split.ratios=[0.9,0.9]", "dataset.split.ratios"),
+    ("early_stopping.monitor=val/nothing", "early_stopping.monitor"),
+    ("early_stopping.mode=up", "early_stopping.mode"),
+    ("early_stopping.patience=0", "early_stopping.patience"),
+    ("eval.max_detections=0", "eval.max_detections"),
+    ("eval.score_floor=1.5", "eval.score_floor"),
+    ("loss.adaptive_weights.shape=cubic", "loss.adaptive_weights.shape"),
+    ("diagnosis.loss_imbalance.min_samples=9", "diagnosis.loss_imbalance.min_samples"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -102,3 +109,50 @@ def test_bad_eval_input_size_and_cache_are_named():
     cfg.model.ignore_iou = 0.5  # must be below match_iou (0.45)
     with pytest.raises(ConfigError, match=r"model.ignore_iou=0.5"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("old, new_path, value", [
+    ("diagnosis.adaptive_weights.enabled=true", "loss.adaptive_weights.enabled", True),
+    ("diagnosis.early_stopping_patience=4", "early_stopping.patience", 4),
+    ("diagnosis.early_stopping_metric=ap50", "early_stopping.monitor", "val/ap50"),
+    ("diagnosis.early_stopping_min_delta=0.01", "early_stopping.min_delta", 0.01),
+    ("diagnosis.stop_on_stuck=true", "diagnosis.stuck.stop", True),
+    ("diagnosis.stop_on_diverged=false", "diagnosis.divergence.stop", False),
+])
+def test_moved_keys_still_work_with_a_warning(old, new_path, value, caplog):
+    cfg = to_config(_compose(old))
+    node = cfg
+    for part in new_path.split("."):
+        node = getattr(node, part)
+    assert node == value
+    assert f"{old.split('=')[0].rsplit('.enabled', 1)[0]} moved to" in caplog.text
+    assert cfg.diagnosis.adaptive_weights.enabled is None and cfg.diagnosis.early_stopping_patience is None
+
+
+def test_saved_config_of_an_older_run_loads_with_its_keys_moved():
+    from omegaconf import OmegaConf
+
+    from detlab.config import Config, load_saved_config
+
+    saved = OmegaConf.to_container(OmegaConf.structured(Config()))
+    saved["model"].update(score_floor=0.05, nms_iou=0.3, pre_nms_top_k=500, max_detections=100)
+    saved["eval"]["ap_score_floor"] = saved["eval"].pop("score_floor")
+    diagnosis = saved["diagnosis"]
+    for block in ("avoidance", "stuck", "loss_imbalance", "random_large_boxes", "small_fp_explosion", "overfitting",
+                  "divergence"):
+        diagnosis.pop(block)
+    diagnosis.update(imbalance_ratio=7.0, diverge_patience=5, early_stopping_patience=2, early_stopping_metric="miou")
+    cfg = load_saved_config(saved)
+    assert (cfg.eval.pre_nms_top_k, cfg.eval.max_detections, cfg.eval.score_floor) == (500, 100, 0.01)
+    assert (cfg.diagnosis.loss_imbalance.ratio, cfg.diagnosis.divergence.patience) == (7.0, 5)
+    assert (cfg.early_stopping.patience, cfg.early_stopping.monitor) == (2, "val/miou")
+
+
+def test_post_processing_keys_live_only_in_the_eval_group():
+    from dataclasses import fields
+
+    from detlab.config import EvalConfig, ModelConfig
+
+    post = {"score_floor", "nms_iou", "pre_nms_top_k", "max_detections"}
+    assert post <= {f.name for f in fields(EvalConfig)}
+    assert not post & {f.name for f in fields(ModelConfig)}

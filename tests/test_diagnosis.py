@@ -1,11 +1,12 @@
-"""Diagnosis: synthetic signal traces that must (and must not) trigger each detector; interventions."""
+"""Diagnosis: synthetic signal traces that must (and must not) trigger each detector; stop status,
+checkpoint state, the detector protocol."""
 
 from __future__ import annotations
 
 import io
 import json
 import math
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -14,15 +15,20 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from detlab.config import AdaptiveWeightsConfig, Config, ConfigError, DiagnosisConfig, validate
+from detlab.config import Config, ConfigError, DiagnosisConfig, validate
 from detlab.diagnosis import (
+    DEFAULT_DETECTORS,
     DETECTORS,
+    Alarm,
+    Detector,
     Diagnoser,
+    DiagnosisStatus,
     Finding,
-    LossWeightSchedule,
+    StopReason,
     is_finite_loss,
     loss_term_grad_norms,
 )
+from detlab.engine.schedule import StageBoundaries
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,9 +39,18 @@ StepFn = Callable[[int], dict]
 EpochFn = Callable[[int], dict]
 
 
+def configure(cfg: DiagnosisConfig, **overrides) -> DiagnosisConfig:
+    """``replace`` reaching into the detector blocks: ``configure(cfg, loss_window=20, stuck__stop=True)``."""
+    for key, value in overrides.items():
+        block, _, name = key.rpartition("__")
+        cfg = replace(cfg, **({block: replace(getattr(cfg, block), **{name: value})} if block else {name: value}))
+    return cfg
+
+
 def make(total: int = TOTAL, spe: int = SPE, early_end: int = EARLY_END, late_start: int = LATE_START,
-         **overrides) -> Diagnoser:
-    return Diagnoser(replace(DiagnosisConfig(), **overrides), total, spe, early_end, late_start)
+         detectors=DEFAULT_DETECTORS, **overrides) -> Diagnoser:
+    return Diagnoser(configure(DiagnosisConfig(), **overrides), StageBoundaries(early_end, late_start), total, spe,
+                     detectors=detectors)
 
 
 def healthy_step(total: int = TOTAL) -> StepFn:
@@ -90,11 +105,29 @@ def only(findings: list[Finding], detector: str) -> Finding:
 # --------------------------------------------------------------------------------- healthy run
 @pytest.mark.parametrize("total,spe,early_end,late_start", [(1000, 100, 100, 700), (42, 7, 7, 29)])
 def test_healthy_trace_triggers_nothing(total, spe, early_end, late_start):
-    diag = make(total, spe, early_end, late_start, early_stopping_patience=3)
+    diag = make(total, spe, early_end, late_start)
     findings = run(diag, healthy_step(total), healthy_epoch, total // spe, spe)
     assert findings == [] and diag.findings == []
     assert diag.scalars() == dict.fromkeys(DETECTORS, 0.0)
-    assert diag.should_stop() == (False, "")
+    assert diag.status == DiagnosisStatus(stop=False, reason=None, message="")
+
+
+def test_disabled_diagnoser_observes_nothing():
+    diag = make(enabled=False)
+    assert diag.observe_step(0, 1, {"loss_total": math.nan}) == []
+    assert diag.observe_epoch(1, 100, {"val/loss_total": math.nan}) == []
+    assert diag.scalars() == {} and diag.findings == [] and not diag.status.stop
+
+
+def test_detector_registry_matches_names_and_config_blocks():
+    assert DETECTORS == ("avoidance", "stuck", "loss_imbalance", "random_large_boxes", "small_fp_explosion",
+                         "overfitting", "divergence")
+    assert sorted(cls.name for cls in DEFAULT_DETECTORS) == sorted(DETECTORS)
+    cfg = DiagnosisConfig()
+    for cls in DEFAULT_DETECTORS:
+        assert hasattr(cfg, cls.name) and cls.remedy
+        # remedies cite keys that exist (the adaptive weights live in loss, early stopping at the top)
+        assert "diagnosis.adaptive_weights" not in cls.remedy and "diagnosis.early_stopping" not in cls.remedy
 
 
 # ---------------------------------------------------------------------------------- avoidance
@@ -147,7 +180,7 @@ def stuck_step(s: int) -> dict:
 
 
 def test_stuck_fires_at_end_of_early_stage():
-    diag = make(stuck_min_fraction=0.0)  # the check spans the early stage alone
+    diag = make(stuck__min_fraction=0.0)  # the check spans the early stage alone
     findings = run(diag, stuck_step, None, 1)
     finding = only(findings, "stuck")
     assert (finding.stage, finding.step, finding.epoch) == ("early", 99, 1)
@@ -155,14 +188,24 @@ def test_stuck_fires_at_end_of_early_stage():
     assert ev["loss_first_window"] == pytest.approx(5.0) and ev["loss_last_window"] == pytest.approx(4.9)
     assert ev["relative_drop"] == pytest.approx(0.02) and ev["window_steps"] == 50 and ev["lr"] == 0.001
     assert "warm-up" in finding.remedy
-    assert diag.should_stop() == (False, "")  # stop_on_stuck is off by default
+    assert diag.status == DiagnosisStatus()  # stuck.stop is off by default
 
 
 def test_stuck_stops_the_run_when_switched_on():
-    diag = make(stop_on_stuck=True, stuck_min_fraction=0.0)
+    diag = make(stuck__stop=True, stuck__min_fraction=0.0)
     run(diag, stuck_step, None, 1)
-    stop, reason = diag.should_stop()
-    assert stop and reason.startswith("stuck at step 99") and "diverg" not in reason
+    status = diag.status
+    assert status.stop and status.reason is StopReason.STUCK and status.reason == "stuck"
+    assert status.message == ("stuck at step 99 (epoch 1): total loss fell only 2.0% over the first 100 steps "
+                              "(5 -> 4.9, 50-step windows)")
+
+
+def test_deprecated_stop_keys_are_ignored():
+    # config loading moves diagnosis.stop_on_* to the blocks; the diagnoser reads only the blocks
+    cfg = replace(configure(DiagnosisConfig(), stuck__min_fraction=0.0), stop_on_stuck=True, stop_on_diverged=False)
+    diag = Diagnoser(cfg, StageBoundaries(EARLY_END, LATE_START), TOTAL, SPE)
+    run(diag, stuck_step, None, 1)
+    assert diag.fired("stuck") and diag.status == DiagnosisStatus()
 
 
 def test_stuck_spans_at_least_the_min_fraction_of_training():
@@ -178,7 +221,7 @@ def test_stuck_spans_at_least_the_min_fraction_of_training():
 
 
 def test_stuck_not_fired_when_loss_falls_enough():
-    diag = make(stuck_min_fraction=0.0)
+    diag = make(stuck__min_fraction=0.0)
     assert run(diag, lambda s: {**stuck_step(s), "loss_total": 5.0 if s < 50 else 4.7}, None, 2) == []
 
 
@@ -202,7 +245,7 @@ def test_wants_grad_norms_every_n_steps_and_never_when_disabled():
 def test_imbalance_box_dominates():
     diag = make()
     finding = only(run(diag, grad_step(0.1, 5.0), None, 2), "loss_imbalance")
-    # samples at steps 0, 50, 100; the third (imbalance_min_samples) decides
+    # samples at steps 0, 50, 100; the third (loss_imbalance.min_samples) decides
     assert (finding.step, finding.epoch, finding.stage) == (100, 2, "mid")
     assert finding.evidence["ratio_box_to_cls"] == pytest.approx(50.0)
     assert finding.evidence["box_dominates"] == 1.0 and finding.evidence["samples"] == 3
@@ -231,10 +274,28 @@ def test_imbalance_uses_median_so_one_outlier_does_not_fire():
 
 
 def test_imbalance_skips_samples_while_adaptive_weights_ramp():
-    cfg = replace(DiagnosisConfig(), adaptive_weights=AdaptiveWeightsConfig(enabled=True, ramp_end_fraction=0.5))
-    diag = Diagnoser(cfg, TOTAL, SPE, EARLY_END, LATE_START)
-    findings = run(diag, grad_step(0.1, 5.0), None, 7)
-    assert only(findings, "loss_imbalance").step == 600  # samples 500, 550, 600
+    box_dominates = grad_step(0.1, 5.0)
+    ramping = lambda s: {**box_dominates(s), "weights_ramping": float(s < 500)}  # noqa: E731
+    assert only(run(make(), ramping, None, 7), "loss_imbalance").step == 600  # samples 500, 550, 600
+    not_ramping = lambda s: {**box_dominates(s), "weights_ramping": 0.0}  # noqa: E731
+    assert only(run(make(), not_ramping, None, 2), "loss_imbalance").step == 100
+
+
+def test_imbalance_window_and_min_samples_from_config():
+    # one sample decides (step 0); the window keeps the last 2 samples: at step 50 the median of the
+    # ratios 50 and 1 (25.5) still holds, at step 100 only balanced samples are left
+    def fn(s: int) -> dict:
+        sig = healthy_step()(s)
+        if "grad_norm_cls" in sig:
+            sig.update(grad_norm_cls=0.1 if s == 0 else 1.0, grad_norm_box=5.0 if s == 0 else 1.0)
+        return sig
+
+    diag = make(loss_imbalance__min_samples=1, loss_imbalance__window=2)
+    finding = only(run(diag, fn, None, 1), "loss_imbalance")
+    assert finding.step == 0 and finding.evidence["samples"] == 1 and finding.evidence["ratio_box_to_cls"] == 50.0
+    assert diag.scalars()["loss_imbalance"] == 1.0
+    assert run(diag, fn, None, 1, first_epoch=2) == []
+    assert diag.scalars()["loss_imbalance"] == 0.0
 
 
 # -------------------------------------------------------------------------------- large boxes
@@ -330,11 +391,12 @@ def test_divergence_on_non_finite_loss_stops_the_run():
     finding = only(run(diag, fn, None, 1), "divergence")
     assert (finding.step, finding.epoch, finding.stage) == (37, 1, "early")
     assert math.isnan(finding.evidence["loss_total"])
-    stop, reason = diag.should_stop()
-    assert stop and reason.startswith("diverged at step 37")
-    diag = make(stop_on_diverged=False)
+    status = diag.status
+    assert status.stop and status.reason is StopReason.DIVERGED
+    assert status.message == "diverged at step 37 (epoch 1): loss is not finite"
+    diag = make(divergence__stop=False)
     run(diag, fn, None, 1)
-    assert diag.fired("divergence") and diag.should_stop() == (False, "")
+    assert diag.fired("divergence") and diag.status == DiagnosisStatus()
 
 
 def spike(steps: set, value: float) -> StepFn:
@@ -363,7 +425,8 @@ def test_divergence_on_non_finite_val_loss():
     diag = make()
     finding = only(run(diag, healthy_step(), lambda e: {**healthy_epoch(e), "val/loss_total": math.inf}, 1),
                    "divergence")
-    assert (finding.epoch, finding.step) == (1, 100) and diag.should_stop()[0]
+    assert (finding.epoch, finding.step, finding.stage) == (1, 100, "early")
+    assert diag.status.stop and diag.status.message == "diverged at step 100 (epoch 1): validation loss is not finite"
 
 
 def test_is_finite_loss():
@@ -371,51 +434,145 @@ def test_is_finite_loss():
     assert not any(map(is_finite_loss, [math.nan, math.inf, None, torch.tensor([1.0, math.nan])]))
 
 
-# --------------------------------------------------------------------------- early stopping
-def test_early_stopping_patience_on_miou():
-    diag = make(early_stopping_patience=2)
-    miou = [0.1, 0.3, 0.3, 0.29]
-    stops = []
-    for epoch, value in enumerate(miou, start=1):
-        diag.observe_epoch(epoch, epoch * SPE, {**healthy_epoch(epoch), "val/miou": value})
-        stops.append(diag.should_stop()[0])
-    assert stops == [False, False, False, True]
-    assert diag.should_stop()[1] == "early stopping: val/miou has not improved for 2 epochs (best 0.3 at epoch 2)"
-    assert diag.best_metric == (0.3, 2)
-
-
-def test_early_stopping_on_val_loss_lower_is_better_and_independent_of_detectors():
-    diag = make(enabled=False, early_stopping_patience=1, early_stopping_metric="loss_total")
-    diag.observe_epoch(1, 100, {"val/loss_total": 2.0})
-    diag.observe_epoch(2, 200, {"val/loss_total": 1.5})
-    assert diag.should_stop() == (False, "")
-    diag.observe_epoch(3, 300, {"val/loss_total": 1.6})
-    assert diag.should_stop()[0] and diag.best_metric == (1.5, 2)
-    assert diag.scalars() == {} and diag.observe_step(0, 1, {"loss_total": math.nan}) == []
-
-
-def test_divergence_takes_precedence_over_early_stopping():
-    diag = make(early_stopping_patience=1)
-    diag.observe_epoch(1, 100, {**healthy_epoch(1), "val/miou": 0.5})
-    diag.observe_epoch(2, 200, {**healthy_epoch(2), "val/miou": 0.4, "val/loss_total": math.nan})
-    assert diag.should_stop()[1].startswith("diverged")
+# -------------------------------------------------------------------------------- stop status
+def test_divergence_stop_takes_precedence_over_stuck_stop():
+    diag = make(stuck__stop=True, stuck__min_fraction=0.0)
+    run(diag, stuck_step, None, 1)
+    assert diag.status.reason is StopReason.STUCK
+    nan_at_150 = lambda s: {**stuck_step(s), "loss_total": math.nan} if s == 150 else stuck_step(s)  # noqa: E731
+    assert only(run(diag, nan_at_150, None, 1, first_epoch=2), "divergence").step == 150
+    assert diag.status == DiagnosisStatus(True, StopReason.DIVERGED,
+                                          "diverged at step 150 (epoch 2): loss is not finite")
 
 
 # --------------------------------------------------------------------------- resume, output
+def resume_step(s: int) -> dict:
+    """Box-dominated gradient ratio (imbalance at step 100), one grad burst at steps 450-452."""
+    sig = grad_step(0.1, 5.0)(s)
+    return {**sig, "grad_norm": 100.0} if 450 <= s <= 452 else sig
+
+
+def checkpoint(state: dict) -> dict:
+    buffer = io.BytesIO()
+    torch.save({"diagnoser": state}, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)["diagnoser"]
+
+
 def test_state_dict_round_trip_resumes_detection():
     whole = make()
-    expected = run(whole, healthy_step(), small_fp_epoch, 6)
+    before = run(whole, resume_step, small_fp_epoch, 3)
+    after = run(whole, resume_step, small_fp_epoch, 3, first_epoch=4)
+    assert [f.detector for f in before] == ["loss_imbalance"]
+    assert [(f.detector, f.step) for f in after] == [("divergence", 452), ("small_fp_explosion", 500)]
+
     first = make()
-    run(first, healthy_step(), small_fp_epoch, 3)
-    buffer = io.BytesIO()
-    torch.save({"diagnoser": first.state_dict()}, buffer)
-    buffer.seek(0)
-    state = torch.load(buffer, weights_only=True)["diagnoser"]
+    assert [f.to_dict() for f in run(first, resume_step, small_fp_epoch, 3)] == [f.to_dict() for f in before]
+    state = checkpoint(first.state_dict())  # plain types: loads with weights_only=True
+    assert set(state["detectors"]) == set(DETECTORS)
     resumed = make()
     resumed.load_state_dict(state)
-    resumed.load_state_dict({})  # an older checkpoint without diagnoser state changes nothing
-    got = run(resumed, healthy_step(), small_fp_epoch, 3, first_epoch=4)
-    assert [f.to_dict() for f in got] == [f.to_dict() for f in expected]
+    resumed.load_state_dict({})  # a checkpoint without diagnoser state changes nothing
+    assert resumed.fired("loss_imbalance") and resumed.scalars() == first.scalars()
+    got = run(resumed, resume_step, small_fp_epoch, 3, first_epoch=4)  # loss_imbalance does not fire again
+    assert [f.to_dict() for f in got] == [f.to_dict() for f in after]
+    assert [f.to_dict() for f in resumed.findings] == [f.to_dict() for f in whole.findings]
+    assert resumed.scalars() == whole.scalars() and resumed.status == whole.status
+    assert repr(resumed.state_dict()) == repr(whole.state_dict())  # nan-safe comparison
+
+
+# A diagnoser state_dict as checkpoints wrote it before the detectors were classes (flat keys,
+# early-stopping fields): past the stuck check, 20 steps of grad-norm history.
+OLD_STATE = {
+    "findings": [{"detector": "loss_imbalance", "stage": "mid", "step": 100, "epoch": 2, "message": "box dominates",
+                  "evidence": {"ratio_box_to_cls": 50.0}, "remedy": "old remedy"}],
+    "active": {"loss_imbalance": True, "stuck": False},
+    "first_total": [5.0] * 50, "first_cls": [4.0] * 50, "recent_total": [4.0] * 50, "recent_cls": [3.0] * 50,
+    "stuck_checked": True, "ratio_samples": [[0.1, 5.0]] * 3,
+    "grad_history": [1.0] * 20, "loss_history": [2.0] * 20,
+    "grad_explode_run": 0, "loss_explode_run": 0, "nonfinite_grad_run": 0,
+    "epochs": [], "first_epoch_cls": 1.5, "peak_pred_per_image": 3.0, "best_miou": math.nan, "best_miou_epoch": 0,
+    "es_best": 0.3, "es_best_epoch": 2, "es_bad_epochs": 1,
+}
+
+
+def test_old_format_or_empty_state_dict_loads():
+    flat = lambda s: {"loss_cls": 3.0, "loss_box": 1.0, "loss_total": 4.0, "lr": 0.01, "grad_norm": 1.0}  # noqa: E731
+    # fresh state (empty dict): at step 300 the stuck check runs on the resumed windows alone
+    fresh = make()
+    fresh.load_state_dict({})
+    assert only(run(fresh, flat, None, 1, first_epoch=4), "stuck").step == 300
+    # the old format: findings, scalars and the detector windows are read (stuck already decided)
+    diag = make()
+    diag.load_state_dict(checkpoint(OLD_STATE))
+    assert diag.fired("loss_imbalance") and diag.findings[0].remedy == "old remedy"
+    assert diag.scalars()["loss_imbalance"] == 1.0 and diag.status == DiagnosisStatus()
+    detectors = diag.state_dict()["detectors"]
+    assert detectors["stuck"]["checked"] is True and detectors["divergence"]["grad_median"] == [1.0] * 20
+    assert detectors["avoidance"]["peak_pred_per_image"] == 3.0
+    # the 20-step grad history counts: a 3-step burst is divergence at once
+    burst = lambda s: {**flat(s), "grad_norm": 100.0 if s >= 302 else 1.0}  # noqa: E731
+    finding = only(run(diag, burst, None, 1, first_epoch=4), "divergence")
+    assert finding.step == 304 and finding.evidence["grad_norm_median"] == 1.0
+    # unreadable values keep the fresh state; nothing crashes
+    broken = {**OLD_STATE, "findings": [{"detector": "stuck"}], "active": [1], "grad_explode_run": "x",
+              "ratio_samples": 5, "loss_history": ["a"], "stuck_checked": None}
+    diag = make()
+    diag.load_state_dict(broken)
+    detectors = diag.state_dict()["detectors"]
+    assert diag.findings == [] and detectors["divergence"]["grad_explode_run"] == 0
+    assert detectors["loss_imbalance"]["samples"] == [] and detectors["divergence"]["loss_median"] == []
+    assert detectors["stuck"]["checked"] is False and detectors["stuck"]["first"] == [5.0] * 50
+    for garbage in ({"detectors": "garbage", "findings": None}, {"findings": 5, "active": None, "detectors": {
+            "stuck": {"first": {"a": 1}, "recent": 3.0}, "divergence": [1, 2]}}):
+        diag = make()
+        diag.load_state_dict(garbage)
+        assert repr(diag.state_dict()) == repr(make().state_dict())
+
+
+# ----------------------------------------------------------------------------- detector protocol
+class LossAboveTen(Detector):
+    """A toy detector: fires once loss_total exceeded 10 on three steps; an epoch with recall above
+    0.5 clears its scalar."""
+
+    name = "toy_loss_above_ten"
+    remedy = "toy remedy"
+
+    @dataclass
+    class State:
+        count: int = 0
+
+    def check_step(self, when, signals):
+        if signals["loss_total"] <= 10:
+            return None
+        self.state.count += 1
+        return Alarm(f"loss above 10 on {self.state.count} steps", {"count": self.state.count}) \
+            if self.state.count >= 3 else None
+
+    def check_epoch(self, when, signals):
+        return False if signals["val/recall"] > 0.5 else None
+
+
+def test_extra_detector_fires_through_the_generic_loop():
+    def step_fn(s: int) -> dict:
+        sig = healthy_step()(s)
+        return {**sig, "loss_total": 11.0} if s in (120, 130, 140, 150) else sig
+
+    diag = make(detectors=(*DEFAULT_DETECTORS, LossAboveTen))
+    assert diag.cfg is not None and diag.detectors[-1].cfg is None  # no config block: cfg None
+    finding = only(run(diag, step_fn, lambda e: {**healthy_epoch(e), "val/recall": 0.4}, 2), "toy_loss_above_ten")
+    assert (finding.step, finding.epoch, finding.stage) == (140, 2, "mid")
+    assert finding.evidence == {"count": 3.0} and finding.remedy == "toy remedy"
+    assert diag.scalars() == {**dict.fromkeys(DETECTORS, 0.0), "toy_loss_above_ten": 1.0}
+    state = checkpoint(diag.state_dict())
+    assert state["detectors"]["toy_loss_above_ten"] == {"count": 4}
+    resumed = make(detectors=(*DEFAULT_DETECTORS, LossAboveTen))
+    resumed.load_state_dict(state)
+    assert resumed.detectors[-1].state.count == 4
+    assert run(resumed, step_fn, lambda e: {**healthy_epoch(e), "val/recall": 0.6}, 1, first_epoch=3) == []
+    assert resumed.scalars()["toy_loss_above_ten"] == 0.0 and len(resumed.findings) == 1
+    with pytest.raises(ValueError, match="unique"):
+        make(detectors=(LossAboveTen, LossAboveTen))
 
 
 def test_finding_output_formats():
@@ -428,34 +585,6 @@ def test_finding_output_formats():
     assert "\n" not in line
     assert line == ("[diagnosis] loss_imbalance (mid stage, epoch 2, step 100): box dominates "
                     "[ratio_box_to_cls=50, samples=3] -> remedy: raise loss.class_weight")
-
-
-# ----------------------------------------------------------------------- adaptive weights
-def adaptive(**kwargs) -> DiagnosisConfig:
-    return replace(DiagnosisConfig(), adaptive_weights=AdaptiveWeightsConfig(**kwargs))
-
-
-def test_loss_weight_schedule_constant_when_off():
-    schedule = LossWeightSchedule(DiagnosisConfig(), 1.0, 0.05, 1000)
-    assert {schedule.weights(s) for s in (0, 250, 999)} == {(1.0, 0.05)}
-
-
-def test_loss_weight_schedule_linear_ramp():
-    cfg = adaptive(enabled=True, start_box_factor=0.1, ramp_start_fraction=0.1, ramp_end_fraction=0.5)
-    schedule = LossWeightSchedule(cfg, 1.0, 2.0, 1000)
-    expected = {0: 0.2, 100: 0.2, 300: 1.1, 499: 2.0 * (0.1 + 0.9 * 399 / 400), 500: 2.0, 999: 2.0}
-    for step, box in expected.items():
-        assert schedule.weights(step) == pytest.approx((1.0, box)), step
-
-
-def test_loss_weight_schedule_cosine_and_class_emphasis():
-    aw = AdaptiveWeightsConfig(enabled=True, start_box_factor=0.0, start_class_factor=2.0, ramp_start_fraction=0.0,
-                               ramp_end_fraction=0.4, shape="cosine")
-    schedule = LossWeightSchedule(aw, 1.0, 1.0, 1000)  # the sub-config alone works too
-    c = 0.5 * (1 - math.cos(math.pi * 0.25))  # step 100 of a 400-step ramp
-    assert schedule.weights(0) == (2.0, 0.0)
-    assert schedule.weights(100) == pytest.approx((2.0 - c, c))
-    assert schedule.weights(400) == (1.0, 1.0)
 
 
 # ----------------------------------------------------------------------- gradient norms
@@ -493,16 +622,25 @@ def test_yaml_matches_schema_defaults():
     yaml = OmegaConf.load(ROOT / "configs" / "diagnosis" / "default.yaml")
     merged = OmegaConf.merge(OmegaConf.structured(DiagnosisConfig), yaml)  # unknown keys would raise
     assert OmegaConf.to_object(merged) == DiagnosisConfig()
-    assert set(yaml.keys()) == set(OmegaConf.structured(DiagnosisConfig).keys())
+    # every key but the deprecated ones (null unless set; config loading moves them), every block complete
+    deprecated = {"stop_on_stuck", "stop_on_diverged", "early_stopping_patience", "early_stopping_metric",
+                  "early_stopping_min_delta", "adaptive_weights"}
+    schema_keys = {f.name for f in fields(DiagnosisConfig)}
+    assert deprecated <= schema_keys and set(yaml.keys()) == schema_keys - deprecated
+    for name in DETECTORS:
+        assert set(yaml[name].keys()) == {f.name for f in fields(getattr(DiagnosisConfig(), name))}, name
 
 
-@pytest.mark.parametrize("change", [
-    {"early_stopping_metric": "bogus"}, {"imbalance_ratio": 0.5}, {"early_stopping_patience": 0},
-    {"imbalance_min_samples": 9}, {"large_box_share": 1.5}, {"fp_rise_epochs": 0},
-    {"adaptive_weights": AdaptiveWeightsConfig(ramp_start_fraction=0.6, ramp_end_fraction=0.5)},
-    {"adaptive_weights": AdaptiveWeightsConfig(shape="step")},
+@pytest.mark.parametrize("block,change,key", [
+    ("loss_imbalance", {"ratio": 0.5}, "loss_imbalance.ratio"),
+    ("loss_imbalance", {"min_samples": 9}, "loss_imbalance.min_samples"),
+    ("random_large_boxes", {"share": 1.5}, "random_large_boxes.share"),
+    ("small_fp_explosion", {"rise_epochs": 0}, "small_fp_explosion.rise_epochs"),
+    ("divergence", {"min_history": 500}, "divergence.min_history"),
+    ("stuck", {"min_fraction": 1.5}, "stuck.min_fraction"),
 ])
-def test_validate_rejects_bad_diagnosis_values(change):
+def test_validate_rejects_bad_diagnosis_values(block, change, key):
     validate(Config())
-    with pytest.raises(ConfigError, match="diagnosis"):
-        validate(replace(Config(), diagnosis=replace(DiagnosisConfig(), **change)))
+    diagnosis = replace(DiagnosisConfig(), **{block: replace(getattr(DiagnosisConfig(), block), **change)})
+    with pytest.raises(ConfigError, match=f"diagnosis.{key}="):
+        validate(replace(Config(), diagnosis=diagnosis))

@@ -1,8 +1,7 @@
-"""evaluate.py end to end on a tiny synthetic dataset and an untrained ssd_slim checkpoint."""
+"""evaluate.py (and detlab.evaluation behind it) on a tiny synthetic dataset and an untrained ssd_slim checkpoint."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,20 +14,12 @@ from omegaconf import OmegaConf
 
 from detlab.config import Config
 from detlab.data import build_datasets, build_loader
+from detlab.engine.checkpoint import CheckpointError
+from detlab.evaluation import EvaluateConfig, EvaluationError, eval_keys_of, evaluate_checkpoint, format_table
 from detlab.model import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ("miou", "mean_tp_iou", "tp", "fp", "fn", "precision", "recall", "f1", "ap50", "num_gt", "num_pred")
-
-
-def load_evaluate_module():
-    if "evaluate_script" in sys.modules:
-        return sys.modules["evaluate_script"]
-    spec = importlib.util.spec_from_file_location("evaluate_script", REPO / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["evaluate_script"] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiny_config(root: Path) -> Config:
@@ -53,10 +44,8 @@ def checkpoint(tmp_path_factory):
     return path, cfg, root
 
 
-def wider_ground_truth_for(records, folder: Path) -> Path:
+def wider_ground_truth_for(records, folder: Path, write_wider_gt) -> Path:
     """Official-layout .mat files for the val records, every face kept in every setting."""
-    from test_wider_eval import write_ground_truth
-
     events: dict = {}
     for r in records:
         event, name = Path(r.path).parent.as_posix(), Path(r.path).stem
@@ -64,44 +53,52 @@ def wider_ground_truth_for(records, folder: Path) -> Path:
         xywh = np.column_stack([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]])
         kept = list(range(1, len(boxes) + 1))
         events.setdefault(event, {})[name] = (xywh.tolist(), {"easy": kept, "medium": kept, "hard": kept})
-    return write_ground_truth(folder, events)
+    return write_wider_gt(folder, events)
 
 
-def test_evaluate_equals_training_validation(checkpoint, tmp_path, capsys):
+def test_evaluate_equals_training_validation(checkpoint):
     """The numbers of evaluate.py are those of the per-epoch validation for the same weights."""
     from detlab.engine.validation import validate
-    from detlab.loss import MultiBoxLoss
+    from detlab.loss import build_criterion
 
     path, cfg, _ = checkpoint
-    ev = load_evaluate_module()
     # Same batch size as the loader below: an untrained model's scores are near-ties, and the float
     # rounding of a convolution may depend on the batch size, which can flip an NMS decision.
-    result = ev.evaluate(ev.EvalRun(checkpoint=str(path), batch_size=3), tmp_path / "out")
-    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert last == json.loads(json.dumps(result))
-    assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == last
-    assert all(k in last for k in KEYS) and "small/recall" in last and "wider" not in last
-    assert last["epoch"] == 2 and last["num_images"] == 3
+    result = evaluate_checkpoint(EvaluateConfig(checkpoint=str(path), batch_size=3))
+    assert all(k in result for k in KEYS) and "small/recall" in result and "wider" not in result
+    assert result["epoch"] == 2 and result["num_images"] == 3
+    assert "precision" in format_table(result)
 
     model = build_model(cfg.model)
     model.load_state_dict(torch.load(path, weights_only=True)["model"])
     _, val = build_datasets(cfg)
     loader = build_loader(val, 3, shuffle=False, num_workers=0, seed=0)
-    metrics = validate(model, loader, MultiBoxLoss(cfg.loss), cfg.model, cfg.eval, torch.device("cpu")).metrics
-    assert last["num_pred"] > 0 and last["fp"] > 0
+    metrics = validate(model, loader, build_criterion(cfg, model), cfg.eval, torch.device("cpu"), step=0).metrics
+    assert result["num_pred"] > 0 and result["fp"] > 0
     for key in KEYS:
-        assert last[key] == pytest.approx(metrics[f"val/{key}"], abs=1e-6), key
+        assert result[key] == pytest.approx(metrics[f"val/{key}"], abs=1e-6), key
 
 
-def test_cli_wider_protocol_and_submission(checkpoint, tmp_path):
+def test_eval_keys_given_override_the_checkpoints_and_the_rest_stay(checkpoint):
+    path, cfg, _ = checkpoint
+    assert eval_keys_of(["checkpoint=x", "eval.nms_iou=0.3", "+eval.max_detections=5", "split=val"]) == [
+        "nms_iou", "max_detections"]
+    run = EvaluateConfig(checkpoint=str(path), batch_size=3)
+    run.eval.nms_iou, run.eval.score_threshold = 0.3, 0.9  # only nms_iou is "given"
+    result = evaluate_checkpoint(run, eval_keys=["nms_iou"])
+    assert result["settings"]["nms_iou"] == 0.3
+    assert result["settings"]["score_threshold"] == cfg.eval.score_threshold == 0.3  # the checkpoint's own
+
+
+def test_cli_wider_protocol_and_submission(checkpoint, tmp_path, write_wider_gt):
     path, cfg, _ = checkpoint
     _, val = build_datasets(cfg)
-    gt_dir = wider_ground_truth_for(val.records, tmp_path / "gt")
+    gt_dir = wider_ground_truth_for(val.records, tmp_path / "gt", write_wider_gt)
     preds, out = tmp_path / "preds", tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "evaluate.py", f"checkpoint={path}", "split=val", "protocol=wider", f"gt_dir={gt_dir}",
-         f"save_predictions={preds}", f"output_dir={out}", "score_floor=0.05", "nms_iou=0.3", "max_detections=20",
-         "input_size=[128,96]", f"hydra.run.dir={out}"],
+         f"save_predictions={preds}", f"output_dir={out}", "eval.score_floor=0.05", "eval.nms_iou=0.3",
+         "eval.max_detections=20", "eval.input_size=[128,96]", f"hydra.run.dir={out}"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
@@ -139,16 +136,20 @@ def test_cli_rejects_unknown_keys_and_bad_values(checkpoint, tmp_path):
     assert bad.returncode == 2 and "split='train'" in bad.stderr + bad.stdout
 
 
-def test_original_input_size_and_missing_checkpoint(checkpoint, tmp_path, capsys):
+def test_original_input_size_and_missing_checkpoint(checkpoint, tmp_path):
     path, _, _ = checkpoint
-    ev = load_evaluate_module()
-    result = ev.evaluate(ev.EvalRun(checkpoint=str(path), input_size="original"), tmp_path / "o")
+    run = EvaluateConfig(checkpoint=str(path))
+    run.eval.input_size = "original"
+    result = evaluate_checkpoint(run, eval_keys=["input_size"])
     assert result["num_images"] == 3 and result["settings"]["input_size"] == "original"
     assert result["num_gt"] > 0
-    with pytest.raises(ev.EvaluationError, match="file not found"):
-        ev.evaluate(ev.EvalRun(checkpoint=str(tmp_path / "none.pt")), tmp_path / "o")
-    with pytest.raises(ev.EvaluationError, match="protocol=wider"):
-        ev.evaluate(ev.EvalRun(checkpoint=str(path), protocol="wider", gt_dir=str(tmp_path / "nogt")), tmp_path / "o")
+    with pytest.raises(CheckpointError, match="file not found"):
+        evaluate_checkpoint(EvaluateConfig(checkpoint=str(tmp_path / "none.pt")))
+    with pytest.raises(EvaluationError, match="protocol=wider"):
+        evaluate_checkpoint(EvaluateConfig(checkpoint=str(path), protocol="wider", gt_dir=str(tmp_path / "nogt")))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot be loaded"):
+        evaluate_checkpoint(EvaluateConfig(checkpoint=str(tmp_path / "junk.pt")))
 
 
 def test_longer_side_images_keep_aspect_and_pad(tmp_path):

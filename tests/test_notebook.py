@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-from report_fixtures import make_fake_sweep
 
 nbformat = pytest.importorskip("nbformat")
 
@@ -19,7 +18,7 @@ def test_notebook_is_committed_without_outputs():
 
 
 @pytest.mark.slow
-def test_notebook_runs_on_a_fabricated_sweep(tmp_path, monkeypatch):
+def test_notebook_runs_on_a_fabricated_sweep(tmp_path, monkeypatch, make_fake_sweep):
     pytest.importorskip("ipykernel")
     nbclient = pytest.importorskip("nbclient")
     sweep = make_fake_sweep(tmp_path / "multirun" / "2024-05-01" / "12-00-00", box_weights=(0.01, 0.1, 1, 5, 10),

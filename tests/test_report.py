@@ -1,12 +1,10 @@
 import csv
-import importlib.util
 import json
 import math
 import struct
 from pathlib import Path
 
 import pytest
-from report_fixtures import make_fake_run, make_fake_sweep
 
 from detlab.report import (
     CSV_COLUMNS,
@@ -29,7 +27,7 @@ def approx(value):
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
+def sweep(tmp_path_factory, make_fake_run):
     """Four runs of a 4-epoch sweep: completed (w=1), diverged (w=10), failed (w=5), running (w=0.1)."""
     root = tmp_path_factory.mktemp("sweep")
     make_fake_run(root / "loss.box_weight=1", 1.0, status="completed", epochs=4,
@@ -174,7 +172,7 @@ def test_metrics_csv_tolerates_nan_empty_cells_bad_and_partial_lines(tmp_path):
     assert read_metrics_csv(tmp_path / "empty.csv") == [] and read_metrics_csv(tmp_path / "missing.csv") == []
 
 
-def test_running_summary_empty_metrics_and_folder_name_fallbacks(tmp_path):
+def test_running_summary_empty_metrics_and_folder_name_fallbacks(tmp_path, make_fake_run):
     run_dir = make_fake_run(tmp_path / "a", 0.5, status="running", epochs=1, epochs_planned=3)
     assert load_run(run_dir).status == "running"
     # a failed run whose metrics.csv is empty
@@ -220,13 +218,12 @@ def test_partial_and_empty_sweeps(tmp_path):
     assert [(r.name, r.status, r.epochs, r.box_weight) for r in runs] == [("loss.box_weight=2", "running", 0, 2.0)]
 
 
-def test_script_prints_table_and_paths(tmp_path, capsys):
+def test_script_prints_table_and_paths(tmp_path, capsys, make_fake_sweep):
     sweep = make_fake_sweep(tmp_path / "sweep", box_weights=(0.05, 1, 10), epochs_planned=3,
                             diverge_at={10: 1}, fail=(0.05,))
-    spec = importlib.util.spec_from_file_location("sweep_report", REPO / "scripts" / "sweep_report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.main([str(sweep), "--out", str(tmp_path / "out")]) == 0
+    from detlab.report import main
+
+    assert main([str(sweep), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert out.startswith("3 runs: 1 completed, 1 diverged, 1 failed, 0 stopped, 0 running")
     assert "| loss.box_weight=10 | 1 | 10 | **DIVERGED** |" in out
@@ -234,4 +231,24 @@ def test_script_prints_table_and_paths(tmp_path, capsys):
         assert str(tmp_path / "out" / name) in out and (tmp_path / "out" / name).is_file()
     summary = json.loads((sweep / "loss.box_weight=10" / "summary.json").read_text())
     assert summary["status"] == "diverged"  # the report never rewrites run files
-    assert module.main([str(tmp_path / "missing")]) == 2
+    assert main([str(tmp_path / "missing")]) == 2
+
+
+def test_run_names_leave_out_the_composed_hydra_exclude_keys(tmp_path, make_fake_run):
+    from omegaconf import OmegaConf
+
+    from detlab.report import ENTRY_CONFIG
+
+    own = make_fake_run(tmp_path / "own", 0.5, write_summary=False, epochs=1)
+    (own / ".hydra").mkdir(exist_ok=True)
+    (own / ".hydra" / "overrides.yaml").write_text("- loss.box_weight=0.5\n- my.seed=3\n- train.device=cpu\n")
+    (own / ".hydra" / "hydra.yaml").write_text(
+        "hydra:\n  job:\n    config:\n      override_dirname:\n        exclude_keys: [my.seed]\n")
+    assert load_run(own).name == "loss.box_weight=0.5,train.device=cpu"  # this run's own list
+
+    entry = OmegaConf.load(ENTRY_CONFIG).hydra.job.config.override_dirname.exclude_keys
+    assert "train.device" in entry and "resume" in entry
+    bare = make_fake_run(tmp_path / "bare", 0.5, write_summary=False, epochs=1)
+    (bare / ".hydra").mkdir(exist_ok=True)
+    (bare / ".hydra" / "overrides.yaml").write_text("- loss.box_weight=0.5\n- train.device=cpu\n- resume=true\n")
+    assert load_run(bare).name == "loss.box_weight=0.5"  # no Hydra record: the entry config's list

@@ -8,32 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import detlab.engine.trainer as trainer_module
-from detlab.config import register_configs, to_config
-from detlab.engine.trainer import METRIC_COLUMNS, train
+from detlab.config import METRIC_COLUMNS
+from detlab.engine.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
-register_configs()
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def synthetic_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("synthetic")
-
-
-def tiny_config(root: Path, *overrides: str):
-    base = [
-        f"dataset.root={root}", "dataset.synthetic.num_images=20", "dataset.synthetic.image_width=160",
-        "dataset.synthetic.image_height=128", "model.input_width=160", "model.input_height=128",
-        "train.epochs=1", "train.batch_size=8", "train.log_every=1", "eval.num_logged_images=2",
-        "diagnosis.grad_norm_every=1",
-    ]
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return to_config(compose("config", overrides=base + list(overrides)))
 
 
 def scalar_tags(run_dir: Path) -> set[str]:
@@ -42,7 +24,7 @@ def scalar_tags(run_dir: Path) -> set[str]:
     return set(events.Tags()["scalars"]), set(events.Tags()["images"]), events
 
 
-def test_one_epoch_run_writes_every_file_and_tensorboard_tag(synthetic_root, tmp_path):
+def test_one_epoch_run_writes_every_file_and_tensorboard_tag(synthetic_root, tiny_config, tmp_path):
     run_dir = tmp_path / "run"
     summary = train(tiny_config(synthetic_root), run_dir, ["loss.box_weight=1.0"])
 
@@ -74,7 +56,7 @@ def test_one_epoch_run_writes_every_file_and_tensorboard_tag(synthetic_root, tmp
     assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(hparams)
 
 
-def test_resumed_run_reproduces_the_uninterrupted_run(synthetic_root, tmp_path, monkeypatch):
+def test_resumed_run_reproduces_the_uninterrupted_run(synthetic_root, tiny_config, tmp_path, monkeypatch):
     overrides = ("train.epochs=2",)
     straight = train(tiny_config(synthetic_root, *overrides), tmp_path / "straight")
 
@@ -106,7 +88,7 @@ def test_resumed_run_reproduces_the_uninterrupted_run(synthetic_root, tmp_path, 
     assert straight["final"]["val/loss_total"] == pytest.approx(resumed["final"]["val/loss_total"], rel=1e-5)
 
 
-def test_non_finite_loss_ends_the_run_as_diverged(synthetic_root, tmp_path):
+def test_non_finite_loss_ends_the_run_as_diverged(synthetic_root, tiny_config, tmp_path):
     summary = train(tiny_config(synthetic_root, "optim.lr=1e12", "train.epochs=3"), tmp_path / "run")
     assert summary["status"] == "diverged"
     assert summary["step"] < 3 * 2  # stopped before the planned steps
@@ -115,7 +97,7 @@ def test_non_finite_loss_ends_the_run_as_diverged(synthetic_root, tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "diverged"
 
 
-def test_extreme_weight_pair_records_the_imbalance_finding(synthetic_root, tmp_path):
+def test_extreme_weight_pair_records_the_imbalance_finding(synthetic_root, tiny_config, tmp_path):
     summary = train(tiny_config(synthetic_root, "loss.box_weight=100", "train.epochs=2"), tmp_path / "run")
     imbalance = [f for f in summary["findings"] if f["detector"] == "loss_imbalance"]
     assert imbalance, summary["findings"]
@@ -124,7 +106,7 @@ def test_extreme_weight_pair_records_the_imbalance_finding(synthetic_root, tmp_p
     assert any(f["detector"] == "loss_imbalance" for f in on_disk["findings"])
 
 
-def test_cli_resume_of_a_run_directory_uses_that_runs_config(synthetic_root, tmp_path):
+def test_cli_resume_of_a_run_directory_uses_that_runs_config(synthetic_root, tiny_config, tmp_path):
     import subprocess
     import sys
 
@@ -141,3 +123,30 @@ def test_cli_resume_of_a_run_directory_uses_that_runs_config(synthetic_root, tmp
     assert "run already complete" in again.stdout + again.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["hparams"]["loss.box_weight"] == 0.5 and "loss.box_weight=0.5" in summary["overrides"]
+
+
+def test_train_and_val_totals_are_weighted_alike_under_adaptive_weights(synthetic_root, tiny_config, tmp_path):
+    from detlab.loss import LossWeightSchedule
+
+    cfg = tiny_config(synthetic_root, "loss.adaptive_weights.enabled=true", "loss.box_weight=2.0", "train.epochs=2",
+                      "loss.adaptive_weights.ramp_end_fraction=1.0")
+    summary = train(cfg, tmp_path / "run")
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    schedule = LossWeightSchedule(cfg.loss.adaptive_weights, 1.0, 2.0, summary["step"])
+    assert [schedule.weights(int(row["step"]))[1] < 2.0 for row in rows] == [True, False]  # ramping, then not
+    for row in rows:
+        class_weight, box_weight = schedule.weights(int(row["step"]))
+        expected = class_weight * float(row["val/loss_cls"]) + box_weight * float(row["val/loss_box"])
+        assert float(row["val/loss_total"]) == pytest.approx(expected, rel=1e-4)
+
+
+def test_best_checkpoint_and_early_stop_follow_the_monitor(synthetic_root, tiny_config, tmp_path):
+    summary = train(tiny_config(synthetic_root, "train.epochs=4", "early_stopping.monitor=val/loss_total",
+                                "early_stopping.min_delta=1000", "early_stopping.patience=2"), tmp_path / "run")
+    # With a min_delta no epoch can beat, epoch 1 stays the best and two epochs without improvement stop the run.
+    assert summary["status"] == "stopped" and summary["epochs"] == 3
+    assert "early stopping: val/loss_total has not improved for 2 epochs" in summary["message"]
+    assert summary["best"]["epoch"] == 1
+    assert summary["best_by"] == {"monitor": "val/loss_total", "mode": "min", "value": summary["best"]["val/loss_total"],
+                                  "epoch": 1}
+    assert torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)["epoch"] == 1

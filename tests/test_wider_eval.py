@@ -3,14 +3,12 @@ submission layout, the CLI, and agreement with the official evaluation's port on
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy.io import savemat
 
+from detlab import wider_reference
 from detlab.wider_eval import (
     evaluate_wider,
     load_predictions,
@@ -20,48 +18,6 @@ from detlab.wider_eval import (
     overlaps_plus_one,
     save_predictions,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_eval", REPO / "scripts" / "bench_eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def write_ground_truth(folder: Path, events: dict[str, dict[str, tuple[list, dict[str, list[int]]]]]) -> Path:
-    """Write the four .mat files in the official cell layout.
-
-    ``events[event][name] = (faces x y w h, {"easy": [1-based kept indices], "medium": [...], "hard": [...]})``.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    n_events = len(events)
-    event_list = np.empty((n_events, 1), dtype=object)
-    file_list = np.empty((n_events, 1), dtype=object)
-    face_list = np.empty((n_events, 1), dtype=object)
-    keep = {s: np.empty((n_events, 1), dtype=object) for s in ("easy", "medium", "hard")}
-    for i, (event, images) in enumerate(events.items()):
-        event_list[i, 0] = event
-        files = np.empty((len(images), 1), dtype=object)
-        faces = np.empty((len(images), 1), dtype=object)
-        kept = {s: np.empty((len(images), 1), dtype=object) for s in keep}
-        for j, (name, (boxes, lists)) in enumerate(images.items()):
-            files[j, 0] = name
-            faces[j, 0] = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-            for s in keep:
-                kept[s][j, 0] = np.asarray(lists.get(s, []), dtype=np.uint16).reshape(-1, 1)  # as in the official files
-        file_list[i, 0], face_list[i, 0] = files, faces
-        for s in keep:
-            keep[s][i, 0] = kept[s]
-    savemat(folder / "wider_face_val.mat", {"event_list": event_list, "file_list": file_list,
-                                             "face_bbx_list": face_list})
-    for s in keep:
-        savemat(folder / f"wider_{s}_val.mat", {"event_list": event_list, "file_list": file_list,
-                                                 "face_bbx_list": face_list, "gt_list": keep[s]})
-    return folder
-
 
 # Hand-made case (faces and predictions x y w h):
 #   0--A/a1: F0 [10,10,20,20] kept everywhere; F1 [100,100,10,10] kept in hard only; F2 [200,200,4,4] never kept
@@ -93,8 +49,8 @@ HAND_AP = {"easy": 1.0, "medium": 0.5, "hard": 5 / 9}
 
 
 @pytest.fixture
-def hand_gt(tmp_path):
-    return load_wider_ground_truth(write_ground_truth(tmp_path / "gt", HAND_GT))
+def hand_gt(tmp_path, write_wider_gt):
+    return load_wider_ground_truth(write_wider_gt(tmp_path / "gt", HAND_GT))
 
 
 def test_load_ground_truth_layout(hand_gt):
@@ -104,9 +60,9 @@ def test_load_ground_truth_layout(hand_gt):
     assert hand_gt.keep["hard"][0].tolist() == [1, 2] and hand_gt.keep["easy"][2].tolist() == []
 
 
-def test_load_ground_truth_reports_missing_files(tmp_path):
+def test_load_ground_truth_reports_missing_files(tmp_path, write_wider_gt):
     with pytest.raises(FileNotFoundError, match="wider_hard_val.mat"):
-        folder = write_ground_truth(tmp_path / "gt", HAND_GT)
+        folder = write_wider_gt(tmp_path / "gt", HAND_GT)
         (folder / "wider_hard_val.mat").unlink()
         load_wider_ground_truth(folder)
 
@@ -117,16 +73,15 @@ def test_hand_computed_easy_medium_hard(hand_gt):
         assert aps[setting] == pytest.approx(expected, abs=1e-12), setting
 
 
-def test_hand_case_agrees_with_the_official_port(tmp_path, hand_gt):
-    bench = load_bench()
-    folder = write_ground_truth(tmp_path / "gt2", HAND_GT)
+def test_hand_case_agrees_with_the_official_port(tmp_path, write_wider_gt, hand_gt):
+    folder = write_wider_gt(tmp_path / "gt2", HAND_GT)
     # The port expects scores sorted per image (as the official read_pred.m sorts): give it sorted.
     port_pred: dict[str, dict[str, np.ndarray]] = {}
     for key, array in HAND_PRED.items():
         event, name = key.split("/")
         port_pred.setdefault(event, {})[name] = array[np.argsort(-array[:, 4], kind="stable")].copy()
     with np.errstate(invalid="ignore", divide="ignore"):  # the port divides 0 by 0 (NaN precision)
-        ref = bench.reference_evaluation(port_pred, bench.get_gt_boxes(str(folder)))
+        ref = wider_reference.reference_evaluation(port_pred, wider_reference.get_gt_boxes(str(folder)))
     ours = evaluate_wider(HAND_PRED, hand_gt)
     for setting in HAND_AP:
         assert ours[setting] == pytest.approx(ref[setting], abs=1e-12)
@@ -148,9 +103,9 @@ def test_missing_predictions_count_faces_as_missed(hand_gt):
     assert evaluate_wider({}, hand_gt) == {"easy": 0.0, "medium": 0.0, "hard": 0.0}
 
 
-def test_ignored_face_only_image(tmp_path):
+def test_ignored_face_only_image(tmp_path, write_wider_gt):
     # One face, never kept in easy: a prediction on it is neither TP nor FP; easy has no faces -> 0.
-    gt = load_wider_ground_truth(write_ground_truth(tmp_path / "g", {"0--A": {"x": ([[0, 0, 10, 10]], {"hard": [1]})}}))
+    gt = load_wider_ground_truth(write_wider_gt(tmp_path / "g", {"0--A": {"x": ([[0, 0, 10, 10]], {"hard": [1]})}}))
     aps = evaluate_wider({"0--A/x": np.array([[0, 0, 10, 10, 0.9], [50, 50, 5, 5, 0.1]])}, gt)
     assert aps["easy"] == 0.0
     assert aps["hard"] == pytest.approx(1.0)
@@ -206,8 +161,8 @@ def test_load_reports_bad_files(tmp_path):
         load_predictions(tmp_path / "sub")
 
 
-def test_cli_scores_a_saved_folder(tmp_path, capsys):
-    gt_dir = write_ground_truth(tmp_path / "gt", HAND_GT)
+def test_cli_scores_a_saved_folder(tmp_path, write_wider_gt, capsys):
+    gt_dir = write_wider_gt(tmp_path / "gt", HAND_GT)
     save_predictions(HAND_PRED, tmp_path / "sub")
     assert main([str(tmp_path / "sub"), "--gt", str(gt_dir), "--images", "all"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -225,14 +180,13 @@ def test_agrees_with_official_port_on_real_val_images(widerface_root, tmp_path):
     gt_dir = widerface_root / "eval_tools" / "ground_truth"
     if not gt_dir.is_dir():
         pytest.skip(f"no {gt_dir}")
-    bench = load_bench()
     gt = load_wider_ground_truth(gt_dir)
-    images = bench.local_val_images(widerface_root)[::10][:150] or gt.keys[::20]
-    predictions = bench.synthetic_predictions(gt, images, seed=1)
+    images = wider_reference.local_val_images(widerface_root)[::10][:150] or gt.keys[::20]
+    predictions = wider_reference.synthetic_predictions(gt, images, seed=1)
     save_predictions(predictions, tmp_path / "sub")
     ours = evaluate_wider(load_predictions(tmp_path / "sub"), gt, images=images)
     with np.errstate(invalid="ignore", divide="ignore"):
-        ref = bench.reference_evaluation(bench.get_preds(str(tmp_path / "sub")), bench.get_gt_boxes(str(gt_dir)),
+        ref = wider_reference.reference_evaluation(wider_reference.get_preds(str(tmp_path / "sub")), wider_reference.get_gt_boxes(str(gt_dir)),
                                          subset=set(images))
     for setting in ("easy", "medium", "hard"):
         assert abs(ours[setting] - ref[setting]) <= 1e-6, (setting, ours[setting], ref[setting])

@@ -7,13 +7,17 @@ the offending key; ``train.py`` calls it before anything is built or written.
 
 from __future__ import annotations
 
+import copy
+import logging
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -105,21 +109,38 @@ class ModelConfig:
     # Anchors whose best IoU is in [ignore_iou, match_iou) are neither face nor background (no loss,
     # never mined); null: every non-positive anchor is background (classic SSD).
     ignore_iou: Optional[float] = None
-    # Post-processing (prediction).
-    score_floor: float = 0.01  # keep candidates above this score before NMS
-    nms_iou: float = 0.4
-    pre_nms_top_k: int = 1000
-    max_detections: int = 200
+
+
+
+
+@dataclass
+class AdaptiveWeightsConfig:
+    """The paper's refinement: emphasise classification early, ramp the box weight up later.
+
+    Configured as ``loss.adaptive_weights``. The effective weights are ``loss.class_weight * c(step)`` and ``loss.box_weight * b(step)``;
+    ``b`` (and ``c``) hold their start factor until ``ramp_start_fraction`` of the training steps,
+    then ramp (``shape``) to 1 at ``ramp_end_fraction`` and stay there. Off: constant weights.
+    """
+
+    enabled: bool = False
+    start_box_factor: float = 0.1
+    start_class_factor: float = 1.0
+    ramp_start_fraction: float = 0.1
+    ramp_end_fraction: float = 0.5
+    shape: str = "linear"  # linear | cosine
 
 
 @dataclass
 class LossConfig:
+    """The criterion (``detlab.loss.MultiBoxLoss``): class/box weights, their schedule, mining."""
+
     class_weight: float = 1.0
     box_weight: float = 1.0
     box_loss: str = "huber"  # huber | l1
     huber_delta: float = 1.0
     neg_pos_ratio: float = 3.0  # 0: every negative counts (no mining)
     min_negatives: int = 16  # per image, so a batch without faces still learns background
+    adaptive_weights: AdaptiveWeightsConfig = field(default_factory=AdaptiveWeightsConfig)
 
 
 @dataclass
@@ -148,10 +169,17 @@ class ScheduleConfig:
 
 @dataclass
 class EvalConfig:
+    """Prediction (post-processing) and scoring, shared by validation, ``evaluate.py`` and scripts."""
+
+    # Post-processing: candidates above score_floor (also AP's floor), top pre_nms_top_k per image,
+    # NMS at nms_iou, at most max_detections per image.
+    score_floor: float = 0.01
+    nms_iou: float = 0.4
+    pre_nms_top_k: int = 1000
+    max_detections: int = 200
+    # Scoring.
     iou_threshold: float = 0.5
     score_threshold: float = 0.5  # predictions counted for TP/FP/FN and mIoU
-    nms_iou: float = 0.4
-    ap_score_floor: float = 0.01
     size_edges: list[float] = field(default_factory=lambda: [16.0, 64.0])
     size_adaptive_iou: bool = False
     # With size_adaptive_iou: a face under size_edges[0] is matched at
@@ -176,73 +204,131 @@ class StageConfig:
 
 
 @dataclass
-class AdaptiveWeightsConfig:
-    """The paper's refinement: emphasise classification early, ramp the box weight up later.
+class AvoidanceConfig:
+    """``avoidance``: the model predicts only background (epochs before the late stage)."""
 
-    The effective weights are ``loss.class_weight * c(step)`` and ``loss.box_weight * b(step)``;
-    ``b`` (and ``c``) hold their start factor until ``ramp_start_fraction`` of the training steps,
-    then ramp (``shape``) to 1 at ``ramp_end_fraction`` and stay there. Off: constant weights.
-    """
+    max_pred_per_image: float = 0.1
+    max_recall: float = 0.05
+    min_cls_drop: float = 0.05  # relative fall of loss_cls (first vs recent loss window)
 
-    enabled: bool = False
-    start_box_factor: float = 0.1
-    start_class_factor: float = 1.0
-    ramp_start_fraction: float = 0.1
-    ramp_end_fraction: float = 0.5
-    shape: str = "linear"  # linear | cosine
+
+@dataclass
+class StuckConfig:
+    """``stuck``: the mean total loss of the last loss window of the first part of training is not
+    ``min_drop`` below its first window."""
+
+    stop: bool = False  # end the run when it fires
+    min_drop: float = 0.05
+    # The check spans at least this fraction of training: a short warm-up (lr still ramping) alone
+    # is too little to call a run stuck (measured: it fired on default runs that later learned).
+    min_fraction: float = 0.2
+
+
+@dataclass
+class LossImbalanceConfig:
+    """``loss_imbalance``: median of g_box / g_cls (weighted terms, shared parameters)."""
+
+    ratio: float = 10.0  # fires above this or below its inverse
+    window: int = 5  # most recent samples whose median is tested
+    min_samples: int = 3
+
+
+@dataclass
+class RandomLargeBoxesConfig:
+    """``random_large_boxes``: on epochs with early-stage steps, most predictions are large and
+    precision is low."""
+
+    share: float = 0.5  # val/pred_large_share at or above this ...
+    max_precision: float = 0.2  # ... with val/precision below this
+    min_pred_per_image: float = 0.5  # ignore the share when there are hardly any boxes
+
+
+@dataclass
+class SmallFpExplosionConfig:
+    """``small_fp_explosion``: in the mid stage, val/fp rises while most FPs are small and
+    train/loss_cls stagnates."""
+
+    rise_epochs: int = 3  # consecutive epochs of rising val/fp
+    min_growth: float = 0.2  # relative FP growth over those epochs
+    small_share: float = 0.5  # val/fp_small_share at or above this
+    cls_stagnation: float = 0.05  # train/loss_cls relative fall under this counts as stagnant
+
+
+@dataclass
+class OverfittingConfig:
+    """``overfitting``: val loss rising (or val mIoU falling) while the train loss falls."""
+
+    epochs: int = 3  # consecutive epochs
+    min_change: float = 0.01  # relative change over those epochs
+
+
+@dataclass
+class DivergenceConfig:
+    """``divergence``: non-finite loss, or grad norm / raw loss far above their running median."""
+
+    stop: bool = True  # end the run when it fires
+    grad_factor: float = 20.0
+    loss_factor: float = 20.0
+    window: int = 200  # steps in the running median
+    min_history: int = 20  # finite samples before the factor test starts
+    patience: int = 3  # consecutive exploding steps
+    nonfinite_grad_patience: int = 20  # consecutive non-finite grad norms (AMP overflows skip steps)
+
+
+@dataclass
+class MovedAdaptiveWeights:
+    """``diagnosis.adaptive_weights.*``, moved to ``loss.adaptive_weights``: null unless set."""
+
+    enabled: Optional[bool] = None
+    start_box_factor: Optional[float] = None
+    start_class_factor: Optional[float] = None
+    ramp_start_fraction: Optional[float] = None
+    ramp_end_fraction: Optional[float] = None
+    shape: Optional[str] = None
 
 
 @dataclass
 class DiagnosisConfig:
-    """Failure-pattern detectors (``detlab.diagnosis``) and the interventions they can trigger.
+    """Failure-pattern detectors (``detlab.diagnosis``): one block per detector, named like it.
 
     Step windows count optimiser steps, epoch windows count validation epochs. Each detector fires
     one finding per run (its onset); the TensorBoard scalar ``diagnosis/<detector>`` shows whether
-    its condition currently holds. ``enabled`` switches the detectors off; early stopping and the
-    adaptive weights are independent interventions with their own switches.
+    its condition currently holds. ``enabled`` switches the detectors off.
     """
 
     enabled: bool = True
     grad_norm_every: int = 50  # steps between gradient-norm-ratio samples
-    stop_on_stuck: bool = False
-    stop_on_diverged: bool = True
-    early_stopping_patience: Optional[int] = None  # epochs; None: off
-    early_stopping_metric: str = "miou"  # val/<metric>; higher is better except the losses
-    early_stopping_min_delta: float = 0.0  # an improvement must beat the best by more than this
-    # Early stuck: mean total loss of the last window of the early stage vs its first window.
-    loss_window: int = 50  # steps; shrunk to half the early stage when that is shorter
-    stuck_min_drop: float = 0.05  # relative drop below which the early stage counts as stuck
-    # The stuck check spans at least this fraction of training: a short warm-up (lr still ramping)
-    # alone is too little to call a run stuck (measured: it fired on default runs that later learned).
-    stuck_min_fraction: float = 0.2
-    # Early avoidance (predicts only background), checked on epochs before the late stage.
-    avoidance_max_pred_per_image: float = 0.1
-    avoidance_max_recall: float = 0.05
-    avoidance_min_cls_drop: float = 0.05  # relative fall of loss_cls (first vs recent window)
-    # Loss imbalance: median of g_box / g_cls (weighted terms, shared parameters).
-    imbalance_ratio: float = 10.0  # fires above this or below its inverse
-    imbalance_window: int = 5  # most recent samples whose median is tested
-    imbalance_min_samples: int = 3
-    # Early random large boxes, checked on epochs that contain early-stage steps.
-    large_box_share: float = 0.5  # val/pred_large_share at or above this ...
-    large_box_max_precision: float = 0.2  # ... with val/precision below this
-    large_box_min_pred_per_image: float = 0.5  # ignore the share when there are hardly any boxes
-    # Mid-training small false-positive explosion.
-    fp_rise_epochs: int = 3  # consecutive epochs of rising val/fp
-    fp_min_growth: float = 0.2  # relative FP growth over those epochs
-    fp_small_share: float = 0.5  # val/fp_small_share at or above this
-    fp_cls_stagnation: float = 0.05  # train/loss_cls relative fall under this counts as stagnant
-    # Late overfitting: val loss rising (or val mIoU falling) while train loss falls.
-    overfit_epochs: int = 3  # consecutive epochs
-    overfit_min_change: float = 0.01  # relative change over those epochs
-    # Divergence: non-finite loss, or grad norm / raw loss far above their running median.
-    diverge_grad_factor: float = 20.0
-    diverge_loss_factor: float = 20.0
-    diverge_window: int = 200  # steps in the running median
-    diverge_min_history: int = 20  # finite samples before the factor test starts
-    diverge_patience: int = 3  # consecutive exploding steps
-    nonfinite_grad_patience: int = 20  # consecutive non-finite grad norms (AMP overflows skip steps)
-    adaptive_weights: AdaptiveWeightsConfig = field(default_factory=AdaptiveWeightsConfig)
+    # Loss windows (steps) of stuck and avoidance: shrunk to half the first part of training when longer.
+    loss_window: int = 50
+    avoidance: AvoidanceConfig = field(default_factory=AvoidanceConfig)
+    stuck: StuckConfig = field(default_factory=StuckConfig)
+    loss_imbalance: LossImbalanceConfig = field(default_factory=LossImbalanceConfig)
+    random_large_boxes: RandomLargeBoxesConfig = field(default_factory=RandomLargeBoxesConfig)
+    small_fp_explosion: SmallFpExplosionConfig = field(default_factory=SmallFpExplosionConfig)
+    overfitting: OverfittingConfig = field(default_factory=OverfittingConfig)
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    # Moved keys (null unless set; to_config moves them to their new place with a warning).
+    stop_on_stuck: Optional[bool] = None  # -> diagnosis.stuck.stop
+    stop_on_diverged: Optional[bool] = None  # -> diagnosis.divergence.stop
+    early_stopping_patience: Optional[int] = None  # -> early_stopping.patience
+    early_stopping_metric: Optional[str] = None  # -> early_stopping.monitor
+    early_stopping_min_delta: Optional[float] = None  # -> early_stopping.min_delta
+    adaptive_weights: MovedAdaptiveWeights = field(default_factory=lambda: MovedAdaptiveWeights())  # -> loss.*
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """The one owner of "best" (``best.pt``, ``summary.json``'s ``best``) and of early stopping.
+
+    ``monitor`` is a metrics.csv column (``val/miou``, ``val/ap50``, ``val/loss_total``, ...); ``mode``
+    ``max`` or ``min`` (``auto``: min for losses, max otherwise). An epoch is an improvement when it
+    beats the best by more than ``min_delta``; ``patience`` epochs without one stop the run (null: never).
+    """
+
+    monitor: str = "val/miou"
+    mode: str = "auto"  # auto | max | min
+    patience: Optional[int] = None
+    min_delta: float = 0.0
 
 
 @dataclass
@@ -271,6 +357,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     stages: StageConfig = field(default_factory=StageConfig)
     diagnosis: DiagnosisConfig = field(default_factory=DiagnosisConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     # Resume: false, true (this run directory's checkpoints/last.pt), or a checkpoint path.
     resume: Any = False
     run_dir: Optional[str] = None  # None: Hydra's output directory
@@ -285,6 +372,9 @@ def register_configs() -> None:
     store.store(group="loss", name="loss_schema", node=LossConfig)
     store.store(group="optim", name="optim_schema", node=OptimConfig)
     store.store(group="schedule", name="schedule_schema", node=ScheduleConfig)
+    store.store(group="eval", name="eval_schema", node=EvalConfig)
+    store.store(group="diagnosis", name="diagnosis_schema", node=DiagnosisConfig)
+    store.store(group="early_stopping", name="early_stopping_schema", node=EarlyStoppingConfig)
 
 
 class ConfigError(ValueError):
@@ -333,7 +423,6 @@ def validate(cfg: Config) -> None:
     _check(0 < m.match_iou <= 1, "model.match_iou", "must be in (0, 1]", m.match_iou)
     _check(m.ignore_iou is None or 0 <= m.ignore_iou < m.match_iou, "model.ignore_iou",
            f"must be in [0, model.match_iou={m.match_iou}) or null", m.ignore_iou)
-    _check(0 < m.nms_iou <= 1, "model.nms_iou", "must be in (0, 1]", m.nms_iou)
 
     _check(lo.class_weight >= 0, "loss.class_weight", "must be >= 0", lo.class_weight)
     _check(lo.box_weight >= 0, "loss.box_weight", "must be >= 0", lo.box_weight)
@@ -370,6 +459,9 @@ def validate(cfg: Config) -> None:
     _check(0 < e.iou_threshold <= 1, "eval.iou_threshold", "must be in (0, 1]", e.iou_threshold)
     _check(0 <= e.score_threshold <= 1, "eval.score_threshold", "must be in [0, 1]", e.score_threshold)
     _check(0 < e.nms_iou <= 1, "eval.nms_iou", "must be in (0, 1]", e.nms_iou)
+    _check(0 <= e.score_floor < 1, "eval.score_floor", "must be in [0, 1)", e.score_floor)
+    _check(e.pre_nms_top_k >= 1, "eval.pre_nms_top_k", "must be >= 1", e.pre_nms_top_k)
+    _check(e.max_detections >= 1, "eval.max_detections", "must be >= 1", e.max_detections)
     _check(test_input_size(e.input_size) is not INVALID_SIZE, "eval.input_size",
            "expected null, [W, H], a longer-side length N (int) or original", e.input_size)
     _check(len(e.size_edges) == 2 and 0 < e.size_edges[0] < e.size_edges[1], "eval.size_edges",
@@ -382,33 +474,133 @@ def validate(cfg: Config) -> None:
            st.late_start_fraction)
     dg = cfg.diagnosis
     _check(dg.grad_norm_every >= 1, "diagnosis.grad_norm_every", "must be >= 1", dg.grad_norm_every)
-    _choice(dg.early_stopping_metric, "diagnosis.early_stopping_metric",
-            ("miou", "recall", "precision", "f1", "ap50", "mean_tp_iou", "loss_total", "loss_cls", "loss_box"))
-    _check(dg.early_stopping_patience is None or dg.early_stopping_patience >= 1,
-           "diagnosis.early_stopping_patience", "must be >= 1 or null", dg.early_stopping_patience)
-    for key in ("loss_window", "imbalance_window", "imbalance_min_samples", "fp_rise_epochs", "overfit_epochs",
-                "diverge_window", "diverge_min_history", "diverge_patience", "nonfinite_grad_patience"):
-        _check(getattr(dg, key) >= 1, f"diagnosis.{key}", "must be >= 1", getattr(dg, key))
-    for key in ("avoidance_max_recall", "large_box_share", "large_box_max_precision", "fp_small_share"):
-        _check(0 <= getattr(dg, key) <= 1, f"diagnosis.{key}", "must be in [0, 1]", getattr(dg, key))
-    for key in ("early_stopping_min_delta", "stuck_min_drop", "stuck_min_fraction", "avoidance_max_pred_per_image",
-                "avoidance_min_cls_drop", "large_box_min_pred_per_image", "fp_min_growth", "fp_cls_stagnation",
-                "overfit_min_change"):
-        _check(getattr(dg, key) >= 0, f"diagnosis.{key}", "must be >= 0", getattr(dg, key))
-    for key in ("imbalance_ratio", "diverge_grad_factor", "diverge_loss_factor"):
-        _check(getattr(dg, key) > 1, f"diagnosis.{key}", "must be > 1", getattr(dg, key))
-    _check(dg.imbalance_min_samples <= dg.imbalance_window, "diagnosis.imbalance_min_samples",
-           f"must be <= diagnosis.imbalance_window ({dg.imbalance_window})", dg.imbalance_min_samples)
-    _check(dg.diverge_min_history <= dg.diverge_window, "diagnosis.diverge_min_history",
-           f"must be <= diagnosis.diverge_window ({dg.diverge_window})", dg.diverge_min_history)
-    aw = dg.adaptive_weights
-    _choice(aw.shape, "diagnosis.adaptive_weights.shape", ("linear", "cosine"))
-    _check(aw.start_box_factor >= 0 and aw.start_class_factor >= 0, "diagnosis.adaptive_weights.start_*_factor",
+    _check(dg.loss_window >= 1, "diagnosis.loss_window", "must be >= 1", dg.loss_window)
+    checks = {  # key -> (condition, message)
+        "avoidance.max_pred_per_image": (lambda v: v >= 0, "must be >= 0"),
+        "avoidance.max_recall": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+        "avoidance.min_cls_drop": (lambda v: v >= 0, "must be >= 0"),
+        "stuck.min_drop": (lambda v: v >= 0, "must be >= 0"),
+        "stuck.min_fraction": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+        "loss_imbalance.ratio": (lambda v: v > 1, "must be > 1"),
+        "loss_imbalance.window": (lambda v: v >= 1, "must be >= 1"),
+        "loss_imbalance.min_samples": (lambda v: 1 <= v <= dg.loss_imbalance.window,
+                                       f"must be in [1, diagnosis.loss_imbalance.window={dg.loss_imbalance.window}]"),
+        "random_large_boxes.share": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+        "random_large_boxes.max_precision": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+        "random_large_boxes.min_pred_per_image": (lambda v: v >= 0, "must be >= 0"),
+        "small_fp_explosion.rise_epochs": (lambda v: v >= 1, "must be >= 1"),
+        "small_fp_explosion.min_growth": (lambda v: v >= 0, "must be >= 0"),
+        "small_fp_explosion.small_share": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+        "small_fp_explosion.cls_stagnation": (lambda v: v >= 0, "must be >= 0"),
+        "overfitting.epochs": (lambda v: v >= 1, "must be >= 1"),
+        "overfitting.min_change": (lambda v: v >= 0, "must be >= 0"),
+        "divergence.grad_factor": (lambda v: v > 1, "must be > 1"),
+        "divergence.loss_factor": (lambda v: v > 1, "must be > 1"),
+        "divergence.window": (lambda v: v >= 1, "must be >= 1"),
+        "divergence.min_history": (lambda v: 1 <= v <= dg.divergence.window,
+                                   f"must be in [1, diagnosis.divergence.window={dg.divergence.window}]"),
+        "divergence.patience": (lambda v: v >= 1, "must be >= 1"),
+        "divergence.nonfinite_grad_patience": (lambda v: v >= 1, "must be >= 1"),
+    }
+    for key, (condition, message) in checks.items():
+        block, name = key.split(".")
+        value = getattr(getattr(dg, block), name)
+        _check(condition(value), f"diagnosis.{key}", message, value)
+
+    es = cfg.early_stopping
+    _check(es.monitor in METRIC_COLUMNS and es.monitor.startswith(("val/", "train/")), "early_stopping.monitor",
+           "expected a train/ or val/ column of metrics.csv (val/miou, val/ap50, val/loss_total, ...)", es.monitor)
+    _choice(es.mode, "early_stopping.mode", ("auto", "max", "min"))
+    _check(es.patience is None or es.patience >= 1, "early_stopping.patience", "must be >= 1 or null", es.patience)
+    _check(es.min_delta >= 0, "early_stopping.min_delta", "must be >= 0", es.min_delta)
+
+    aw = lo.adaptive_weights
+    _choice(aw.shape, "loss.adaptive_weights.shape", ("linear", "cosine"))
+    _check(aw.start_box_factor >= 0 and aw.start_class_factor >= 0, "loss.adaptive_weights.start_*_factor",
            "must be >= 0", (aw.start_class_factor, aw.start_box_factor))
-    _check(0 <= aw.ramp_start_fraction <= aw.ramp_end_fraction <= 1, "diagnosis.adaptive_weights.ramp_*_fraction",
+    _check(0 <= aw.ramp_start_fraction <= aw.ramp_end_fraction <= 1, "loss.adaptive_weights.ramp_*_fraction",
            "expected 0 <= ramp_start_fraction <= ramp_end_fraction <= 1",
            (aw.ramp_start_fraction, aw.ramp_end_fraction))
 
+
+# Columns of metrics.csv, in order (the trainer writes them; early_stopping.monitor names one).
+METRIC_COLUMNS = [
+    "epoch", "step", "lr",
+    "train/loss_cls", "train/loss_box", "train/loss_total",
+    "val/loss_cls", "val/loss_box", "val/loss_total",
+    "val/miou", "val/mean_tp_iou", "val/tp", "val/fp", "val/fn",
+    "val/precision", "val/recall", "val/f1", "val/ap50",
+    "val/pred_per_image", "val/pred_mean_size", "val/pred_large_share", "val/fp_small_share",
+    "train_time_s", "val_time_s",
+]
+
+# Keys that moved: old dotted key -> new dotted key. Set on the command line (the schema keeps the
+# diagnosis ones as nullable fields) or found in a saved config, they are moved with a warning.
+MOVED_KEYS = {
+    "diagnosis.stop_on_stuck": "diagnosis.stuck.stop",
+    "diagnosis.stop_on_diverged": "diagnosis.divergence.stop",
+    "diagnosis.early_stopping_patience": "early_stopping.patience",
+    "diagnosis.early_stopping_metric": "early_stopping.monitor",
+    "diagnosis.early_stopping_min_delta": "early_stopping.min_delta",
+    "diagnosis.adaptive_weights": "loss.adaptive_weights",
+    "eval.ap_score_floor": "eval.score_floor",
+    "model.score_floor": None,  # the model's own floor was never used for scoring: eval.score_floor is
+    "model.nms_iou": None,  # likewise eval.nms_iou
+    "model.pre_nms_top_k": "eval.pre_nms_top_k",
+    "model.max_detections": "eval.max_detections",
+}
+# Keys of saved configs (checkpoints, run folders) written before the diagnosis blocks existed.
+_FLAT_DIAGNOSIS_KEYS = {
+    "avoidance_max_pred_per_image": "avoidance.max_pred_per_image", "avoidance_max_recall": "avoidance.max_recall",
+    "avoidance_min_cls_drop": "avoidance.min_cls_drop", "stuck_min_drop": "stuck.min_drop",
+    "stuck_min_fraction": "stuck.min_fraction", "imbalance_ratio": "loss_imbalance.ratio",
+    "imbalance_window": "loss_imbalance.window", "imbalance_min_samples": "loss_imbalance.min_samples",
+    "large_box_share": "random_large_boxes.share", "large_box_max_precision": "random_large_boxes.max_precision",
+    "large_box_min_pred_per_image": "random_large_boxes.min_pred_per_image",
+    "fp_rise_epochs": "small_fp_explosion.rise_epochs", "fp_min_growth": "small_fp_explosion.min_growth",
+    "fp_small_share": "small_fp_explosion.small_share", "fp_cls_stagnation": "small_fp_explosion.cls_stagnation",
+    "overfit_epochs": "overfitting.epochs", "overfit_min_change": "overfitting.min_change",
+    "diverge_grad_factor": "divergence.grad_factor", "diverge_loss_factor": "divergence.loss_factor",
+    "diverge_window": "divergence.window", "diverge_min_history": "divergence.min_history",
+    "diverge_patience": "divergence.patience", "nonfinite_grad_patience": "divergence.nonfinite_grad_patience",
+}
+SAVED_CONFIG_MOVES = {**MOVED_KEYS, **{f"diagnosis.{k}": f"diagnosis.{v}" for k, v in _FLAT_DIAGNOSIS_KEYS.items()}}
+
+
+def move_keys(container: dict[str, Any], moves: dict[str, Optional[str]] = MOVED_KEYS) -> list[str]:
+    """Move the set (non-null) old keys of a plain nested dict to their new place, in place.
+
+    A null new place drops the key. Returns one line per moved key, for a warning. Only metrics.csv's
+    old early-stopping metric names (``miou``) gain their ``val/`` prefix.
+    """
+    moved = []
+    for old, new in moves.items():
+        *parents, leaf = old.split(".")
+        node = container
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        if isinstance(value, dict):  # a moved block: only its set keys move
+            value = {k: v for k, v in value.items() if v is not None} or None
+        if value is None:
+            continue
+        if new is None:
+            moved.append(f"{old} is no longer used (dropped)")
+            continue
+        if new == "early_stopping.monitor" and isinstance(value, str) and "/" not in value:
+            value = f"val/{value}"
+        *new_parents, new_leaf = new.split(".")
+        target = container
+        for part in new_parents:
+            target = target.setdefault(part, {})
+        if isinstance(value, dict) and isinstance(target.get(new_leaf), dict):
+            target[new_leaf].update(value)
+        else:
+            target[new_leaf] = value
+        moved.append(f"{old} moved to {new}")
+    return moved
 
 INVALID_SIZE = object()
 
@@ -434,11 +626,24 @@ def to_config(cfg: DictConfig | Config) -> Config:
     if isinstance(cfg, Config):
         obj = cfg
     else:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+        container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        for line in move_keys(container):
+            log.warning("deprecated config key: %s", line)
+        merged = OmegaConf.merge(OmegaConf.structured(Config), container)
         obj = OmegaConf.to_object(merged)
     assert isinstance(obj, Config)
     validate(obj)
     return obj
+
+
+def load_saved_config(saved: Any) -> Config:
+    """A config saved by an earlier run (checkpoint ``config``, run folder ``config.yaml``): keys that
+    have moved since are moved (with a warning), then it is typed and validated like a new one."""
+    container = OmegaConf.to_container(saved, resolve=True) if isinstance(saved, DictConfig) else saved
+    container = copy.deepcopy(dict(container))
+    for line in move_keys(container, SAVED_CONFIG_MOVES):
+        log.warning("saved config: %s", line)
+    return to_config(OmegaConf.create(container))
 
 
 def compose_config(config_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
@@ -452,11 +657,14 @@ def compose_config(config_dir: str | os.PathLike, overrides: Sequence[str] = ())
 
 
 def as_flat_dict(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """Flatten a config dataclass into ``{"loss.box_weight": 0.05, ...}`` (HParams, reports)."""
+    """Flatten a config dataclass into ``{"loss.box_weight": 0.05, ...}`` (HParams, reports); the
+    moved keys (``MOVED_KEYS``, always null once loaded) are left out."""
     out: dict[str, Any] = {}
     for f in fields(obj):
         value = getattr(obj, f.name)
         key = f"{prefix}{f.name}"
+        if key in MOVED_KEYS:
+            continue
         if is_dataclass(value):
             out.update(as_flat_dict(value, prefix=f"{key}."))
         else:

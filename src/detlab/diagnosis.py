@@ -1,35 +1,45 @@
-"""Failure-pattern detectors for SSD training, and the interventions they drive.
+"""Failure-pattern detectors for SSD training.
 
 The paper's thesis: an imbalanced class/box loss-weight pair, missing hard negative mining or a
 missing learning-rate warm-up make training fall into recognisable patterns. ``Diagnoser`` watches
 the signals the training loop already has, names the pattern with its evidence and the paper's
-suggested remedy (a ``Finding``), and tells the loop when to stop. ``LossWeightSchedule`` is the
-proposed refinement (classification first, box weight ramped up later).
+suggested remedy (a ``Finding``), and says when the run should stop (``Diagnoser.status``).
 
-Detectors (``DETECTORS``), each firing at most one ``Finding`` per run, at its onset:
+Detectors (``DETECTORS``; each a small ``Detector`` class configured by ``diagnosis.<name>``):
 
-- ``avoidance``: predictions per image collapse (< ``avoidance_max_pred_per_image``) with recall
-  near zero while ``loss_cls`` fell: the model predicts only background. Epochs before the late stage.
-- ``stuck``: mean total loss of the last window of the early stage is not ``stuck_min_drop`` below
-  the first window. Decided once, at the last early step.
+- ``avoidance``: predictions per image collapse (< ``max_pred_per_image``) with recall near zero
+  while ``loss_cls`` fell: the model predicts only background. Epochs before the late stage.
+- ``stuck``: mean total loss of the last loss window of the first part of training (the early
+  stage, or the first ``min_fraction`` of the steps when longer) is not ``min_drop`` below the first
+  window. Decided once, at the last step of that part; ``stuck.stop`` ends the run.
 - ``loss_imbalance``: median of ``g_box / g_cls`` (gradient norms of the two weighted terms on the
-  shared parameters, sampled every ``grad_norm_every`` steps) above ``imbalance_ratio`` or below its
-  inverse. Samples taken while the adaptive schedule is still ramping are skipped (that imbalance
-  is intended).
+  shared parameters, sampled every ``grad_norm_every`` steps) above ``ratio`` or below its inverse.
+  Samples taken while the adaptive loss weights ramp (step signal ``weights_ramping`` > 0) are
+  skipped: that imbalance is intended.
 - ``random_large_boxes``: on epochs containing early steps, most predictions are large
   (``val/pred_large_share``) and precision is low.
-- ``small_fp_explosion``: in the mid stage, ``val/fp`` rose for ``fp_rise_epochs`` epochs, most
-  false positives are small and ``train/loss_cls`` stagnates.
+- ``small_fp_explosion``: in the mid stage, ``val/fp`` rose for ``rise_epochs`` epochs, most false
+  positives are small and ``train/loss_cls`` stagnates.
 - ``overfitting``: after the early stage, ``val/loss_total`` rose (or ``val/miou`` fell) for
-  ``overfit_epochs`` epochs while ``train/loss_total`` fell.
-- ``divergence``: a non-finite loss, ``nonfinite_grad_patience`` consecutive non-finite gradient
-  norms (isolated ones are AMP overflows the scaler skips), or the gradient norm / raw loss above
-  ``diverge_*_factor`` times its running median for ``diverge_patience`` consecutive steps.
+  ``epochs`` epochs while ``train/loss_total`` fell.
+- ``divergence``: a non-finite (train or val) loss, ``nonfinite_grad_patience`` consecutive
+  non-finite gradient norms (isolated ones are AMP overflows the scaler skips), or the gradient norm
+  / raw loss above ``*_factor`` times its running median for ``patience`` consecutive steps;
+  ``divergence.stop`` (on by default) ends the run, before a stuck stop.
+
+A detector is a ``Detector`` subclass: ``name`` (also its config block), ``remedy``, a ``State``
+dataclass holding everything it remembers, and ``check_step`` / ``check_epoch`` returning a verdict:
+``None`` (nothing to say: its scalar keeps its value), ``False`` (the pattern does not hold now) or
+an ``Alarm`` (message, evidence; it holds now). ``Diagnoser`` only loops over its detector classes
+(``DEFAULT_DETECTORS``, in evaluation order), turns the first alarm of each into a ``Finding``,
+keeps the 0/1 scalars and the stop status, and derives ``state_dict`` from the ``State`` fields.
+Adding a detector: write the class, add its config block to ``DiagnosisConfig`` (and
+``configs/diagnosis/default.yaml``) and its class to ``DEFAULT_DETECTORS``.
 
 Re-arming: a detector never fires twice in a run (the finding records the onset); its TensorBoard
 scalar (``Diagnoser.scalars``) follows whether the condition holds now, so a cleared pattern shows.
-Stages: step ``s`` is early if ``s < early_end_step``, late if ``s >= late_start_step``, else mid;
-an epoch finding takes the stage of the epoch's last step (``step - 1``, ``step`` = steps done).
+Stages come from ``StageBoundaries``; an epoch finding takes the stage of the epoch's last step
+(``step - 1``, ``step`` = steps done).
 
 All per-step work is O(1) amortised on Python floats (deques, a bisect-sorted median window); no
 tensors are kept and nothing is written: the training loop owns the console, TensorBoard and files.
@@ -38,15 +48,18 @@ tensors are kept and nothing is written: the training loop owns the console, Ten
 from __future__ import annotations
 
 import bisect
+import enum
 import math
 import statistics
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Union
+from dataclasses import dataclass, field, fields
+from functools import cached_property
+from typing import Any, ClassVar, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from detlab.config import AdaptiveWeightsConfig, DiagnosisConfig
+from detlab.config import DiagnosisConfig
+from detlab.engine.schedule import StageBoundaries
 
 EARLY, MID, LATE = "early", "mid", "late"
 
@@ -58,30 +71,6 @@ SMALL_FP = "small_fp_explosion"
 OVERFITTING = "overfitting"
 DIVERGENCE = "divergence"
 DETECTORS = (AVOIDANCE, STUCK, IMBALANCE, LARGE_BOXES, SMALL_FP, OVERFITTING, DIVERGENCE)
-
-# Early-stopping metrics where higher is better (the rest are val losses: lower is better).
-HIGHER_IS_BETTER = frozenset({"miou", "recall", "precision", "f1", "ap50", "mean_tp_iou"})
-
-REMEDIES = {
-    AVOIDANCE: "use hard negative mining (loss.neg_pos_ratio=3) so background anchors cannot swamp the "
-               "classification loss, add learning-rate warm-up, raise loss.class_weight relative to "
-               "loss.box_weight, and check eval.score_threshold is not above the model's scores",
-    STUCK: "add learning-rate warm-up (schedule.warmup=true) and check the learning rate; rebalance "
-           "loss.class_weight / loss.box_weight",
-    IMBALANCE + "/box": "raise loss.class_weight or lower loss.box_weight until the two gradient norms are "
-                        "within a few times of each other, or emphasise classification early with "
-                        "diagnosis.adaptive_weights.enabled=true",
-    IMBALANCE + "/cls": "raise loss.box_weight (or lower loss.class_weight) so localisation is learnt; "
-                        "diagnosis.adaptive_weights ramps the box weight up after the early stage",
-    LARGE_BOXES: "add learning-rate warm-up and emphasise classification early (lower box weight early, "
-                 "diagnosis.adaptive_weights.enabled=true); check the anchor sizes match the faces",
-    SMALL_FP: "strengthen hard negative mining (loss.neg_pos_ratio), tune (raise) the confidence threshold "
-              "eval.score_threshold, raise loss.class_weight",
-    OVERFITTING: "early stopping on val mIoU (diagnosis.early_stopping_patience; the best checkpoint is kept), "
-                 "stronger augmentation (dataset.augment.*), more weight decay or more data",
-    DIVERGENCE: "lower optim.lr, keep learning-rate warm-up, clip gradients (optim.grad_clip_norm), "
-                "lower the largest loss weight",
-}
 
 
 # ------------------------------------------------------------------------------------ findings
@@ -113,6 +102,20 @@ class Finding:
         evidence = ", ".join(f"{k}={v:.4g}" for k, v in self.evidence.items())
         return (f"[diagnosis] {self.detector} ({self.stage} stage, epoch {self.epoch}, step {self.step}): "
                 f"{self.message} [{evidence}] -> remedy: {self.remedy}")
+
+
+class StopReason(str, enum.Enum):
+    DIVERGED = "diverged"
+    STUCK = "stuck"
+
+
+@dataclass(frozen=True)
+class DiagnosisStatus:
+    """Whether the run should stop, why, and a one-line message (empty when it goes on)."""
+
+    stop: bool = False
+    reason: Optional[StopReason] = None
+    message: str = ""
 
 
 def is_finite_loss(value: Any) -> bool:
@@ -162,47 +165,6 @@ def _grad_norm(loss: Any, params: list[torch.nn.Parameter], scale: float) -> Opt
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
-# ------------------------------------------------------------------------ adaptive loss weights
-class LossWeightSchedule:
-    """Effective ``(class_weight, box_weight)`` per step; constant unless ``adaptive_weights.enabled``.
-
-    Factor ``f(step)`` goes from the start factor (until ``ramp_start_fraction * total_steps``) to 1
-    (from ``ramp_end_fraction * total_steps``), linearly or on a half cosine in between.
-    """
-
-    def __init__(self, cfg: Union[DiagnosisConfig, AdaptiveWeightsConfig], class_weight: float, box_weight: float,
-                 total_steps: int) -> None:
-        aw: AdaptiveWeightsConfig = getattr(cfg, "adaptive_weights", cfg)
-        self.enabled = bool(aw.enabled)
-        self.class_weight = float(class_weight)
-        self.box_weight = float(box_weight)
-        self.start_class_factor = float(aw.start_class_factor)
-        self.start_box_factor = float(aw.start_box_factor)
-        self.shape = aw.shape
-        self.ramp_start = int(round(aw.ramp_start_fraction * total_steps))
-        self.ramp_end = max(self.ramp_start, int(round(aw.ramp_end_fraction * total_steps)))
-
-    def progress(self, step: int) -> float:
-        """0 before the ramp, 1 after it."""
-        if step < self.ramp_start:
-            return 0.0
-        if step >= self.ramp_end:
-            return 1.0
-        t = (step - self.ramp_start) / (self.ramp_end - self.ramp_start)
-        return 0.5 * (1.0 - math.cos(math.pi * t)) if self.shape == "cosine" else t
-
-    def ramping(self, step: int) -> bool:
-        return self.enabled and step < self.ramp_end
-
-    def weights(self, step: int) -> tuple[float, float]:
-        if not self.enabled:
-            return self.class_weight, self.box_weight
-        p = self.progress(step)
-        class_factor = self.start_class_factor + (1.0 - self.start_class_factor) * p
-        box_factor = self.start_box_factor + (1.0 - self.start_box_factor) * p
-        return self.class_weight * class_factor, self.box_weight * box_factor
-
-
 # ----------------------------------------------------------------------------- rolling windows
 class _RollingMedian:
     """Median of the last ``size`` values: a deque for order, a sorted list (bisect) for the median."""
@@ -246,58 +208,473 @@ def _strictly_increasing(values: list[float]) -> bool:
     return all(b > a for a, b in zip(values, values[1:]))
 
 
-EPOCH_KEYS = ("train/loss_cls", "train/loss_total", "val/loss_total", "val/miou", "val/fp")
+def _push_loss(value: Any, first: list[float], recent: deque[float]) -> None:
+    """Keep the first ``recent.maxlen`` finite values of training and the most recent ones."""
+    if is_finite_loss(value):
+        if len(first) < recent.maxlen:
+            first.append(float(value))
+        recent.append(float(value))
+
+
+def _record(signals: Mapping[str, Any], keys: Iterable[str]) -> dict[str, float]:
+    return {key: float(signals.get(key, math.nan)) for key in keys}
+
+
+# ---------------------------------------------------------------------------- detector protocol
+@dataclass(frozen=True)
+class RunInfo:
+    """What every detector may read: the config, the stage boundaries and the run's length."""
+
+    cfg: DiagnosisConfig
+    stages: StageBoundaries
+    total_steps: int
+    steps_per_epoch: int
+
+    @cached_property
+    def first_part_end(self) -> int:
+        """End of "the first part of training" (stuck decides at its last step): the early stage, or
+        the first ``stuck.min_fraction`` of the steps when that is longer."""
+        return max(self.stages.early_end, math.ceil(self.cfg.stuck.min_fraction * self.total_steps))
+
+    @cached_property
+    def loss_window(self) -> int:
+        """Steps in the first and recent loss windows (stuck, avoidance); both fit the first part."""
+        return max(1, min(self.cfg.loss_window, self.first_part_end // 2))
+
+
+class When(NamedTuple):
+    """Where a check runs: optimiser step, epoch and stage (an epoch check: steps done, stage of the last)."""
+
+    step: int
+    epoch: int
+    stage: str
+
+
+@dataclass(frozen=True)
+class Alarm:
+    """A detector's verdict "the pattern holds now"; the first one of a run becomes its ``Finding``."""
+
+    message: str
+    evidence: dict[str, float]
+    remedy: Optional[str] = None  # None: the detector's ``remedy``
+    stage: Optional[str] = None  # None: the stage of the check
+
+
+# None: no verdict (the scalar keeps its value); False: the pattern does not hold now; Alarm: it does.
+Verdict = Union[Alarm, bool, None]
+
+
+class Detector:
+    """One failure pattern. Subclasses set ``name``, ``remedy``, a ``State`` dataclass (deques,
+    lists, ``_RollingMedian``, numbers and dicts of those: ``Diagnoser.state_dict`` turns them into
+    plain types) and override ``check_step`` and/or ``check_epoch``. ``self.cfg`` is ``diagnosis.<name>``."""
+
+    name: ClassVar[str] = ""
+    remedy: ClassVar[str] = ""
+    stop_reason: ClassVar[Optional[StopReason]] = None  # stop the run when fired and ``cfg.stop``
+
+    @dataclass
+    class State:
+        """Nothing remembered."""
+
+    def __init__(self, run: RunInfo) -> None:
+        self.run = run
+        self.cfg = getattr(run.cfg, self.name, None)
+        self.state = self.new_state()
+
+    def new_state(self) -> Any:
+        """A fresh state; override when its windows are sized by the config."""
+        return self.State()
+
+    def check_step(self, when: When, signals: Mapping[str, Any]) -> Verdict:
+        """Per optimiser step: loss_cls, loss_box (unweighted), loss_total (weighted), lr, grad_norm,
+        num_pos; on sampled steps grad_norm_cls, grad_norm_box; weights_ramping (1.0 while the
+        adaptive loss weights ramp)."""
+        return None
+
+    def check_epoch(self, when: When, signals: Mapping[str, Any]) -> Verdict:
+        """Per epoch: train/* means and val/* metrics."""
+        return None
+
+
+# ---------------------------------------------------------------------------------- detectors
+class Divergence(Detector):
+    name = DIVERGENCE
+    remedy = ("lower optim.lr, keep learning-rate warm-up, clip gradients (optim.grad_clip_norm), "
+              "lower the largest loss weight")
+    stop_reason = StopReason.DIVERGED
+
+    @dataclass
+    class State:
+        loss_median: _RollingMedian  # raw loss (cls + box) of the last ``window`` finite steps
+        grad_median: _RollingMedian  # finite gradient norms of the last ``window`` steps
+        loss_explode_run: int = 0
+        grad_explode_run: int = 0
+        nonfinite_grad_run: int = 0
+
+    def new_state(self) -> State:
+        return self.State(_RollingMedian(self.cfg.window), _RollingMedian(self.cfg.window))
+
+    def check_step(self, when: When, signals: Mapping[str, Any]) -> Verdict:
+        cfg, st = self.cfg, self.state
+        loss_total = signals.get("loss_total", math.nan)
+        parts = [signals[k] for k in ("loss_cls", "loss_box") if k in signals]
+        raw = math.fsum(float(v) for v in parts) if parts else float(loss_total)
+        lr = float(signals.get("lr", math.nan))
+        if not (is_finite_loss(loss_total) and is_finite_loss(raw)):
+            return Alarm("loss is not finite",
+                         {"loss_total": float(loss_total), "loss_cls": float(signals.get("loss_cls", math.nan)),
+                          "loss_box": float(signals.get("loss_box", math.nan)), "lr": lr})
+        alarm = None
+        median = st.loss_median.median()
+        exploding = len(st.loss_median) >= cfg.min_history and raw > cfg.loss_factor * median
+        st.loss_explode_run = st.loss_explode_run + 1 if exploding else 0
+        st.loss_median.push(raw)
+        if st.loss_explode_run >= cfg.patience:
+            alarm = Alarm(f"raw loss {raw:.4g} is {raw / median:.3g}x its running median for "
+                          f"{st.loss_explode_run} steps",
+                          {"loss_raw": raw, "loss_median": median, "factor": raw / median,
+                           "steps": st.loss_explode_run, "lr": lr})
+        if "grad_norm" not in signals:
+            return alarm
+        grad = float(signals["grad_norm"])
+        if not math.isfinite(grad):
+            st.nonfinite_grad_run += 1
+            if st.nonfinite_grad_run >= cfg.nonfinite_grad_patience:
+                alarm = alarm or Alarm(f"gradient norm not finite for {st.nonfinite_grad_run} consecutive steps",
+                                       {"grad_norm": grad, "steps": st.nonfinite_grad_run, "lr": lr})
+            return alarm
+        st.nonfinite_grad_run = 0
+        median = st.grad_median.median()
+        exploding = len(st.grad_median) >= cfg.min_history and grad > cfg.grad_factor * median
+        st.grad_explode_run = st.grad_explode_run + 1 if exploding else 0
+        st.grad_median.push(grad)
+        if st.grad_explode_run >= cfg.patience:
+            alarm = alarm or Alarm(f"gradient norm {grad:.4g} is {grad / median:.3g}x its running median for "
+                                   f"{st.grad_explode_run} steps",
+                                   {"grad_norm": grad, "grad_norm_median": median, "factor": grad / median,
+                                    "steps": st.grad_explode_run, "lr": lr})
+        return alarm
+
+    def check_epoch(self, when: When, signals: Mapping[str, Any]) -> Verdict:
+        if "val/loss_total" in signals and not is_finite_loss(signals["val/loss_total"]):
+            return Alarm("validation loss is not finite", {"val_loss_total": float(signals["val/loss_total"])})
+        return None
+
+
+class Avoidance(Detector):
+    name = AVOIDANCE
+    remedy = ("use hard negative mining (loss.neg_pos_ratio=3) so background anchors cannot swamp the "
+              "classification loss, add learning-rate warm-up, raise loss.class_weight relative to "
+              "loss.box_weight, and check eval.score_threshold is not above the model's scores")
+
+    @dataclass
+    class State:
+        first_cls: list[float] = field(default_factory=list)  # the first loss_window finite loss_cls
+        recent_cls: deque[float] = field(default_factory=deque)  # the last loss_window
+        first_epoch_cls: float = math.nan  # train/loss_cls of the first epoch (no step signals)
+        peak_pred_per_image: float = math.nan
+
+    def new_state(self) -> State:
+        return self.State(recent_cls=deque(maxlen=self.run.loss_window))
+
+    def check_step(self, when: When, signals: Mapping[str, Any]) -> Verdict:
+        _push_loss(signals.get("loss_cls"), self.state.first_cls, self.state.recent_cls)
+        return None
+
+    def check_epoch(self, when: When, signals: Mapping[str, Any]) -> Verdict:
+        cfg, st = self.cfg, self.state
+        if math.isnan(st.first_epoch_cls):
+            st.first_epoch_cls = float(signals.get("train/loss_cls", math.nan))
+        ppi = float(signals.get("val/pred_per_image", math.nan))
+        if math.isfinite(ppi) and (math.isnan(st.peak_pred_per_image) or ppi > st.peak_pred_per_image):
+            st.peak_pred_per_image = ppi
+        if st.first_cls and st.recent_cls:
+            cls_first, cls_now = _mean(st.first_cls), _mean(st.recent_cls)
+        else:  # no step signals: compare epoch means with the first epoch's
+            cls_first, cls_now = st.first_epoch_cls, float(signals.get("train/loss_cls", math.nan))
+        drop = _relative_drop(cls_first, cls_now)
+        recall = float(signals.get("val/recall", math.nan))
+        if not (when.stage != LATE and ppi < cfg.max_pred_per_image and recall < cfg.max_recall
+                and drop >= cfg.min_cls_drop):
+            return False
+        evidence = {"pred_per_image": ppi, "recall": recall, "loss_cls_first": cls_first, "loss_cls_now": cls_now,
+                    "loss_cls_drop": drop, "peak_pred_per_image": st.peak_pred_per_image}
+        if "val/mean_score" in signals:
+            evidence["mean_score"] = float(signals["val/mean_score"])
+        return Alarm(f"the model predicts only background: {ppi:.3g} boxes per image, recall {recall:.3g}, "
+                     f"while loss_cls fell {100 * drop:.0f}%", evidence)
+
+
+class Stuck(Detector):
+    name = STUCK
+    remedy = ("add learning-rate warm-up (schedule.warmup=true) and check the learning rate; rebalance "
+              "loss.class_weight / loss.box_weight")
+    stop_reason = StopReason.STUCK
+
+    @dataclass
+    class State:
+        first: list[float] = field(default_factory=list)  # the first loss_window finite loss_total
+        recent: deque[float] = field(default_factory=deque)  # the last loss_window
+        checked: bool = False
+
+    def new_state(self) -> State:
+        return self.State(recent=deque(maxlen=self.run.loss_window))
+
+    def check_step(self, when: When, signals: Mapping[str, Any]) -> Verdict:
+        st, end = self.state, self.run.first_part_end
+        _push_loss(signals.get("loss_total"), st.first, st.recent)
+        if st.checked or end < 2 or when.step < end - 1:
+            return None
+        st.checked = True
+        if not st.first or not st.recent:
+            return None
+        first, last = _mean(st.first), _mean(st.recent)
+        drop = _relative_drop(first, last)
+        if drop >= self.cfg.min_drop:  # a nan drop (first mean 0) counts as stuck too
+            return False
+        window = st.recent.maxlen
+        return Alarm(f"total loss fell only {100 * drop:.1f}% over the first {end} steps "
+                     f"({first:.4g} -> {last:.4g}, {window}-step windows)",
+                     {"loss_first_window": first, "loss_last_window": last, "relative_drop": drop,
+                      "min_drop": self.cfg.min_drop, "window_steps": window,
+                      "lr": float(signals.get("lr", math.nan))})
+
+
+class LossImbalance(Detector):
+    name = IMBALANCE
+    remedy = ("raise loss.class_weight or lower loss.box_weight until the two gradient norms are within a few "
+              "times of each other, or emphasise classification early with loss.adaptive_weights.enabled=true")
+    remedy_cls = ("raise loss.box_weight (or lower loss.class_weight) so localisation is learnt; "
+                  "loss.adaptive_weights ramps the box weight up after the early stage")
+
+    @dataclass
+    class State:
+        samples: deque[tuple[float, float]] = field(default_factory=deque)  # recent (g_cls, g_box)
+
+    def new_state(self) -> State:
+        return self.State(deque(maxlen=self.cfg.window))
+
+    def check_step(self, when: When, signals: Mapping[str, Any]) -> Verdict:
+        if "grad_norm_cls" not in signals or "grad_norm_box" not in signals:
+            return None
+        g_cls, g_box = float(signals["grad_norm_cls"]), float(signals["grad_norm_box"])
+        if not (math.isfinite(g_cls) and math.isfinite(g_box)) or (g_cls <= 0 and g_box <= 0):
+            return None
+        if signals.get("weights_ramping", 0.0) > 0:
+            return None  # the adaptive loss weights emphasise classification on purpose
+        samples = self.state.samples
+        samples.append((g_cls, g_box))
+        if len(samples) < self.cfg.min_samples:
+            return None
+        ratios = [b / c if c > 0 else math.inf for c, b in samples]
+        ratio = statistics.median(ratios)
+        threshold = self.cfg.ratio
+        dominant = "box" if ratio > threshold else "cls" if ratio < 1.0 / threshold else None
+        if dominant is None:
+            return False
+        factor = ratio if dominant == "box" else (1.0 / ratio if ratio > 0 else math.inf)
+        term, other = ("box", "class") if dominant == "box" else ("class", "box")
+        return Alarm(f"the {term} term dominates the update: its gradient norm on the shared parameters is "
+                     f"{factor:.3g}x the {other} term's (median of {len(ratios)} samples)",
+                     {"ratio_box_to_cls": ratio, "grad_norm_cls": statistics.median(c for c, _ in samples),
+                      "grad_norm_box": statistics.median(b for _, b in samples),
+                      "box_dominates": float(dominant == "box"), "threshold": threshold, "samples": len(ratios)},
+                     remedy=self.remedy if dominant == "box" else self.remedy_cls)
+
+
+class RandomLargeBoxes(Detector):
+    name = LARGE_BOXES
+    remedy = ("add learning-rate warm-up and emphasise classification early (lower box weight early, "
+              "loss.adaptive_weights.enabled=true); check the anchor sizes match the faces")
+
+    def check_epoch(self, when: When, signals: Mapping[str, Any]) -> Verdict:
+        cfg = self.cfg
+        early_epoch = (when.epoch - 1) * self.run.steps_per_epoch < self.run.stages.early_end  # has early steps
+        ppi = float(signals.get("val/pred_per_image", math.nan))
+        share = float(signals.get("val/pred_large_share", math.nan))
+        precision = float(signals.get("val/precision", math.nan))
+        if not (early_epoch and ppi >= cfg.min_pred_per_image and share >= cfg.share
+                and precision < cfg.max_precision):
+            return False
+        return Alarm(f"{100 * share:.0f}% of the predicted boxes are large with precision {precision:.3g}: "
+                     f"boxes are placed at random before the classifier has learnt faces",
+                     {"pred_large_share": share, "precision": precision, "pred_per_image": ppi,
+                      "pred_mean_size": float(signals.get("val/pred_mean_size", math.nan))})
+
+
+class SmallFpExplosion(Detector):
+    name = SMALL_FP
+    remedy = ("strengthen hard negative mining (loss.neg_pos_ratio), tune (raise) the confidence threshold "
+              "eval.score_threshold, raise loss.class_weight")
+    KEYS = ("val/fp", "train/loss_cls")
+
+    @dataclass
+    class State:
+        history: deque[dict[str, float]] = field(default_factory=deque)  # the last rise_epochs + 1 epochs
+
+    def new_state(self) -> State:
+        return self.State(deque(maxlen=self.cfg.rise_epochs + 1))
+
+    def check_epoch(self, when: When, signals: Mapping[str, Any]) -> Verdict:
+        cfg, history, k = self.cfg, self.state.history, self.cfg.rise_epochs
+        history.append(_record(signals, self.KEYS))
+        if when.stage != MID or len(history) < k + 1:
+            return False
+        fps = [r["val/fp"] for r in history]
+        cls = [r["train/loss_cls"] for r in history]
+        growth = (fps[-1] - fps[0]) / max(fps[0], 1.0)
+        small_share = float(signals.get("val/fp_small_share", math.nan))
+        cls_drop = _relative_drop(cls[0], cls[-1])
+        if not (_strictly_increasing(fps) and growth >= cfg.min_growth and small_share >= cfg.small_share
+                and cls_drop < cfg.cls_stagnation):
+            return False
+        return Alarm(f"false positives rose for {k} epochs ({fps[0]:.0f} -> {fps[-1]:.0f}), "
+                     f"{100 * small_share:.0f}% of them small, while loss_cls stagnates "
+                     f"({100 * cls_drop:.1f}% change)",
+                     {"fp_start": fps[0], "fp_now": fps[-1], "fp_growth": growth, "fp_small_share": small_share,
+                      "loss_cls_start": cls[0], "loss_cls_now": cls[-1], "loss_cls_drop": cls_drop,
+                      "precision": float(signals.get("val/precision", math.nan)), "epochs": k})
+
+
+class Overfitting(Detector):
+    name = OVERFITTING
+    remedy = ("early stopping on val mIoU (early_stopping.patience; the best checkpoint is kept), "
+              "stronger augmentation (dataset.augment.*), more weight decay or more data")
+    KEYS = ("train/loss_total", "val/loss_total", "val/miou")
+
+    @dataclass
+    class State:
+        history: deque[dict[str, float]] = field(default_factory=deque)  # the last epochs + 1 epochs
+        best_miou: float = math.nan
+        best_miou_epoch: int = 0
+
+    def new_state(self) -> State:
+        return self.State(deque(maxlen=self.cfg.epochs + 1))
+
+    def check_epoch(self, when: When, signals: Mapping[str, Any]) -> Verdict:
+        cfg, st, k = self.cfg, self.state, self.cfg.epochs
+        record = _record(signals, self.KEYS)
+        st.history.append(record)
+        miou = record["val/miou"]
+        if math.isfinite(miou) and (math.isnan(st.best_miou) or miou > st.best_miou):
+            st.best_miou, st.best_miou_epoch = miou, when.epoch
+        if when.stage == EARLY or len(st.history) < k + 1:
+            return False
+        train = [r["train/loss_total"] for r in st.history]
+        val = [r["val/loss_total"] for r in st.history]
+        miou = [r["val/miou"] for r in st.history]
+        val_rise = -_relative_drop(val[0], val[-1])
+        miou_fall = _relative_drop(miou[0], miou[-1])
+        val_rising = _strictly_increasing(val) and val_rise >= cfg.min_change
+        miou_falling = _strictly_increasing(miou[::-1]) and miou_fall >= cfg.min_change
+        if not (train[-1] < train[0] and (val_rising or miou_falling)):
+            return False
+        what = " and ".join(s for s, on in ((f"val loss rose {100 * val_rise:.1f}%", val_rising),
+                                            (f"val mIoU fell {100 * miou_fall:.1f}%", miou_falling)) if on)
+        train_drop = _relative_drop(train[0], train[-1])
+        return Alarm(f"{what} over {k} epochs while the train loss fell {100 * train_drop:.1f}%",
+                     {"val_loss_start": val[0], "val_loss_now": val[-1], "val_miou_start": miou[0],
+                      "val_miou_now": miou[-1], "train_loss_start": train[0], "train_loss_now": train[-1],
+                      "best_val_miou": st.best_miou, "best_val_miou_epoch": st.best_miou_epoch, "epochs": k})
+
+
+# Evaluation order: divergence first (its finding precedes what a blow-up causes, and its stop
+# precedes a stuck stop), then the order of DETECTORS.
+DEFAULT_DETECTORS: tuple[type[Detector], ...] = (
+    Divergence, Avoidance, Stuck, LossImbalance, RandomLargeBoxes, SmallFpExplosion, Overfitting)
+
+
+# --------------------------------------------------------------------------------- state <-> plain
+def _to_plain(value: Any) -> Any:
+    """Deques, tuples and rolling medians become lists, recursively (``torch.load(weights_only=True)``)."""
+    if isinstance(value, _RollingMedian):
+        return [float(v) for v in value.values]
+    if isinstance(value, (list, tuple, deque)):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _to_plain(v) for k, v in value.items()}
+    return value
+
+
+def _from_plain(fresh: Any, data: Any) -> Any:
+    """``data`` (``_to_plain`` output) shaped like ``fresh``, a fresh state field (its type, maxlen, size)."""
+    if isinstance(fresh, (_RollingMedian, deque, list)):
+        if not isinstance(data, (list, tuple)):
+            raise TypeError(f"expected a list, got {type(data).__name__}")
+        items = _to_plain(data)
+        if isinstance(fresh, _RollingMedian):
+            return _RollingMedian(fresh.size, [float(v) for v in items])
+        return deque(items, maxlen=fresh.maxlen) if isinstance(fresh, deque) else items
+    if isinstance(fresh, dict):
+        if not isinstance(data, dict):
+            raise TypeError(f"expected a dict, got {type(data).__name__}")
+        return _to_plain(data)
+    if isinstance(fresh, (bool, int, float)):
+        if not isinstance(data, (bool, int, float)):
+            raise TypeError(f"expected a number, got {type(data).__name__}")
+        return type(fresh)(data)
+    return data
+
+
+def _load_state(fresh: Any, data: Any) -> Any:
+    """``fresh`` with every field ``data`` holds in a readable form; the others stay fresh."""
+    if isinstance(data, Mapping):
+        for f in fields(fresh):
+            if f.name in data:
+                try:
+                    setattr(fresh, f.name, _from_plain(getattr(fresh, f.name), data[f.name]))
+                except (TypeError, ValueError, OverflowError):
+                    pass
+    return fresh
+
+
+# Flat state_dict keys of checkpoints written before the detectors were classes: key -> (detector, field).
+_OLD_STATE_KEYS = (
+    ("first_total", STUCK, "first"), ("recent_total", STUCK, "recent"), ("stuck_checked", STUCK, "checked"),
+    ("first_cls", AVOIDANCE, "first_cls"), ("recent_cls", AVOIDANCE, "recent_cls"),
+    ("first_epoch_cls", AVOIDANCE, "first_epoch_cls"), ("peak_pred_per_image", AVOIDANCE, "peak_pred_per_image"),
+    ("ratio_samples", IMBALANCE, "samples"),
+    ("loss_history", DIVERGENCE, "loss_median"), ("grad_history", DIVERGENCE, "grad_median"),
+    ("loss_explode_run", DIVERGENCE, "loss_explode_run"), ("grad_explode_run", DIVERGENCE, "grad_explode_run"),
+    ("nonfinite_grad_run", DIVERGENCE, "nonfinite_grad_run"),
+    ("epochs", SMALL_FP, "history"), ("epochs", OVERFITTING, "history"),
+    ("best_miou", OVERFITTING, "best_miou"), ("best_miou_epoch", OVERFITTING, "best_miou_epoch"),
+)
+
+
+def _detector_states(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    if "detectors" in state:
+        return state["detectors"] if isinstance(state["detectors"], Mapping) else {}
+    old: dict[str, dict[str, Any]] = {}
+    for key, detector, name in _OLD_STATE_KEYS:
+        if key in state:
+            old.setdefault(detector, {})[name] = state[key]
+    return old
 
 
 # ---------------------------------------------------------------------------------- diagnoser
 class Diagnoser:
-    """Watches per-step and per-epoch signals; returns new ``Finding``s and decides early stops."""
+    """Runs the detectors on per-step and per-epoch signals; returns new ``Finding``s, keeps the
+    per-detector scalars and the stop ``status``."""
 
-    def __init__(self, cfg: DiagnosisConfig, total_steps: int, steps_per_epoch: int, early_end_step: int,
-                 late_start_step: int) -> None:
+    def __init__(self, cfg: DiagnosisConfig, stages: StageBoundaries, total_steps: int, steps_per_epoch: int,
+                 detectors: Sequence[type[Detector]] = DEFAULT_DETECTORS) -> None:
         self.cfg = cfg
-        self.total_steps = int(total_steps)
-        self.steps_per_epoch = max(1, int(steps_per_epoch))
-        self.early_end_step = max(0, int(early_end_step))
-        self.late_start_step = max(self.early_end_step, int(late_start_step))
-        # "The first part of training": the early stage, or the first stuck_min_fraction of the steps
-        # when that is longer. Both loss windows fit in it without overlapping.
-        self.stuck_end_step = max(self.early_end_step, math.ceil(cfg.stuck_min_fraction * self.total_steps))
-        self.loss_window = max(1, min(cfg.loss_window, self.stuck_end_step // 2))
-        self._schedule = LossWeightSchedule(cfg, 1.0, 1.0, self.total_steps)
+        self.stages = stages
+        self.run = RunInfo(cfg, stages, int(total_steps), max(1, int(steps_per_epoch)))
+        self.detectors = [cls(self.run) for cls in detectors]
+        names = [d.name for d in self.detectors]
+        if len(set(names)) != len(names):
+            raise ValueError(f"detector names must be unique: {names}")
+        # only the detectors that override a check are called for it (the per-step loop stays short)
+        self._step_detectors = [d for d in self.detectors if type(d).check_step is not Detector.check_step]
+        self._epoch_detectors = [d for d in self.detectors if type(d).check_epoch is not Detector.check_epoch]
         self.findings: list[Finding] = []
-        self._active = dict.fromkeys(DETECTORS, False)
-        self._reset_windows()
-        self._es_best: Optional[float] = None
-        self._es_best_epoch = 0
-        self._es_bad_epochs = 0
-        self._stop: tuple[bool, str] = (False, "")
-
-    def _reset_windows(self) -> None:
-        cfg = self.cfg
-        self._first_total: list[float] = []  # the first loss_window finite values of training
-        self._first_cls: list[float] = []
-        self._recent_total: deque[float] = deque(maxlen=self.loss_window)
-        self._recent_cls: deque[float] = deque(maxlen=self.loss_window)
-        self._stuck_checked = False
-        self._ratio_samples: deque[tuple[float, float]] = deque(maxlen=cfg.imbalance_window)
-        self._grad_median = _RollingMedian(cfg.diverge_window)
-        self._loss_median = _RollingMedian(cfg.diverge_window)
-        self._grad_explode_run = 0
-        self._loss_explode_run = 0
-        self._nonfinite_grad_run = 0
-        self._epochs: deque[dict[str, float]] = deque(maxlen=max(cfg.fp_rise_epochs, cfg.overfit_epochs) + 1)
-        self._first_epoch_cls = math.nan
-        self._peak_pred_per_image = math.nan
-        self._best_miou = math.nan
-        self._best_miou_epoch = 0
+        self._active = dict.fromkeys(names, False)
+        self._status = DiagnosisStatus()
 
     # ------------------------------------------------------------------------------ public API
-    def stage_of(self, step: int) -> str:
-        if step < self.early_end_step:
-            return EARLY
-        return MID if step < self.late_start_step else LATE
-
     def wants_grad_norms(self, step: int) -> bool:
         return bool(self.cfg.enabled) and step % self.cfg.grad_norm_every == 0
 
@@ -310,286 +687,56 @@ class Diagnoser:
             return {}
         return {name: float(active) for name, active in self._active.items()}
 
-    def should_stop(self) -> tuple[bool, str]:
-        """(stop, reason); the reason starts with "diverged", "stuck" or "early stopping"."""
-        return self._stop
-
     @property
-    def best_metric(self) -> tuple[Optional[float], int]:
-        """Best value of ``val/<early_stopping_metric>`` so far and its epoch (None, 0 before any)."""
-        return self._es_best, self._es_best_epoch
+    def status(self) -> DiagnosisStatus:
+        """Stop when divergence fired and ``divergence.stop``, else when stuck fired and ``stuck.stop``
+        (in general: the first detector in evaluation order with a ``stop_reason``, fired, its block's
+        ``stop`` set)."""
+        return self._status
 
-    def observe_step(self, step: int, epoch: int, signals: dict[str, float]) -> list[Finding]:
-        """Signals: loss_cls, loss_box (unweighted), loss_total (weighted), lr, grad_norm, num_pos,
-        and on sampled steps grad_norm_cls, grad_norm_box. Returns only the findings new at this step."""
+    def observe_step(self, step: int, epoch: int, signals: Mapping[str, Any]) -> list[Finding]:
+        """Signals: see ``Detector.check_step``. Returns only the findings new at this step."""
         if not self.cfg.enabled:
             return []
-        new: list[Finding] = []
-        self._check_divergence_step(step, epoch, signals, new)
-        loss_total, loss_cls = signals.get("loss_total"), signals.get("loss_cls")
-        for value, first, recent in ((loss_total, self._first_total, self._recent_total),
-                                     (loss_cls, self._first_cls, self._recent_cls)):
-            if is_finite_loss(value):
-                if len(first) < self.loss_window:
-                    first.append(float(value))
-                recent.append(float(value))
-        if not self._stuck_checked and self.stuck_end_step >= 2 and step >= self.stuck_end_step - 1:
-            self._stuck_checked = True
-            self._check_stuck(step, epoch, signals, new)
-        if "grad_norm_cls" in signals and "grad_norm_box" in signals:
-            self._check_imbalance(step, epoch, float(signals["grad_norm_cls"]), float(signals["grad_norm_box"]), new)
-        if new:
-            self._refresh_stop()
-        return new
+        when = When(int(step), int(epoch), self.stages.stage(step))
+        return self._apply(when, [(d, d.check_step(when, signals)) for d in self._step_detectors])
 
-    def observe_epoch(self, epoch: int, step: int, signals: dict[str, float]) -> list[Finding]:
+    def observe_epoch(self, epoch: int, step: int, signals: Mapping[str, Any]) -> list[Finding]:
         """Epoch-end signals (train/* means, val/* metrics); ``step`` = optimiser steps done so far.
-        Returns only the findings new at this epoch. Early stopping is tracked even when disabled."""
+        Returns only the findings new at this epoch."""
+        if not self.cfg.enabled:
+            return []
+        when = When(int(step), int(epoch), self.stages.stage(max(step - 1, 0)))
+        return self._apply(when, [(d, d.check_epoch(when, signals)) for d in self._epoch_detectors])
+
+    def _apply(self, when: When, verdicts: list[tuple[Detector, Verdict]]) -> list[Finding]:
+        """Scalars follow the verdicts; a detector's first alarm of the run becomes its finding."""
         new: list[Finding] = []
-        self._update_early_stopping(epoch, signals)
-        if self.cfg.enabled:
-            record = {key: float(signals.get(key, math.nan)) for key in EPOCH_KEYS}
-            self._epochs.append(record)
-            if math.isnan(self._first_epoch_cls):
-                self._first_epoch_cls = record["train/loss_cls"]
-            ppi = float(signals.get("val/pred_per_image", math.nan))
-            if math.isfinite(ppi) and (math.isnan(self._peak_pred_per_image) or ppi > self._peak_pred_per_image):
-                self._peak_pred_per_image = ppi
-            miou = record["val/miou"]
-            if math.isfinite(miou) and (math.isnan(self._best_miou) or miou > self._best_miou):
-                self._best_miou, self._best_miou_epoch = miou, epoch
-            stage = self.stage_of(max(step - 1, 0))
-            if "val/loss_total" in signals and not is_finite_loss(signals["val/loss_total"]):
-                self._fire(new, DIVERGENCE, step, epoch, "validation loss is not finite",
-                           {"val_loss_total": float(signals["val/loss_total"])}, stage=stage)
-            self._check_avoidance(epoch, step, stage, signals, new)
-            self._check_large_boxes(epoch, step, stage, signals, new)
-            self._check_small_fp(epoch, step, stage, signals, new)
-            self._check_overfitting(epoch, step, stage, new)
-        self._refresh_stop()
+        for det, verdict in verdicts:
+            if verdict is None:
+                continue
+            self._active[det.name] = verdict is not False
+            if not isinstance(verdict, Alarm) or self.fired(det.name):
+                continue
+            finding = Finding(detector=det.name, stage=verdict.stage or when.stage, step=when.step,
+                              epoch=when.epoch, message=verdict.message,
+                              evidence={k: float(v) for k, v in verdict.evidence.items()},
+                              remedy=verdict.remedy or det.remedy)
+            self.findings.append(finding)
+            new.append(finding)
+        if new:
+            self._refresh_status()
         return new
 
-    # ----------------------------------------------------------------------------- detectors
-    def _fire(self, new: list[Finding], detector: str, step: int, epoch: int, message: str,
-              evidence: dict[str, float], remedy: Optional[str] = None, stage: Optional[str] = None) -> None:
-        """Mark the detector active; record a finding only the first time it fires in the run."""
-        self._active[detector] = True
-        if self.fired(detector):
-            return
-        finding = Finding(detector=detector, stage=stage or self.stage_of(step), step=int(step), epoch=int(epoch),
-                          message=message, evidence={k: float(v) for k, v in evidence.items()},
-                          remedy=remedy or REMEDIES[detector])
-        self.findings.append(finding)
-        new.append(finding)
-
-    def _check_divergence_step(self, step: int, epoch: int, signals: dict[str, float], new: list[Finding]) -> None:
-        cfg = self.cfg
-        loss_total = signals.get("loss_total", math.nan)
-        parts = [signals[k] for k in ("loss_cls", "loss_box") if k in signals]
-        raw = math.fsum(float(v) for v in parts) if parts else float(loss_total)
-        lr = float(signals.get("lr", math.nan))
-        if not (is_finite_loss(loss_total) and is_finite_loss(raw)):
-            self._fire(new, DIVERGENCE, step, epoch, "loss is not finite",
-                       {"loss_total": float(loss_total), "loss_cls": float(signals.get("loss_cls", math.nan)),
-                        "loss_box": float(signals.get("loss_box", math.nan)), "lr": lr})
-            return
-        median = self._loss_median.median()
-        exploding = len(self._loss_median) >= cfg.diverge_min_history and raw > cfg.diverge_loss_factor * median
-        self._loss_explode_run = self._loss_explode_run + 1 if exploding else 0
-        self._loss_median.push(raw)
-        if self._loss_explode_run >= cfg.diverge_patience:
-            self._fire(new, DIVERGENCE, step, epoch,
-                       f"raw loss {raw:.4g} is {raw / median:.3g}x its running median for "
-                       f"{self._loss_explode_run} steps",
-                       {"loss_raw": raw, "loss_median": median, "factor": raw / median,
-                        "steps": self._loss_explode_run, "lr": lr})
-        if "grad_norm" not in signals:
-            return
-        grad = float(signals["grad_norm"])
-        if not math.isfinite(grad):
-            self._nonfinite_grad_run += 1
-            if self._nonfinite_grad_run >= cfg.nonfinite_grad_patience:
-                self._fire(new, DIVERGENCE, step, epoch,
-                           f"gradient norm not finite for {self._nonfinite_grad_run} consecutive steps",
-                           {"grad_norm": grad, "steps": self._nonfinite_grad_run, "lr": lr})
-            return
-        self._nonfinite_grad_run = 0
-        median = self._grad_median.median()
-        exploding = len(self._grad_median) >= cfg.diverge_min_history and grad > cfg.diverge_grad_factor * median
-        self._grad_explode_run = self._grad_explode_run + 1 if exploding else 0
-        self._grad_median.push(grad)
-        if self._grad_explode_run >= cfg.diverge_patience:
-            self._fire(new, DIVERGENCE, step, epoch,
-                       f"gradient norm {grad:.4g} is {grad / median:.3g}x its running median for "
-                       f"{self._grad_explode_run} steps",
-                       {"grad_norm": grad, "grad_norm_median": median, "factor": grad / median,
-                        "steps": self._grad_explode_run, "lr": lr})
-
-    def _check_stuck(self, step: int, epoch: int, signals: dict[str, float], new: list[Finding]) -> None:
-        if not self._first_total or not self._recent_total:
-            return
-        first, last = _mean(self._first_total), _mean(self._recent_total)
-        drop = _relative_drop(first, last)
-        stuck = not drop >= self.cfg.stuck_min_drop  # a nan drop (first mean 0) counts as stuck too
-        self._active[STUCK] = stuck
-        if stuck:
-            self._fire(new, STUCK, step, epoch,
-                       f"total loss fell only {100 * drop:.1f}% over the first {self.stuck_end_step} steps "
-                       f"({first:.4g} -> {last:.4g}, {self.loss_window}-step windows)",
-                       {"loss_first_window": first, "loss_last_window": last, "relative_drop": drop,
-                        "min_drop": self.cfg.stuck_min_drop, "window_steps": self.loss_window,
-                        "lr": float(signals.get("lr", math.nan))})
-
-    def _check_imbalance(self, step: int, epoch: int, g_cls: float, g_box: float, new: list[Finding]) -> None:
-        if not (math.isfinite(g_cls) and math.isfinite(g_box)) or (g_cls <= 0 and g_box <= 0):
-            return
-        if self._schedule.ramping(step):
-            return  # the adaptive schedule emphasises classification on purpose
-        self._ratio_samples.append((g_cls, g_box))
-        if len(self._ratio_samples) < self.cfg.imbalance_min_samples:
-            return
-        ratios = [b / c if c > 0 else math.inf for c, b in self._ratio_samples]
-        ratio = statistics.median(ratios)
-        threshold = self.cfg.imbalance_ratio
-        dominant = "box" if ratio > threshold else "cls" if ratio < 1.0 / threshold else None
-        self._active[IMBALANCE] = dominant is not None
-        if dominant is None:
-            return
-        g_cls_med = statistics.median(c for c, _ in self._ratio_samples)
-        g_box_med = statistics.median(b for _, b in self._ratio_samples)
-        factor = ratio if dominant == "box" else (1.0 / ratio if ratio > 0 else math.inf)
-        term, other = ("box", "class") if dominant == "box" else ("class", "box")
-        self._fire(new, IMBALANCE, step, epoch,
-                   f"the {term} term dominates the update: its gradient norm on the shared parameters is "
-                   f"{factor:.3g}x the {other} term's (median of {len(ratios)} samples)",
-                   {"ratio_box_to_cls": ratio, "grad_norm_cls": g_cls_med, "grad_norm_box": g_box_med,
-                    "box_dominates": float(dominant == "box"), "threshold": threshold, "samples": len(ratios)},
-                   remedy=REMEDIES[f"{IMBALANCE}/{dominant}"])
-
-    def _check_avoidance(self, epoch: int, step: int, stage: str, signals: dict[str, float],
-                         new: list[Finding]) -> None:
-        cfg = self.cfg
-        if self._first_cls and self._recent_cls:
-            cls_first, cls_now = _mean(self._first_cls), _mean(self._recent_cls)
-        else:  # no step signals: compare epoch means with the first epoch's
-            cls_first, cls_now = self._first_epoch_cls, float(signals.get("train/loss_cls", math.nan))
-        drop = _relative_drop(cls_first, cls_now)
-        ppi = float(signals.get("val/pred_per_image", math.nan))
-        recall = float(signals.get("val/recall", math.nan))
-        active = (stage != LATE and ppi < cfg.avoidance_max_pred_per_image and recall < cfg.avoidance_max_recall
-                  and drop >= cfg.avoidance_min_cls_drop)
-        self._active[AVOIDANCE] = active
-        if active:
-            evidence = {"pred_per_image": ppi, "recall": recall, "loss_cls_first": cls_first,
-                        "loss_cls_now": cls_now, "loss_cls_drop": drop,
-                        "peak_pred_per_image": self._peak_pred_per_image}
-            if "val/mean_score" in signals:
-                evidence["mean_score"] = float(signals["val/mean_score"])
-            self._fire(new, AVOIDANCE, step, epoch,
-                       f"the model predicts only background: {ppi:.3g} boxes per image, recall {recall:.3g}, "
-                       f"while loss_cls fell {100 * drop:.0f}%", evidence, stage=stage)
-
-    def _check_large_boxes(self, epoch: int, step: int, stage: str, signals: dict[str, float],
-                           new: list[Finding]) -> None:
-        cfg = self.cfg
-        early_epoch = (epoch - 1) * self.steps_per_epoch < self.early_end_step  # the epoch has early steps
-        ppi = float(signals.get("val/pred_per_image", math.nan))
-        share = float(signals.get("val/pred_large_share", math.nan))
-        precision = float(signals.get("val/precision", math.nan))
-        active = (early_epoch and ppi >= cfg.large_box_min_pred_per_image and share >= cfg.large_box_share
-                  and precision < cfg.large_box_max_precision)
-        self._active[LARGE_BOXES] = active
-        if active:
-            self._fire(new, LARGE_BOXES, step, epoch,
-                       f"{100 * share:.0f}% of the predicted boxes are large with precision {precision:.3g}: "
-                       f"boxes are placed at random before the classifier has learnt faces",
-                       {"pred_large_share": share, "precision": precision, "pred_per_image": ppi,
-                        "pred_mean_size": float(signals.get("val/pred_mean_size", math.nan))}, stage=stage)
-
-    def _check_small_fp(self, epoch: int, step: int, stage: str, signals: dict[str, float],
-                        new: list[Finding]) -> None:
-        cfg = self.cfg
-        k = cfg.fp_rise_epochs
-        history = list(self._epochs)[-(k + 1):]
-        active = False
-        if stage == MID and len(history) == k + 1:
-            fps = [r["val/fp"] for r in history]
-            cls = [r["train/loss_cls"] for r in history]
-            growth = (fps[-1] - fps[0]) / max(fps[0], 1.0)
-            small_share = float(signals.get("val/fp_small_share", math.nan))
-            cls_drop = _relative_drop(cls[0], cls[-1])
-            active = (_strictly_increasing(fps) and growth >= cfg.fp_min_growth and small_share >= cfg.fp_small_share
-                      and cls_drop < cfg.fp_cls_stagnation)
-        self._active[SMALL_FP] = active
-        if active:
-            self._fire(new, SMALL_FP, step, epoch,
-                       f"false positives rose for {k} epochs ({fps[0]:.0f} -> {fps[-1]:.0f}), "
-                       f"{100 * small_share:.0f}% of them small, while loss_cls stagnates "
-                       f"({100 * cls_drop:.1f}% change)",
-                       {"fp_start": fps[0], "fp_now": fps[-1], "fp_growth": growth, "fp_small_share": small_share,
-                        "loss_cls_start": cls[0], "loss_cls_now": cls[-1], "loss_cls_drop": cls_drop,
-                        "precision": float(signals.get("val/precision", math.nan)), "epochs": k}, stage=stage)
-
-    def _check_overfitting(self, epoch: int, step: int, stage: str, new: list[Finding]) -> None:
-        cfg = self.cfg
-        k = cfg.overfit_epochs
-        history = list(self._epochs)[-(k + 1):]
-        if stage == EARLY or len(history) < k + 1:
-            self._active[OVERFITTING] = False
-            return
-        train = [r["train/loss_total"] for r in history]
-        val = [r["val/loss_total"] for r in history]
-        miou = [r["val/miou"] for r in history]
-        train_falls = train[-1] < train[0]
-        val_rise = -_relative_drop(val[0], val[-1])
-        miou_fall = _relative_drop(miou[0], miou[-1])
-        val_rising = _strictly_increasing(val) and val_rise >= cfg.overfit_min_change
-        miou_falling = _strictly_increasing(miou[::-1]) and miou_fall >= cfg.overfit_min_change
-        active = train_falls and (val_rising or miou_falling)
-        self._active[OVERFITTING] = active
-        if active:
-            what = " and ".join(s for s, on in ((f"val loss rose {100 * val_rise:.1f}%", val_rising),
-                                                (f"val mIoU fell {100 * miou_fall:.1f}%", miou_falling)) if on)
-            train_drop = _relative_drop(train[0], train[-1])
-            self._fire(new, OVERFITTING, step, epoch,
-                       f"{what} over {k} epochs while the train loss fell {100 * train_drop:.1f}%",
-                       {"val_loss_start": val[0], "val_loss_now": val[-1], "val_miou_start": miou[0],
-                        "val_miou_now": miou[-1], "train_loss_start": train[0], "train_loss_now": train[-1],
-                        "best_val_miou": self._best_miou, "best_val_miou_epoch": self._best_miou_epoch,
-                        "epochs": k}, stage=stage)
-
-    # ------------------------------------------------------------------------- interventions
-    def _update_early_stopping(self, epoch: int, signals: dict[str, float]) -> None:
-        metric = self.cfg.early_stopping_metric
-        key = metric if metric.startswith("val/") else f"val/{metric}"
-        if key not in signals:
-            return
-        value = float(signals[key])
-        higher = metric.removeprefix("val/") in HIGHER_IS_BETTER
-        delta = self.cfg.early_stopping_min_delta
-        improved = math.isfinite(value) and (
-            self._es_best is None or (value > self._es_best + delta if higher else value < self._es_best - delta))
-        if improved:
-            self._es_best, self._es_best_epoch, self._es_bad_epochs = value, epoch, 0
-        else:
-            self._es_bad_epochs += 1
-
-    def _refresh_stop(self) -> None:
-        cfg = self.cfg
+    def _refresh_status(self) -> None:
         by_detector = {f.detector: f for f in self.findings}
-        if cfg.stop_on_diverged and DIVERGENCE in by_detector:
-            f = by_detector[DIVERGENCE]
-            self._stop = (True, f"diverged at step {f.step} (epoch {f.epoch}): {f.message}")
-        elif cfg.stop_on_stuck and STUCK in by_detector:
-            f = by_detector[STUCK]
-            self._stop = (True, f"stuck at step {f.step} (epoch {f.epoch}): {f.message}")
-        elif cfg.early_stopping_patience is not None and self._es_bad_epochs >= cfg.early_stopping_patience:
-            metric = cfg.early_stopping_metric.removeprefix("val/")
-            best = "none" if self._es_best is None else f"{self._es_best:.4g} at epoch {self._es_best_epoch}"
-            self._stop = (True, f"early stopping: val/{metric} has not improved for {self._es_bad_epochs} "
-                                f"epochs (best {best})")
-        else:
-            self._stop = (False, "")
+        for det in self.detectors:
+            f = by_detector.get(det.name)
+            if f is not None and det.stop_reason is not None and getattr(det.cfg, "stop", False):
+                message = f"{det.stop_reason.value} at step {f.step} (epoch {f.epoch}): {f.message}"
+                self._status = DiagnosisStatus(stop=True, reason=det.stop_reason, message=message)
+                return
+        self._status = DiagnosisStatus()
 
     # --------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -597,43 +744,26 @@ class Diagnoser:
         return {
             "findings": [f.to_dict() for f in self.findings],
             "active": dict(self._active),
-            "first_total": list(self._first_total), "first_cls": list(self._first_cls),
-            "recent_total": list(self._recent_total), "recent_cls": list(self._recent_cls),
-            "stuck_checked": self._stuck_checked,
-            "ratio_samples": [[c, b] for c, b in self._ratio_samples],
-            "grad_history": list(self._grad_median.values), "loss_history": list(self._loss_median.values),
-            "grad_explode_run": self._grad_explode_run, "loss_explode_run": self._loss_explode_run,
-            "nonfinite_grad_run": self._nonfinite_grad_run,
-            "epochs": [dict(r) for r in self._epochs],
-            "first_epoch_cls": self._first_epoch_cls, "peak_pred_per_image": self._peak_pred_per_image,
-            "best_miou": self._best_miou, "best_miou_epoch": self._best_miou_epoch,
-            "es_best": self._es_best, "es_best_epoch": self._es_best_epoch, "es_bad_epochs": self._es_bad_epochs,
+            "detectors": {d.name: {f.name: _to_plain(getattr(d.state, f.name)) for f in fields(d.state)}
+                          for d in self.detectors},
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()``; an empty dict (older checkpoint) leaves the fresh state."""
-        if not state:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore ``state_dict()``. An empty dict (checkpoint without diagnoser state) changes nothing;
+        the flat format of older checkpoints is read too; whatever cannot be read stays fresh."""
+        if not state or not isinstance(state, Mapping):
             return
-        self._reset_windows()
-        self.findings = [Finding.from_dict(d) for d in state.get("findings", [])]
-        self._active.update({k: bool(v) for k, v in state.get("active", {}).items() if k in self._active})
-        self._first_total = list(state.get("first_total", []))[: self.loss_window]
-        self._first_cls = list(state.get("first_cls", []))[: self.loss_window]
-        self._recent_total.extend(state.get("recent_total", []))
-        self._recent_cls.extend(state.get("recent_cls", []))
-        self._stuck_checked = bool(state.get("stuck_checked", False))
-        self._ratio_samples.extend((float(c), float(b)) for c, b in state.get("ratio_samples", []))
-        self._grad_median = _RollingMedian(self.cfg.diverge_window, state.get("grad_history", []))
-        self._loss_median = _RollingMedian(self.cfg.diverge_window, state.get("loss_history", []))
-        self._grad_explode_run = int(state.get("grad_explode_run", 0))
-        self._loss_explode_run = int(state.get("loss_explode_run", 0))
-        self._nonfinite_grad_run = int(state.get("nonfinite_grad_run", 0))
-        self._epochs.extend(dict(r) for r in state.get("epochs", []))
-        self._first_epoch_cls = float(state.get("first_epoch_cls", math.nan))
-        self._peak_pred_per_image = float(state.get("peak_pred_per_image", math.nan))
-        self._best_miou = float(state.get("best_miou", math.nan))
-        self._best_miou_epoch = int(state.get("best_miou_epoch", 0))
-        self._es_best = state.get("es_best")
-        self._es_best_epoch = int(state.get("es_best_epoch", 0))
-        self._es_bad_epochs = int(state.get("es_bad_epochs", 0))
-        self._refresh_stop()
+        findings = state.get("findings")
+        self.findings = []
+        for data in findings if isinstance(findings, (list, tuple)) else ():
+            try:
+                self.findings.append(Finding.from_dict(data))
+            except (KeyError, TypeError, ValueError, AttributeError):
+                pass
+        active = state.get("active")
+        if isinstance(active, Mapping):
+            self._active.update({k: bool(v) for k, v in active.items() if k in self._active})
+        per_detector = _detector_states(state)
+        for det in self.detectors:
+            det.state = _load_state(det.new_state(), per_detector.get(det.name))
+        self._refresh_status()

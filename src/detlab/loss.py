@@ -1,17 +1,22 @@
-"""Weighted multibox loss with per-image hard negative mining.
+"""The SSD criterion: matching, hard negative mining, and the class/box weights with their schedule.
 
-``MultiBoxLoss(cfg.loss)(cls_logits, bbox_regression, labels, box_targets)`` returns
+``MultiBoxLoss`` owns everything between the head's outputs and the number the optimiser minimises
+(like DETR's ``SetCriterion``): it matches the ground truth to its anchors (``match_iou``, the
+``ignore_iou`` band, the box coder), mines negatives, and weighs the two terms with the weights of
+the given step (``loss.adaptive_weights``: ``LossWeightSchedule``). One call::
+
+    losses = criterion(model(images), gt_boxes, step)   # a LossTerms
+    losses.total.backward()
+
+``LossTerms`` holds the unweighted terms ``loss_cls``/``loss_box`` (each divided by the batch's
+number of positives, at least 1), the weighted terms, ``total = class_weight * loss_cls +
+box_weight * loss_box``, the weights used and ``num_pos``/``num_neg``. The training step,
+validation and the benchmark scripts all call it this way, so train and val totals are weighted
+identically. The weighted terms are separate autograd graphs over the same forward: a caller can
+back-propagate each on its own (the diagnosis's gradient-norm ratio does).
 
 - ``loss_cls``: softmax cross-entropy over the positives and the mined negatives,
-- ``loss_box``: Huber (``huber_delta``) or L1 on the positives, summed over the 4 coordinates,
-- ``loss_total = class_weight * loss_cls + box_weight * loss_box``,
-- ``num_pos``, ``num_neg`` (negatives kept by mining), as tensors,
-
-``loss_cls`` and ``loss_box`` are unweighted and both divided by the number of positives in the
-batch (at least 1). They are separate autograd graphs over the same forward, so a caller can
-back-propagate each term on its own (``torch.autograd.grad(out["loss_box"], params,
-retain_graph=True)``); ``classification_loss`` and ``box_regression_loss`` are the per-term
-functions.
+- ``loss_box``: Huber (``huber_delta``) or L1 on the positives, summed over the 4 coordinates.
 
 Mining (as torchvision's ``SSD.compute_loss``, per image): negatives are ranked by their
 cross-entropy and image ``b`` keeps its ``max(neg_pos_ratio * num_pos_b, min_negatives)`` hardest
@@ -23,14 +28,17 @@ matcher put in its ignore band (label ``IGNORE``), are never ranked as negatives
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import LossConfig
-from .model.matching import IGNORE
+from .config import AdaptiveWeightsConfig, Config, LossConfig
+from .model.box_coder import BoxCoder
+from .model.matching import IGNORE, assign_targets
 
 
 def mine_negatives(
@@ -99,28 +107,114 @@ def box_regression_loss(
     return torch.where(positive, per_coord, torch.zeros_like(per_coord)).sum()
 
 
+class LossWeightSchedule:
+    """Effective ``(class_weight, box_weight)`` per step; constant unless ``adaptive_weights.enabled``.
+
+    Factor ``f(step)`` goes from the start factor (until ``ramp_start_fraction * total_steps``) to 1
+    (from ``ramp_end_fraction * total_steps``), linearly or on a half cosine in between.
+    """
+
+    def __init__(self, cfg: AdaptiveWeightsConfig, class_weight: float, box_weight: float, total_steps: int) -> None:
+        self.enabled = bool(cfg.enabled)
+        self.class_weight = float(class_weight)
+        self.box_weight = float(box_weight)
+        self.start_class_factor = float(cfg.start_class_factor)
+        self.start_box_factor = float(cfg.start_box_factor)
+        self.shape = cfg.shape
+        self.ramp_start = int(round(cfg.ramp_start_fraction * total_steps))
+        self.ramp_end = max(self.ramp_start, int(round(cfg.ramp_end_fraction * total_steps)))
+
+    def progress(self, step: int) -> float:
+        """0 before the ramp, 1 after it."""
+        if step < self.ramp_start:
+            return 0.0
+        if step >= self.ramp_end:
+            return 1.0
+        t = (step - self.ramp_start) / (self.ramp_end - self.ramp_start)
+        return 0.5 * (1.0 - math.cos(math.pi * t)) if self.shape == "cosine" else t
+
+    def ramping(self, step: int) -> bool:
+        """True while the weights still differ from the configured pair on purpose."""
+        return self.enabled and step < self.ramp_end
+
+    def weights(self, step: int) -> tuple[float, float]:
+        if not self.enabled:
+            return self.class_weight, self.box_weight
+        p = self.progress(step)
+        class_factor = self.start_class_factor + (1.0 - self.start_class_factor) * p
+        box_factor = self.start_box_factor + (1.0 - self.start_box_factor) * p
+        return self.class_weight * class_factor, self.box_weight * box_factor
+
+
+@dataclass
+class LossTerms:
+    """What one criterion call returns (tensors keep their graphs; weights are the step's)."""
+
+    loss_cls: Tensor  # unweighted
+    loss_box: Tensor  # unweighted
+    weighted_cls: Tensor  # class_weight * loss_cls
+    weighted_box: Tensor  # box_weight * loss_box
+    total: Tensor  # weighted_cls + weighted_box: what is minimised
+    class_weight: float
+    box_weight: float
+    weights_ramping: bool  # the adaptive schedule still ramps (the imbalance is intended)
+    num_pos: Tensor
+    num_neg: Tensor
+
+    def values(self) -> dict[str, float]:
+        """``loss_cls``, ``loss_box``, ``loss_total`` and ``num_pos`` as floats (one host sync)."""
+        cls, box, total, num_pos = torch.stack([self.loss_cls.detach(), self.loss_box.detach(), self.total.detach(),
+                                                self.num_pos.detach().float()]).tolist()
+        return {"loss_cls": cls, "loss_box": box, "loss_total": total, "num_pos": num_pos}
+
+
+def multibox_terms(
+    cls_logits: Tensor, bbox_regression: Tensor, labels: Tensor, box_targets: Tensor, cfg: LossConfig
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Unweighted ``(loss_cls, loss_box, num_pos, num_neg)`` for matched ``labels``/``box_targets``."""
+    cls_sum, num_pos, num_neg = classification_loss(cls_logits, labels, cfg.neg_pos_ratio, cfg.min_negatives)
+    box_sum = box_regression_loss(bbox_regression, box_targets, labels, cfg.box_loss, cfg.huber_delta)
+    normaliser = num_pos.clamp(min=1).float()
+    return cls_sum / normaliser, box_sum / normaliser, num_pos, num_neg
+
+
 class MultiBoxLoss(nn.Module):
-    """SSD multibox loss: ``loss_total = class_weight * loss_cls + box_weight * loss_box``."""
+    """SSD criterion: ``criterion(outputs, gt_boxes, step) -> LossTerms`` (see the module docstring).
 
-    def __init__(self, cfg: LossConfig | None = None) -> None:
+    ``anchors [A, 4]`` xyxy and ``box_coder`` are the model's (``build_criterion`` takes them from it);
+    ``gt_boxes`` holds one ``[G_i, 4]`` xyxy tensor per image in the model's input pixels.
+    """
+
+    def __init__(self, cfg: LossConfig, anchors: Tensor, box_coder: BoxCoder, match_iou: float,
+                 ignore_iou: Optional[float] = None, total_steps: int = 1) -> None:
         super().__init__()
-        self.cfg = cfg if cfg is not None else LossConfig()
-        if self.cfg.box_loss not in ("huber", "l1"):
-            raise ValueError(f"loss.box_loss={self.cfg.box_loss!r}: expected huber or l1")
+        if cfg.box_loss not in ("huber", "l1"):
+            raise ValueError(f"loss.box_loss={cfg.box_loss!r}: expected huber or l1")
+        self.cfg = cfg
+        self.register_buffer("anchors", anchors, persistent=False)
+        self.box_coder = box_coder
+        self.match_iou = float(match_iou)
+        self.ignore_iou = ignore_iou
+        self.schedule = LossWeightSchedule(cfg.adaptive_weights, cfg.class_weight, cfg.box_weight, total_steps)
 
-    def forward(
-        self, cls_logits: Tensor, bbox_regression: Tensor, labels: Tensor, box_targets: Tensor
-    ) -> dict[str, Tensor]:
-        cfg = self.cfg
-        cls_sum, num_pos, num_neg = classification_loss(cls_logits, labels, cfg.neg_pos_ratio, cfg.min_negatives)
-        box_sum = box_regression_loss(bbox_regression, box_targets, labels, cfg.box_loss, cfg.huber_delta)
-        normaliser = num_pos.clamp(min=1).float()
-        loss_cls = cls_sum / normaliser
-        loss_box = box_sum / normaliser
-        return {
-            "loss_cls": loss_cls,
-            "loss_box": loss_box,
-            "loss_total": cfg.class_weight * loss_cls + cfg.box_weight * loss_box,
-            "num_pos": num_pos,
-            "num_neg": num_neg,
-        }
+    def match(self, gt_boxes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """``labels [B, A]`` (1 face, 0 background, ``IGNORE``) and encoded ``box_targets [B, A, 4]``."""
+        return assign_targets(self.anchors, list(gt_boxes), self.box_coder, self.match_iou, self.ignore_iou)
+
+    def forward(self, outputs: Mapping[str, Tensor], gt_boxes: Sequence[Tensor], step: int) -> LossTerms:
+        labels, box_targets = self.match(gt_boxes)
+        loss_cls, loss_box, num_pos, num_neg = multibox_terms(
+            outputs["cls_logits"].float(), outputs["bbox_regression"].float(), labels, box_targets, self.cfg)
+        class_weight, box_weight = self.schedule.weights(step)
+        weighted_cls = class_weight * loss_cls
+        weighted_box = box_weight * loss_box
+        return LossTerms(loss_cls=loss_cls, loss_box=loss_box, weighted_cls=weighted_cls, weighted_box=weighted_box,
+                         total=weighted_cls + weighted_box, class_weight=class_weight, box_weight=box_weight,
+                         weights_ramping=self.schedule.ramping(step), num_pos=num_pos, num_neg=num_neg)
+
+
+def build_criterion(cfg: Config, model: Any, total_steps: int = 1) -> MultiBoxLoss:
+    """The criterion for ``model`` (its anchors, box coder and device) with ``cfg.loss`` and the
+    matching thresholds of ``cfg.model``; ``total_steps`` scales the adaptive weight schedule."""
+    return MultiBoxLoss(cfg.loss, model.anchors, model.box_coder, cfg.model.match_iou, cfg.model.ignore_iou,
+                        total_steps)

@@ -13,7 +13,7 @@ Definitions (all boxes pixel ``xyxy``; predictions and ground truth in the same 
   A free non-ignored face is always preferred to an ignored one.
 - **TP/FP/FN, precision, recall, F1** count the predictions with ``score >= score_threshold``.
 - **AP50** (``ap50``): VOC all-point interpolated AP at IoU 0.5 over every prediction with
-  ``score >= ap_score_floor``. The precision-recall curve is evaluated only at distinct scores, so
+  ``score >= ap_score_floor`` (``eval.score_floor``). The precision-recall curve is evaluated only at distinct scores, so
   the order among tied scores cannot change the value.
 - **mIoU** (``miou``): the mean over ground-truth faces of the best IoU with any kept prediction
   (``score >= score_threshold``), 0 for a face without one. It does not depend on the matching (one
@@ -166,7 +166,7 @@ class DetectionEvaluator:
         return cls(
             iou_threshold=cfg.iou_threshold, score_threshold=cfg.score_threshold,
             size_edges=tuple(cfg.size_edges), size_adaptive_iou=cfg.size_adaptive_iou,
-            ap_score_floor=cfg.ap_score_floor,
+            ap_score_floor=cfg.score_floor,
             adaptive_iou_floor=getattr(cfg, "size_adaptive_iou_floor", 0.3),
         )
 

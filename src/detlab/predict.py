@@ -1,7 +1,10 @@
-"""The prediction loop shared by ``evaluate.py`` and validation: model -> NMSed boxes in original pixels.
+"""The one prediction path: model -> post-processed boxes in original pixels.
 
-``predict_dataset`` runs a model over a deterministic loader at the model's fixed input size and maps
-the boxes back with each target's ``scale``. ``predict_original_size`` runs every image at its own
+Validation, ``evaluate.py`` and the scripts all predict through ``predict_batches``: forward under
+autocast, ``SSD.postprocess`` with the ``eval`` group's settings (``score_floor``, ``nms_iou``,
+``pre_nms_top_k``, ``max_detections``), and ``to_original_frame`` with each target's ``scale``.
+Validation adds only its losses and drawings on top. ``predict_dataset`` collects a loader's
+predictions at the model's fixed input size; ``predict_original_size`` runs every image at its own
 size, or keep-aspect at "longer side = N" (``eval.input_size: N``), batch of one: the SSD's anchors
 depend on the input size, so one model per distinct size is built from the same weights (cached).
 """
@@ -9,14 +12,15 @@ depend on the input size, so one model per distinct size is built from the same 
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 from torchvision.transforms import v2
 
-from detlab.config import ModelConfig
+from detlab.config import EvalConfig, ModelConfig
 
 if TYPE_CHECKING:
     import numpy as np
@@ -30,34 +34,44 @@ def to_original_frame(boxes: torch.Tensor, target: Mapping[str, Any]) -> torch.T
     return boxes.detach().float().cpu() * torch.tensor([sx, sy, sx, sy])
 
 
+@dataclass
+class BatchPrediction:
+    """One batch through the prediction path."""
+
+    images: torch.Tensor  # [B, 3, H, W] as fed to the model (on its device)
+    targets: Sequence[Mapping[str, Any]]
+    outputs: dict[str, torch.Tensor]  # the head's float32 ``cls_logits`` / ``bbox_regression``
+    detections: list[dict[str, torch.Tensor]]  # per image: ``boxes`` (input pixels), ``scores``
+
+    def in_original_frame(self) -> list[Prediction]:
+        return [(int(target["image_id"]), to_original_frame(det["boxes"], target), det["scores"].detach().float().cpu())
+                for det, target in zip(self.detections, self.targets)]
+
+
 @torch.no_grad()
-def predict_dataset(
-    model: nn.Module,
-    loader: Iterable,
-    device: torch.device,
-    score_floor: float,
-    nms_iou: float,
-    max_detections: int,
-    pre_nms_top_k: Optional[int] = None,
-    amp: bool = False,
-) -> list[Prediction]:
-    """One pass over ``loader`` (``(images, targets)`` batches); boxes in original pixels, CPU tensors."""
+def predict_batches(model: nn.Module, loader: Iterable, device: torch.device, settings: EvalConfig,
+                    amp: bool = False) -> Iterator[BatchPrediction]:
+    """``(images, targets)`` batches -> ``BatchPrediction``s; batches left empty (every image was
+    skipped as unreadable) are passed over."""
     model.eval()
-    out: list[Prediction] = []
     for images, targets in loader:
-        if images.shape[0] == 0:  # every image of the batch was skipped as unreadable
+        if images.shape[0] == 0:
             continue
         images = images.to(device, non_blocking=True)
         with torch.autocast(device_type=device.type, enabled=amp):
             raw = model(images)
-        predictions = model.postprocess(
-            raw["cls_logits"].float(), raw["bbox_regression"].float(), score_floor=score_floor,
-            nms_iou=nms_iou, pre_nms_top_k=pre_nms_top_k, max_detections=max_detections,
+        outputs = {"cls_logits": raw["cls_logits"].float(), "bbox_regression": raw["bbox_regression"].float()}
+        detections = model.postprocess(
+            outputs["cls_logits"], outputs["bbox_regression"], score_floor=settings.score_floor,
+            nms_iou=settings.nms_iou, pre_nms_top_k=settings.pre_nms_top_k, max_detections=settings.max_detections,
         )
-        for pred, target in zip(predictions, targets):
-            out.append((int(target["image_id"]), to_original_frame(pred["boxes"], target),
-                        pred["scores"].detach().float().cpu()))
-    return out
+        yield BatchPrediction(images=images, targets=targets, outputs=outputs, detections=detections)
+
+
+def predict_dataset(model: nn.Module, loader: Iterable, device: torch.device, settings: EvalConfig,
+                    amp: bool = False) -> list[Prediction]:
+    """One pass over ``loader``; boxes in original pixels, CPU tensors."""
+    return [p for batch in predict_batches(model, loader, device, settings, amp) for p in batch.in_original_frame()]
 
 
 class OriginalSizeImages(torch.utils.data.Dataset):
@@ -138,16 +152,12 @@ class ModelsBySize:
         return self._models[size]
 
 
-@torch.no_grad()
 def predict_original_size(
     model_cfg: ModelConfig,
     state_dict: Mapping[str, torch.Tensor],
     dataset: OriginalSizeImages,
     device: torch.device,
-    score_floor: float,
-    nms_iou: float,
-    max_detections: int,
-    pre_nms_top_k: Optional[int] = None,
+    settings: EvalConfig,
     amp: bool = False,
     cache_size: int = 32,
 ) -> list[Prediction]:
@@ -157,6 +167,5 @@ def predict_original_size(
     for index in range(len(dataset)):
         image, target = dataset[index]
         model = models(image.shape[-1], image.shape[-2])
-        out.extend(predict_dataset(model, [(image.unsqueeze(0), [target])], device, score_floor, nms_iou,
-                                   max_detections, pre_nms_top_k, amp))
+        out.extend(predict_dataset(model, [(image.unsqueeze(0), [target])], device, settings, amp))
     return out

@@ -13,11 +13,13 @@ running, that failed before writing metrics, or whose last CSV line is half writ
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
 import math
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,12 +38,10 @@ FAILED_STATUSES = ("diverged", "failed")
 STAGES = ("early", "mid", "late")
 LOSS_KEYS = ("loss_cls", "loss_box", "loss_total")
 
-# Override keys that do not define the experiment; mirrors ``hydra.job.config.override_dirname.
-# exclude_keys`` in configs/config.yaml so a run is named like its sweep sub-folder.
-NON_DEFINING_OVERRIDE_KEYS = frozenset({
-    "experiment", "preset", "resume", "train.device", "train.torch_threads", "dataset.num_workers",
-    "run_dir", "hydra.launcher.n_jobs", "hydra.sweep.dir",
-})
+# Where the override keys that do not name a run are read from when a run folder has no Hydra record
+# (``.hydra/hydra.yaml``): the training entry config, as composed for every run.
+ENTRY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "config.yaml"
+_EXCLUDE_KEYS_PATH = "hydra.job.config.override_dirname.exclude_keys"
 
 # Columns of report.csv, in order. ``report.md`` shows the same rows without ``message`` and ``path``
 # (the message is listed under the table instead).
@@ -88,6 +88,7 @@ class RunResult:
     findings: list[dict[str, Any]] = field(default_factory=list)
     wall_time_s: Optional[float] = None
     warnings: list[str] = field(default_factory=list)  # what was tolerated while reading
+    exclude_keys: frozenset[str] = frozenset()  # override keys that do not name the run (Hydra's exclude_keys)
 
     @property
     def failed(self) -> bool:
@@ -125,6 +126,7 @@ def load_run(run_dir: Path | str) -> RunResult:
     config = _read_config(run_dir, warnings)
 
     overrides = [str(o) for o in summary.get("overrides") or []] or _read_overrides(run_dir, warnings)
+    exclude_keys = _exclude_keys(run_dir, warnings)
     hparams = dict(summary.get("hparams") or {})
     if summary:
         status = str(summary.get("status") or "unknown")
@@ -140,7 +142,7 @@ def load_run(run_dir: Path | str) -> RunResult:
     final = dict(summary.get("final") or {}) or (dict(history[-1]) if history else {})
     return RunResult(
         path=run_dir,
-        name=_run_name(overrides, run_dir.name),
+        name=_run_name(overrides, run_dir.name, exclude_keys),
         status=status,
         message=str(summary.get("message") or ""),
         step=_as_int(summary.get("step")),
@@ -152,12 +154,13 @@ def load_run(run_dir: Path | str) -> RunResult:
         overrides=overrides,
         hparams=hparams,
         history=history,
-        best=_best(summary.get("best") or {}, history),
+        best=dict(summary.get("best") or {}),
         final=final,
         stages={k: dict(v) for k, v in (summary.get("stages") or {}).items() if isinstance(v, dict)},
         findings=[f for f in summary.get("findings") or [] if isinstance(f, dict)],
         wall_time_s=_as_float(summary.get("wall_time_s")),
         warnings=warnings,
+        exclude_keys=exclude_keys,
     )
 
 
@@ -291,8 +294,19 @@ def _override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def _run_name(overrides: list[str], folder: str) -> str:
-    defining = [o for o in overrides if "=" in o and _override_key(o) not in NON_DEFINING_OVERRIDE_KEYS]
+def _exclude_keys(run_dir: Path, warnings: list[str]) -> frozenset[str]:
+    """Hydra's ``override_dirname.exclude_keys`` as composed for this run (its ``.hydra/hydra.yaml``),
+    else as the training entry config sets them: the keys that name a sweep sub-folder name the run."""
+    for path in (run_dir / ".hydra" / "hydra.yaml", ENTRY_CONFIG):
+        config = _read_yaml(path, warnings) if path.is_file() else None
+        keys = _select(config, _EXCLUDE_KEYS_PATH) if isinstance(config, DictConfig) else None
+        if keys is not None:
+            return frozenset(str(k) for k in keys)
+    return frozenset()
+
+
+def _run_name(overrides: list[str], folder: str, exclude_keys: frozenset[str] = frozenset()) -> str:
+    defining = [o for o in overrides if "=" in o and _override_key(o) not in exclude_keys]
     return ",".join(defining) or folder
 
 
@@ -305,7 +319,7 @@ def _drop_shared_overrides_from_names(runs: list[RunResult]) -> None:
     for run in runs:
         if run.overrides:
             distinct = [o for o in run.overrides if o not in shared]
-            run.name = _run_name(distinct, run.path.name) if distinct else run.name
+            run.name = _run_name(distinct, run.path.name, run.exclude_keys) if distinct else run.name
 
 
 def _weight(key: str, hparams: dict[str, Any], overrides: list[str], config: Optional[DictConfig]) -> Optional[float]:
@@ -315,14 +329,6 @@ def _weight(key: str, hparams: dict[str, Any], overrides: list[str], config: Opt
         if "=" in override and _override_key(override) == key:
             return _as_float(override.split("=", 1)[1])
     return _as_float(_select(config, key))
-
-
-def _best(summary_best: dict[str, Any], history: list[dict[str, float]]) -> dict[str, Any]:
-    """The epoch with the highest val mIoU in the history (the trainer may rank by another metric)."""
-    scored = [row for row in history if math.isfinite(row.get("val/miou", math.nan))]
-    if scored:
-        return dict(max(scored, key=lambda row: row["val/miou"]))
-    return dict(summary_best)
 
 
 def _first(*values: Any) -> Any:
@@ -652,3 +658,27 @@ def write_report(sweep_dir: Path | str, out_dir: Path | str | None = None,
     with atomic_binary_writer(paths["png"], fsync=False) as handle:
         figure.savefig(handle, format="png")
     return paths
+
+
+# ---------------------------------------------------------------------------------------------- command
+def main(argv: list[str] | None = None) -> int:
+    """``python scripts/sweep_report.py SWEEP_DIR [--out DIR]``: write the report and print its table."""
+    parser = argparse.ArgumentParser(prog="sweep_report.py",
+                                     description="Write the report of a sweep (report.md, report.csv, report.png) "
+                                                 "and print its table. Works on a sweep that is still running.")
+    parser.add_argument("sweep_dir", type=Path, help="the multirun folder holding one sub-folder per run")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: SWEEP_DIR)")
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        print(f"error: sweep directory not found: {args.sweep_dir}", file=sys.stderr)
+        return 2
+
+    runs = load_sweep(args.sweep_dir)
+    paths = write_report(args.sweep_dir, args.out, runs=runs)
+    print(format_counts(runs))
+    print()
+    print(markdown_table(report_table(runs)) if runs else "(no run directories found yet)")
+    print()
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0

@@ -64,14 +64,6 @@ class WiderGroundTruth:
         return {key: i for i, key in enumerate(self.keys)}
 
 
-def default_widerface_root() -> Path:
-    """``$DETLAB_WIDERFACE``, else ``../shared/widerface`` beside the repository."""
-    env = os.environ.get("DETLAB_WIDERFACE")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2].parent / "shared" / "widerface"
-
-
 def load_wider_ground_truth(gt_dir: str | os.PathLike) -> WiderGroundTruth:
     """Read ``wider_face_val.mat`` and the easy / medium / hard keep lists from ``gt_dir``."""
     from scipy.io import loadmat  # imported here: only the WIDER protocol needs scipy
@@ -157,7 +149,7 @@ def wider_pr_curves(
     else:
         selected = []
         for key in images:
-            key = _strip_extension(key)
+            key = image_key(key)
             if key not in index:
                 raise KeyError(f"image '{key}' is not in the WIDER FACE val ground truth")
             selected.append(index[key])
@@ -232,8 +224,12 @@ def _count_at_or_above(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray
     return (len(ordered) - np.searchsorted(ordered, thresholds, side="left")).astype(np.float64)
 
 
-def _strip_extension(key: str) -> str:
-    return key[:-4] if key.lower().endswith(".jpg") else key
+def image_key(path: str) -> str:
+    """The protocol's key of an image: ``"0--Parade/0_Parade_x_1.jpg"`` -> ``"0--Parade/0_Parade_x_1"``
+    (forward slashes; an image extension is dropped, any other suffix kept)."""
+    key = str(path).replace("\\", "/")
+    stem, dot, suffix = key.rpartition(".")
+    return stem if dot and suffix.lower() in ("jpg", "jpeg", "png") and "/" not in suffix else key
 
 
 # ----------------------------------------------------------------------------- submission layout
@@ -258,7 +254,7 @@ def save_predictions(predictions: Mapping[str, np.ndarray], out_dir: str | os.Pa
     out_dir = Path(out_dir)
     written = []
     for key, array in predictions.items():
-        key = _strip_extension(key)
+        key = image_key(key)
         event, _, name = key.rpartition("/")
         if not event or not name:
             raise ValueError(f"prediction key '{key}': expected 'event/name'")
@@ -291,7 +287,7 @@ def _read_prediction_file(path: Path) -> tuple[str, np.ndarray]:
     lines = path.read_text().splitlines()
     if len(lines) < 2:
         raise ValueError(f"{path}: expected a name line and a count line, found {len(lines)} line(s)")
-    name = _strip_extension(lines[0].strip().split("/")[-1])
+    name = image_key(lines[0].strip().split("/")[-1])
     try:
         count = int(lines[1].strip() or "0")
     except ValueError:
@@ -327,6 +323,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="predicted: only images with a prediction file count (default); "
                              "all: every val image, a missing file meaning no predictions")
     args = parser.parse_args(argv)
+    from detlab.data.wider import default_widerface_root
+
     gt_dir = Path(args.gt) if args.gt else default_widerface_root() / "eval_tools" / "ground_truth"
     try:
         gt = load_wider_ground_truth(gt_dir)

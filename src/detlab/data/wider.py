@@ -29,6 +29,15 @@ from detlab.data.cache import DecodedImageCache
 
 log = logging.getLogger(__name__)
 
+def default_widerface_root() -> Path:
+    """Where the real WIDER FACE folder is looked for by scripts and tests: ``$DETLAB_WIDERFACE``,
+    else ``../shared/widerface`` beside the repository (it may not exist)."""
+    env = os.environ.get("DETLAB_WIDERFACE")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[3].parent / "shared" / "widerface"
+
+
 ATTRIBUTE_NAMES = ("blur", "expression", "illumination", "invalid", "occlusion", "pose")
 FACE_FIELDS = ("x1", "y1", "w", "h") + ATTRIBUTE_NAMES
 INVALID = ATTRIBUTE_NAMES.index("invalid")

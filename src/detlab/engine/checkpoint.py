@@ -1,49 +1,15 @@
-"""Atomic run-directory writes and checkpoint files that load with ``weights_only=True``."""
+"""Checkpoint files: written atomically, loaded with ``weights_only=True`` (never executes a pickle)."""
 
 from __future__ import annotations
 
-import csv
 import io
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from detlab.fileio import atomic_binary_writer, atomic_write_bytes, atomic_write_text  # noqa: F401 (re-exported)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item"):  # numpy scalars
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
-    """Rewrite the whole CSV (header + rows) atomically; missing values stay empty."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: _csv_value(row.get(k)) for k in columns})
-    atomic_write_text(path, buffer.getvalue())
-
-
-def _csv_value(value: Any) -> Any:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return value
+from detlab.config import Config, load_saved_config
+from detlab.fileio import atomic_write_bytes
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -78,3 +44,26 @@ def find_resume_checkpoint(resume: Any, run_dir: Path) -> Path | None:
     if not path.is_file():
         raise FileNotFoundError(f"resume={resume!r}: no checkpoint at {path}")
     return path
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, unreadable or not written by train.py; the message says which."""
+
+
+def load_trained(path: str | Path) -> tuple[Config, dict[str, Any]]:
+    """``(training config, checkpoint)`` of a train.py checkpoint, on the CPU; keys of the saved config
+    that have moved since are moved (``detlab.config.load_saved_config``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint={str(path)!r}: file not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - truncated, not a checkpoint, or an unsafe pickle
+        raise CheckpointError(f"checkpoint={str(path)!r}: cannot be loaded ({error})") from None
+    if not (isinstance(checkpoint, dict) and {"model", "config"} <= set(checkpoint)):
+        raise CheckpointError(f"checkpoint={str(path)!r}: expected a dict with 'model' and 'config' (written by train.py)")
+    try:
+        cfg = load_saved_config(checkpoint["config"])
+    except Exception as error:  # noqa: BLE001 - any schema mismatch is reported the same way
+        raise CheckpointError(f"checkpoint={str(path)!r}: its config does not match the schema: {error}") from None
+    return cfg, checkpoint

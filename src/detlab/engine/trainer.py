@@ -6,8 +6,6 @@ The maths lives in the modules it calls; this file decides what happens when.
 from __future__ import annotations
 
 import logging
-import math
-import os
 import random
 import time
 import traceback
@@ -18,41 +16,25 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from torch import nn
 from tqdm.auto import tqdm
 
-from detlab.config import Config, as_flat_dict
+from detlab.config import METRIC_COLUMNS, Config, as_flat_dict
 from detlab.data import build_datasets, build_loader
-from detlab.diagnosis import Diagnoser, LossWeightSchedule, loss_term_grad_norms
-from detlab.engine.checkpoint import (
-    atomic_write_text,
-    find_resume_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    write_csv,
-    write_json,
-)
-from detlab.engine.optim import build_optimizer
-from detlab.engine.schedule import StageBoundaries, build_scheduler, stage_boundaries
+from detlab.diagnosis import Diagnoser, Finding, StopReason
+from detlab.engine.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
+from detlab.engine.device import select_device
+from detlab.engine.early_stopping import EarlyStopping
+from detlab.engine.schedule import StageBoundaries, stage_boundaries
+from detlab.engine.step import StepRecord, build_training
 from detlab.engine.tensorboard import add_scalars, open_writer, write_hparams
 from detlab.engine.validation import validate
-from detlab.loss import MultiBoxLoss
-from detlab.model import build_model
-from detlab.model.matching import assign_targets
+from detlab.fileio import atomic_write_text, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
-METRIC_COLUMNS = [
-    "epoch", "step", "lr",
-    "train/loss_cls", "train/loss_box", "train/loss_total",
-    "val/loss_cls", "val/loss_box", "val/loss_total",
-    "val/miou", "val/mean_tp_iou", "val/tp", "val/fp", "val/fn",
-    "val/precision", "val/recall", "val/f1", "val/ap50",
-    "val/pred_per_image", "val/pred_mean_size", "val/pred_large_share", "val/fp_small_share",
-    "train_time_s", "val_time_s",
-]
+__all__ = ["METRIC_COLUMNS", "Trainer", "train"]
+
 LOSS_KEYS = ("loss_cls", "loss_box", "loss_total")
-HIGHER_IS_BETTER = {"miou", "recall", "precision", "f1", "ap50", "mean_tp_iou"}
 
 
 @dataclass
@@ -73,17 +55,11 @@ class RunState:
 
 @dataclass
 class EpochOutcome:
+    """An epoch's mean train losses and, when the run must end, its status and why."""
+
     means: dict[str, float]
-    diverged_message: Optional[str] = None
-    stop_message: Optional[str] = None
-
-
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available (use train.device=auto)")
-    return torch.device(name)
+    end_status: Optional[str] = None  # diverged | stopped
+    end_message: str = ""
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -119,11 +95,6 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(cfg.train.seed)
         self.device = select_device(cfg.train.device)
-        # Autocast: float16 on CUDA (with the gradient scaler), bfloat16 on the CPU (no scaler needed:
-        # bfloat16 has float32's exponent range).
-        cuda = self.device.type == "cuda"
-        self.amp = bool(cfg.train.amp) if cuda else bool(cfg.train.cpu_bf16)
-
         self.train_set, self.val_set = build_datasets(cfg)
         drop_last = len(self.train_set) > cfg.train.batch_size
         self.train_loader = build_loader(self.train_set, cfg.train.batch_size, shuffle=True,
@@ -134,17 +105,14 @@ class Trainer:
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
 
-        self.model = build_model(cfg.model).to(self.device)
-        self.criterion = MultiBoxLoss(cfg.loss)
-        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.total_steps, self.steps_per_epoch)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and cuda)
+        parts = build_training(cfg, self.device, self.total_steps, self.steps_per_epoch)
+        self.parts = parts
+        self.model, self.criterion, self.optimizer = parts.model, parts.criterion, parts.optimizer
+        self.scheduler, self.scaler, self.amp = parts.scheduler, parts.scaler, parts.amp
         self.stages: StageBoundaries = stage_boundaries(cfg.stages, cfg.schedule, self.total_steps,
                                                         self.steps_per_epoch)
-        self.weights = LossWeightSchedule(cfg.diagnosis, cfg.loss.class_weight, cfg.loss.box_weight,
-                                          self.total_steps)
-        self.diagnoser = Diagnoser(cfg.diagnosis, self.total_steps, self.steps_per_epoch,
-                                   self.stages.early_end, self.stages.late_start)
+        self.diagnoser = Diagnoser(cfg.diagnosis, self.stages, self.total_steps, self.steps_per_epoch)
+        self.early_stopping = EarlyStopping(cfg.early_stopping)
         self.shared_params = [p for p in self.model.shared_parameters() if p.requires_grad]
 
     def _resume(self) -> bool:
@@ -158,6 +126,7 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.state = RunState(**ckpt["state"])
         self.diagnoser.load_state_dict(ckpt.get("diagnoser", {}))
+        self.early_stopping.load_state_dict(ckpt.get("early_stopping") or self._early_stopping_of_old_checkpoint(ckpt))
         log.info("resumed from %s at epoch %d, step %d", path, self.state.epoch, self.state.step)
         return True
 
@@ -200,13 +169,13 @@ class Trainer:
             t0 = time.time()
             outcome = self._train_epoch(epoch)
             train_time = time.time() - t0
-            if outcome.diverged_message:
-                self.status, self.message = "diverged", outcome.diverged_message
+            if outcome.end_status == "diverged":
+                self.status, self.message = "diverged", outcome.end_message
                 self._save("last.pt")
-                log.error("run diverged: %s", outcome.diverged_message)
+                log.error("run diverged: %s", outcome.end_message)
                 return
             t0 = time.time()
-            result = validate(self.model, self.val_loader, self.criterion, cfg.model, cfg.eval, self.device,
+            result = validate(self.model, self.val_loader, self.criterion, cfg.eval, self.device, self.state.step,
                               amp=self.amp, num_images=cfg.eval.num_logged_images)
             val_time = time.time() - t0
             row = {"epoch": epoch, "step": self.state.step, "lr": self.optimizer.param_groups[0]["lr"],
@@ -215,19 +184,35 @@ class Trainer:
             self.state.epoch = epoch
             self.state.history.append(row)
             self._log_epoch(epoch, row, result.images)
-            self._update_best(row)
-            self._observe_epoch(epoch, row)
+            if self.early_stopping.update(epoch, row):
+                self.state.best = dict(row)
+                self._save("best.pt")
+            self._report_findings(self.diagnoser.observe_epoch(epoch, self.state.step, row), self.state.step)
             self._save("last.pt")
             write_csv(self.run_dir / "metrics.csv", self.state.history, METRIC_COLUMNS)
             self._write_summary()
             epochs.set_postfix(miou=f"{row.get('val/miou', 0.0):.3f}", recall=f"{row.get('val/recall', 0.0):.3f}")
-            stop, reason = self.diagnoser.should_stop()
-            if stop:
-                self.status = "diverged" if "diverg" in reason else "stopped"
-                self.message = reason
-                log.warning("stopping early: %s", reason)
+            end_status, end_message = self._end_of_epoch_decision(outcome)
+            if end_status:
+                self.status, self.message = end_status, end_message
+                log.warning("stopping early: %s", end_message)
                 return
         self.status, self.message = "completed", ""
+
+    def _stop_decision(self) -> tuple[Optional[str], str]:
+        """The diagnosis's stop (diverged or stuck), as a run status and message."""
+        status = self.diagnoser.status
+        if not status.stop:
+            return None, ""
+        return ("diverged" if status.reason is StopReason.DIVERGED else "stopped"), status.message
+
+    def _end_of_epoch_decision(self, outcome: EpochOutcome) -> tuple[Optional[str], str]:
+        end_status, end_message = self._stop_decision()
+        if end_status:
+            return end_status, end_message
+        if self.early_stopping.should_stop:
+            return "stopped", self.early_stopping.message()
+        return None, ""
 
     def _reseed(self, epoch: int) -> None:
         seed = epoch_seed(self.cfg.train.seed, epoch)
@@ -237,8 +222,8 @@ class Trainer:
             generator.manual_seed(seed)
 
     def _train_epoch(self, epoch: int) -> EpochOutcome:
-        cfg, model = self.cfg, self.model
-        model.train()
+        cfg = self.cfg
+        self.model.train()
         sums = dict.fromkeys(LOSS_KEYS, 0.0)
         seen = 0
         bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{cfg.train.epochs}", unit="batch", leave=False,
@@ -247,61 +232,35 @@ class Trainer:
             step = self.state.step
             images = images.to(self.device, non_blocking=True)
             gt_boxes = [t["boxes"].to(self.device, non_blocking=True) for t in targets]
-            labels, box_targets = assign_targets(model.anchors, gt_boxes, model.box_coder, cfg.model.match_iou,
-                                                 cfg.model.ignore_iou)
-            class_weight, box_weight = self.weights.weights(step)
-            with torch.autocast(device_type=self.device.type, enabled=self.amp):
-                out = model(images)
-            losses = self.criterion(out["cls_logits"].float(), out["bbox_regression"].float(), labels, box_targets)
-            weighted_cls = class_weight * losses["loss_cls"]
-            weighted_box = box_weight * losses["loss_box"]
-            loss_total = weighted_cls + weighted_box
-            values = {"loss_cls": float(losses["loss_cls"].detach()), "loss_box": float(losses["loss_box"].detach()),
-                      "loss_total": float(loss_total.detach())}
-            signals: dict[str, float] = {**values, "lr": self.optimizer.param_groups[0]["lr"],
-                                         "num_pos": float(losses["num_pos"])}
-            if not math.isfinite(values["loss_total"]):
+            record = self.parts.step(images, gt_boxes, step, grad_clip_norm=cfg.optim.grad_clip_norm,
+                                     grad_norm_params=self.shared_params if self.diagnoser.wants_grad_norms(step) else None)
+            signals = record.signals()
+            if not record.updated:
                 # Recorded as a divergence finding too, then the run ends before the bad update.
                 self._report_findings(self.diagnoser.observe_step(step, epoch, signals), step)
-                return EpochOutcome(means=self._means(sums, seen),
-                                    diverged_message=f"non-finite loss at step {step} (epoch {epoch}): "
-                                                     f"loss_cls={values['loss_cls']}, loss_box={values['loss_box']}")
-            if self.diagnoser.wants_grad_norms(step):
-                # Under AMP the terms are scaled like the real backward, so fp16 gradients don't underflow.
-                scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
-                g_cls, g_box = loss_term_grad_norms(weighted_cls, weighted_box, self.shared_params, scale=scale)
-                signals.update(grad_norm_cls=g_cls, grad_norm_box=g_box)
-
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss_total).backward()
-            self.scaler.unscale_(self.optimizer)
-            max_norm = cfg.optim.grad_clip_norm or float("inf")
-            signals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
+                return EpochOutcome(means=self._means(sums, seen), end_status="diverged",
+                                    end_message=f"non-finite loss at step {step} (epoch {epoch}): "
+                                                f"loss_cls={record.loss_cls}, loss_box={record.loss_box}")
             self.state.step += 1
-
             for key in LOSS_KEYS:
-                sums[key] += values[key]
+                sums[key] += signals[key]
             seen += 1
-            self._accumulate_stage(step, values)
+            self._accumulate_stage(step, signals)
             if step % cfg.train.log_every == 0:
-                scalars = {f"train/{k}": v for k, v in signals.items()}
-                scalars["train/class_weight"], scalars["train/box_weight"] = class_weight, box_weight
-                if "grad_norm_cls" in signals and signals["grad_norm_cls"] > 0:
-                    scalars["diagnosis/grad_norm_ratio_box_to_cls"] = signals["grad_norm_box"] / signals["grad_norm_cls"]
-                add_scalars(self.writer, scalars, step)
+                self._log_step(step, record, signals)
             self._report_findings(self.diagnoser.observe_step(step, epoch, signals), step)
-            bar.set_postfix(loss=f"{values['loss_total']:.3f}", cls=f"{values['loss_cls']:.3f}",
-                            box=f"{values['loss_box']:.3f}")
-            stop, reason = self.diagnoser.should_stop()
-            if stop:
-                diverged = "diverg" in reason
-                return EpochOutcome(means=self._means(sums, seen),
-                                    diverged_message=reason if diverged else None,
-                                    stop_message=None if diverged else reason)
+            bar.set_postfix(loss=f"{record.loss_total:.3f}", cls=f"{record.loss_cls:.3f}", box=f"{record.loss_box:.3f}")
+            end_status, end_message = self._stop_decision()
+            if end_status:
+                return EpochOutcome(means=self._means(sums, seen), end_status=end_status, end_message=end_message)
         return EpochOutcome(means=self._means(sums, seen))
+
+    def _log_step(self, step: int, record: StepRecord, signals: dict[str, float]) -> None:
+        scalars = {f"train/{k}": v for k, v in signals.items() if k != "weights_ramping"}
+        scalars["train/class_weight"], scalars["train/box_weight"] = record.class_weight, record.box_weight
+        if record.grad_norm_cls and record.grad_norm_box is not None:
+            scalars["diagnosis/grad_norm_ratio_box_to_cls"] = record.grad_norm_box / record.grad_norm_cls
+        add_scalars(self.writer, scalars, step)
 
     @staticmethod
     def _means(sums: dict[str, float], seen: int) -> dict[str, float]:
@@ -336,22 +295,7 @@ class Trainer:
         add_scalars(self.writer, {f"diagnosis/{k}": v for k, v in self.diagnoser.scalars().items()}, step)
         self.writer.flush()
 
-    def _update_best(self, row: dict[str, float]) -> None:
-        metric = f"val/{self.cfg.diagnosis.early_stopping_metric}"
-        value = row.get(metric)
-        if value is None or not math.isfinite(value):
-            return
-        higher = self.cfg.diagnosis.early_stopping_metric in HIGHER_IS_BETTER
-        best = self.state.best.get(metric)
-        if best is None or (value > best if higher else value < best):
-            self.state.best = dict(row)
-            self._save("best.pt")
-
-    def _observe_epoch(self, epoch: int, row: dict[str, float]) -> None:
-        signals = {k: v for k, v in row.items() if isinstance(v, (int, float))}
-        self._report_findings(self.diagnoser.observe_epoch(epoch, self.state.step, signals), self.state.step)
-
-    def _report_findings(self, findings: list, step: int) -> None:
+    def _report_findings(self, findings: list[Finding], step: int) -> None:
         for finding in findings:
             log.warning(finding.console_line())
             self.state.findings.append(finding.to_dict())
@@ -365,11 +309,18 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "state": {**self.state.to_dict(), "elapsed_s": self._elapsed()},
             "diagnoser": self.diagnoser.state_dict(),
+            "early_stopping": self.early_stopping.state_dict(),
             "config": OmegaConf.to_container(OmegaConf.structured(self.cfg)),
             "epoch": self.state.epoch,
             "step": self.state.step,
         }
         save_checkpoint(self.run_dir / "checkpoints" / name, checkpoint)
+
+    def _early_stopping_of_old_checkpoint(self, ckpt: dict[str, Any]) -> dict[str, Any]:
+        """Checkpoints written before ``early_stopping`` existed: best from the run's best row."""
+        best = self.state.best.get(self.early_stopping.monitor)
+        return {"best": best, "best_epoch": int(self.state.best.get("epoch", 0)),
+                "bad_epochs": int(ckpt.get("diagnoser", {}).get("es_bad_epochs", 0))}
 
     def _elapsed(self) -> float:
         return self.state.elapsed_s + (time.time() - self._session_start)
@@ -400,6 +351,8 @@ class Trainer:
             "hparams": self.hparams,
             "overrides": self.overrides,
             "best": self.state.best,
+            "best_by": {"monitor": self.early_stopping.monitor, "mode": self.early_stopping.mode,
+                        "value": self.early_stopping.best, "epoch": self.early_stopping.best_epoch},
             "final": self._final_metrics(),
             "stages": self.stage_means(),
             "findings": self.state.findings,

@@ -1,21 +1,24 @@
-"""Per-epoch validation: val losses, detection metrics (``detlab.metrics``) and prediction statistics."""
+"""Per-epoch validation: the prediction path of ``detlab.predict`` plus the val losses and drawings.
+
+Detection metrics (``detlab.metrics``) are computed in original image pixels on the same
+predictions ``evaluate.py`` makes, so the two agree by construction.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from detlab.config import EvalConfig, ModelConfig
+from detlab.config import EvalConfig
 from detlab.data.transforms import denormalize
 from detlab.engine.tensorboard import draw_detections
+from detlab.loss import MultiBoxLoss
 from detlab.metrics import DetectionEvaluator
-from detlab.model.matching import assign_targets
-from detlab.predict import to_original_frame
+from detlab.predict import BatchPrediction, predict_batches
 
 
 @dataclass
@@ -61,44 +64,30 @@ class _PredictionStats:
 def validate(
     model: nn.Module,
     loader: DataLoader,
-    criterion: nn.Module,
-    model_cfg: ModelConfig,
+    criterion: MultiBoxLoss,
     eval_cfg: EvalConfig,
     device: torch.device,
+    step: int,
     amp: bool = False,
     num_images: int = 0,
 ) -> ValidationResult:
-    """Run the model over ``loader`` once; metrics are computed in original image pixels."""
-    model.eval()
+    """One pass over ``loader``: ``val/`` losses weighted as at training ``step``, metrics, statistics."""
     evaluator = DetectionEvaluator.from_config(eval_cfg)
     stats = _PredictionStats(eval_cfg.score_threshold, eval_cfg.size_edges[1])
     records = loader.dataset.records
     loss_sums = {"loss_cls": 0.0, "loss_box": 0.0, "loss_total": 0.0}
     num_batches = 0
     drawn: list[np.ndarray] = []
-    for images, targets in loader:
-        images = images.to(device, non_blocking=True)
-        with torch.autocast(device_type=device.type, enabled=amp):
-            out = model(images)
-        cls_logits = out["cls_logits"].float()  # [B, A, C]
-        bbox_regression = out["bbox_regression"].float()  # [B, A, 4]
-        gt_input = [t["boxes"].to(device) for t in targets]
-        labels, box_targets = assign_targets(model.anchors, gt_input, model.box_coder, model_cfg.match_iou,
-                                             model_cfg.ignore_iou)
-        losses = criterion(cls_logits, bbox_regression, labels, box_targets)
+    for batch in predict_batches(model, loader, device, eval_cfg, amp):
+        gt_input = [t["boxes"].to(device) for t in batch.targets]
+        values = criterion(batch.outputs, gt_input, step).values()
         for key in loss_sums:
-            loss_sums[key] += float(losses[key])
+            loss_sums[key] += values[key]
         num_batches += 1
-
-        predictions = model.postprocess(
-            cls_logits, bbox_regression, score_floor=eval_cfg.ap_score_floor, nms_iou=eval_cfg.nms_iou,
-            pre_nms_top_k=model_cfg.pre_nms_top_k, max_detections=model_cfg.max_detections,
-        )
         if len(drawn) < num_images:
-            drawn.extend(_draw(images, targets, predictions, eval_cfg.score_threshold, num_images - len(drawn)))
-        for pred, target in zip(predictions, targets):
-            pred["boxes"], pred["scores"] = to_original_frame(pred["boxes"], target), pred["scores"].float().cpu()
-        gt_original = [torch.from_numpy(records[int(t["image_id"])].boxes).float() for t in targets]
+            drawn.extend(_draw(batch, eval_cfg.score_threshold, num_images - len(drawn)))
+        predictions = [{"boxes": boxes, "scores": scores} for _, boxes, scores in batch.in_original_frame()]
+        gt_original = [torch.from_numpy(records[int(t["image_id"])].boxes).float() for t in batch.targets]
         evaluator.update(predictions, gt_original)
         stats.update(predictions)
 
@@ -111,13 +100,10 @@ def validate(
     return ValidationResult(metrics=metrics, images=drawn)
 
 
-def _draw(
-    images: torch.Tensor, targets: list[dict[str, Any]], predictions: list[dict[str, torch.Tensor]],
-    score_threshold: float, limit: int,
-) -> list[np.ndarray]:
-    pictures = denormalize(images[:limit].float().cpu())  # [b, 3, H, W], 0..255
+def _draw(batch: BatchPrediction, score_threshold: float, limit: int) -> list[np.ndarray]:
+    pictures = denormalize(batch.images[:limit].float().cpu())  # [b, 3, H, W], 0..255
     drawn = []
-    for picture, target, pred in zip(pictures, targets, predictions):
+    for picture, target, pred in zip(pictures, batch.targets, batch.detections):
         keep = pred["scores"] >= score_threshold
         rgb = picture.clamp(0, 255).byte().permute(1, 2, 0).numpy()
         drawn.append(draw_detections(rgb, target["boxes"].numpy(), pred["boxes"][keep].float().cpu().numpy(),

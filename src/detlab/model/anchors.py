@@ -75,7 +75,3 @@ def default_box_anchors(
     # The generator reads only the padded batch shape and the image sizes from the ImageList.
     images = ImageList(feature_maps[0].new_empty((1, 3, height, width)), [(height, width)])
     return generator(images, feature_maps)[0].float()
-
-
-def anchors_per_location(min_sizes: Sequence[Sequence[float]]) -> list[int]:
-    return [len(sizes) for sizes in min_sizes]

@@ -2,8 +2,8 @@
 
 ``SSD`` is deliberately thin: a backbone returning feature maps, a head returning
 ``cls_logits [B, A, C]`` / ``bbox_regression [B, A, 4]``, fixed anchors ``[A, 4]`` (a buffer, in
-input pixels, for the model's fixed input size) and a ``BoxCoder``. Matching and the loss live in
-``detlab.model.matching`` and ``detlab.loss`` so the training loop can weigh and inspect them.
+input pixels, for the model's fixed input size) and a ``BoxCoder``. The criterion
+(``detlab.loss.MultiBoxLoss``) matches and weighs; ``detlab.predict`` runs ``postprocess``.
 
 Head initialisation (documented because the study is about how training starts):
 
@@ -131,9 +131,6 @@ class SSD(nn.Module):
         """Trainable parameters both heads depend on: the backbone including its extra layers."""
         return (p for p in self.backbone.parameters() if p.requires_grad)
 
-    def head_parameters(self) -> Iterator[nn.Parameter]:
-        return (p for p in self.head.parameters() if p.requires_grad)
-
     def decode(self, bbox_regression: Tensor) -> Tensor:
         """Deltas ``[B, A, 4]`` -> xyxy boxes ``[B, A, 4]`` in input pixels, clipped to the image."""
         boxes = self.box_coder.decode(bbox_regression.float(), self.anchors)
@@ -145,24 +142,17 @@ class SSD(nn.Module):
         self,
         cls_logits: Tensor,
         bbox_regression: Tensor,
-        score_floor: Optional[float] = None,
-        nms_iou: Optional[float] = None,
-        pre_nms_top_k: Optional[int] = None,
-        max_detections: Optional[int] = None,
+        score_floor: float,
+        nms_iou: float,
+        pre_nms_top_k: int,
+        max_detections: int,
     ) -> list[dict[str, Tensor]]:
-        """Scores, top-k, NMS per image, vectorised over the batch.
+        """Scores, top-k, NMS per image, vectorised over the batch (settings: the ``eval`` group).
 
         The score is the softmax face probability (for ``C > 2``: the best non-background class).
-        ``None`` arguments take the model config's ``score_floor``/``nms_iou``/``pre_nms_top_k``/
-        ``max_detections``. Returns one ``dict(boxes [K, 4] xyxy input pixels, scores [K])`` per image,
-        sorted by descending score.
+        Returns one ``dict(boxes [K, 4] xyxy input pixels, scores [K])`` per image, sorted by
+        descending score.
         """
-        cfg = self.cfg
-        score_floor = cfg.score_floor if score_floor is None else score_floor
-        nms_iou = cfg.nms_iou if nms_iou is None else nms_iou
-        pre_nms_top_k = cfg.pre_nms_top_k if pre_nms_top_k is None else pre_nms_top_k
-        max_detections = cfg.max_detections if max_detections is None else max_detections
-
         batch = cls_logits.shape[0]
         scores = F.softmax(cls_logits.float(), dim=-1)[..., 1:].amax(dim=-1)  # [B, A]
         boxes = self.decode(bbox_regression)  # [B, A, 4]
@@ -184,11 +174,6 @@ class SSD(nn.Module):
             chunk = chunk[:max_detections]
             results.append({"boxes": flat_boxes[chunk], "scores": flat_scores[chunk]})
         return results
-
-    def detect(self, images: Tensor, **kwargs) -> list[dict[str, Tensor]]:
-        """``forward`` then ``postprocess`` (keyword arguments go to ``postprocess``)."""
-        out = self(images)
-        return self.postprocess(out["cls_logits"], out["bbox_regression"], **kwargs)
 
 
 @torch.no_grad()

@@ -1,0 +1,120 @@
+"""One optimisation step as a function: forward, criterion, backward, clip, update, schedule.
+
+``train_step`` returns a ``StepRecord`` of plain floats, so a step can be unit-tested and timed on
+its own; the training loop, ``scripts/profile_step.py``, ``scripts/bench_precision.py`` and
+``scripts/bench_train_overhead.py`` all call it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from detlab.config import Config
+from detlab.diagnosis import loss_term_grad_norms
+from detlab.engine.optim import build_optimizer
+from detlab.engine.schedule import build_scheduler
+from detlab.loss import MultiBoxLoss, build_criterion
+from detlab.model import build_model
+
+
+@dataclass
+class TrainingParts:
+    """What a step needs besides the batch: ``build_training`` makes them from a config."""
+
+    model: nn.Module
+    criterion: MultiBoxLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    amp: bool  # autocast: float16 with the scaler on CUDA, bfloat16 on the CPU
+
+    def step(self, images: Tensor, gt_boxes: Sequence[Tensor], step: int, grad_clip_norm: Optional[float] = None,
+             grad_norm_params: Optional[Sequence[nn.Parameter]] = None) -> "StepRecord":
+        return train_step(self.model, self.criterion, self.optimizer, self.scheduler, self.scaler, images, gt_boxes,
+                          step, amp=self.amp, grad_clip_norm=grad_clip_norm, grad_norm_params=grad_norm_params)
+
+
+def build_training(cfg: Config, device: torch.device, total_steps: int, steps_per_epoch: int) -> TrainingParts:
+    """Model (on ``device``), criterion, optimiser, learning-rate schedule and gradient scaler, in
+    that order (the model's initialisation draws from the global RNG)."""
+    cuda = device.type == "cuda"
+    amp = bool(cfg.train.amp) if cuda else bool(cfg.train.cpu_bf16)
+    model = build_model(cfg.model).to(device)
+    criterion = build_criterion(cfg, model, total_steps)
+    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.schedule, total_steps, steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and cuda)
+    return TrainingParts(model, criterion, optimizer, scheduler, scaler, amp)
+
+
+@dataclass
+class StepRecord:
+    """What one step measured. ``updated`` is False when the loss was not finite: no update was made."""
+
+    loss_cls: float  # unweighted
+    loss_box: float  # unweighted
+    loss_total: float  # weighted, as minimised
+    class_weight: float
+    box_weight: float
+    weights_ramping: bool
+    lr: float  # the step's learning rate (before the scheduler advanced)
+    num_pos: float
+    grad_norm: float = math.nan  # total gradient norm before clipping
+    grad_norm_cls: Optional[float] = None  # the weighted terms' gradient norms on the shared parameters,
+    grad_norm_box: Optional[float] = None  # on the steps that sample them
+    updated: bool = True
+
+    def signals(self) -> dict[str, float]:
+        """The diagnosis's per-step signals (see ``Diagnoser.observe_step``)."""
+        out = {"loss_cls": self.loss_cls, "loss_box": self.loss_box, "loss_total": self.loss_total,
+               "lr": self.lr, "num_pos": self.num_pos, "weights_ramping": float(self.weights_ramping)}
+        if self.grad_norm_cls is not None and self.grad_norm_box is not None:
+            out.update(grad_norm_cls=self.grad_norm_cls, grad_norm_box=self.grad_norm_box)
+        if self.updated:
+            out["grad_norm"] = self.grad_norm
+        return out
+
+
+def train_step(
+    model: nn.Module,
+    criterion: MultiBoxLoss,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    images: Tensor,
+    gt_boxes: Sequence[Tensor],
+    step: int,
+    amp: bool = False,
+    grad_clip_norm: Optional[float] = None,
+    grad_norm_params: Optional[Sequence[nn.Parameter]] = None,
+) -> StepRecord:
+    """One step on a batch already on the model's device; ``grad_norm_params`` (the shared
+    parameters) asks for the two loss terms' gradient norms on this step."""
+    with torch.autocast(device_type=images.device.type, enabled=amp):
+        outputs = model(images)
+    losses = criterion(outputs, gt_boxes, step)
+    values = losses.values()
+    record = StepRecord(**values, class_weight=losses.class_weight, box_weight=losses.box_weight,
+                        weights_ramping=losses.weights_ramping, lr=optimizer.param_groups[0]["lr"])
+    if not math.isfinite(values["loss_total"]):
+        record.updated = False  # the caller ends the run before a bad update
+        return record
+    if grad_norm_params is not None:
+        # Under AMP the terms are scaled like the real backward, so fp16 gradients don't underflow.
+        scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+        record.grad_norm_cls, record.grad_norm_box = loss_term_grad_norms(
+            losses.weighted_cls, losses.weighted_box, grad_norm_params, scale=scale)
+
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(losses.total).backward()
+    scaler.unscale_(optimizer)
+    record.grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm or float("inf")))
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return record
