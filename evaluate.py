@@ -18,35 +18,29 @@ Examples:
 from __future__ import annotations
 
 import json
-import logging
-import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from detlab.config import register_configs
-from detlab.evaluation import EvaluateConfig, EvaluationError, eval_keys_of, evaluate_checkpoint, format_table
+from detlab.errors import report_user_errors
+from detlab.evaluation import eval_keys_of, evaluate_checkpoint, format_table, to_evaluate_config
 
-log = logging.getLogger("evaluate")
 register_configs()
 
 
 @hydra.main(config_path="configs", config_name="evaluate", version_base="1.3")
 def main(raw: DictConfig) -> None:
-    from detlab.engine.checkpoint import CheckpointError
-    from detlab.engine.device import DeviceUnavailableError
     from detlab.fileio import write_json
 
-    run = OmegaConf.to_object(raw)
-    assert isinstance(run, EvaluateConfig)
-    output_dir = Path(run.output_dir or HydraConfig.get().runtime.output_dir)
-    try:
+    # A user error (bad argument, checkpoint, dataset) is one line on stderr and exit code 2;
+    # DETLAB_DEBUG=1 or HYDRA_FULL_ERROR=1 shows the traceback.
+    with report_user_errors():
+        run = to_evaluate_config(raw)
+        output_dir = Path(run.output_dir or HydraConfig.get().runtime.output_dir)
         result = evaluate_checkpoint(run, eval_keys_of(HydraConfig.get().overrides.task))
-    except (EvaluationError, CheckpointError, DeviceUnavailableError, FileNotFoundError) as error:
-        log.error(str(error))
-        sys.exit(2)
     write_json(output_dir / "metrics.json", result)
     print(format_table(result))
     print(json.dumps(result, default=lambda v: v.tolist()), flush=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
 import hydra
@@ -21,6 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from detlab.config import Config, ConfigError, load_saved_config, register_configs, to_config
+from detlab.errors import UserError, debug_requested, one_line, report_user_errors
 
 log = logging.getLogger("train")
 register_configs()
@@ -38,7 +38,7 @@ def config_of_run(run_dir: Path, resume: object) -> Config:
     """The saved, validated config of the run being resumed (so it continues as it started)."""
     saved = run_dir / "config.yaml"
     if not saved.is_file():
-        raise FileNotFoundError(f"resume={resume}: {saved} not found; is {run_dir} a run directory?")
+        raise ConfigError(f"config error: resume={resume}: {saved} not found; is {run_dir} a run directory?")
     cfg = load_saved_config(OmegaConf.load(saved))
     cfg.resume = str(resume)
     return cfg
@@ -61,13 +61,33 @@ def threads_per_job(hydra_cfg) -> int | None:
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(raw: DictConfig) -> float | None:
-    try:
-        cfg = to_config(raw)
-    except ConfigError as error:
-        # A bad value fails at start-up with the key named, before anything is built or written.
-        log.error(str(error))
-        sys.exit(2)
     hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        # A user error (bad value, annotation, image, checkpoint, busy run folder) is one line on
+        # stderr and exit code 2; DETLAB_DEBUG=1 or HYDRA_FULL_ERROR=1 shows the traceback.
+        with report_user_errors():
+            return run(raw, hydra_cfg, multirun=False)
+    try:
+        return run(raw, hydra_cfg, multirun=True)
+    except Exception as error:  # noqa: BLE001 - in a sweep a failing run is a result, not a reason to stop
+        from detlab.fileio import LockedError
+
+        run_dir = raw.get("run_dir") or hydra_cfg.runtime.output_dir
+        message = one_line(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+        if not isinstance(error, LockedError):  # never write into a folder another process trains in
+            from detlab.engine.trainer import record_failure
+
+            record_failure(run_dir, message, list(hydra_cfg.overrides.task))
+        if isinstance(error, UserError) and not debug_requested():
+            log.error("run %s failed: %s; the sweep goes on", run_dir, message)
+        else:
+            log.exception("run %s failed; the sweep goes on", run_dir)
+        return None
+
+
+def run(raw: DictConfig, hydra_cfg, multirun: bool) -> float | None:
+    """Validate the config (before anything is built or written), then train one run."""
+    cfg = to_config(raw)
     overrides = list(hydra_cfg.overrides.task)
     run_dir = cfg.run_dir or resumed_run_dir(cfg.resume) or hydra_cfg.runtime.output_dir
     if resumed_run_dir(cfg.resume):
@@ -76,21 +96,12 @@ def main(raw: DictConfig) -> float | None:
         ignored = [o for o in overrides if not o.startswith("resume=")]
         if ignored:
             log.warning("resuming %s with its own config; ignoring %s", run_dir, " ".join(ignored))
-    multirun = hydra_cfg.mode == RunMode.MULTIRUN
-
     if cfg.train.torch_threads is None and multirun:
         cfg.train.torch_threads = threads_per_job(hydra_cfg)
 
     from detlab.engine.trainer import train  # after validation: importing torch takes seconds
 
-    try:
-        summary = train(cfg, run_dir, overrides)
-    except Exception:
-        if not multirun:
-            raise
-        # In a sweep a failing run is a result, not a reason to stop: summary.json holds the error.
-        log.exception("run %s failed; the sweep goes on", run_dir)
-        return None
+    summary = train(cfg, run_dir, overrides)
     log.info("status: %s; run directory: %s", summary["status"], run_dir)
     if summary["status"] != "completed" and not multirun:
         log.warning("run ended with status %s: %s", summary["status"], summary["message"])

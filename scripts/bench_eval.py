@@ -17,7 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from detlab.data.wider import default_widerface_root
-from detlab.wider_eval import evaluate_wider, load_predictions, load_wider_ground_truth, save_predictions
+from detlab.errors import report_user_errors
+from detlab.wider_eval import (
+    evaluate_wider,
+    load_predictions,
+    load_wider_ground_truth,
+    save_predictions,
+)
 from detlab.wider_reference import (
     get_gt_boxes,
     get_preds,
@@ -119,4 +125,5 @@ def time_detection_evaluator(gt, predictions: dict[str, np.ndarray]) -> tuple[fl
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with report_user_errors():  # a bad argument, config value or file: one line, exit 2
+        sys.exit(main())

@@ -20,12 +20,12 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from detlab.data.wider import default_widerface_root
 from detlab.config import Config, SyntheticConfig
 from detlab.data import build_datasets, build_loader, ensure_synthetic_dataset
 from detlab.data.cache import DecodedImageCache
 from detlab.data.transforms import RandomFaceCrop
-from detlab.data.wider import read_image_rgb
+from detlab.data.wider import default_widerface_root, read_image_rgb
+from detlab.errors import report_user_errors
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,4 +147,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with report_user_errors():  # a bad argument, config value or file: one line, exit 2
+        main()

@@ -37,6 +37,7 @@ import torch
 from detlab.config import Config, compose_config
 from detlab.data import build_datasets
 from detlab.data.wider import read_image_rgb
+from detlab.errors import report_user_errors
 from detlab.fileio import atomic_write_text
 from detlab.wider_eval import evaluate_wider, load_wider_ground_truth
 
@@ -103,9 +104,9 @@ def retinaface_mnet025(threads: int) -> Detector:
 def detlab_detector(checkpoint: Path, threads: int) -> tuple[Detector, Config, str]:
     """The checkpoint's model at its recorded test size (``eval.input_size``), batch of one, through the
     package's prediction path (``detlab.predict``), as evaluate.py runs it."""
-    from torchvision import tv_tensors
-
     from dataclasses import replace
+
+    from torchvision import tv_tensors
 
     from detlab.config import test_input_size
     from detlab.data.transforms import build_transforms
@@ -207,4 +208,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with report_user_errors():  # a bad argument, config value or file: one line, exit 2
+        main()

@@ -22,6 +22,7 @@ import torch
 
 from detlab.config import Config, ModelConfig, OptimConfig
 from detlab.engine.step import build_training
+from detlab.errors import report_user_errors
 
 
 def make_step(name: str, bf16: bool, compiled: bool, batch: int, width: int, height: int):
@@ -93,4 +94,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with report_user_errors():  # a bad argument, config value or file: one line, exit 2
+        main()

@@ -22,6 +22,7 @@ import torch
 import torchvision
 
 from detlab.config import LossConfig, ModelConfig
+from detlab.errors import report_user_errors
 from detlab.loss import MultiBoxLoss
 from detlab.model import assign_targets, build_model
 
@@ -144,4 +145,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with report_user_errors():  # a bad argument, config value or file: one line, exit 2
+        main()

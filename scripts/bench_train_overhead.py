@@ -24,6 +24,7 @@ from detlab.diagnosis import Diagnoser
 from detlab.engine.schedule import stage_boundaries
 from detlab.engine.step import build_training
 from detlab.engine.validation import validate
+from detlab.errors import report_user_errors
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -95,4 +96,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with report_user_errors():  # a bad argument, config value or file: one line, exit 2
+        main()

@@ -18,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from detlab.config import register_configs, to_config
+from detlab.errors import report_user_errors
 from detlab.fileio import atomic_write_text
 
 log = logging.getLogger("dataset_stats")
@@ -108,10 +109,13 @@ def plot(stats: dict[str, dict], path: Path, title: str) -> None:
 def main(raw: DictConfig) -> None:
     with open_dict(raw):
         out_dir = raw.pop("out_dir", None)
-    cfg = to_config(raw)
-    from detlab.data import load_split
+    # A bad value, annotation file or dataset.root: one line on stderr and exit code 2
+    # (DETLAB_DEBUG=1 or HYDRA_FULL_ERROR=1 shows the traceback).
+    with report_user_errors():
+        cfg = to_config(raw)
+        from detlab.data import load_split
 
-    split = load_split(cfg.dataset)
+        split = load_split(cfg.dataset)
     stats = {"train": split_stats(split.train), "val": split_stats(split.val)}
     if split.test:
         stats["held_out"] = split_stats(split.test)

@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from detlab.errors import report_user_errors
 from detlab.fileio import atomic_write_bytes  # noqa: E402
 
 
@@ -65,4 +66,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with report_user_errors():  # a bad argument, config value or file: one line, exit 2
+        main()

@@ -30,6 +30,7 @@ from detlab.data import build_datasets, build_loader
 from detlab.diagnosis import Diagnoser
 from detlab.engine.schedule import stage_boundaries
 from detlab.engine.step import build_training
+from detlab.errors import report_user_errors
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -139,4 +140,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with report_user_errors():  # a bad argument, config value or file: one line, exit 2
+        main()

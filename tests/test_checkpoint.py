@@ -3,7 +3,7 @@ import csv
 import pytest
 import torch
 
-from detlab.engine.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
+from detlab.engine.checkpoint import CheckpointError, find_resume_checkpoint, load_checkpoint, save_checkpoint
 from detlab.fileio import atomic_write_text, write_csv
 
 
@@ -44,5 +44,5 @@ def test_resume_resolution(tmp_path):
     assert find_resume_checkpoint(True, tmp_path) == last
     assert find_resume_checkpoint("true", tmp_path) == last
     assert find_resume_checkpoint(str(tmp_path), tmp_path / "elsewhere") == last
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
         find_resume_checkpoint(str(tmp_path / "missing"), tmp_path)

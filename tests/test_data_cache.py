@@ -12,7 +12,8 @@ import torch
 from detlab.data import WiderFaceDataset, parse_wider_annotations
 from detlab.data.cache import DecodedImageCache, downscale_to_max_side
 from detlab.data.transforms import build_transforms
-from detlab.data.wider import read_image_rgb
+from detlab.data import cache as cache_module
+from detlab.data.wider import BadImageError, read_image_rgb
 from detlab.config import AugmentConfig
 
 
@@ -91,3 +92,53 @@ def test_bad_cache_settings_are_named():
         DecodedImageCache("memory", None, None, read_image_rgb)
     with pytest.raises(ValueError, match="cache_dir"):
         DecodedImageCache("disk", None, None, read_image_rgb)
+
+
+def _truncated(tmp_path: Path) -> tuple[list, Path]:
+    """_layout's record, its image a JPEG cut to 60 % (OpenCV alone would half-decode it)."""
+    records, folder = _layout(tmp_path)
+    ok, data = cv2.imencode(".jpg", np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    path = folder / "0--P" / "a.png"
+    path.write_bytes(data.tobytes()[: len(data) * 6 // 10])
+    assert cv2.imread(str(path)) is not None
+    return records, folder
+
+
+@pytest.mark.parametrize("mode", ["none", "ram", "disk"])
+def test_truncated_image_is_never_cached(tmp_path, mode):
+    records, folder = _truncated(tmp_path)
+    decoder = CountingDecoder()
+    cache = DecodedImageCache(mode, 200, tmp_path / "cache", decoder)
+    for _ in range(2):  # raised again on every visit: no half-decoded entry was kept
+        with pytest.raises(BadImageError, match=r"a\.png: truncated JPEG"):
+            cache.get(folder / records[0].path)
+    assert decoder.calls == 2
+    assert not list((tmp_path / "cache").rglob("*.npz"))
+    skipping = WiderFaceDataset(records, folder, build_transforms(None, (64, 48), train=False), (64, 48),
+                                on_bad_image="skip", cache=cache)
+    assert skipping[0] is None and skipping.num_skipped == 1
+
+
+def test_disk_entry_name_includes_the_entry_version(tmp_path, monkeypatch):
+    # Entries written before truncated images were rejected may hold a half-grey image: a new version
+    # gives every image a new entry name, so such entries are never read again.
+    records, folder = _layout(tmp_path)
+    cache = DecodedImageCache("disk", None, tmp_path / "cache", read_image_rgb)
+    current = cache._entry(folder / records[0].path)
+    monkeypatch.setattr(cache_module, "ENTRY_VERSION", cache_module.ENTRY_VERSION - 1)
+    assert cache._entry(folder / records[0].path) != current
+
+
+def test_boxes_outside_are_dropped_in_the_file_frame_with_a_downscaled_entry(tmp_path):
+    records, folder = _layout(tmp_path)
+    ann = tmp_path / "outside.txt"
+    # image 400 x 300; the cache keeps 200 x 150: a box from x=399 is inside the file, from x=400 outside
+    ann.write_text("0--P/a.png\n3\n399 10 20 20 0 0 0 0 0 0\n400 10 20 20 0 0 0 0 0 0\n"
+                   "10 -40 20 40 0 0 0 0 0 0\n")
+    records = parse_wider_annotations(ann)
+    cache = DecodedImageCache("ram", 200, None, read_image_rgb)
+    dataset = WiderFaceDataset(records, folder, build_transforms(None, (400, 300), train=False), (400, 300),
+                               cache=cache)
+    _, target = dataset[0]
+    assert dataset.num_boxes_outside == 2
+    torch.testing.assert_close(target["boxes"], torch.tensor([[399.0, 10, 400, 30]]), atol=1e-3, rtol=0)

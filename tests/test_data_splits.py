@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from detlab.config import Config
-from detlab.data import MissingImagesError, build_datasets, build_loader, split_records
+from detlab.data import (
+    AnnotationError,
+    EmptyDatasetError,
+    MissingImagesError,
+    build_datasets,
+    build_loader,
+    split_records,
+)
 from detlab.data.splits import resolve_split
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,6 +101,56 @@ def test_missing_images_fail_before_training(tmp_path):
         (train.images_dir / record.path).unlink()
     with pytest.raises(MissingImagesError, match=r"^2 of 10 annotated images are missing"):
         build_datasets(cfg)
+
+
+def test_synthetic_dataset_has_no_boxes_outside_its_images(tmp_path):
+    # The default run must not change: every generated face lies inside its image, nothing is dropped.
+    train, val = build_datasets(tiny_config(tmp_path))
+    for i in range(len(train)):
+        train[i]
+    counts = [len(val[i][1]["boxes"]) for i in range(len(val))]  # val is not augmented: all faces kept
+    assert counts == [r.num_faces for r in val.records]
+    for dataset in (train, val):
+        assert dataset.num_boxes_outside == 0 and dataset.num_images_with_boxes_outside == 0
+        assert int((dataset._outside >= 0).sum()) == len(dataset)  # every image was checked
+
+
+@pytest.mark.parametrize("settings", [dict(keep_empty=False, min_face_size=10_000.0), dict(max_train_images=0)])
+def test_empty_training_split_is_named(tmp_path, settings):
+    cfg = tiny_config(tmp_path, **settings)
+    with pytest.raises(EmptyDatasetError, match=r"no training images left in .*WIDER_train.*expected at least one"):
+        build_datasets(cfg)
+    key = next(iter(settings))
+    assert f"{key}={settings[key]}" in str(pytest.raises(EmptyDatasetError, build_datasets, cfg).value)
+
+
+def widerface_layout(root: Path, annotation: bytes) -> Config:
+    """A WIDER-layout folder with ``annotation`` as its val file; the config splits it at random."""
+    (root / "wider_face_split").mkdir(parents=True)
+    (root / "wider_face_split" / "wider_face_val_bbx_gt.txt").write_bytes(annotation)
+    cfg = Config()
+    cfg.dataset.name, cfg.dataset.root = "widerface", str(root)
+    cfg.dataset.split.mode, cfg.dataset.split.source, cfg.dataset.split.ratios = "random", "val", [0.5, 0.5]
+    return cfg
+
+
+@pytest.mark.parametrize("annotation, expected", [
+    (b"", r"wider_face_val_bbx_gt\.txt: no images in the annotation file"),
+    (b"\n \n", r"wider_face_val_bbx_gt\.txt: no images in the annotation file"),
+    ("0--P/a.jpg\n0\n".encode("utf-16"), r"wider_face_val_bbx_gt\.txt, line 1: .*UTF-16"),
+    (b"0--P/a.jpg\n0\n1--Q/caf\xe9.jpg\n0\n", r"wider_face_val_bbx_gt\.txt, line 3: byte 0xE9"),
+])
+def test_bad_annotation_file_stops_before_training(tmp_path, annotation, expected, capsys):
+    from detlab.errors import report_user_errors
+
+    cfg = widerface_layout(tmp_path / "wider", annotation)
+    with pytest.raises(AnnotationError, match=expected):
+        build_datasets(cfg)
+    with pytest.raises(SystemExit) as info, report_user_errors():  # as the entry points report it
+        build_datasets(cfg)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and "wider_face_val_bbx_gt.txt" in err
 
 
 def test_official_split_without_train_file_names_the_fix(widerface_root):

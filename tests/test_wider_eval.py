@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from detlab import wider_reference
+from detlab.errors import UserError
 from detlab.wider_eval import (
+    MissingPredictionsError,
+    PredictionFileError,
     evaluate_wider,
     load_predictions,
     load_wider_ground_truth,
@@ -159,6 +162,118 @@ def test_load_reports_bad_files(tmp_path):
     (bad / "a1.txt").write_text("a1\n1\n1 2 3 0.5\n")
     with pytest.raises(ValueError, match=r"a1.txt:3: expected 'x y w h score'"):
         load_predictions(tmp_path / "sub")
+
+
+@pytest.mark.parametrize("bad, what", [
+    ("1 2 3 4 nan", "score=nan is not a finite number"),
+    ("1 2 3 4 inf", "score=inf is not a finite number"),
+    ("1 2 3 4 -Infinity", "score=-inf is not a finite number"),
+    ("1 2 3 4 1e999", "score=inf is not a finite number"),  # overflows to inf
+    ("nan 2 3 4 0.5", "x=nan is not a finite number"),
+    ("1 2 inf 4 0.5", "w=inf is not a finite number"),
+    ("1 2 -3 4 0.5", "negative box size w=-3 h=4"),
+    ("1 2 3 -0.5 0.5", "negative box size w=3 h=-0.5"),
+])
+def test_load_rejects_non_finite_and_negative_boxes(tmp_path, hand_gt, bad, what):
+    save_predictions(HAND_PRED, tmp_path / "sub")
+    path = tmp_path / "sub" / "1--B" / "b1.txt"
+    # a blank line before the bad box: the line number is the file's, not the box's index
+    path.write_text("b1\n2\n500 500 10 10 0.5\n\n" + bad + "\n")
+    with pytest.raises(PredictionFileError) as info:
+        load_predictions(tmp_path / "sub")
+    message = str(info.value)
+    assert isinstance(info.value, UserError) and isinstance(info.value, ValueError)
+    assert message.startswith(f"{path}:5: {what}") and "expected finite 'x y w h score'" in message
+    assert info.value.line == 5 and info.value.path == str(path)
+    # the same file without the bad line scores the known answer
+    path.write_text("b1\n1\n500 500 10 10 0.5\n")
+    aps = evaluate_wider(load_predictions(tmp_path / "sub"), hand_gt)
+    for setting, expected in HAND_AP.items():
+        assert aps[setting] == pytest.approx(expected, abs=1e-12)
+
+
+def test_zero_size_boxes_are_accepted(tmp_path):
+    # x y w h with w = 0 spans one pixel in the protocol's +1 convention: valid, only negative sizes are not.
+    (tmp_path / "sub" / "0--A").mkdir(parents=True)
+    (tmp_path / "sub" / "0--A" / "a1.txt").write_text("a1\n1\n10 10 0 0 0.5\n")
+    assert load_predictions(tmp_path / "sub")["0--A/a1"].tolist() == [[10, 10, 0, 0, 0.5]]
+
+
+@pytest.mark.parametrize("second, first_line", [("zzz.txt", "a1"), ("copy.txt", "0--A/a1.jpg"),
+                                                ("a1_v2.txt", "some/where/a1.jpg")])
+def test_load_rejects_two_files_for_one_image(tmp_path, hand_gt, second, first_line):
+    save_predictions(HAND_PRED, tmp_path / "sub")
+    first = tmp_path / "sub" / "0--A" / "a1.txt"
+    extra = tmp_path / "sub" / "0--A" / second
+    extra.write_text(first.read_text().replace("a1\n", first_line + "\n", 1))  # same boxes, even
+    with pytest.raises(PredictionFileError) as info:
+        load_predictions(tmp_path / "sub")
+    message = str(info.value)
+    assert str(first) in message and str(extra) in message and "names image '0--A/a1'" in message
+    assert "expected one prediction file per image" in message
+    extra.unlink()
+    assert evaluate_wider(load_predictions(tmp_path / "sub"), hand_gt) == pytest.approx(HAND_AP)
+
+
+def test_same_name_in_two_events_is_no_duplicate(tmp_path):
+    save_predictions({"0--A/x": np.array([[1, 1, 2, 2, 0.5]]), "1--B/x": np.array([[3, 3, 2, 2, 0.7]])},
+                     tmp_path / "sub")
+    assert set(load_predictions(tmp_path / "sub")) == {"0--A/x", "1--B/x"}
+
+
+@pytest.mark.parametrize("content, line, what", [
+    (b"a1\n-1\n", 2, "expected the number of boxes (an integer >= 0)"),
+    (b"\n0\n", 1, "empty name line"),
+    (b"a1\n1\n1 2 3 4 0.\xe9\n", 3, "byte 0xE9 is not valid UTF-8"),
+    (b"a1\n", 0, "expected a name line and a count line, found 1 line(s)"),
+])
+def test_load_names_file_and_line_of_other_problems(tmp_path, content, line, what):
+    (tmp_path / "sub" / "0--A").mkdir(parents=True)
+    path = tmp_path / "sub" / "0--A" / "a1.txt"
+    path.write_bytes(content)
+    with pytest.raises(PredictionFileError) as info:
+        load_predictions(tmp_path / "sub")
+    assert info.value.line == line and str(info.value).startswith(f"{path}{f':{line}' if line else ''}: {what}")
+
+
+def test_utf8_byte_order_mark_is_tolerated(tmp_path):
+    (tmp_path / "sub" / "0--A").mkdir(parents=True)
+    (tmp_path / "sub" / "0--A" / "a1.txt").write_bytes(b"\xef\xbb\xbfa1\r\n1\r\n1 2 3 4 0.5\r\n")
+    assert load_predictions(tmp_path / "sub")["0--A/a1"].tolist() == [[1, 2, 3, 4, 0.5]]
+
+
+def test_missing_prediction_folder_is_a_user_error(tmp_path):
+    with pytest.raises(MissingPredictionsError, match="prediction folder not found") as info:
+        load_predictions(tmp_path / "nowhere")
+    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, UserError)
+
+
+def test_cli_reports_bad_prediction_files_in_one_line(tmp_path, write_wider_gt, capsys, monkeypatch):
+    monkeypatch.delenv("DETLAB_DEBUG", raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    gt_dir = write_wider_gt(tmp_path / "gt", HAND_GT)
+    save_predictions(HAND_PRED, tmp_path / "sub")
+    path = tmp_path / "sub" / "0--A" / "a2.txt"
+    path.write_text("a2\n1\n0 0 10 10 nan\n")
+    assert main([str(tmp_path / "sub"), "--gt", str(gt_dir)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [f"error: {path}:3: score=nan is not a finite number in '0 0 10 10 nan'; "
+                                         f"expected finite 'x y w h score' with w >= 0 and h >= 0"]
+    path.write_text("a1\n0\n")  # a second file for a1
+    assert main([str(tmp_path / "sub"), "--gt", str(gt_dir)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "a1.txt" in err[0] and "a2.txt" in err[0]
+    path.unlink()
+    (tmp_path / "sub" / "9--Z").mkdir()
+    save_predictions({"9--Z/q": np.zeros((0, 5))}, tmp_path / "sub")
+    assert main([str(tmp_path / "sub"), "--gt", str(gt_dir)]) == 2  # an image outside the ground truth
+    assert capsys.readouterr().err.splitlines() == ["error: 1 prediction file(s) name images outside the val "
+                                                    "ground truth, e.g. '9--Z/q'"]
+    monkeypatch.setenv("DETLAB_DEBUG", "1")  # the traceback instead, as for the other entry points
+    (tmp_path / "sub" / "9--Z" / "q.txt").write_text("q\n1\n0 0 1 1 inf\n")
+    with pytest.raises(PredictionFileError):
+        main([str(tmp_path / "sub"), "--gt", str(gt_dir)])
 
 
 def test_cli_scores_a_saved_folder(tmp_path, write_wider_gt, capsys):

@@ -8,6 +8,7 @@ the offending key; ``train.py`` calls it before anything is built or written.
 from __future__ import annotations
 
 import copy
+import difflib
 import logging
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -16,6 +17,9 @@ from typing import Any, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from detlab.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -377,7 +381,7 @@ def register_configs() -> None:
     store.store(group="early_stopping", name="early_stopping_schema", node=EarlyStoppingConfig)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value is out of range; the message names the key."""
 
 
@@ -629,11 +633,30 @@ def to_config(cfg: DictConfig | Config) -> Config:
         container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
         for line in move_keys(container):
             log.warning("deprecated config key: %s", line)
-        merged = OmegaConf.merge(OmegaConf.structured(Config), container)
-        obj = OmegaConf.to_object(merged)
+        try:
+            merged = OmegaConf.merge(OmegaConf.structured(Config), container)
+            obj = OmegaConf.to_object(merged)
+        except OmegaConfBaseException as error:  # an unknown key (``+loss.box_wieght=...``) or a wrong type
+            raise ConfigError(_schema_message(error)) from None
     assert isinstance(obj, Config)
     validate(obj)
     return obj
+
+
+def _schema_message(error: OmegaConfBaseException) -> str:
+    """One line for a schema violation: the full key, what is wrong, the closest known key."""
+    key = getattr(error, "full_key", None) or "?"
+    if isinstance(error, ConfigKeyError):
+        parent, _, leaf = key.rpartition(".")
+        node: Any = Config()
+        for part in parent.split(".") if parent else ():
+            node = getattr(node, part, None)
+        known = [f.name for f in fields(node)] if node is not None and is_dataclass(node) else []
+        close = difflib.get_close_matches(leaf, known, n=1)
+        hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
+        return f"config error: {key}: unknown key (not in the schema, src/detlab/config.py){hint}"
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return f"config error: {key}: {reason}"
 
 
 def load_saved_config(saved: Any) -> Config:

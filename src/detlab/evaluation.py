@@ -17,7 +17,16 @@ from typing import Any, Optional, Sequence
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from detlab.config import INVALID_SIZE, Config, ConfigError, DatasetConfig, EvalConfig, test_input_size, to_config
+from detlab.config import (
+    INVALID_SIZE,
+    Config,
+    ConfigError,
+    DatasetConfig,
+    EvalConfig,
+    test_input_size,
+    to_config,
+)
+from detlab.errors import UserError
 
 SPLITS = ("val", "val_all", "test")
 PROTOCOLS = ("detection", "wider")
@@ -46,13 +55,25 @@ class EvaluateConfig:
 ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError, ValueError):
     """A bad evaluate.py argument; the message says which and why."""
 
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise EvaluationError(message)
+
+
+def to_evaluate_config(raw: Any) -> EvaluateConfig:
+    """Hydra's composed ``evaluate.yaml`` as a typed ``EvaluateConfig`` (a wrong type: one clear error)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        run = OmegaConf.to_object(raw)
+    except OmegaConfBaseException as error:
+        raise EvaluationError(f"{getattr(error, 'full_key', '?')}: {str(error).splitlines()[0]}") from None
+    assert isinstance(run, EvaluateConfig)
+    return run
 
 
 def eval_keys_of(overrides: Sequence[str]) -> list[str]:
@@ -93,12 +114,22 @@ def resolve_config(run: EvaluateConfig, trained: Config, eval_keys: Sequence[str
 def evaluate_checkpoint(run: EvaluateConfig, eval_keys: Sequence[str] = ()) -> dict[str, Any]:
     """Predict and score; returns the result dict ``evaluate.py`` prints (see its docstring)."""
     from detlab.data import build_datasets, build_loader, build_predict_dataset
-    from detlab.engine.checkpoint import load_trained
+    from detlab.engine.checkpoint import load_trained, load_weights
     from detlab.engine.device import select_device
     from detlab.metrics import DetectionEvaluator
     from detlab.model import build_model
-    from detlab.predict import OriginalSizeImages, predict_dataset, predict_original_size
-    from detlab.wider_eval import evaluate_wider, image_key, load_wider_ground_truth, save_predictions, xyxy_to_submission
+    from detlab.predict import (
+        OriginalSizeImages,
+        predict_dataset,
+        predict_original_size,
+    )
+    from detlab.wider_eval import (
+        evaluate_wider,
+        image_key,
+        load_wider_ground_truth,
+        save_predictions,
+        xyxy_to_submission,
+    )
 
     trained, checkpoint = load_trained(run.checkpoint)
     cfg = resolve_config(run, trained, eval_keys)
@@ -115,7 +146,7 @@ def evaluate_checkpoint(run: EvaluateConfig, eval_keys: Sequence[str] = ()) -> d
         predictions = predict_original_size(cfg.model, checkpoint["model"], images, device, settings, amp)
     else:
         model = build_model(cfg.model)
-        model.load_state_dict(checkpoint["model"])
+        load_weights(model, checkpoint["model"], f"checkpoint {run.checkpoint}")
         model.to(device)
         loader = build_loader(dataset, run.batch_size, shuffle=False, num_workers=run.num_workers, seed=0)
         predictions = predict_dataset(model, loader, device, settings, amp)

@@ -11,6 +11,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
+from detlab.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: run directories are not locked
+    fcntl = None  # type: ignore[assignment]
+
 
 @contextmanager
 def atomic_binary_writer(path: os.PathLike | str, fsync: bool = True) -> Iterator[BinaryIO]:
@@ -73,3 +80,48 @@ def _csv_value(value: Any) -> Any:
     if isinstance(value, float):
         return f"{value:.6g}"
     return value
+
+
+class LockedError(UserError):
+    """Another process holds the lock (a run directory being trained into)."""
+
+
+@contextmanager
+def exclusive_lock(path: os.PathLike | str, what: str) -> Iterator[None]:
+    """Hold an exclusive, non-blocking ``flock`` on ``path`` (created, holding our pid) while inside.
+
+    A second process fails at once with ``LockedError`` naming ``what`` and the holder's pid; the
+    kernel drops the lock when the holder exits, even on kill -9, so a stale lock file is harmless.
+    Where ``fcntl`` is missing (Windows) no lock is taken.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            raise LockedError(f"{what} is in use by another process (pid {holder}; lock {path}): wait for it "
+                              f"to finish, or use another folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+def remove_stale_temporaries(folder: os.PathLike | str) -> list[Path]:
+    """Delete the temporary files ``atomic_binary_writer`` leaves when its process is killed mid-write
+    (``.<name>.<random>.tmp``) in ``folder``; only call it while holding the folder's lock."""
+    removed = []
+    folder = Path(folder)
+    if folder.is_dir():
+        for tmp in folder.glob(".*.tmp"):
+            if tmp.is_file():
+                tmp.unlink()
+                removed.append(tmp)
+    return removed

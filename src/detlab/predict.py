@@ -139,12 +139,13 @@ class ModelsBySize:
     def __call__(self, width: int, height: int) -> nn.Module:
         from dataclasses import replace
 
+        from detlab.engine.checkpoint import load_weights
         from detlab.model import build_model
 
         size = (int(width), int(height))
         if size not in self._models:
             model = build_model(replace(self.model_cfg, input_width=size[0], input_height=size[1]))
-            model.load_state_dict(self.state_dict)
+            load_weights(model, self.state_dict, f"the weights for a {size[0]}x{size[1]} input")
             self._models[size] = model.to(self.device).eval()
             if len(self._models) > self.cache_size:
                 self._models.popitem(last=False)

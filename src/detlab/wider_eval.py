@@ -25,7 +25,10 @@ whole data set, because with scores sorted per image "the first n predictions of
 exactly "the image's predictions scored at or above the threshold".
 
 Submission layout: ``<out_dir>/<event>/<name>.txt`` holding the image name, the number of boxes and
-one ``x y w h score`` line per box.
+one ``x y w h score`` line per box. Reading a folder back is strict where the port is silently
+wrong: a non-finite number (nan, inf) or a negative width/height, which the port accepts and which
+changes the normalisation and the AP, and two files naming the same image, of which the port keeps
+whichever ``os.listdir`` gives last, raise ``PredictionFileError`` naming the file(s) and line.
 
 CLI: ``python -m detlab.wider_eval PRED_DIR [--gt GT_DIR] [--images predicted|all]``.
 """
@@ -42,6 +45,7 @@ from typing import Iterable, Mapping, Optional
 
 import numpy as np
 
+from detlab.errors import UserError, debug_requested, one_line
 from detlab.fileio import atomic_write_text
 from detlab.metrics import ap_voc
 
@@ -49,6 +53,19 @@ SETTINGS = ("easy", "medium", "hard")
 GT_FILES = {"all": "wider_face_val.mat", "easy": "wider_easy_val.mat", "medium": "wider_medium_val.mat",
             "hard": "wider_hard_val.mat"}
 THRESH_NUM = 1000
+
+
+class PredictionFileError(UserError, ValueError):
+    """A bad prediction file: ``"<path>:<line>: <what is wrong>; expected ..."`` (``line`` 0: the whole file)."""
+
+    def __init__(self, path: os.PathLike | str, line: int, message: str) -> None:
+        self.path = str(path)
+        self.line = line
+        super().__init__(f"{path}:{line}: {message}" if line > 0 else f"{path}: {message}")
+
+
+class MissingPredictionsError(UserError, FileNotFoundError):
+    """The prediction folder does not exist (a ``FileNotFoundError`` too, for existing callers)."""
 
 
 @dataclass
@@ -270,40 +287,75 @@ def save_predictions(predictions: Mapping[str, np.ndarray], out_dir: str | os.Pa
 def load_predictions(pred_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read a submission folder back: ``"event/name" -> ndarray [N, 5]`` (file order kept).
 
-    The name comes from the file's first line (as in the official evaluation), the event from its folder.
+    The name comes from the file's first line (as in the official evaluation), the event from its
+    folder. Raises ``PredictionFileError`` for a malformed file (see ``_read_prediction_file``) and
+    for two files naming the same image (naming both: which one counts would depend on the order
+    the folder is listed in), ``MissingPredictionsError`` when the folder is absent.
     """
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
-        raise FileNotFoundError(f"prediction folder not found: {pred_dir}")
+        raise MissingPredictionsError(f"prediction folder not found: {pred_dir}")
     out: dict[str, np.ndarray] = {}
+    source: dict[str, Path] = {}
     for event_dir in sorted(p for p in pred_dir.iterdir() if p.is_dir()):
         for path in sorted(event_dir.glob("*.txt")):
             name, boxes = _read_prediction_file(path)
-            out[f"{event_dir.name}/{name}"] = boxes
+            key = f"{event_dir.name}/{name}"
+            if key in source:
+                raise PredictionFileError(path, 1, f"names image '{key}', which {source[key]} names too; "
+                                                   f"expected one prediction file per image")
+            out[key], source[key] = boxes, path
     return out
 
 
 def _read_prediction_file(path: Path) -> tuple[str, np.ndarray]:
-    lines = path.read_text().splitlines()
+    """``(name, [N, 5] float64)`` of one ``<name>.txt``; ``PredictionFileError`` (file, line) if malformed."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise PredictionFileError(path, 0, f"cannot be read ({error.strerror or error}); expected a "
+                                           f"prediction text file") from None
+    try:
+        text = data.decode("utf-8-sig")  # a UTF-8 byte-order mark is dropped
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise PredictionFileError(path, line, f"byte 0x{data[error.start]:02X} is not valid UTF-8; expected "
+                                              f"UTF-8 text") from None
+    lines = text.splitlines()
     if len(lines) < 2:
-        raise ValueError(f"{path}: expected a name line and a count line, found {len(lines)} line(s)")
+        raise PredictionFileError(path, 0, f"expected a name line and a count line, found {len(lines)} line(s)")
     name = image_key(lines[0].strip().split("/")[-1])
+    if not name:
+        raise PredictionFileError(path, 1, "empty name line; expected the image name, e.g. '0_Parade_marchingband_1_20'")
     try:
         count = int(lines[1].strip() or "0")
     except ValueError:
-        raise ValueError(f"{path}:2: expected the number of boxes, found {lines[1]!r}") from None
-    rows = [line for line in lines[2:] if line.strip()]
+        count = -1
+    if count < 0:
+        raise PredictionFileError(path, 2, f"expected the number of boxes (an integer >= 0), found {lines[1]!r}")
+    rows = [(lineno, line) for lineno, line in enumerate(lines[2:], start=3) if line.strip()]
     if len(rows) != count:
-        raise ValueError(f"{path}:2: count line says {count} boxes, file has {len(rows)}")
+        raise PredictionFileError(path, 2, f"count line says {count} boxes, file has {len(rows)}")
     boxes = np.zeros((count, 5), dtype=np.float64)
-    for k, line in enumerate(rows):
+    for k, (lineno, line) in enumerate(rows):
         values = line.split()
         try:
             if len(values) != 5:
                 raise ValueError
             boxes[k] = [float(v) for v in values]
         except ValueError:
-            raise ValueError(f"{path}:{k + 3}: expected 'x y w h score', found {line!r}") from None
+            raise PredictionFileError(path, lineno, f"expected 'x y w h score', found {line!r}") from None
+    finite = np.isfinite(boxes)  # float() accepts nan, inf and 1e999 (inf)
+    bad = ~finite.all(axis=1) | (boxes[:, 2] < 0) | (boxes[:, 3] < 0)
+    if bad.any():
+        k = int(np.argmax(bad))
+        if not finite[k].all():
+            field = int(np.argmin(finite[k]))
+            what = f"{('x', 'y', 'w', 'h', 'score')[field]}={boxes[k, field]} is not a finite number"
+        else:
+            what = f"negative box size w={boxes[k, 2]:g} h={boxes[k, 3]:g}"
+        raise PredictionFileError(path, rows[k][0], f"{what} in {rows[k][1].strip()!r}; expected finite "
+                                                    f"'x y w h score' with w >= 0 and h >= 0")
     return name, boxes
 
 
@@ -336,8 +388,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                            f"e.g. '{unknown[0]}'")
         images = list(predictions) if args.images == "predicted" else None
         aps = evaluate_wider(predictions, gt, images=images)
-    except (OSError, ValueError, KeyError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (UserError, OSError, ValueError, KeyError) as error:
+        # One line on stderr, exit code 2, as detlab.errors.report_user_errors does for the other entry points.
+        if isinstance(error, UserError) and debug_requested():
+            raise
+        if isinstance(error, KeyError) and error.args:  # str(KeyError) would quote the message
+            error = LookupError(error.args[0])
+        print(one_line(error), file=sys.stderr)
         return 2
     num_images = len(gt.keys) if images is None else len(images)
     print(f"WIDER FACE val, {num_images} images")

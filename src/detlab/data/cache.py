@@ -5,9 +5,13 @@ step on a CPU (``python scripts/bench_loader.py`` prints it). Later epochs only 
 
 - ``none``: decode every time (what the dataset did before the cache existed).
 - ``ram``: a dict in the process. With ``dataset.num_workers > 0`` each worker fills its own copy.
-- ``disk``: one ``.npy`` per image under ``folder``, named by a hash of the image's path, size, mtime
-  and ``max_side`` (an edited image, or another ``max_side``, is a new entry); written atomically,
-  so a killed run never leaves a half-written entry. Survives runs and is shared by sweep jobs.
+- ``disk``: one ``.npy`` per image under ``folder``, named by a hash of the image's path, size, mtime,
+  ``max_side`` and ``ENTRY_VERSION`` (an edited image, or another ``max_side``, is a new entry); written
+  atomically, so a killed run never leaves a half-written entry. Survives runs and is shared by sweep jobs.
+
+Bad images: the ``decode`` callable (``detlab.data.wider.read_image_rgb``) raises ``BadImageError``
+for a missing, undecodable or truncated file; nothing is cached then, so every later ``get`` raises
+again and the dataset's ``on_bad_image`` decides (error, or skip and count).
 
 ``max_side`` (``dataset.cache_max_side``) bounds memory: a 1024x683 image at ``max_side=640`` is
 640x427 (0.8 MB). Images no larger than it are kept at their own size. The dataset scales the boxes
@@ -27,6 +31,9 @@ import numpy as np
 from detlab.fileio import atomic_binary_writer
 
 CACHE_MODES = ("none", "ram", "disk")
+# Part of the disk entries' names. 2: the decoder rejects truncated JPEG/PNG files, which version 1
+# decoded half (OpenCV fills the rest with grey); such stale entries must not be served again.
+ENTRY_VERSION = 2
 
 Decoder = Callable[[Path], np.ndarray]
 
@@ -77,7 +84,7 @@ class DecodedImageCache:
 
     def _entry(self, path: Path) -> Path:
         stat = os.stat(path)
-        ident = f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{self.max_side}"
+        ident = f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{self.max_side}|v{ENTRY_VERSION}"
         digest = hashlib.sha1(ident.encode()).hexdigest()
         assert self.folder is not None
         return self.folder / digest[:2] / f"{digest}.npz"

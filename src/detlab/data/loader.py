@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from pathlib import Path
@@ -13,10 +14,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from detlab.config import Config, DatasetConfig
+from detlab.data.cache import DecodedImageCache
 from detlab.data.splits import SplitRecords, resolve_split
 from detlab.data.synthetic import ensure_synthetic_dataset
 from detlab.data.transforms import build_transforms
 from detlab.data.wider import (
+    EmptyDatasetError,
     ImageRecord,
     MissingImagesError,
     WiderFaceDataset,
@@ -28,9 +31,13 @@ from detlab.data.wider import (
     parse_wider_filelist,
     read_image_rgb,
 )
-from detlab.data.cache import DecodedImageCache
+from detlab.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+class MissingDatasetError(UserError, FileNotFoundError):
+    """``dataset.root`` is not a folder."""
 
 
 def dataset_root(d: DatasetConfig) -> Path:
@@ -42,14 +49,26 @@ def dataset_root(d: DatasetConfig) -> Path:
     if d.name != "widerface":
         raise ValueError(f"dataset.name must be 'synthetic' or 'widerface', got {d.name!r}")
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset.root {d.root!r} ({root}) is not a folder; expected WIDER FACE's "
-                                f"official layout (WIDER_val/images/..., wider_face_split/...)")
+        raise MissingDatasetError(f"dataset.root={d.root!r} ({root}) is not a folder; expected WIDER FACE's "
+                                  f"official layout (WIDER_val/images/..., wider_face_split/...)")
     return root
 
 
 def load_split(d: DatasetConfig) -> SplitRecords:
-    """Train/val records as the config says, after checking every listed image exists."""
+    """Train/val records as the config says, after checking every listed image exists.
+
+    Raises ``EmptyDatasetError`` when no training image is left (the filters, ``max_train_images``
+    or the split ratios removed them all): PyTorch's sampler would fail later with a bare
+    ``num_samples=0``.
+    """
     split = resolve_split(d, dataset_root(d))
+    if not split.train:
+        source = (f"split.mode=random of {d.split.source} with ratios {list(d.split.ratios)}"
+                  if d.split.mode == "random" else "split.mode=official")
+        raise EmptyDatasetError(
+            f"no training images left in {split.train_images} after dataset.{source}, "
+            f"keep_empty={d.keep_empty}, min_face_size={d.min_face_size}, drop_invalid={d.drop_invalid}, "
+            f"max_train_images={d.max_train_images}; expected at least one (relax these settings)")
     check_all_images_exist([(split.train, split.train_images), (split.val, split.val_images)])
     return split
 
@@ -103,16 +122,20 @@ def build_predict_dataset(cfg: Config, split: str = "test") -> WiderFaceDataset:
     return WiderFaceDataset(records, folder, build_transforms(None, size, train=False), size, d.on_bad_image)
 
 
-def collate_detection(batch: Sequence[Optional[tuple[torch.Tensor, dict[str, Any]]]]
-                      ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+def collate_detection(batch: Sequence[Optional[tuple[torch.Tensor, dict[str, Any]]]],
+                      input_size: Optional[tuple[int, int]] = None) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     """Stack images (same input size) and keep targets as a list (a variable number of boxes each).
 
-    ``None`` items (bad images skipped by the dataset) are dropped; a batch of only such items gives
-    an empty ``[0, 3, 0, 0]`` tensor and an empty list.
+    ``None`` items (bad images skipped by the dataset, ``on_bad_image=skip``) are dropped. A batch
+    of only such items is an *empty batch*: images ``[0, 3, H_in, W_in]`` float32 when
+    ``input_size`` ``(W_in, H_in)`` is given (``build_loader`` passes the dataset's), else
+    ``[0, 3, 0, 0]``, and an empty target list. Callers skip a batch with ``images.shape[0] == 0``
+    (a model step on it would fail or average over nothing); ``detlab.predict.predict_batches`` does.
     """
     items = [item for item in batch if item is not None]
     if not items:
-        return torch.zeros((0, 3, 0, 0)), []
+        width, height = input_size if input_size is not None else (0, 0)
+        return torch.zeros((0, 3, int(height), int(width))), []
     images = torch.stack([image for image, _ in items])  # [B, 3, H, W]
     return images, [target for _, target in items]
 
@@ -135,7 +158,8 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: 
     """A repeatable DataLoader: the shuffle order and the workers' random streams follow ``seed``.
 
     With ``num_workers=0`` the augmentation draws from torch's global generator (seeded by the
-    trainer's ``seed_everything``).
+    trainer's ``seed_everything``). Batches whose images were all skipped as bad are empty (see
+    ``collate_detection``): the caller skips them.
     """
     generator = torch.Generator()
     generator.manual_seed(seed)
@@ -144,7 +168,8 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: 
         batch_size=batch_size,
         shuffle=shuffle,
         num_workers=num_workers,
-        collate_fn=collate_detection,
+        # A partial of a module-level function: picklable for worker processes.
+        collate_fn=functools.partial(collate_detection, input_size=getattr(dataset, "input_size", None)),
         generator=generator,
         worker_init_fn=seed_worker,
         persistent_workers=num_workers > 0,

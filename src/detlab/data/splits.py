@@ -9,7 +9,13 @@ from typing import Optional, Sequence, TypeVar
 import numpy as np
 
 from detlab.config import DatasetConfig
-from detlab.data.wider import ImageRecord, annotation_file, images_dir, parse_wider_annotations
+from detlab.data.wider import (
+    ImageRecord,
+    MissingAnnotationError,
+    annotation_file,
+    images_dir,
+    parse_wider_annotations,
+)
 
 T = TypeVar("T")
 
@@ -48,7 +54,7 @@ class SplitRecords:
 def _parse(root: Path, split: str, d: DatasetConfig, hint: str = "") -> list[ImageRecord]:
     path = annotation_file(root, split)
     if not path.is_file():
-        raise FileNotFoundError(f"annotation file not found: {path} (dataset.root={d.root!r}){hint}")
+        raise MissingAnnotationError(path, hint=f" (dataset.root={d.root!r}){hint}")
     return parse_wider_annotations(path, drop_invalid=d.drop_invalid, min_face_size=d.min_face_size,
                                    keep_empty=d.keep_empty)
 

@@ -9,6 +9,12 @@ Layout (``root`` is the folder holding these)::
 Each image in a ``*_bbx_gt.txt`` file is its relative path line, a face-count line, then one line
 per face ``x1 y1 w h blur expression illumination invalid occlusion pose``. An image with count 0
 is followed by one placeholder line ``0 0 0 0 0 0 0 0 0 0``.
+
+Annotation files and file lists are read as UTF-8 text. A UTF-8 byte-order mark at the start is
+tolerated and dropped (Windows editors write one; it is invisible and carries no meaning here). A
+UTF-16/UTF-32 file, a NUL byte or bytes that are not UTF-8 raise ``AnnotationError`` naming the
+line, and so does a file without any image (empty, or only blank lines): that would otherwise
+surface later as PyTorch's ``num_samples=0``.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from detlab.data.cache import DecodedImageCache
+from detlab.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +63,33 @@ class ImageRecord:
         return int(self.boxes.shape[0])
 
 
-class AnnotationError(ValueError):
-    """A malformed annotation file; the message names the file, the line and what was expected."""
+class AnnotationError(UserError, ValueError):
+    """A malformed annotation file; the message names the file, the line and what was expected.
+
+    ``line`` is 1-based; 0 when the problem concerns the whole file (unreadable, no images), and
+    then the message names only the file.
+    """
 
     def __init__(self, path: os.PathLike | str, line: int, message: str) -> None:
         self.path = str(path)
         self.line = line
-        super().__init__(f"{path}, line {line}: {message}")
+        super().__init__(f"{path}, line {line}: {message}" if line > 0 else f"{path}: {message}")
 
 
-class MissingImagesError(FileNotFoundError):
+class MissingAnnotationError(UserError, FileNotFoundError):
+    """An annotation file or file list that does not exist. A ``FileNotFoundError`` too, so callers
+    that catch that keep working; a ``UserError``, so the entry points print it as one line."""
+
+    def __init__(self, path: os.PathLike | str, what: str = "annotation file", hint: str = "") -> None:
+        self.path = str(path)
+        super().__init__(f"{what} not found: {path}{hint}")
+
+
+class EmptyDatasetError(UserError, ValueError):
+    """A split left without images (by the filters, ``max_*_images`` or the split ratios)."""
+
+
+class MissingImagesError(UserError, FileNotFoundError):
     """Images listed by the annotations are absent; ``missing`` holds all their paths."""
 
     def __init__(self, missing: list[Path], total: int) -> None:
@@ -75,8 +99,9 @@ class MissingImagesError(FileNotFoundError):
         super().__init__(f"{len(missing)} of {total} annotated images are missing, first:\n  {shown}{more}")
 
 
-class BadImageError(RuntimeError):
-    """An image file that OpenCV cannot decode (corrupt, truncated header, not an image)."""
+class BadImageError(UserError, RuntimeError):
+    """An image file that cannot be used: missing, unreadable, not an image, or truncated (a JPEG
+    without its end-of-image marker, a PNG without its IEND chunk)."""
 
 
 # ---------------------------------------------------------------------------------------- layout
@@ -90,6 +115,58 @@ def filelist_file(root: Path, split: str = "test") -> Path:
 
 def images_dir(root: Path, split: str) -> Path:
     return Path(root) / f"WIDER_{split}" / "images"
+
+
+# ---------------------------------------------------------------------------------------- text
+UTF8_BOM = b"\xef\xbb\xbf"
+UTF16_BOMS = {b"\xff\xfe": "FF FE (UTF-16 little-endian)", b"\xfe\xff": "FE FF (UTF-16 big-endian)"}
+_RESAVE = "expected UTF-8 text (re-save the file as UTF-8)"
+
+
+def _line_and_column(text: str) -> tuple[int, int]:
+    """1-based line and column of the position just after ``text`` (the text before a bad byte),
+    counting lines as ``str.splitlines`` does, so they agree with the parser's line numbers."""
+    last = (text + "x").splitlines()
+    return len(last), len(last[-1])
+
+
+def read_text_lines(path: os.PathLike | str, what: str = "annotation file") -> list[str]:
+    """The lines of a UTF-8 text file, or a ``UserError`` naming the file (and line) that says why not.
+
+    A UTF-8 byte-order mark is dropped (see the module docstring). A missing file raises
+    ``MissingAnnotationError`` (a ``FileNotFoundError``); a folder or unreadable file, a UTF-16 file,
+    a NUL byte or bytes that are not UTF-8 raise ``AnnotationError``: ``read_text`` would raise a bare
+    ``UnicodeDecodeError`` that names neither the file nor the line.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise MissingAnnotationError(path, what) from None
+    except IsADirectoryError:
+        raise AnnotationError(path, 0, f"is a folder; expected the {what} (a text file)") from None
+    except OSError as error:
+        raise AnnotationError(path, 0, f"cannot read the {what} ({error.strerror or error}); "
+                                       f"expected a readable text file") from None
+    if data.startswith(UTF8_BOM):
+        data = data[len(UTF8_BOM):]
+    for bom, name in UTF16_BOMS.items():  # FF FE also starts a UTF-32 LE file
+        if data.startswith(bom):
+            raise AnnotationError(path, 1, f"starts with the byte-order mark {name}: the {what} is UTF-16 "
+                                           f"or UTF-32 text; {_RESAVE}")
+    nul = data.find(b"\x00")
+    try:
+        # A NUL byte never sits inside a valid UTF-8 sequence: decoding up to it finds any earlier bad byte.
+        text = data[: nul if nul >= 0 else len(data)].decode("utf-8")
+    except UnicodeDecodeError as error:
+        line, column = _line_and_column(data[: error.start].decode("utf-8"))
+        raise AnnotationError(path, line, f"byte 0x{data[error.start]:02X} (column {column}) is not valid "
+                                          f"UTF-8 (a Latin-1 / Windows-1252 file?); {_RESAVE}") from None
+    if nul >= 0:
+        line, column = _line_and_column(text)
+        guess = "UTF-16 or UTF-32 text without a byte-order mark" if nul < 4 else "binary data"
+        raise AnnotationError(path, line, f"NUL byte (column {column}): {guess}?; {_RESAVE}")
+    return text.splitlines()
 
 
 # ---------------------------------------------------------------------------------------- parser
@@ -156,13 +233,16 @@ def parse_wider_annotations(
     count-0 placeholders among them). ``drop_invalid`` also drops faces flagged ``invalid``;
     ``min_face_size`` drops faces whose larger side is below it (pixels). An image left without faces
     is kept as a negative image when ``keep_empty`` (it never gets a dummy box), else left out.
-    Raises ``AnnotationError`` naming the line on malformed input.
+    Raises ``AnnotationError`` naming the line on malformed input, on text that is not UTF-8 and on
+    a file without images; ``MissingAnnotationError`` (a ``FileNotFoundError``) when it is absent.
     """
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"annotation file not found: {path}") from None
+    lines = read_text_lines(path, "annotation file")
+    if not any(line.strip() for line in lines):
+        raise AnnotationError(path, 0, "no images in the annotation file (it is empty or holds only blank "
+                                       "lines); expected per image a path line '<event>/<name>.jpg', a "
+                                       "face-count line, then one 'x1 y1 w h blur expression illumination "
+                                       "invalid occlusion pose' line per face")
     records: list[ImageRecord] = []
     n = len(lines)
     i = 0
@@ -219,12 +299,13 @@ def parse_wider_annotations(
 
 
 def parse_wider_filelist(path: os.PathLike | str) -> list[str]:
-    """Read ``wider_face_test_filelist.txt``: one relative image path a line (no boxes)."""
+    """Read ``wider_face_test_filelist.txt``: one relative image path a line (no boxes).
+
+    Errors as ``parse_wider_annotations``: ``AnnotationError`` (file and line) for a bad line, text
+    that is not UTF-8 or a list without images; ``MissingAnnotationError`` when it is absent.
+    """
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"file list not found: {path}") from None
+    lines = read_text_lines(path, "file list")
     out = []
     for lineno, text in enumerate(lines, start=1):
         name = text.strip()
@@ -233,6 +314,9 @@ def parse_wider_filelist(path: os.PathLike | str) -> list[str]:
         if len(name.split()) != 1 or _is_number_line(name):
             raise AnnotationError(path, lineno, f"expected one image path like '<event>/<name>.jpg', got {name!r}")
         out.append(name)
+    if not out:
+        raise AnnotationError(path, 0, "no images in the file list (it is empty or holds only blank lines); "
+                                       "expected one image path like '<event>/<name>.jpg' a line")
     return out
 
 
@@ -256,13 +340,94 @@ def check_images_exist(records: Sequence[ImageRecord], images_dir: Path) -> None
         raise MissingImagesError(missing, len(records))
 
 
+JPEG_SOI = b"\xff\xd8\xff"  # start-of-image marker, then the first segment's marker
+JPEG_EOI = b"\xff\xd9"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_IEND = b"\x00\x00\x00\x00IEND"  # the IEND chunk: length 0, type; its 4-byte CRC follows
+
+
+def _jpeg_scan_start(data: bytes) -> int:
+    """Offset of the first start-of-scan marker (FF DA), found by walking the marker segments after
+    SOI by their lengths (a few segments: microseconds). ``len(data)`` when the file ends before one
+    (a truncated header); -1 when the walk meets bytes that are no marker (left to the decoder)."""
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return -1
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+        elif marker == 0xDA:
+            return i
+        elif marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length field
+            i += 2
+        elif marker == 0xD9:  # end of image before any scan
+            return -1
+        else:
+            length = (data[i + 2] << 8) | data[i + 3]
+            if length < 2:
+                return -1
+            i += 2 + length
+    return n
+
+
+def truncation_reason(data: bytes) -> Optional[str]:
+    """Why ``data`` (a whole image file) is cut short, or None. Only JPEG and PNG are checked.
+
+    OpenCV decodes a JPEG whose data stops early without an error: it fills the rest with grey and
+    returns the image. So a JPEG must hold an end-of-image marker (FF D9) after its first scan
+    starts; anything after that marker (padding, an appended second picture) is tolerated, and an
+    FF D9 of an embedded EXIF thumbnail does not count, being before the scan. Entropy-coded data
+    cannot hold FF D9 (an FF data byte is stuffed with 00), so a cut scan never passes. A PNG must
+    hold its IEND chunk (libpng mostly refuses a cut PNG itself; this also catches a cut right
+    before IEND). Other formats are left to OpenCV.
+    """
+    if data.startswith(JPEG_SOI):
+        scan = _jpeg_scan_start(data)
+        if data.rfind(JPEG_EOI, max(scan, 0)) < 0:
+            where = "before the image data starts" if scan == len(data) else "inside the image data"
+            return (f"truncated JPEG: the file ({len(data)} bytes) ends {where}, without the end-of-image "
+                    f"marker FF D9 (an interrupted download or copy); expected a complete JPEG file")
+    elif data.startswith(PNG_SIGNATURE):
+        end = data.rfind(PNG_IEND)
+        if end < 0 or end + len(PNG_IEND) + 4 > len(data):
+            return (f"truncated PNG: the file ({len(data)} bytes) has no complete IEND chunk (an interrupted "
+                    f"download or copy); expected a complete PNG file")
+    return None
+
+
 def read_image_rgb(path: Path) -> np.ndarray:
-    """Decode with OpenCV (faster than PIL) into ``[H, W, 3]`` uint8 RGB."""
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        reason = "file not found" if not Path(path).exists() else "cannot be decoded (corrupt or not an image)"
+    """Decode with OpenCV (faster than PIL) into ``[H, W, 3]`` uint8 RGB; ``BadImageError`` naming the
+    file when it is missing, unreadable, not an image, or a truncated JPEG/PNG (``truncation_reason``).
+
+    The file is read once into memory, checked, and decoded from there with ``cv2.imdecode`` (which,
+    like ``cv2.imread``, applies the EXIF orientation). Measured on 200 WIDER val JPEGs (2 CPU
+    threads, warm page cache, passes interleaved): ``cv2.imread`` 3.72 ms/image, this 3.68 ms/image;
+    reading the bytes plus the check alone 0.03 ms/image.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise BadImageError(f"unreadable image {path}: file not found") from None
+    except OSError as error:
+        raise BadImageError(f"unreadable image {path}: cannot be read ({error.strerror or error})") from None
+    if not data:
+        raise BadImageError(f"unreadable image {path}: empty file (0 bytes); expected a JPEG or PNG image")
+    reason = truncation_reason(data)
+    if reason is not None:
         raise BadImageError(f"unreadable image {path}: {reason}")
+    bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise BadImageError(f"unreadable image {path}: cannot be decoded (corrupt or not an image)")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def boxes_outside_image(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``[N]`` bool: the ``xyxy`` boxes that do not overlap the image ``[0, width] x [0, height]``
+    (a box touching an edge from outside has no overlap). Such a box would be clipped to zero size
+    by the transforms: no anchor can ever match it."""
+    boxes = np.asarray(boxes).reshape(-1, 4)
+    return (boxes[:, 2] <= 0) | (boxes[:, 3] <= 0) | (boxes[:, 0] >= width) | (boxes[:, 1] >= height)
 
 
 # ---------------------------------------------------------------------------------------- dataset
@@ -272,8 +437,14 @@ Transform = Callable[[tv_tensors.Image, dict], tuple]
 class WiderFaceDataset(Dataset):
     """Images and boxes of ``records``; each item is ``(image [3, H, W] float32, target dict)``.
 
-    With ``on_bad_image="skip"`` an undecodable image yields ``None`` (``collate_detection`` drops
-    it); ``num_skipped`` counts the distinct images skipped, across DataLoader workers too.
+    With ``on_bad_image="skip"`` an undecodable or truncated image yields ``None``
+    (``collate_detection`` drops it); ``num_skipped`` counts the distinct images skipped, across
+    DataLoader workers too.
+
+    Boxes lying wholly outside their image (``boxes_outside_image``; only the decoded file tells its
+    size) are dropped before the transform, with a warning naming the image the first time;
+    ``num_boxes_outside`` / ``num_images_with_boxes_outside`` count them (across workers too). Boxes
+    partly outside are clipped by the transforms.
     """
 
     def __init__(
@@ -295,6 +466,8 @@ class WiderFaceDataset(Dataset):
         self.cache = cache if cache is not None else DecodedImageCache("none", None, None, read_image_rgb)
         # Shared memory, so skips counted inside DataLoader workers are visible to the caller.
         self._skipped = torch.zeros(len(self.records), dtype=torch.bool).share_memory_()
+        # Per image, the number of its boxes found wholly outside it (-1: not decoded yet), shared likewise.
+        self._outside = torch.full((len(self.records),), -1, dtype=torch.int32).share_memory_()
 
     def __len__(self) -> int:
         return len(self.records)
@@ -302,6 +475,29 @@ class WiderFaceDataset(Dataset):
     @property
     def num_skipped(self) -> int:
         return int(self._skipped.sum())
+
+    @property
+    def num_boxes_outside(self) -> int:
+        """Boxes dropped so far for lying wholly outside their image (images decoded so far)."""
+        return int(self._outside.clamp(min=0).sum())
+
+    @property
+    def num_images_with_boxes_outside(self) -> int:
+        return int((self._outside > 0).sum())
+
+    def _drop_boxes_outside(self, index: int, boxes: np.ndarray, height: int, width: int) -> np.ndarray:
+        """``boxes`` without those wholly outside the ``height x width`` image; counted, warned once per image."""
+        outside = boxes_outside_image(boxes, height, width)
+        count = int(outside.sum())
+        if int(self._outside[index]) < 0:
+            self._outside[index] = count
+            if count:
+                log.warning("%s: dropped %d of %d box(es) lying wholly outside the %dx%d image, e.g. xyxy %s "
+                            "(%d box(es) in %d image(s) dropped so far); expected boxes inside the image: "
+                            "check the annotations", self.images_dir / self.records[index].path, count,
+                            len(boxes), width, height, boxes[outside][0].tolist(), self.num_boxes_outside,
+                            self.num_images_with_boxes_outside)
+        return boxes[~outside] if count else boxes
 
     def __getitem__(self, index: int) -> Optional[tuple[torch.Tensor, dict]]:
         record = self.records[index]
@@ -314,14 +510,15 @@ class WiderFaceDataset(Dataset):
                 self._skipped[index] = True
                 log.warning("skipping %s (%d image(s) skipped so far)", error, self.num_skipped)
             return None
-        record_boxes = torch.from_numpy(record.boxes)
+        kept = self._drop_boxes_outside(index, record.boxes, height, width)  # in the file's own pixels
+        record_boxes = torch.from_numpy(kept)
         if rgb.shape[:2] != (height, width):  # a downscaled cache entry: boxes follow the pixels
             factors = torch.tensor([rgb.shape[1] / width, rgb.shape[0] / height] * 2, dtype=torch.float32)
             record_boxes = record_boxes * factors
         # [H, W, 3] -> [3, H, W] view (channels-last memory, which the uint8 resize kernel prefers).
         image = tv_tensors.Image(torch.from_numpy(rgb).permute(2, 0, 1))
         boxes = tv_tensors.BoundingBoxes(record_boxes, format="XYXY", canvas_size=tuple(rgb.shape[:2]))
-        labels = torch.ones(len(record.boxes), dtype=torch.int64)
+        labels = torch.ones(len(kept), dtype=torch.int64)
         image, target = self.transform(image, {"boxes": boxes, "labels": labels})
         in_w, in_h = self.input_size
         # orig_size and scale refer to the file's own pixels, whatever size the cache holds.

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from detlab.errors import UserError
 
-class DeviceUnavailableError(RuntimeError):
+
+class DeviceUnavailableError(UserError, RuntimeError):
     """``cuda`` was asked for on a machine without a CUDA device."""
 
 

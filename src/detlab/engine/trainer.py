@@ -5,6 +5,7 @@ The maths lives in the modules it calls; this file decides what happens when.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -21,20 +22,52 @@ from tqdm.auto import tqdm
 from detlab.config import METRIC_COLUMNS, Config, as_flat_dict
 from detlab.data import build_datasets, build_loader
 from detlab.diagnosis import Diagnoser, Finding, StopReason
-from detlab.engine.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
+from detlab.engine.checkpoint import (
+    CheckpointError,
+    all_finite,
+    find_resume_checkpoint,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
 from detlab.engine.device import select_device
 from detlab.engine.early_stopping import EarlyStopping
 from detlab.engine.schedule import StageBoundaries, stage_boundaries
 from detlab.engine.step import StepRecord, build_training
 from detlab.engine.tensorboard import add_scalars, open_writer, write_hparams
 from detlab.engine.validation import validate
-from detlab.fileio import atomic_write_text, write_csv, write_json
+from detlab.errors import UserError
+from detlab.fileio import atomic_write_text, exclusive_lock, remove_stale_temporaries, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
 __all__ = ["METRIC_COLUMNS", "Trainer", "train"]
 
 LOSS_KEYS = ("loss_cls", "loss_box", "loss_total")
+
+
+class RunExistsError(UserError):
+    """A fresh run pointed at a folder that already holds a trained run."""
+
+
+def read_record(run_dir: Path) -> Optional[dict[str, Any]]:
+    """The run's ``summary.json`` (None when absent or unreadable)."""
+    try:
+        record = json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def record_failure(run_dir: Path | str, message: str, overrides: Optional[list[str]] = None) -> None:
+    """Write a ``failed`` ``summary.json`` for a run that could not start (a sweep job with a bad
+    value), unless the folder already holds a run's record."""
+    run_dir = Path(run_dir)
+    if read_record(run_dir) is not None:
+        return
+    write_json(run_dir / "summary.json", {"status": "failed", "message": message, "step": 0, "epochs": 0,
+                                          "overrides": list(overrides or []), "best": {}, "final": {},
+                                          "stages": {}, "findings": []})
 
 
 @dataclass
@@ -84,6 +117,7 @@ class Trainer:
         self.state = RunState()
         self.status = "running"
         self.message = ""
+        self.notes: list[str] = []  # said in summary.json's message whatever the status (e.g. weights not saved)
         self._session_start = time.time()
 
     # ----------------------------------------------------------------------------------- set-up
@@ -115,12 +149,19 @@ class Trainer:
         self.early_stopping = EarlyStopping(cfg.early_stopping)
         self.shared_params = [p for p in self.model.shared_parameters() if p.requires_grad]
 
-    def _resume(self) -> bool:
+    def _resume(self, previous: Optional[dict[str, Any]]) -> bool:
         path = find_resume_checkpoint(self.cfg.resume, self.run_dir)
         if path is None:
+            if previous is not None and int(previous.get("epochs") or 0) > 0:
+                what = (f"{self.run_dir} holds a run ({previous.get('status')}, {previous.get('epochs')} epochs)")
+                if self.cfg.resume in (False, None) or str(self.cfg.resume).lower() in ("", "false"):
+                    raise RunExistsError(f"{what}: resume=true continues it; to train anew, choose another "
+                                         f"run_dir (the run is left as it is)")
+                raise CheckpointError(f"resume: {what} but no {self.run_dir / 'checkpoints' / 'last.pt'} to "
+                                      f"resume from; the run's files are left as they are")
             return False
         ckpt = load_checkpoint(path, map_location=self.device)
-        self.model.load_state_dict(ckpt["model"])
+        load_weights(self.model, ckpt["model"], path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -132,15 +173,31 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- running
     def run(self) -> dict[str, Any]:
-        """Train to the end (or until divergence / an intervention stops it); returns the summary."""
+        """Train to the end (or until divergence / an intervention stops it); returns the summary.
+
+        The run directory is locked for the whole run: a second process training into it fails at
+        once (``LockedError``). A failure before this session has opened the run's record (while
+        building, or resuming from a missing or damaged checkpoint) leaves the files of an earlier
+        session, its ``summary.json`` included, as they were.
+        """
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        with exclusive_lock(self.run_dir / ".lock", f"run directory {self.run_dir}"):
+            for folder in (self.run_dir, self.run_dir / "checkpoints"):
+                for tmp in remove_stale_temporaries(folder):
+                    log.info("removed %s, left by an interrupted write", tmp)
+            return self._run_locked()
+
+    def _run_locked(self) -> dict[str, Any]:
+        previous = read_record(self.run_dir)
+        record_open = False  # whether this session may (re)write the run's record
         try:
             self._build()
-            resumed = self._resume()
+            resumed = self._resume(previous)
             if resumed and self.state.epoch >= self.cfg.train.epochs:
                 log.info("run already complete (%d epochs); nothing to do", self.state.epoch)
                 self.status = "completed"
                 return self._write_summary()
+            record_open = True
             atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(self.cfg)))
             self.writer = open_writer(self.run_dir, self.state.step if resumed else None)
             self._write_summary()
@@ -150,13 +207,15 @@ class Trainer:
                 self._finish_tensorboard()
         except KeyboardInterrupt:
             self.status, self.message = "stopped", "interrupted by the user (resume=true continues it)"
-            self._write_summary()
+            if record_open or previous is None:
+                self._write_summary()
             raise
         except Exception as error:
             self.status = "failed"
             self.message = f"{type(error).__name__}: {error}"
             self._traceback = traceback.format_exc(limit=8)
-            self._write_summary()
+            if record_open or previous is None:
+                self._write_summary()
             raise
         return self._write_summary()
 
@@ -229,6 +288,8 @@ class Trainer:
         bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{cfg.train.epochs}", unit="batch", leave=False,
                    dynamic_ncols=True)
         for images, targets in bar:
+            if images.shape[0] == 0:  # every image of the batch was unreadable (dataset.on_bad_image=skip)
+                continue
             step = self.state.step
             images = images.to(self.device, non_blocking=True)
             gt_boxes = [t["boxes"].to(self.device, non_blocking=True) for t in targets]
@@ -302,8 +363,16 @@ class Trainer:
             self.writer.add_text(f"diagnosis/{finding.detector}", finding.console_line(), step)
 
     def _save(self, name: str) -> None:
+        model_state = self.model.state_dict()
+        if not all_finite(model_state):
+            # Never replace a usable checkpoint with NaN weights; say so in the run's record instead.
+            note = f"the weights are not finite; {name} keeps the last finite ones"
+            if note not in self.notes:
+                self.notes.append(note)
+            log.error("not writing %s: %s", name, note)
+            return
         checkpoint = {
-            "model": self.model.state_dict(),
+            "model": model_state,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -315,6 +384,12 @@ class Trainer:
             "step": self.state.step,
         }
         save_checkpoint(self.run_dir / "checkpoints" / name, checkpoint)
+
+    def _best_by(self) -> dict[str, Any]:
+        stopper = getattr(self, "early_stopping", None)  # absent when the run failed while being built
+        if stopper is None:
+            return {}
+        return {"monitor": stopper.monitor, "mode": stopper.mode, "value": stopper.best, "epoch": stopper.best_epoch}
 
     def _early_stopping_of_old_checkpoint(self, ckpt: dict[str, Any]) -> dict[str, Any]:
         """Checkpoints written before ``early_stopping`` existed: best from the run's best row."""
@@ -344,15 +419,14 @@ class Trainer:
     def _write_summary(self) -> dict[str, Any]:
         summary: dict[str, Any] = {
             "status": self.status,
-            "message": self.message,
+            "message": "; ".join(m for m in (self.message, *self.notes) if m),
             "step": self.state.step,
             "epochs": self.state.epoch,
             "epochs_planned": self.cfg.train.epochs,
             "hparams": self.hparams,
             "overrides": self.overrides,
             "best": self.state.best,
-            "best_by": {"monitor": self.early_stopping.monitor, "mode": self.early_stopping.mode,
-                        "value": self.early_stopping.best, "epoch": self.early_stopping.best_epoch},
+            "best_by": self._best_by(),
             "final": self._final_metrics(),
             "stages": self.stage_means(),
             "findings": self.state.findings,

@@ -40,11 +40,13 @@ from torchvision.models._api import WeightsEnum
 from torchvision.models.detection.ssd import _vgg_extractor
 from torchvision.models.detection.ssdlite import _extra_block, _normal_init
 
+from detlab.errors import UserError
+
 SHARED_MOBILENET_V2 = "../shared/pretrained/mobilenet_v2-b0353104.pth"
 IGNORED_PREFIXES = ("classifier.", "fc.")
 
 
-class BackboneWeightsError(RuntimeError):
+class BackboneWeightsError(UserError, RuntimeError):
     """Backbone weights could not be fetched, read or matched to the backbone."""
 
 
