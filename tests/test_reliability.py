@@ -217,3 +217,19 @@ def test_sweep_records_an_invalid_value_as_failed_and_never_shares_a_folder(tmp_
     assert len(failed) == 2 and all("loss.box_weight=-1.0: must be >= 0" in r["message"] for r in failed)
     roots_trained = {r["hparams"]["dataset.root"] for r in records.values() if r["status"] == "completed"}
     assert roots_trained == {str(tmp_path / "a"), str(tmp_path / "b")}
+
+
+@pytest.mark.slow
+def test_a_run_whose_training_images_are_all_unreadable_fails_clearly(tmp_path, tiny_config):
+    from detlab.data import BadImageError
+    from detlab.engine.trainer import train
+
+    cfg = tiny_config(tmp_path / "synthetic", "dataset.on_bad_image=skip")
+    from detlab.data import ensure_synthetic_dataset
+
+    root = ensure_synthetic_dataset(cfg.dataset.root, cfg.dataset.synthetic)
+    for image in (Path(root) / "WIDER_train" / "images").rglob("*.jpg"):
+        image.write_bytes(image.read_bytes()[:300])  # truncated: skipped, so every batch is empty
+    with pytest.raises(BadImageError, match="epoch 1: no readable training image: all 16 were skipped"):
+        train(cfg, tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "failed"

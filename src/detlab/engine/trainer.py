@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from detlab.config import METRIC_COLUMNS, Config, as_flat_dict
-from detlab.data import build_datasets, build_loader
+from detlab.data import BadImageError, build_datasets, build_loader
 from detlab.diagnosis import Diagnoser, Finding, StopReason
 from detlab.engine.checkpoint import (
     CheckpointError,
@@ -314,6 +314,10 @@ class Trainer:
             end_status, end_message = self._stop_decision()
             if end_status:
                 return EpochOutcome(means=self._means(sums, seen), end_status=end_status, end_message=end_message)
+        if seen == 0:
+            skipped = getattr(self.train_set, "num_skipped", 0)
+            raise BadImageError(f"epoch {epoch}: no readable training image: all {skipped} were skipped as "
+                                f"unreadable (dataset.on_bad_image=skip); check dataset.root's images")
         return EpochOutcome(means=self._means(sums, seen))
 
     def _log_step(self, step: int, record: StepRecord, signals: dict[str, float]) -> None:
