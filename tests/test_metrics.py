@@ -418,3 +418,40 @@ def test_one_matching_equals_two_independent_matchings():
                                  torch.tensor(ignore, dtype=torch.bool))
         assert full.status[keep].tolist() == part.status.tolist()
         assert full.matched_gt[keep].tolist() == part.matched_gt.tolist()
+
+
+def test_false_positive_breakdown_by_kind_and_bucket():
+    """TIDE-style kinds at the score threshold: a duplicate, a localisation error, background."""
+    ev = DetectionEvaluator(score_threshold=0.5, size_edges=(16, 64))
+    gt = torch.tensor([[0.0, 0, 40, 40], [100, 100, 140, 140], [200, 200, 240, 240], [400, 400, 440, 440]])
+    boxes = torch.tensor([
+        [0.0, 0, 40, 40],  # TP on face 0
+        [2.0, 2, 40, 40],  # IoU 0.90 with face 0, already found: duplicate
+        [100.0, 100, 120, 120],  # IoU 0.25 with face 1, which nobody found: localisation
+        [300.0, 300, 310, 310],  # IoU 0 with every face: background (small box)
+        [395.0, 395, 420, 420],  # IoU 0.10 with face 3 (ignored): no kind but background
+        [200.0, 200, 240, 240],  # below the score threshold: not counted
+    ])
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.55, 0.3])
+    ev.update([{"boxes": boxes, "scores": scores}], [gt], [torch.tensor([False, False, False, True])])
+    r = ev.compute()
+    assert (r["tp"], r["fp"], r["fn"]) == (1.0, 4.0, 2.0)
+    assert (r["fp_localisation"], r["fp_duplicate"], r["fp_background"]) == (1.0, 1.0, 2.0)
+    assert (r["small/fp_background"], r["medium/fp_background"]) == (1.0, 1.0)
+    assert (r["medium/fp_localisation"], r["medium/fp_duplicate"]) == (1.0, 1.0)
+
+
+def test_false_positive_kinds_always_sum_to_fp():
+    g = torch.Generator().manual_seed(3)
+    ev = DetectionEvaluator(score_threshold=0.4)
+    for _ in range(20):
+        xy = torch.rand(6, 2, generator=g) * 200
+        gt = torch.cat([xy, xy + 10 + torch.rand(6, 2, generator=g) * 60], dim=1)
+        pxy = torch.rand(15, 2, generator=g) * 200
+        pred = torch.cat([pxy, pxy + 5 + torch.rand(15, 2, generator=g) * 60], dim=1)
+        ev.update([{"boxes": pred, "scores": torch.rand(15, generator=g)}], [gt])
+    r = ev.compute()
+    assert r["fp"] > 10
+    for prefix in ("", "small/", "medium/", "large/"):
+        kinds = sum(r[f"{prefix}fp_{k}"] for k in ("localisation", "duplicate", "background"))
+        assert kinds == r[f"{prefix}fp"], prefix

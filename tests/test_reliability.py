@@ -233,3 +233,25 @@ def test_a_run_whose_training_images_are_all_unreadable_fails_clearly(tmp_path, 
     with pytest.raises(BadImageError, match="epoch 1: no readable training image: all 16 were skipped"):
         train(cfg, tmp_path / "run")
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "failed"
+
+
+def test_report_user_errors_one_line_exit_2_and_debug_switch(capsys, monkeypatch):
+    from detlab.errors import UserError, report_user_errors
+
+    monkeypatch.delenv("DETLAB_DEBUG", raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        with report_user_errors():
+            raise UserError("bad thing\n  on two lines")
+    assert exit_info.value.code == 2 and capsys.readouterr().err == "error: bad thing on two lines\n"
+    with pytest.raises(SystemExit):
+        with report_user_errors():
+            raise PermissionError(13, "Permission denied", "/root/run")
+    assert capsys.readouterr().err == "error: [Errno 13] Permission denied: '/root/run'\n"
+    with pytest.raises(KeyError):  # a bug keeps its traceback
+        with report_user_errors():
+            raise KeyError("x")
+    monkeypatch.setenv("DETLAB_DEBUG", "1")
+    with pytest.raises(UserError):
+        with report_user_errors():
+            raise UserError("shown with its traceback")

@@ -535,6 +535,7 @@ METRIC_COLUMNS = [
     "val/miou", "val/mean_tp_iou", "val/tp", "val/fp", "val/fn",
     "val/precision", "val/recall", "val/f1", "val/ap50",
     "val/pred_per_image", "val/pred_mean_size", "val/pred_large_share", "val/fp_small_share",
+    "val/fp_localisation", "val/fp_duplicate", "val/fp_background",
     "train_time_s", "val_time_s",
 ]
 

@@ -8,6 +8,7 @@ Anything else (a bug) still ends in a traceback.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from contextlib import contextmanager
@@ -31,13 +32,25 @@ def one_line(error: BaseException) -> str:
     return f"error: {text or type(error).__name__}"
 
 
+# File-system errors about a path the user gave (a run folder without write permission, a full disk):
+# also one line, with the path.
+_PATH_ERRORS = (PermissionError, IsADirectoryError, NotADirectoryError, FileNotFoundError)
+
+
+def _is_path_error(error: BaseException) -> bool:
+    if isinstance(error, _PATH_ERRORS) and getattr(error, "filename", None):
+        return True
+    return isinstance(error, OSError) and error.errno == errno.ENOSPC
+
+
 @contextmanager
 def report_user_errors() -> Iterator[None]:
-    """A ``UserError`` raised inside ends the process: its message as one line on stderr, exit 2."""
+    """A ``UserError`` (or an OS error about a named path, or a full disk) raised inside ends the
+    process: its message as one line on stderr, exit 2."""
     try:
         yield
-    except UserError as error:
-        if debug_requested():
+    except (UserError, OSError) as error:
+        if debug_requested() or not (isinstance(error, UserError) or _is_path_error(error)):
             raise
         print(one_line(error), file=sys.stderr, flush=True)
         raise SystemExit(EXIT_USER_ERROR) from None

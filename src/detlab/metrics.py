@@ -29,6 +29,12 @@ Definitions (all boxes pixel ``xyxy``; predictions and ground truth in the same 
   (A localisation error of a pixel or two costs a 10-pixel face far more IoU than a 100-pixel one.)
   The same rule, with base 0.5, applies to the AP50 matching.
 
+- **Error breakdown** (TIDE-style, for one class): each false positive at ``score_threshold`` is a
+  ``localisation`` error (IoU >= 0.1 with a face no prediction found), a ``duplicate`` (otherwise
+  IoU >= 0.1 with a face another prediction found) or ``background`` (IoU < 0.1 with every face):
+  ``fp_localisation + fp_duplicate + fp_background = fp``; missed faces are ``fn``. Per bucket too
+  (a false positive goes to its own box's bucket, like ``fp``).
+
 Counting at ``score_threshold`` and AP over everything above ``ap_score_floor`` look like two
 matchings, but the greedy matching visits predictions in descending score order, so a prediction's
 fate depends only on predictions scored higher: the matching of the thresholded set is exactly the
@@ -48,6 +54,10 @@ from torchvision.ops import box_iou
 
 BUCKETS = ("small", "medium", "large")
 AP_IOU = 0.5
+# The kinds of a false positive at the score threshold (``fp_<kind>``, summing to ``fp``), and the IoU
+# with a face from which a false positive counts as that face's localisation error or duplicate.
+FP_KINDS = ("localisation", "duplicate", "background")
+LOCALISATION_MIN_IOU = 0.1
 
 # Per-prediction match status.
 FP, TP, IGNORED = 0, 1, -1
@@ -175,6 +185,7 @@ class DetectionEvaluator:
         self._tp = np.zeros(nb, dtype=np.int64)
         self._fp = np.zeros(nb, dtype=np.int64)
         self._fn = np.zeros(nb, dtype=np.int64)
+        self._fp_kind = np.zeros((len(FP_KINDS), nb), dtype=np.int64)  # FP_KINDS x buckets
         self._num_gt = np.zeros(nb, dtype=np.int64)
         self._best_iou_sum = np.zeros(nb, dtype=np.float64)  # mIoU numerators
         self._tp_iou_sum = np.zeros(nb, dtype=np.float64)
@@ -233,6 +244,8 @@ class DetectionEvaluator:
         nb = len(BUCKETS)
         self._tp += np.bincount(gt_bucket[tp_gt], minlength=nb)
         self._fp += np.bincount(pred_bucket[fp_rows], minlength=nb)
+        kind = _false_positive_kinds(iou[fp_rows], head_matched[head_status == TP], ignored)  # [F]
+        np.add.at(self._fp_kind, (kind, pred_bucket[fp_rows]), 1)
         self._num_gt += np.bincount(gt_bucket[counted], minlength=nb)
         gt_hit = np.zeros(num_gt, dtype=bool)
         gt_hit[tp_gt] = True
@@ -265,6 +278,7 @@ class DetectionEvaluator:
         out = self._summary(self._tp.sum(), self._fp.sum(), self._fn.sum(), self._num_gt.sum(),
                             self._best_iou_sum.sum(), self._tp_iou_sum.sum())
         out["ap50"] = _average_precision(scores, is_tp, int(self._num_gt.sum()))
+        out.update({f"fp_{name}": float(self._fp_kind[k].sum()) for k, name in enumerate(FP_KINDS)})
         out["num_pred"] = float(self._tp.sum() + self._fp.sum() + self._num_ignored)
         out["num_ignored"] = float(self._num_ignored)
         out["num_images"] = float(self._num_images)
@@ -274,6 +288,7 @@ class DetectionEvaluator:
             in_bucket = bucket == b
             part["ap50"] = _average_precision(scores[in_bucket], is_tp[in_bucket], int(self._num_gt[b]))
             part["num_pred"] = float(self._tp[b] + self._fp[b])
+            part.update({f"fp_{name}": float(self._fp_kind[k, b]) for k, name in enumerate(FP_KINDS)})
             out.update({f"{name}/{k}": v for k, v in part.items()})
         return out
 
@@ -311,6 +326,28 @@ def _average_precision(scores_desc: np.ndarray, is_tp: np.ndarray, num_gt: int) 
     last_of_tie = np.append(scores_desc[1:] != scores_desc[:-1], True)
     tp_cum, fp_cum = tp_cum[last_of_tie], fp_cum[last_of_tie]
     return ap_voc(tp_cum / num_gt, tp_cum / (tp_cum + fp_cum))
+
+
+def _false_positive_kinds(fp_iou: np.ndarray, tp_faces: np.ndarray, ignored: np.ndarray) -> np.ndarray:
+    """Kind of each false positive (index into ``FP_KINDS``), TIDE-style for one class.
+
+    ``fp_iou`` ``[F, N]`` are the false positives' IoUs with the faces, ``tp_faces`` the faces matched
+    by true positives (so the rest are missed), ``ignored`` ``[N]``. ``localisation``: IoU of at least
+    ``LOCALISATION_MIN_IOU`` with a missed face (it found the face, badly placed); ``duplicate``: not
+    that, but at least ``LOCALISATION_MIN_IOU`` with a face another prediction found; ``background``:
+    below ``LOCALISATION_MIN_IOU`` with every counted face. Ignored faces count for none.
+    """
+    kinds = np.full(fp_iou.shape[0], FP_KINDS.index("background"), dtype=np.int64)
+    if fp_iou.size == 0:
+        return kinds
+    found = np.zeros(fp_iou.shape[1], dtype=bool)
+    found[tp_faces] = True
+    near = fp_iou >= LOCALISATION_MIN_IOU  # [F, N]
+    duplicate = (near & found[None, :] & ~ignored[None, :]).any(axis=1)
+    localisation = (near & ~found[None, :] & ~ignored[None, :]).any(axis=1)
+    kinds[duplicate] = FP_KINDS.index("duplicate")
+    kinds[localisation] = FP_KINDS.index("localisation")
+    return kinds
 
 
 def _greedy_match(iou: np.ndarray, thresholds: np.ndarray, ignore: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

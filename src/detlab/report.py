@@ -47,7 +47,8 @@ _EXCLUDE_KEYS_PATH = "hydra.job.config.override_dirname.exclude_keys"
 # (the message is listed under the table instead).
 CSV_COLUMNS = (
     ["run", "class_weight", "box_weight", "status", "epochs", "epochs_planned",
-     "best_miou", "best_epoch", "final_miou", "ap50", "tp", "fp", "fn", "precision", "recall"]
+     "best_miou", "best_epoch", "final_miou", "ap50", "tp", "fp", "fn", "precision", "recall",
+     "fp_localisation", "fp_duplicate", "fp_background"]
     + [f"{stage}/{key}" for stage in STAGES for key in LOSS_KEYS]
     + ["findings", "wall_time_s", "message", "path"]
 )
@@ -58,8 +59,10 @@ TABLE_COLUMNS = [c for c in CSV_COLUMNS if c not in ("message", "path")]
 STEP_LEVEL_DETECTORS = frozenset({"stuck", "loss_imbalance", "divergence"})
 
 _FINAL_KEYS = {"ap50": "val/ap50", "tp": "val/tp", "fp": "val/fp", "fn": "val/fn",
-               "precision": "val/precision", "recall": "val/recall"}
-_COUNT_COLUMNS = {"tp", "fp", "fn", "epochs", "epochs_planned", "best_epoch"}
+               "precision": "val/precision", "recall": "val/recall", "fp_localisation": "val/fp_localisation",
+               "fp_duplicate": "val/fp_duplicate", "fp_background": "val/fp_background"}
+_COUNT_COLUMNS = {"tp", "fp", "fn", "epochs", "epochs_planned", "best_epoch", "fp_localisation", "fp_duplicate",
+                  "fp_background"}
 
 _STATUS_COLORS = {"completed": "#1e1e1e", "diverged": "#c0392b", "failed": "#c0392b",
                   "stopped": "#d35400", "running": "#2471a3"}
