@@ -120,8 +120,8 @@ def test_disabled_diagnoser_observes_nothing():
 
 
 def test_detector_registry_matches_names_and_config_blocks():
-    assert DETECTORS == ("avoidance", "stuck", "loss_imbalance", "random_large_boxes", "small_fp_explosion",
-                         "overfitting", "divergence")
+    assert DETECTORS == ("avoidance", "under_confidence", "stuck", "loss_imbalance", "random_large_boxes",
+                         "small_fp_explosion", "overfitting", "divergence")
     assert sorted(cls.name for cls in DEFAULT_DETECTORS) == sorted(DETECTORS)
     cfg = DiagnosisConfig()
     for cls in DEFAULT_DETECTORS:
@@ -644,3 +644,69 @@ def test_validate_rejects_bad_diagnosis_values(block, change, key):
     diagnosis = replace(DiagnosisConfig(), **{block: replace(getattr(DiagnosisConfig(), block), **change)})
     with pytest.raises(ConfigError, match=f"diagnosis.{key}="):
         validate(replace(Config(), diagnosis=diagnosis))
+
+
+# ------------------------------------------------------------------ avoidance vs under-confidence
+def ranking_epoch(ap50: float):
+    """Nothing above the score threshold, with the given ranking quality."""
+    return lambda e: {**avoidance_epoch(e), "val/ap50": ap50}
+
+
+def test_avoidance_needs_a_ranking_near_chance():
+    assert only(run(make(), avoidance_step, ranking_epoch(0.01), 1), "avoidance").evidence["ap50"] == 0.01
+    assert run(make(), avoidance_step, ranking_epoch(0.3), 7) == []  # ranks faces: not avoidance, not yet late
+
+
+def test_under_confidence_fires_in_the_late_stage_when_the_ranking_is_learnt():
+    diag = make()
+    findings = run(diag, healthy_step(), ranking_epoch(0.3), 10)
+    finding = only(findings, "under_confidence")
+    assert (finding.stage, finding.epoch) == ("late", 8)  # the first epoch ending in the late stage
+    assert finding.evidence == {"ap50": 0.3, "pred_per_image": 0.02, "recall": 0.0, "mean_score": 0.7}
+    assert "train longer" in finding.remedy
+    assert run(make(), healthy_step(), ranking_epoch(0.01), 10, first_epoch=1)[0].detector == "avoidance"
+
+
+# ------------------------------------------------------------------------ remedies fit the run
+def make_for(config, **overrides) -> Diagnoser:
+    return Diagnoser(configure(config.diagnosis, **overrides), StageBoundaries(EARLY_END, LATE_START), TOTAL, SPE,
+                     run_config=config)
+
+
+def test_remedies_never_suggest_what_the_run_already_does():
+    from detlab.config import Config
+
+    default = Config()  # 3:1 mining and warm-up on already
+    remedy = only(run(make_for(default), avoidance_step, avoidance_epoch, 1), "avoidance").remedy
+    assert "for this run try: loss.adaptive_weights.enabled=true" in remedy
+    assert "loss.neg_pos_ratio=3" not in remedy.split("try:")[1] and "schedule.warmup" not in remedy.split("try:")[1]
+
+    bare = Config()
+    bare.loss.neg_pos_ratio, bare.schedule.warmup, bare.loss.box_weight = 0.0, False, 5.0
+    remedy = only(run(make_for(bare), avoidance_step, avoidance_epoch, 1), "avoidance").remedy
+    assert remedy.endswith("try: loss.neg_pos_ratio=3 schedule.warmup=true loss.box_weight=1 "
+                           "loss.adaptive_weights.enabled=true")
+
+
+def test_imbalance_remedy_computes_the_box_weight_from_the_measured_ratio():
+    from detlab.config import Config
+
+    config = Config()
+    config.loss.box_weight = 10.0
+    finding = only(run(make_for(config), grad_step(0.1, 5.0), None, 2), "loss_imbalance")
+    # ratio 50 at box weight 10: the weight that brings it to 2 is 10 * 2 / 50 = 0.4
+    assert finding.remedy.endswith("try: loss.box_weight=0.4 loss.adaptive_weights.enabled=true")
+    config.loss.adaptive_weights.enabled = True
+    finding = only(run(make_for(config), grad_step(0.1, 5.0), None, 2), "loss_imbalance")
+    assert finding.remedy.endswith("try: loss.box_weight=0.4")
+
+
+def test_divergence_remedy_from_the_runs_lr_and_clipping():
+    from detlab.config import Config
+
+    config = Config()
+    config.optim.lr, config.optim.grad_clip_norm = 0.05, 5.0
+    diag = make_for(config)
+    finding = only(diag.observe_step(0, 1, {"loss_cls": math.nan, "loss_box": 1.0, "loss_total": math.nan}),
+                   "divergence")
+    assert finding.remedy.endswith("try: optim.lr=0.005")  # clipping and warm-up are on already

@@ -214,6 +214,19 @@ class AvoidanceConfig:
     max_pred_per_image: float = 0.1
     max_recall: float = 0.05
     min_cls_drop: float = 0.05  # relative fall of loss_cls (first vs recent loss window)
+    # Ranking near chance too: with val/ap50 at or above this the model ranks faces and is only
+    # under-confident (``under_confidence``), which needs another remedy.
+    max_ap50: float = 0.05
+
+
+@dataclass
+class UnderConfidenceConfig:
+    """``under_confidence``: in the late stage, val AP50 is well above chance but almost nothing scores
+    above ``eval.score_threshold``: the model ranks faces and is under-confident."""
+
+    min_ap50: float = 0.05
+    max_pred_per_image: float = 0.1
+    max_recall: float = 0.05
 
 
 @dataclass
@@ -305,6 +318,7 @@ class DiagnosisConfig:
     # Loss windows (steps) of stuck and avoidance: shrunk to half the first part of training when longer.
     loss_window: int = 50
     avoidance: AvoidanceConfig = field(default_factory=AvoidanceConfig)
+    under_confidence: UnderConfidenceConfig = field(default_factory=UnderConfidenceConfig)
     stuck: StuckConfig = field(default_factory=StuckConfig)
     loss_imbalance: LossImbalanceConfig = field(default_factory=LossImbalanceConfig)
     random_large_boxes: RandomLargeBoxesConfig = field(default_factory=RandomLargeBoxesConfig)
@@ -483,6 +497,10 @@ def validate(cfg: Config) -> None:
         "avoidance.max_pred_per_image": (lambda v: v >= 0, "must be >= 0"),
         "avoidance.max_recall": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
         "avoidance.min_cls_drop": (lambda v: v >= 0, "must be >= 0"),
+        "avoidance.max_ap50": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+        "under_confidence.min_ap50": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+        "under_confidence.max_pred_per_image": (lambda v: v >= 0, "must be >= 0"),
+        "under_confidence.max_recall": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
         "stuck.min_drop": (lambda v: v >= 0, "must be >= 0"),
         "stuck.min_fraction": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
         "loss_imbalance.ratio": (lambda v: v > 1, "must be > 1"),

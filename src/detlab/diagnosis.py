@@ -8,7 +8,11 @@ suggested remedy (a ``Finding``), and says when the run should stop (``Diagnoser
 Detectors (``DETECTORS``; each a small ``Detector`` class configured by ``diagnosis.<name>``):
 
 - ``avoidance``: predictions per image collapse (< ``max_pred_per_image``) with recall near zero
-  while ``loss_cls`` fell: the model predicts only background. Epochs before the late stage.
+  while ``loss_cls`` fell, and the ranking is near chance too (``val/ap50`` < ``max_ap50``): the model
+  predicts only background. Epochs before the late stage.
+- ``under_confidence``: in the late stage, ``val/ap50`` is well above chance (>= ``min_ap50``) but
+  almost nothing scores above ``eval.score_threshold``: the model ranks faces and is under-confident.
+  Its remedy (train longer, read at a lower threshold) differs from avoidance's.
 - ``stuck``: mean total loss of the last loss window of the first part of training (the early
   stage, or the first ``min_fraction`` of the steps when longer) is not ``min_drop`` below the first
   window. Decided once, at the last step of that part; ``stuck.stop`` ends the run.
@@ -36,6 +40,11 @@ keeps the 0/1 scalars and the stop status, and derives ``state_dict`` from the `
 Adding a detector: write the class, add its config block to ``DiagnosisConfig`` (and
 ``configs/diagnosis/default.yaml``) and its class to ``DEFAULT_DETECTORS``.
 
+Remedies fit the run: given the run's config (``run_config``), a finding's remedy ends with the
+concrete overrides to try next (``Detector.advice``), computed from that config and the evidence
+(``loss.box_weight`` from the measured gradient-norm ratio, ``optim.lr`` from the run's), and never one
+the run already has.
+
 Re-arming: a detector never fires twice in a run (the finding records the onset); its TensorBoard
 scalar (``Diagnoser.scalars``) follows whether the condition holds now, so a cleared pattern shows.
 Stages come from ``StageBoundaries``; an epoch finding takes the stage of the epoch's last step
@@ -58,19 +67,20 @@ from typing import Any, ClassVar, Iterable, Mapping, NamedTuple, Optional, Seque
 
 import torch
 
-from detlab.config import DiagnosisConfig
+from detlab.config import Config, DiagnosisConfig
 from detlab.engine.schedule import StageBoundaries
 
 EARLY, MID, LATE = "early", "mid", "late"
 
 AVOIDANCE = "avoidance"
+UNDER_CONFIDENCE = "under_confidence"
 STUCK = "stuck"
 IMBALANCE = "loss_imbalance"
 LARGE_BOXES = "random_large_boxes"
 SMALL_FP = "small_fp_explosion"
 OVERFITTING = "overfitting"
 DIVERGENCE = "divergence"
-DETECTORS = (AVOIDANCE, STUCK, IMBALANCE, LARGE_BOXES, SMALL_FP, OVERFITTING, DIVERGENCE)
+DETECTORS = (AVOIDANCE, UNDER_CONFIDENCE, STUCK, IMBALANCE, LARGE_BOXES, SMALL_FP, OVERFITTING, DIVERGENCE)
 
 
 # ------------------------------------------------------------------------------------ findings
@@ -229,6 +239,7 @@ class RunInfo:
     stages: StageBoundaries
     total_steps: int
     steps_per_epoch: int
+    config: Optional[Config] = None  # the run's whole config: remedies name the overrides it lacks
 
     @cached_property
     def first_part_end(self) -> int:
@@ -296,6 +307,22 @@ class Detector:
         """Per epoch: train/* means and val/* metrics."""
         return None
 
+    def advice(self, config: Config, alarm: "Alarm") -> list[str]:
+        """The overrides to try next for this run (``key=value``), none of which it already has."""
+        return []
+
+    def remedy_for(self, alarm: "Alarm") -> str:
+        """The alarm's remedy; with the run's config, the concrete overrides to try next, computed from
+        it and the evidence (never what the run already does)."""
+        base = alarm.remedy or self.remedy
+        config = self.run.config
+        if config is None:
+            return base
+        overrides = self.advice(config, alarm)
+        if not overrides:
+            return f"{base} (this run already has the usual fixes for it)"
+        return f"{base}; for this run try: {' '.join(overrides)}"
+
 
 # ---------------------------------------------------------------------------------- detectors
 class Divergence(Detector):
@@ -303,6 +330,17 @@ class Divergence(Detector):
     remedy = ("lower optim.lr, keep learning-rate warm-up, clip gradients (optim.grad_clip_norm), "
               "lower the largest loss weight")
     stop_reason = StopReason.DIVERGED
+
+    def advice(self, config: Config, alarm: "Alarm") -> list[str]:
+        lo = config.loss
+        out = [f"optim.lr={config.optim.lr / 10:.3g}"]
+        if config.optim.grad_clip_norm is None:
+            out.append("optim.grad_clip_norm=10")
+        if not config.schedule.warmup:
+            out.append("schedule.warmup=true")
+        if lo.box_weight > max(lo.class_weight, 1.0):
+            out.append(f"loss.box_weight={max(lo.class_weight, 1.0):g}")
+        return out
 
     @dataclass
     class State:
@@ -395,15 +433,52 @@ class Avoidance(Detector):
             cls_first, cls_now = st.first_epoch_cls, float(signals.get("train/loss_cls", math.nan))
         drop = _relative_drop(cls_first, cls_now)
         recall = float(signals.get("val/recall", math.nan))
+        ap50 = float(signals.get("val/ap50", 0.0))  # absent: no evidence of a ranking
         if not (when.stage != LATE and ppi < cfg.max_pred_per_image and recall < cfg.max_recall
-                and drop >= cfg.min_cls_drop):
+                and drop >= cfg.min_cls_drop and not ap50 >= cfg.max_ap50):
             return False
-        evidence = {"pred_per_image": ppi, "recall": recall, "loss_cls_first": cls_first, "loss_cls_now": cls_now,
-                    "loss_cls_drop": drop, "peak_pred_per_image": st.peak_pred_per_image}
+        evidence = {"pred_per_image": ppi, "recall": recall, "ap50": ap50, "loss_cls_first": cls_first,
+                    "loss_cls_now": cls_now, "loss_cls_drop": drop, "peak_pred_per_image": st.peak_pred_per_image}
         if "val/mean_score" in signals:
             evidence["mean_score"] = float(signals["val/mean_score"])
         return Alarm(f"the model predicts only background: {ppi:.3g} boxes per image, recall {recall:.3g}, "
                      f"while loss_cls fell {100 * drop:.0f}%", evidence)
+
+    def advice(self, config: Config, alarm: "Alarm") -> list[str]:
+        lo, out = config.loss, []
+        if lo.neg_pos_ratio <= 0:
+            out.append("loss.neg_pos_ratio=3")
+        if not config.schedule.warmup:
+            out.append("schedule.warmup=true")
+        if lo.box_weight > lo.class_weight:
+            out.append(f"loss.box_weight={lo.class_weight:g}")
+        if not lo.adaptive_weights.enabled:
+            out.append("loss.adaptive_weights.enabled=true")
+        return out
+
+
+class UnderConfidence(Detector):
+    name = UNDER_CONFIDENCE
+    remedy = ("the model ranks faces (AP50 well above chance) but scores them low: train longer, or read "
+              "the metrics at a lower eval.score_threshold; rebalancing or warm-up will not help")
+
+    def check_epoch(self, when: When, signals: Mapping[str, Any]) -> Verdict:
+        cfg = self.cfg
+        ppi = float(signals.get("val/pred_per_image", math.nan))
+        recall = float(signals.get("val/recall", math.nan))
+        ap50 = float(signals.get("val/ap50", math.nan))
+        if not (when.stage == LATE and ap50 >= cfg.min_ap50 and ppi < cfg.max_pred_per_image
+                and recall < cfg.max_recall):
+            return False
+        evidence = {"ap50": ap50, "pred_per_image": ppi, "recall": recall}
+        if "val/mean_score" in signals:
+            evidence["mean_score"] = float(signals["val/mean_score"])
+        return Alarm(f"AP50 is {ap50:.3g}, but only {ppi:.3g} boxes per image score above the threshold "
+                     f"(recall {recall:.3g}): the ranking is learnt, the confidence is not", evidence)
+
+    def advice(self, config: Config, alarm: "Alarm") -> list[str]:
+        return [f"train.epochs={2 * config.train.epochs}",
+                f"eval.score_threshold={max(round(config.eval.score_threshold / 2, 2), 0.05):g}"]
 
 
 class Stuck(Detector):
@@ -411,6 +486,13 @@ class Stuck(Detector):
     remedy = ("add learning-rate warm-up (schedule.warmup=true) and check the learning rate; rebalance "
               "loss.class_weight / loss.box_weight")
     stop_reason = StopReason.STUCK
+
+    def advice(self, config: Config, alarm: "Alarm") -> list[str]:
+        out = [] if config.schedule.warmup else ["schedule.warmup=true"]
+        out.append(f"optim.lr={config.optim.lr * 3:.3g}")
+        if config.loss.neg_pos_ratio <= 0:
+            out.append("loss.neg_pos_ratio=3")
+        return out
 
     @dataclass
     class State:
@@ -482,6 +564,20 @@ class LossImbalance(Detector):
                       "box_dominates": float(dominant == "box"), "threshold": threshold, "samples": len(ratios)},
                      remedy=self.remedy if dominant == "box" else self.remedy_cls)
 
+    def advice(self, config: Config, alarm: "Alarm") -> list[str]:
+        ratio, box_dominates = alarm.evidence["ratio_box_to_cls"], alarm.evidence["box_dominates"] > 0
+        box_weight = config.loss.box_weight
+        out = []
+        if math.isfinite(ratio) and ratio > 0 and box_weight > 0:
+            # The box term's gradient scales with its weight: aim the ratio at 2 (or 1/2).
+            target = 2.0 if box_dominates else 0.5
+            out.append(f"loss.box_weight={box_weight * target / ratio:.2g}")
+        elif not box_dominates and box_weight == 0:
+            out.append("loss.box_weight=1")
+        if box_dominates and not config.loss.adaptive_weights.enabled:
+            out.append("loss.adaptive_weights.enabled=true")
+        return out
+
 
 class RandomLargeBoxes(Detector):
     name = LARGE_BOXES
@@ -501,6 +597,13 @@ class RandomLargeBoxes(Detector):
                      f"boxes are placed at random before the classifier has learnt faces",
                      {"pred_large_share": share, "precision": precision, "pred_per_image": ppi,
                       "pred_mean_size": float(signals.get("val/pred_mean_size", math.nan))})
+
+    def advice(self, config: Config, alarm: "Alarm") -> list[str]:
+        out = [] if config.schedule.warmup else ["schedule.warmup=true"]
+        if not config.loss.adaptive_weights.enabled:
+            out.append("loss.adaptive_weights.enabled=true")
+        out.append(f"optim.lr={config.optim.lr / 3:.3g}")
+        return out
 
 
 class SmallFpExplosion(Detector):
@@ -535,6 +638,15 @@ class SmallFpExplosion(Detector):
                      {"fp_start": fps[0], "fp_now": fps[-1], "fp_growth": growth, "fp_small_share": small_share,
                       "loss_cls_start": cls[0], "loss_cls_now": cls[-1], "loss_cls_drop": cls_drop,
                       "precision": float(signals.get("val/precision", math.nan)), "epochs": k})
+
+    def advice(self, config: Config, alarm: "Alarm") -> list[str]:
+        lo = config.loss
+        out = [f"loss.neg_pos_ratio={3 if lo.neg_pos_ratio <= 0 else lo.neg_pos_ratio + 2:g}"]
+        if config.eval.score_threshold < 0.9:
+            out.append(f"eval.score_threshold={min(config.eval.score_threshold + 0.1, 0.9):.2g}")
+        if lo.class_weight <= lo.box_weight:
+            out.append(f"loss.class_weight={2 * max(lo.class_weight, 0.5):g}")
+        return out
 
 
 class Overfitting(Detector):
@@ -578,11 +690,20 @@ class Overfitting(Detector):
                       "val_miou_now": miou[-1], "train_loss_start": train[0], "train_loss_now": train[-1],
                       "best_val_miou": st.best_miou, "best_val_miou_epoch": st.best_miou_epoch, "epochs": k})
 
+    def advice(self, config: Config, alarm: "Alarm") -> list[str]:
+        out = [] if config.early_stopping.patience is not None else ["early_stopping.patience=3"]
+        augment = config.dataset.augment
+        for key in ("random_crop", "hflip", "photometric", "zoom_out"):
+            if not getattr(augment, key):
+                out.append(f"dataset.augment.{key}=true")
+        out.append(f"optim.weight_decay={max(config.optim.weight_decay * 2, 5e-4):.2g}")
+        return out
+
 
 # Evaluation order: divergence first (its finding precedes what a blow-up causes, and its stop
 # precedes a stuck stop), then the order of DETECTORS.
 DEFAULT_DETECTORS: tuple[type[Detector], ...] = (
-    Divergence, Avoidance, Stuck, LossImbalance, RandomLargeBoxes, SmallFpExplosion, Overfitting)
+    Divergence, Avoidance, UnderConfidence, Stuck, LossImbalance, RandomLargeBoxes, SmallFpExplosion, Overfitting)
 
 
 # --------------------------------------------------------------------------------- state <-> plain
@@ -659,10 +780,10 @@ class Diagnoser:
     per-detector scalars and the stop ``status``."""
 
     def __init__(self, cfg: DiagnosisConfig, stages: StageBoundaries, total_steps: int, steps_per_epoch: int,
-                 detectors: Sequence[type[Detector]] = DEFAULT_DETECTORS) -> None:
+                 detectors: Sequence[type[Detector]] = DEFAULT_DETECTORS, run_config: Optional[Config] = None) -> None:
         self.cfg = cfg
         self.stages = stages
-        self.run = RunInfo(cfg, stages, int(total_steps), max(1, int(steps_per_epoch)))
+        self.run = RunInfo(cfg, stages, int(total_steps), max(1, int(steps_per_epoch)), run_config)
         self.detectors = [cls(self.run) for cls in detectors]
         names = [d.name for d in self.detectors]
         if len(set(names)) != len(names):
@@ -721,7 +842,7 @@ class Diagnoser:
             finding = Finding(detector=det.name, stage=verdict.stage or when.stage, step=when.step,
                               epoch=when.epoch, message=verdict.message,
                               evidence={k: float(v) for k, v in verdict.evidence.items()},
-                              remedy=verdict.remedy or det.remedy)
+                              remedy=det.remedy_for(verdict))
             self.findings.append(finding)
             new.append(finding)
         if new:

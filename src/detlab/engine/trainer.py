@@ -145,7 +145,8 @@ class Trainer:
         self.scheduler, self.scaler, self.amp = parts.scheduler, parts.scaler, parts.amp
         self.stages: StageBoundaries = stage_boundaries(cfg.stages, cfg.schedule, self.total_steps,
                                                         self.steps_per_epoch)
-        self.diagnoser = Diagnoser(cfg.diagnosis, self.stages, self.total_steps, self.steps_per_epoch)
+        self.diagnoser = Diagnoser(cfg.diagnosis, self.stages, self.total_steps, self.steps_per_epoch,
+                                   run_config=cfg)
         self.early_stopping = EarlyStopping(cfg.early_stopping)
         self.shared_params = [p for p in self.model.shared_parameters() if p.requires_grad]
 
