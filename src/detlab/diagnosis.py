@@ -281,7 +281,8 @@ class Detector:
     plain types) and override ``check_step`` and/or ``check_epoch``. ``self.cfg`` is ``diagnosis.<name>``."""
 
     name: ClassVar[str] = ""
-    remedy: ClassVar[str] = ""
+    remedy: ClassVar[str] = ""  # generic, naming the usual config keys
+    cause: ClassVar[str] = "the likely cause"  # why it happens, said before a run's own overrides
     stop_reason: ClassVar[Optional[StopReason]] = None  # stop the run when fired and ``cfg.stop``
 
     @dataclass
@@ -312,21 +313,21 @@ class Detector:
         return []
 
     def remedy_for(self, alarm: "Alarm") -> str:
-        """The alarm's remedy; with the run's config, the concrete overrides to try next, computed from
-        it and the evidence (never what the run already does)."""
-        base = alarm.remedy or self.remedy
+        """Without the run's config: the generic remedy. With it: the cause and the concrete overrides
+        to try next, computed from that config and the evidence (never what the run already does)."""
         config = self.run.config
         if config is None:
-            return base
+            return alarm.remedy or self.remedy
         overrides = self.advice(config, alarm)
         if not overrides:
-            return f"{base} (this run already has the usual fixes for it)"
-        return f"{base}; for this run try: {' '.join(overrides)}"
+            return f"{self.cause}; this run already has the usual fixes for it: check the data and anchors, or train longer"
+        return f"{self.cause}; for this run try: {' '.join(overrides)}"
 
 
 # ---------------------------------------------------------------------------------- detectors
 class Divergence(Detector):
     name = DIVERGENCE
+    cause = "the updates are too large for the loss surface"
     remedy = ("lower optim.lr, keep learning-rate warm-up, clip gradients (optim.grad_clip_norm), "
               "lower the largest loss weight")
     stop_reason = StopReason.DIVERGED
@@ -402,6 +403,7 @@ class Divergence(Detector):
 
 class Avoidance(Detector):
     name = AVOIDANCE
+    cause = "background anchors outweigh the faces in the classification loss, so predicting nothing is cheapest"
     remedy = ("use hard negative mining (loss.neg_pos_ratio=3) so background anchors cannot swamp the "
               "classification loss, add learning-rate warm-up, raise loss.class_weight relative to "
               "loss.box_weight, and check eval.score_threshold is not above the model's scores")
@@ -459,6 +461,7 @@ class Avoidance(Detector):
 
 class UnderConfidence(Detector):
     name = UNDER_CONFIDENCE
+    cause = "the ranking is learnt but the scores are not yet confident; rebalancing or warm-up will not help"
     remedy = ("the model ranks faces (AP50 well above chance) but scores them low: train longer, or read "
               "the metrics at a lower eval.score_threshold; rebalancing or warm-up will not help")
 
@@ -483,6 +486,7 @@ class UnderConfidence(Detector):
 
 class Stuck(Detector):
     name = STUCK
+    cause = "the learning rate (or its warm-up) does not move the loss in the first part of training"
     remedy = ("add learning-rate warm-up (schedule.warmup=true) and check the learning rate; rebalance "
               "loss.class_weight / loss.box_weight")
     stop_reason = StopReason.STUCK
@@ -525,6 +529,7 @@ class Stuck(Detector):
 
 class LossImbalance(Detector):
     name = IMBALANCE
+    cause = "one weighted loss term dominates the gradient on the shared backbone"
     remedy = ("raise loss.class_weight or lower loss.box_weight until the two gradient norms are within a few "
               "times of each other, or emphasise classification early with loss.adaptive_weights.enabled=true")
     remedy_cls = ("raise loss.box_weight (or lower loss.class_weight) so localisation is learnt; "
@@ -581,6 +586,7 @@ class LossImbalance(Detector):
 
 class RandomLargeBoxes(Detector):
     name = LARGE_BOXES
+    cause = "boxes are regressed before the classifier knows faces"
     remedy = ("add learning-rate warm-up and emphasise classification early (lower box weight early, "
               "loss.adaptive_weights.enabled=true); check the anchor sizes match the faces")
 
@@ -608,6 +614,7 @@ class RandomLargeBoxes(Detector):
 
 class SmallFpExplosion(Detector):
     name = SMALL_FP
+    cause = "the classifier fires on small background patches"
     remedy = ("strengthen hard negative mining (loss.neg_pos_ratio), tune (raise) the confidence threshold "
               "eval.score_threshold, raise loss.class_weight")
     KEYS = ("val/fp", "train/loss_cls")
@@ -651,6 +658,7 @@ class SmallFpExplosion(Detector):
 
 class Overfitting(Detector):
     name = OVERFITTING
+    cause = "the model fits the training set at the expense of the val set"
     remedy = ("early stopping on val mIoU (early_stopping.patience; the best checkpoint is kept), "
               "stronger augmentation (dataset.augment.*), more weight decay or more data")
     KEYS = ("train/loss_total", "val/loss_total", "val/miou")
