@@ -311,6 +311,11 @@ def test_random_large_boxes_early():
     assert finding.evidence == {"pred_large_share": 0.8, "precision": 0.05, "pred_per_image": 12.0,
                                 "pred_mean_size": 180.0}
 
+    with_breakdown = lambda e: {**large_epoch(e), "val/fp": 40.0, "val/fp_background": 30.0,  # noqa: E731
+                                "val/fp_localisation": 8.0}
+    finding = only(run(make(), healthy_step(), with_breakdown, 1), "random_large_boxes")
+    assert (finding.evidence["fp_background_share"], finding.evidence["fp_localisation_share"]) == (0.75, 0.2)
+
 
 def test_random_large_boxes_not_after_early_stage_nor_with_good_precision():
     diag = make()
@@ -337,6 +342,16 @@ def test_small_fp_explosion_mid_stage():
     assert (ev["fp_start"], ev["fp_now"]) == (20.0, 70.0) and ev["fp_growth"] == pytest.approx(2.5)
     assert ev["fp_small_share"] == 0.7 and ev["loss_cls_drop"] == pytest.approx(0.02)
     assert "score_threshold" in finding.remedy and "neg_pos_ratio" in finding.remedy
+
+
+def test_small_fp_explosion_counts_only_small_background_fps_when_the_breakdown_is_there():
+    def epoch(background_share):
+        return lambda e: {**small_fp_epoch(e), "val/small/fp_background": background_share * FPS[e]}
+
+    # 70% of the FPs are small, but most of them sit on faces (localisation errors): not this pattern
+    assert run(make(), healthy_step(), epoch(0.2), 6) == []
+    finding = only(run(make(), healthy_step(), epoch(0.6), 5), "small_fp_explosion")
+    assert finding.evidence["fp_small_share"] == pytest.approx(0.6)
 
 
 @pytest.mark.parametrize("kwargs", [

@@ -267,7 +267,7 @@ class SmallFpExplosionConfig:
 
     rise_epochs: int = 3  # consecutive epochs of rising val/fp
     min_growth: float = 0.2  # relative FP growth over those epochs
-    small_share: float = 0.5  # val/fp_small_share at or above this
+    small_share: float = 0.5  # share of val/fp that are small background FPs (val/small/fp_background)
     cls_stagnation: float = 0.05  # train/loss_cls relative fall under this counts as stagnant
 
 

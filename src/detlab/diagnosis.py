@@ -23,7 +23,8 @@ Detectors (``DETECTORS``; each a small ``Detector`` class configured by ``diagno
 - ``random_large_boxes``: on epochs containing early steps, most predictions are large
   (``val/pred_large_share``) and precision is low.
 - ``small_fp_explosion``: in the mid stage, ``val/fp`` rose for ``rise_epochs`` epochs, most false
-  positives are small and ``train/loss_cls`` stagnates.
+  positives are small background detections (the TIDE breakdown's ``val/small/fp_background``) and
+  ``train/loss_cls`` stagnates.
 - ``overfitting``: after the early stage, ``val/loss_total`` rose (or ``val/miou`` fell) for
   ``epochs`` epochs while ``train/loss_total`` fell.
 - ``divergence``: a non-finite (train or val) loss, ``nonfinite_grad_patience`` consecutive
@@ -599,10 +600,14 @@ class RandomLargeBoxes(Detector):
         if not (early_epoch and ppi >= cfg.min_pred_per_image and share >= cfg.share
                 and precision < cfg.max_precision):
             return False
+        evidence = {"pred_large_share": share, "precision": precision, "pred_per_image": ppi,
+                    "pred_mean_size": float(signals.get("val/pred_mean_size", math.nan))}
+        fp = float(signals.get("val/fp", math.nan))
+        for kind in ("background", "localisation"):  # the TIDE breakdown: random boxes miss faces outright
+            if f"val/fp_{kind}" in signals and fp > 0:
+                evidence[f"fp_{kind}_share"] = float(signals[f"val/fp_{kind}"]) / fp
         return Alarm(f"{100 * share:.0f}% of the predicted boxes are large with precision {precision:.3g}: "
-                     f"boxes are placed at random before the classifier has learnt faces",
-                     {"pred_large_share": share, "precision": precision, "pred_per_image": ppi,
-                      "pred_mean_size": float(signals.get("val/pred_mean_size", math.nan))})
+                     f"boxes are placed at random before the classifier has learnt faces", evidence)
 
     def advice(self, config: Config, alarm: "Alarm") -> list[str]:
         out = [] if config.schedule.warmup else ["schedule.warmup=true"]
@@ -634,13 +639,18 @@ class SmallFpExplosion(Detector):
         fps = [r["val/fp"] for r in history]
         cls = [r["train/loss_cls"] for r in history]
         growth = (fps[-1] - fps[0]) / max(fps[0], 1.0)
-        small_share = float(signals.get("val/fp_small_share", math.nan))
+        # The TIDE breakdown says which small false positives are on background (not badly placed
+        # or duplicate boxes on faces); without it, every small false positive counts.
+        if "val/small/fp_background" in signals and fps[-1] > 0:
+            small_share = float(signals["val/small/fp_background"]) / fps[-1]
+        else:
+            small_share = float(signals.get("val/fp_small_share", math.nan))
         cls_drop = _relative_drop(cls[0], cls[-1])
         if not (_strictly_increasing(fps) and growth >= cfg.min_growth and small_share >= cfg.small_share
                 and cls_drop < cfg.cls_stagnation):
             return False
         return Alarm(f"false positives rose for {k} epochs ({fps[0]:.0f} -> {fps[-1]:.0f}), "
-                     f"{100 * small_share:.0f}% of them small, while loss_cls stagnates "
+                     f"{100 * small_share:.0f}% of them small and on background, while loss_cls stagnates "
                      f"({100 * cls_drop:.1f}% change)",
                      {"fp_start": fps[0], "fp_now": fps[-1], "fp_growth": growth, "fp_small_share": small_share,
                       "loss_cls_start": cls[0], "loss_cls_now": cls[-1], "loss_cls_drop": cls_drop,
