@@ -1,0 +1,626 @@
+"""Published rule-based training-failure detectors, replayed on a detlab run's recorded signals.
+
+    python scripts/diagnosis_baselines.py --self-test     # synthetic traces with known answers
+
+``scripts/bench_diagnosis.py`` compares detlab's diagnosis (``detlab.diagnosis``) with these tools by
+replaying what each training run recorded; nothing is retrained. Each baseline is a function
+``name(steps, epochs, total_steps) -> Optional[Alarm]`` returning the FIRST alarm the tool would have
+raised (its step; for an epoch-level rule the epoch row's ``step``, i.e. optimiser steps done), or
+``None``. ``BASELINES`` maps names to functions; ``replay_all`` runs them all. Inputs:
+
+- ``steps``: one dict per optimiser step (``step`` 0-based, ``epoch`` 1-based, ``loss_total``,
+  ``loss_cls``, ``loss_box``, ``lr``, ``grad_norm`` (may be missing on a non-finite-loss step),
+  ``grad_norm_cls`` / ``grad_norm_box`` on sampled steps);
+- ``epochs``: metrics.csv rows (``epoch``, ``step`` = steps done, ``train/loss_total``,
+  ``val/loss_total``, ``val/ap50``, ...);
+- ``total_steps``: the planned optimiser steps.
+
+Values may be nan / inf / missing / None: no baseline raises on them.
+
+Sources (the rules and every default below are taken from these; where the source leaves a choice
+open, the choice is named at the rule):
+
+1. AUTOTRAINER -- X. Zhang, J. Zhai, S. Ma, C. Shen, "AUTOTRAINER: An Automatic DNN Training Problem
+   Detection and Repair System", ICSE 2021. Code: https://github.com/shiningrain/AUTOTRAINER at the
+   ICSE-era commit aafa2a4 (2021-03-06, the commit that adds the paper PDF):
+   ``AutoTrainer/utils/monitor.py`` (``IssueMonitor.determine``, ``loss_issue``, ``ol_judge``,
+   ``max_delta_acc``, ``gradient_issue``), ``AutoTrainer/utils/utils.py`` (``default_param``,
+   ``LossHistory.on_epoch_end``: check every ``checkgap`` epochs), ``AutoTrainer/utils/modules.py``
+   (``problem_evaluation`` priorities). Defaults (paper Sec. V "parameter sensitivity" and
+   ``default_param``): beta_1=1e-3, beta_2=1e-4 (vanishing), beta_3=70 (exploding), gamma=0.7 (dying
+   ReLU), zeta=0.03, eta=0.2 (oscillating), delta=0.01 (slow convergence), Theta=0.7 (satisfied
+   accuracy; ``reproduce.py`` passes 0.6), judgment_point=0.3, check every 3 epochs (paper: "By
+   default, AUTOTRAINER checks the problem every 3 iterations"; ``model_train(checktype='epoch_3')``).
+   The 2022+ commits of that repository (``monitor.py`` with ``check_large_loss`` at 1e3, ``and``
+   instead of ``or`` in the convergence test) are a later extension and are NOT used here.
+2. Amazon SageMaker Debugger built-in rules ``LossNotDecreasing`` and ``Overfit``. The rule code
+   itself is closed source (it was removed from the public smdebug repository in "Remove 1P rules
+   (#406)", awslabs/sagemaker-debugger commit bb14a44, 2019); parameters and defaults are from
+   "List of Debugger built-in rules", https://docs.aws.amazon.com/sagemaker/latest/dg/debugger-built-in-rules.html
+   (mirrored in awsdocs/amazon-sagemaker-developer-guide, doc_source/debugger-built-in-rules.md,
+   commit a869fa5), and the collection defaults from awslabs/sagemaker-debugger-rulesconfig
+   ``smdebug_rulesconfig/debugger_rules/rule_config_jsons/ruleConfigs.json`` (LossNotDecreasing saves
+   the ``losses`` collection with ``save_interval=500``). Saved steps follow smdebug's
+   ``SaveConfigMode.should_save_step`` (``step % save_interval == 0``; smdebug/core/save_config.py).
+3. Lightning ``EarlyStopping`` -- Lightning-AI/pytorch-lightning
+   ``src/lightning/pytorch/callbacks/early_stopping.py`` (``_evaluate_stopping_criteria``): defaults
+   ``min_delta=0.0, patience=3, mode="min", check_finite=True``; ``divergence_threshold`` has no
+   default and is set here to 10x the first finite validation loss of the run (see the function).
+
+Runs that diverged. detlab ends a run at its first non-finite loss, so the record stops there and
+the epoch in progress never gets a metrics row. The tools replayed here were built for loops that
+keep going, where a NaN update poisons the weights and every later loss and metric is NaN too. By
+default (``extrapolate=True``) a record whose last step has a non-finite loss is therefore continued
+to ``total_steps`` with NaN step losses / gradient norms and NaN epoch rows (epoch length taken from
+the completed epochs; if none completed, the epoch in progress is taken to end at the divergence,
+which favours the baselines). An alarm that lies past the recorded steps has ``extrapolated=True``
+and says so in its message. ``extrapolate=False`` replays the record strictly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import math
+import sys
+from collections import Counter
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+
+Record = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Alarm:
+    """The first alarm one baseline raises on a run."""
+
+    baseline: str
+    rule: str  # names the bench maps to a diagnosis pattern (scripts/bench_diagnosis.py BASELINE_PATTERNS)
+    step: int  # optimiser step (per-step rules) or the epoch row's ``step`` = steps done (epoch rules)
+    message: str
+    extrapolated: bool = False  # the alarm lies past the recorded steps (see the module docstring)
+
+
+# ----------------------------------------------------------------------------------- helpers
+def _f(value: Any) -> float:
+    """A float, nan for None / missing / unparsable values (never raises)."""
+    if value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _finite(value: float) -> bool:
+    return math.isfinite(value)
+
+
+def _int(value: Any, default: int = 0) -> int:
+    v = _f(value)
+    return int(v) if _finite(v) else default
+
+
+def _pct(delta: float, base: float) -> float:
+    """100 * delta / |base|; +inf for a non-zero delta over a zero base, 0 for 0/0."""
+    if base == 0.0:
+        return 0.0 if delta == 0.0 else math.inf
+    return 100.0 * delta / abs(base)
+
+
+def infer_steps_per_epoch(steps: Sequence[Record], epochs: Sequence[Record]) -> Optional[int]:
+    """Optimiser steps per epoch: the most common step count of the epochs that finished (have a
+    metrics row); else the most common difference of consecutive rows' ``step``; else None."""
+    finished = {_int(r.get("epoch"), -1) for r in epochs}
+    counts = Counter(_int(s.get("epoch"), -1) for s in steps)
+    full = [counts[e] for e in finished if e >= 0 and counts.get(e)]
+    if full:
+        return Counter(full).most_common(1)[0][0]
+    marks = sorted(_int(r.get("step"), -1) for r in epochs if _int(r.get("step"), -1) >= 0)
+    diffs = [b - a for a, b in zip([0, *marks], marks) if b > a]
+    return Counter(diffs).most_common(1)[0][0] if diffs else None
+
+
+@dataclass
+class _Trace:
+    steps: list[dict[str, Any]]  # sorted by step
+    epochs: list[dict[str, Any]]  # sorted by epoch
+    total_steps: int
+    steps_per_epoch: Optional[int]
+    last_recorded_step: int  # -1 when nothing was recorded
+    extended: bool  # steps / epochs past the record were synthesised (a diverged run)
+
+
+_NAN_STEP_KEYS = ("loss_total", "loss_cls", "loss_box", "lr", "grad_norm")
+
+
+def _prepare(steps: Sequence[Record], epochs: Sequence[Record], total_steps: Any,
+             steps_per_epoch: Optional[int], extrapolate: bool) -> _Trace:
+    """Sorted copies of the record; a diverged record continued with NaN (module docstring)."""
+    st = sorted((dict(s) for s in steps if _finite(_f(s.get("step")))), key=lambda s: _int(s["step"]))
+    ep = sorted((dict(r) for r in epochs), key=lambda r: (_int(r.get("epoch"), 0), _int(r.get("step"), 0)))
+    total = _int(total_steps, 0)
+    total = max(total, len(st))
+    spe = steps_per_epoch if steps_per_epoch and steps_per_epoch > 0 else infer_steps_per_epoch(st, ep)
+    last = _int(st[-1]["step"]) if st else -1
+    trace = _Trace(st, ep, total, spe, last, extended=False)
+    if not (extrapolate and st and not _finite(_f(st[-1].get("loss_total")))):
+        return trace
+
+    # The run diverged at step `last` of epoch `cur`: continue it with NaN to the planned end.
+    cur = _int(st[-1].get("epoch"), 1)
+    cur_start = min(_int(s["step"]) for s in st if _int(s.get("epoch"), 1) == cur)
+    if spe:
+        ends = [max(cur_start + spe, last + 1)]  # an epoch longer than usual still ends after the record
+        while ends[-1] < total:
+            ends.append(ends[-1] + spe)
+    else:
+        ends = [last + 1]  # unknown epoch length: the epoch in progress ends at the divergence
+    epoch_of_step = [(end, cur + k) for k, end in enumerate(ends)]
+    for s in range(last + 1, ends[-1]):
+        e = next(ep_ for end, ep_ in epoch_of_step if s < end)
+        st.append({"step": s, "epoch": e, **dict.fromkeys(_NAN_STEP_KEYS, math.nan)})
+    row_keys = {k for r in ep for k in r} | {"train/loss_total", "train/loss_cls", "train/loss_box",
+                                              "val/loss_total", "val/loss_cls", "val/loss_box", "val/ap50",
+                                              "val/recall", "val/precision", "val/miou"}
+    row_keys -= {"epoch", "step"}
+    have_rows = {_int(r.get("epoch"), -1) for r in ep}
+    for end, e in epoch_of_step:
+        if e not in have_rows:
+            ep.append({"epoch": e, "step": end, **dict.fromkeys(sorted(row_keys), math.nan)})
+    trace.extended = True
+    return trace
+
+
+def _finish(alarm: Optional[Alarm], trace: _Trace) -> Optional[Alarm]:
+    """Mark an alarm past the recorded steps as extrapolated."""
+    if alarm is None or not trace.extended or alarm.step <= trace.last_recorded_step:
+        return alarm
+    return replace(alarm, extrapolated=True,
+                   message=f"{alarm.message} [extrapolated: the record ends with a non-finite loss at step "
+                           f"{trace.last_recorded_step}; NaN assumed to persist]")
+
+
+# ---------------------------------------------------------------------------------- AUTOTRAINER
+# IssueMonitor parameters (AutoTrainer/utils/utils.py default_param; paper Sec. V) and the
+# LossHistory / loss_issue keyword defaults (AutoTrainer/utils/monitor.py).
+AUTOTRAINER_DEFAULTS: dict[str, float] = {
+    "beta_1": 1e-3,  # vanishing: |G_first| / |G_last| below this ...            (not evaluable here)
+    "beta_2": 1e-4,  # ... and |G_first| below this                                  (not evaluable here)
+    "beta_3": 70.0,  # exploding: |G_first| / |G_last| above this                 (not evaluable here)
+    "gamma": 0.7,  # dying ReLU: share of exactly-zero gradient entries            (not evaluable here)
+    "zeta": 0.03,  # oscillating: local max - local min of accuracy >= zeta ...
+    "eta": 0.2,  # ... in at least eta * (epochs so far) pairs
+    "delta": 0.01,  # slow convergence: largest epoch-to-epoch accuracy rise below delta
+    "Theta": 0.7,  # satisfied accuracy: below it the run "has not converged"
+    "judgment_point": 0.3,  # convergence symptoms are judged from 30% of the planned epochs on
+    "large_loss": 1e5,  # a validation loss at or above this counts as a NaN loss (ICSE-era monitor.py)
+    "check_every": 3,  # epochs between checks (checktype 'epoch_3'); a check when (epoch-1) % 3 == 0
+}
+# Priorities of AutoTrainer/utils/modules.py problem_evaluation: one issue is reported per check.
+_AT_PRIORITY = {"exploding_gradient": 2, "vanishing_gradient": 2, "dying_relu": 2,
+                "slow_convergence": 1, "oscillating_loss": 1}
+
+
+def _at_max_delta(acc: Sequence[float]) -> float:
+    """monitor.py ``max_delta_acc``: the largest rise between consecutive epochs (0 if none)."""
+    best = 0.0
+    for a, b in zip(acc, acc[1:]):
+        if b - a > best:  # nan compares False, as in the original
+            best = b - a
+    return best
+
+
+def _at_ol_judge(acc: Sequence[float], zeta: float, eta: float) -> bool:
+    """monitor.py ``ol_judge``: interior local maxima / minima (ties count as both) paired by order;
+    oscillating when ``maximum[i] - minimum[i] >= zeta`` for at least ``eta * len(acc)`` pairs."""
+    maxima, minima = [], []
+    for i in range(1, len(acc) - 1):
+        if acc[i] - acc[i - 1] >= 0 and acc[i] - acc[i + 1] >= 0:
+            maxima.append(acc[i])
+        if acc[i] - acc[i - 1] <= 0 and acc[i] - acc[i + 1] <= 0:
+            minima.append(acc[i])
+    count = sum(1 for hi, lo in zip(maxima, minima) if hi - lo >= zeta)
+    return count >= eta * len(acc)
+
+
+def autotrainer(steps: Sequence[Record], epochs: Sequence[Record], total_steps: int, *,
+                acc_key: str = "val/ap50", steps_per_epoch: Optional[int] = None, extrapolate: bool = True,
+                **params: float) -> Optional[Alarm]:
+    """AUTOTRAINER's problem detector (ICSE 2021), replayed at its epoch checks.
+
+    Faithful to ``IssueMonitor.determine`` of the ICSE-era code: at the end of every
+    ``check_every``-th epoch (Keras ``epoch % checkgap == 0``, i.e. detlab epochs 1, 4, 7, ...) it
+    updates sticky features from the history (train loss, accuracy, val loss, val accuracy) and the
+    gradient of that moment, then reports the highest-priority issue, which stops training:
+
+    - exploding gradient ('explode'): a NaN/inf anywhere in the train or val loss history, or the last
+      val loss >= 1e5 (``loss_issue``'s ``nan_loss``), or a NaN/inf gradient (``nan_gradient``). The
+      gradient, which AUTOTRAINER takes on the first training batch at the check, is approximated
+      by the recorded ``grad_norm`` of the epoch's last step (missing on a non-finite-loss step: NaN).
+      ``nan_weight`` is not recorded (a NaN weight gives a NaN loss, which is).
+    - slow convergence ('not_converge'): past the judgment point (len(history) >= 0.3 * planned
+      epochs), the largest epoch-to-epoch rise of both train and val accuracy is < delta.
+    - oscillating loss ('unstable'): past the judgment point, ``ol_judge`` holds on the (train)
+      accuracy -- and, as in ``determine``'s ``elif``, only while neither "not converged" (max train
+      or val accuracy < Theta) nor "slow convergence" holds.
+
+    Approximated / skipped:
+
+    - accuracy: detlab records no accuracy; ``acc_key`` (default ``val/ap50``) stands for both the
+      train accuracy (``history['acc']``, used by ``ol_judge``) and the val accuracy, since no
+      train-set AP is recorded.
+    - vanishing gradient (|G_1|/|G_n| < beta_1 and |G_1| < beta_2), the layer-ratio part of exploding
+      gradient (|G_1|/|G_n| > beta_3) and dying ReLU (share of zero gradient entries >= gamma) need
+      per-layer gradients of the full model; detlab records only the total gradient norm and the
+      two loss terms' norms on the shared parameters, neither of which is a layer ratio, so these
+      symptoms are never raised here (their features stay 0, as for a model without the symptom).
+    - the train loss per epoch is metrics.csv's ``train/loss_total`` (the epoch mean, as Keras's).
+    """
+    p = {**AUTOTRAINER_DEFAULTS, **params}
+    tr = _prepare(steps, epochs, total_steps, steps_per_epoch, extrapolate)
+    spe = tr.steps_per_epoch
+    total_epoch = max(1, math.ceil(tr.total_steps / spe)) if spe else max(1, len(tr.epochs))
+    check_every = max(1, int(p["check_every"]))
+    last_of_epoch: dict[int, dict[str, Any]] = {}
+    for s in tr.steps:
+        last_of_epoch[_int(s.get("epoch"), -1)] = s
+
+    train_loss: list[float] = []
+    val_loss: list[float] = []
+    acc: list[float] = []
+    feature = {"nan_loss": False, "nan_gradient": False, "not_converge": False, "sc_accuracy": False,
+               "unstable_loss": False}
+    for row in tr.epochs:
+        epoch = _int(row.get("epoch"), len(train_loss) + 1)
+        if "train/loss_total" in row:
+            train_loss.append(_f(row["train/loss_total"]))
+        if "val/loss_total" in row:
+            val_loss.append(_f(row["val/loss_total"]))
+        acc.append(_f(row.get(acc_key)))
+        if (epoch - 1) % check_every != 0:
+            continue
+        step = _int(row.get("step"), 0)
+        # gradient_issue: NaN gradient at the check
+        last = last_of_epoch.get(epoch)
+        if last is not None:
+            grad = last.get("grad_norm")
+            if grad is None and not _finite(_f(last.get("loss_total"))):
+                grad = math.nan
+            if grad is not None and not _finite(_f(grad)):
+                feature["nan_gradient"] = True
+        # loss_issue (ICSE era): NaN loss, then convergence symptoms past the judgment point
+        if (any(not _finite(v) for v in train_loss) or any(not _finite(v) for v in val_loss)
+                or (val_loss and val_loss[-1] >= p["large_loss"])):
+            feature["nan_loss"] = True
+        elif train_loss and len(train_loss) >= p["judgment_point"] * total_epoch:
+            if _at_ol_judge(acc, p["zeta"], p["eta"]):
+                feature["unstable_loss"] = True
+            finite_acc = [a for a in acc if _finite(a)]
+            if not finite_acc or max(finite_acc) < p["Theta"]:  # max(test_acc) < Theta or max(train_acc) < Theta
+                feature["not_converge"] = True
+            if _at_max_delta(acc) < p["delta"]:  # both accuracies are the same series here
+                feature["sc_accuracy"] = True
+        # IssueMonitor.determine, then modules.filtered_issue (highest priority wins)
+        issues: list[tuple[str, str]] = []
+        if feature["nan_loss"] or feature["nan_gradient"]:
+            why = "non-finite or >= 1e5 loss" if feature["nan_loss"] else "non-finite gradient norm"
+            issues.append(("exploding_gradient", why))
+        if feature["not_converge"] or feature["sc_accuracy"]:
+            # relu / explode (layer ratio) / vanish would be tried first here; they are not evaluable
+            if feature["sc_accuracy"]:
+                why = f"largest epoch-to-epoch rise of {acc_key} {_at_max_delta(acc):.4g} < delta={p['delta']:g}"
+                issues.append(("slow_convergence", why))
+        elif feature["unstable_loss"]:
+            why = f"{acc_key} local max - min >= zeta={p['zeta']:g} in >= eta={p['eta']:g} of {len(acc)} epochs"
+            issues.append(("oscillating_loss", why))
+        if issues:
+            rule, why = max(issues, key=lambda it: _AT_PRIORITY[it[0]])
+            return _finish(Alarm("autotrainer", rule, step, f"epoch {epoch} check: {why}"), tr)
+    return None
+
+
+# --------------------------------------------------------------------- SageMaker Debugger rules
+# LossNotDecreasing: num_steps, diff_percent, increase_threshold_percent, mode (GLOBAL) from the
+# "List of Debugger built-in rules"; save_interval=500 is the rule's default collection config.
+LOSS_NOT_DECREASING_DEFAULTS: dict[str, Any] = {"num_steps": 10, "diff_percent": 0.1,
+                                                "increase_threshold_percent": 5.0, "save_interval": 500}
+OVERFIT_DEFAULTS: dict[str, Any] = {"start_step": 0, "patience": 1, "ratio_threshold": 0.1}
+
+
+def sagemaker_loss_not_decreasing(steps: Sequence[Record], epochs: Sequence[Record], total_steps: int, *,
+                                  num_steps: int = 10, diff_percent: float = 0.1,
+                                  increase_threshold_percent: Optional[float] = 5.0, save_interval: int = 500,
+                                  steps_per_epoch: Optional[int] = None,
+                                  extrapolate: bool = True) -> Optional[Alarm]:
+    """SageMaker Debugger ``LossNotDecreasing`` on the per-step ``loss_total`` (mode GLOBAL).
+
+    Documented behaviour: the loss is saved every ``save_interval`` steps (``step % 500 == 0``, the
+    rule's default collection config); the rule is evaluated at a saved step ``s`` only once
+    ``num_steps`` steps have passed since its last evaluation, and compares the loss at ``s`` with the
+    loss at the newest saved step at least ``num_steps`` behind ``s``. It fires when the loss has not
+    decreased by ``diff_percent`` percent (default 0.1).
+
+    ``increase_threshold_percent`` (default 5) is documented only as "the maximum threshold percent
+    that loss is allowed to increase in case loss has been increasing"; the rule's code is not
+    public. Read here as: when the loss went UP, the rule fires only if it rose by more than this
+    percentage (a smaller rise is tolerated as noise); when it went down or stayed equal, it fires if
+    it fell by less than ``diff_percent``. So an exactly flat loss fires and a slowly rising one (< 5%
+    per comparison) does not. ``increase_threshold_percent=None`` gives the strict reading (any
+    comparison without a ``diff_percent`` decrease fires). A non-finite current loss fires (it has
+    not decreased); a non-finite reference loss with a finite current one does not.
+    """
+    tr = _prepare(steps, epochs, total_steps, steps_per_epoch, extrapolate)
+    interval = max(1, int(save_interval))
+    saved = [(_int(s["step"]), _f(s.get("loss_total"))) for s in tr.steps if _int(s["step"]) % interval == 0]
+    saved_steps = [s for s, _ in saved]
+    last_eval: Optional[int] = None
+    for idx, (s, cur) in enumerate(saved):
+        if last_eval is not None and s < last_eval + num_steps:
+            continue
+        ref_idx = bisect.bisect_right(saved_steps, s - num_steps, 0, idx) - 1
+        if ref_idx < 0:
+            continue
+        last_eval = s
+        ref_step, prev = saved[ref_idx]
+        if not _finite(cur):
+            why = f"loss {cur} at step {s} is not finite (step {ref_step}: {prev:.4g})"
+        elif not _finite(prev):
+            continue
+        elif cur > prev:
+            rise = _pct(cur - prev, prev)
+            limit = 0.0 if increase_threshold_percent is None else increase_threshold_percent
+            if rise <= limit:
+                continue
+            why = f"loss rose {rise:.3g}% from {prev:.4g} (step {ref_step}) to {cur:.4g} (> {limit:g}%)"
+        else:
+            fall = _pct(prev - cur, prev)
+            if fall >= diff_percent:
+                continue
+            why = (f"loss fell only {fall:.3g}% from {prev:.4g} (step {ref_step}) to {cur:.4g} "
+                   f"(< diff_percent={diff_percent:g}%)")
+        return _finish(Alarm("sagemaker_loss_not_decreasing", "loss_not_decreasing", s, why), tr)
+    return None
+
+
+def sagemaker_overfit(steps: Sequence[Record], epochs: Sequence[Record], total_steps: int, *,
+                      start_step: int = 0, patience: int = 1, ratio_threshold: float = 0.1,
+                      steps_per_epoch: Optional[int] = None, extrapolate: bool = True) -> Optional[Alarm]:
+    """SageMaker Debugger ``Overfit``: ``(mean val loss - mean train loss) / mean train loss`` above
+    ``ratio_threshold`` (0.1) for ``patience`` (1) evaluations from ``start_step`` (0) on.
+
+    Replayed per epoch: ``val/loss_total`` (the mean over the val set) against ``train/loss_total``
+    (the epoch's mean training loss), at the epoch row's ``step``. "Exceeded for a patience number of
+    steps" is read as consecutive evaluations (immaterial at the default patience of 1). The ratio
+    follows IEEE float semantics: a NaN ratio never exceeds the threshold, an infinite one does.
+    """
+    tr = _prepare(steps, epochs, total_steps, steps_per_epoch, extrapolate)
+    count = 0
+    for row in tr.epochs:
+        step = _int(row.get("step"), 0)
+        if step < start_step or "val/loss_total" not in row or "train/loss_total" not in row:
+            continue
+        train, val = _f(row["train/loss_total"]), _f(row["val/loss_total"])
+        with np.errstate(all="ignore"):
+            ratio = float((np.float64(val) - np.float64(train)) / np.float64(train))
+        if ratio > ratio_threshold:
+            count += 1
+            if count >= patience:
+                return _finish(Alarm("sagemaker_overfit", "overfit", step,
+                                     f"epoch {_int(row.get('epoch'))}: (val {val:.4g} - train {train:.4g}) / train "
+                                     f"= {ratio:.3g} > {ratio_threshold:g} for {count} evaluation(s)"), tr)
+        else:
+            count = 0
+    return None
+
+
+# ------------------------------------------------------------------------ Lightning EarlyStopping
+LIGHTNING_DEFAULTS: dict[str, Any] = {"monitor": "val/loss_total", "mode": "min", "min_delta": 0.0,
+                                      "patience": 3, "check_finite": True, "divergence_factor": 10.0}
+
+
+def lightning_early_stopping(steps: Sequence[Record], epochs: Sequence[Record], total_steps: int, *,
+                             monitor: str = "val/loss_total", min_delta: float = 0.0, patience: int = 3,
+                             check_finite: bool = True, divergence_threshold: Optional[float] = None,
+                             divergence_factor: Optional[float] = 10.0,
+                             stopping_threshold: Optional[float] = None,
+                             steps_per_epoch: Optional[int] = None, extrapolate: bool = True) -> Optional[Alarm]:
+    """Lightning ``EarlyStopping(monitor="val/loss_total", mode="min", check_finite=True,
+    divergence_threshold=..., patience=3, min_delta=0)``, one check per validation (epoch row).
+
+    ``_evaluate_stopping_criteria`` order: non-finite monitor (``check_finite``) -> ``stopping_threshold``
+    (None: off; it marks success, not a failure) -> ``divergence_threshold`` (monitor > threshold) ->
+    improvement (``current - |min_delta| < best``, best starting at +inf; resets the wait count) ->
+    otherwise ``wait_count += 1`` and a stop at ``wait_count >= patience`` ("patience").
+
+    ``divergence_threshold``: Lightning needs a constant chosen before training; none fits every
+    detlab model and loss weighting, so unless one is given it is fixed per run at
+    ``divergence_factor`` (10) x the first finite value of the monitor (epoch 1's validation loss),
+    i.e. "stop once the validation loss is ten times where it started". A monitor key missing from a
+    row skips that check (Lightning's ``strict=True`` would raise instead).
+    """
+    tr = _prepare(steps, epochs, total_steps, steps_per_epoch, extrapolate)
+    best = math.inf
+    wait = 0
+    threshold = divergence_threshold
+    for row in tr.epochs:
+        if monitor not in row:
+            continue
+        cur = _f(row[monitor])
+        step = _int(row.get("step"), 0)
+        where = f"epoch {_int(row.get('epoch'))}: {monitor} = {cur:.4g}"
+        if threshold is None and divergence_factor is not None and _finite(cur):
+            threshold = divergence_factor * cur
+        alarm = None
+        if check_finite and not _finite(cur):
+            alarm = Alarm("lightning_early_stopping", "check_finite", step,
+                          f"{where} is not finite (best {best:.4g})")
+        elif stopping_threshold is not None and cur < stopping_threshold:
+            alarm = Alarm("lightning_early_stopping", "stopping_threshold", step,
+                          f"{where} < stopping_threshold {stopping_threshold:g}")
+        elif threshold is not None and cur > threshold:  # monitor_op(-current, -divergence_threshold)
+            alarm = Alarm("lightning_early_stopping", "divergence_threshold", step,
+                          f"{where} > divergence_threshold {threshold:.4g}"
+                          + (f" ({divergence_factor:g} x the first value)" if divergence_threshold is None else ""))
+        elif cur - abs(min_delta) < best:  # torch.lt(current - min_delta, best_score), min_delta negated for min
+            best, wait = cur, 0
+        else:
+            wait += 1
+            if wait >= patience:
+                alarm = Alarm("lightning_early_stopping", "patience", step,
+                              f"{where}: stopped, no improvement in the last {wait} checks (best {best:.4g})")
+        if alarm is not None:
+            return _finish(alarm, tr)
+    return None
+
+
+# ------------------------------------------------------------------------------------ registry
+Baseline = Callable[[Sequence[Record], Sequence[Record], int], Optional[Alarm]]
+BASELINES: dict[str, Baseline] = {
+    "autotrainer": autotrainer,
+    "sagemaker_loss_not_decreasing": sagemaker_loss_not_decreasing,
+    "sagemaker_overfit": sagemaker_overfit,
+    "lightning_early_stopping": lightning_early_stopping,
+}
+
+
+def replay_all(steps: Sequence[Record], epochs: Sequence[Record], total_steps: int,
+               **kwargs: Any) -> dict[str, Optional[Alarm]]:
+    """Every baseline's first alarm on one run (``kwargs``: ``steps_per_epoch``, ``extrapolate``)."""
+    return {name: fn(steps, epochs, total_steps, **kwargs) for name, fn in BASELINES.items()}
+
+
+# ----------------------------------------------------------------------------------- self-test
+SPE, N_EPOCHS = 250, 8  # synthetic runs: 8 epochs of 250 steps (saved losses at 0, 500, 1000, 1500)
+TOTAL = SPE * N_EPOCHS
+
+
+def _synthetic(train: Sequence[float], val: Sequence[float], ap50: Sequence[float],
+               step_loss: Optional[Callable[[int, int], float]] = None,
+               stop_at: Optional[int] = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A run whose step losses are the epoch's train loss (or ``step_loss(step, epoch)``), recorded up
+    to ``stop_at`` (a non-finite loss there ends it, as detlab does: no row for that epoch)."""
+    steps, epochs = [], []
+    for e in range(1, N_EPOCHS + 1):
+        for s in range((e - 1) * SPE, e * SPE):
+            if stop_at is not None and s > stop_at:
+                return steps, epochs
+            loss = step_loss(s, e) if step_loss else train[e - 1]
+            rec = {"step": s, "epoch": e, "loss_total": loss, "loss_cls": 0.7 * loss, "loss_box": 0.3 * loss,
+                   "lr": 0.01}
+            if math.isfinite(loss):
+                rec["grad_norm"] = 1.0 + 0.1 * loss
+            if s % 50 == 0 and math.isfinite(loss):
+                rec.update(grad_norm_cls=0.8, grad_norm_box=0.5)
+            steps.append(rec)
+            if stop_at is not None and s == stop_at:
+                return steps, epochs
+        epochs.append({"epoch": float(e), "step": float(e * SPE), "train/loss_total": train[e - 1],
+                       "train/loss_cls": 0.7 * train[e - 1], "train/loss_box": 0.3 * train[e - 1],
+                       "val/loss_total": val[e - 1], "val/loss_cls": 0.7 * val[e - 1],
+                       "val/loss_box": 0.3 * val[e - 1], "val/ap50": ap50[e - 1], "val/recall": ap50[e - 1],
+                       "val/precision": 0.8, "val/miou": 0.6, "val/fp": 10.0, "val/pred_per_image": 2.0})
+    return steps, epochs
+
+
+def _self_test() -> int:
+    falling = [2.0 * 0.8 ** k + 0.2 for k in range(N_EPOCHS)]
+
+    def blowing_up(s: int, e: int) -> float:  # x1.2 per step from step 1000 (epoch 5), inf from step 1130
+        return math.inf if s >= 1130 else falling[e - 1] * 1.2 ** max(0, s - 1000)
+
+    rising_ap = [0.30 + 0.08 * k for k in range(N_EPOCHS)]  # 0.30 .. 0.86
+    traces: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {
+        "healthy": _synthetic(falling, [1.05 * v for v in falling], rising_ap),
+        "flat": _synthetic([0.7] * N_EPOCHS, [0.75] * N_EPOCHS, [0.2] * N_EPOCHS),
+        "slow_rise": _synthetic([0.7 * 1.01 ** k for k in range(N_EPOCHS)],
+                                [0.75 * 0.95 ** k for k in range(N_EPOCHS)], rising_ap),
+        # loss explodes in epoch 5 (not a check epoch of AUTOTRAINER) and turns inf at step 1130
+        "exploding": _synthetic(falling, [1.05 * v for v in falling], rising_ap, stop_at=1130,
+                                step_loss=blowing_up),
+        # NaN loss at step 900, in epoch 4 (a check epoch of AUTOTRAINER)
+        "nan_epoch4": _synthetic(falling, [1.05 * v for v in falling], rising_ap, stop_at=900,
+                                 step_loss=lambda s, e: math.nan if s >= 900 else falling[e - 1]),
+        "finite_blowup": _synthetic(falling, [1.05 * v for v in falling[:3]] + [2e5] * 5, rising_ap),
+        # val loss follows train for 3 epochs, then rises while train keeps falling
+        "overfit": _synthetic(falling, [falling[0] * 1.02, falling[1] * 1.03, falling[2] * 1.05,
+                                        1.7, 1.8, 1.9, 2.0, 2.1], rising_ap),
+        "oscillating": _synthetic(falling, [1.05 * v for v in falling],
+                                  [0.75, 0.85, 0.72, 0.86, 0.71, 0.87, 0.73, 0.88]),
+    }
+    # (trace, baseline, kwargs, expected (rule, step, extrapolated) or None)
+    checks: list[tuple[str, str, dict[str, Any], Optional[tuple[str, int, bool]]]] = [
+        ("healthy", "sagemaker_loss_not_decreasing", {}, None),
+        ("healthy", "sagemaker_overfit", {}, None),
+        ("healthy", "lightning_early_stopping", {}, None),
+        ("healthy", "autotrainer", {}, None),
+        ("flat", "sagemaker_loss_not_decreasing", {}, ("loss_not_decreasing", 500, False)),
+        ("flat", "autotrainer", {}, ("slow_convergence", 1000, False)),
+        ("flat", "lightning_early_stopping", {}, ("patience", 1000, False)),
+        ("slow_rise", "sagemaker_loss_not_decreasing", {}, None),
+        ("slow_rise", "sagemaker_loss_not_decreasing", {"increase_threshold_percent": None},
+         ("loss_not_decreasing", 500, False)),
+        ("exploding", "lightning_early_stopping", {}, ("check_finite", 1250, True)),
+        ("exploding", "autotrainer", {}, ("exploding_gradient", 1750, True)),
+        ("exploding", "sagemaker_loss_not_decreasing", {}, ("loss_not_decreasing", 1500, True)),
+        ("exploding", "sagemaker_overfit", {}, None),
+        ("exploding", "lightning_early_stopping", {"extrapolate": False}, None),
+        ("exploding", "autotrainer", {"extrapolate": False}, None),
+        ("nan_epoch4", "autotrainer", {}, ("exploding_gradient", 1000, True)),
+        ("nan_epoch4", "lightning_early_stopping", {}, ("check_finite", 1000, True)),
+        ("finite_blowup", "autotrainer", {}, ("exploding_gradient", 1000, False)),
+        ("finite_blowup", "lightning_early_stopping", {}, ("divergence_threshold", 1000, False)),
+        ("overfit", "sagemaker_overfit", {}, ("overfit", 1000, False)),
+        ("overfit", "lightning_early_stopping", {}, ("patience", 1500, False)),
+        ("overfit", "autotrainer", {}, None),
+        ("overfit", "sagemaker_loss_not_decreasing", {}, None),
+        ("oscillating", "autotrainer", {}, ("oscillating_loss", 1000, False)),
+    ]
+    failures = 0
+    for trace, name, kwargs, expected in checks:
+        steps, epochs = traces[trace]
+        alarm = BASELINES[name](steps, epochs, TOTAL, **kwargs)
+        got = None if alarm is None else (alarm.rule, alarm.step, alarm.extrapolated)
+        ok = got == expected
+        failures += not ok
+        opts = "".join(f" {k}={v}" for k, v in kwargs.items())
+        want = "no alarm" if expected is None else f"{expected[0]} at step {expected[1]}" + (
+            " (extrapolated)" if expected[2] else "")
+        seen = "no alarm" if alarm is None else f"{alarm.rule}@{alarm.step}: {alarm.message}"
+        print(f"{'ok  ' if ok else 'FAIL'} {trace:13s} {name}{opts}: expect {want}; got {seen}")
+
+    # Robustness: garbage, missing keys, non-finite everywhere, empty runs never raise.
+    rng = np.random.default_rng(0)
+    junk = [math.nan, math.inf, -math.inf, None, "NaN", 0.0, -1.0, 1e308]
+    steps = [{"step": s, "epoch": 1 + s // 10, **{k: junk[int(rng.integers(len(junk)))] for k in _NAN_STEP_KEYS
+                                                  if rng.random() < 0.8}} for s in range(60)]
+    epochs = [{"epoch": e, "step": 10 * e, **{k: junk[int(rng.integers(len(junk)))]
+                                             for k in ("train/loss_total", "val/loss_total", "val/ap50")
+                                             if rng.random() < 0.8}} for e in range(1, 7)]
+    for label, args in (("junk", (steps, epochs, 60)), ("empty", ([], [], 0)), ("no_epochs", (steps, [], 100)),
+                        ("junk_nan_last", ([*steps, {"step": 60, "epoch": 7, "loss_total": math.nan}], epochs, 90))):
+        try:
+            replay_all(*args)
+            replay_all(*args, extrapolate=False)
+            print(f"ok   {label:13s} every baseline runs without raising")
+        except Exception as error:  # noqa: BLE001 - the point of the check
+            failures += 1
+            print(f"FAIL {label:13s} {type(error).__name__}: {error}")
+    print(f"{'all checks passed' if not failures else f'{failures} check(s) failed'}")
+    return 1 if failures else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--self-test", action="store_true", help="run the baselines on synthetic traces")
+    args = parser.parse_args(argv)
+    if args.self_test:
+        return _self_test()
+    parser.print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
