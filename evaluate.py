@@ -33,7 +33,7 @@ register_configs()
 
 @hydra.main(config_path="configs", config_name="evaluate", version_base="1.3")
 def main(raw: DictConfig) -> None:
-    from detlab.fileio import write_json
+    from detlab.fileio import json_default, write_json
 
     # A user error (bad argument, checkpoint, dataset) is one line on stderr and exit code 2;
     # DETLAB_DEBUG=1 or HYDRA_FULL_ERROR=1 shows the traceback.
@@ -43,7 +43,7 @@ def main(raw: DictConfig) -> None:
         result = evaluate_checkpoint(run, eval_keys_of(HydraConfig.get().overrides.task))
     write_json(output_dir / "metrics.json", result)
     print(format_table(result))
-    print(json.dumps(result, default=lambda v: v.tolist()), flush=True)
+    print(json.dumps(result, default=json_default), flush=True)
 
 
 if __name__ == "__main__":

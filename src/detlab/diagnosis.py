@@ -326,6 +326,17 @@ class Detector:
 
 
 # ---------------------------------------------------------------------------------- detectors
+def missing_fixes(config: Config, *fixes: str) -> list[str]:
+    """The overrides of the usual fixes named in ``fixes`` that the run does not have yet, in order."""
+    table = {
+        "mining": (config.loss.neg_pos_ratio > 0, "loss.neg_pos_ratio=3"),
+        "warmup": (config.schedule.warmup, "schedule.warmup=true"),
+        "clipping": (config.optim.grad_clip_norm is not None, "optim.grad_clip_norm=10"),
+        "adaptive_weights": (config.loss.adaptive_weights.enabled, "loss.adaptive_weights.enabled=true"),
+    }
+    return [override for name in fixes for has, override in [table[name]] if not has]
+
+
 class Divergence(Detector):
     name = DIVERGENCE
     cause = "the updates are too large for the loss surface"
@@ -335,11 +346,7 @@ class Divergence(Detector):
 
     def advice(self, config: Config, alarm: "Alarm") -> list[str]:
         lo = config.loss
-        out = [f"optim.lr={config.optim.lr / 10:.3g}"]
-        if config.optim.grad_clip_norm is None:
-            out.append("optim.grad_clip_norm=10")
-        if not config.schedule.warmup:
-            out.append("schedule.warmup=true")
+        out = [f"optim.lr={config.optim.lr / 10:.3g}", *missing_fixes(config, "clipping", "warmup")]
         if lo.box_weight > max(lo.class_weight, 1.0):
             out.append(f"loss.box_weight={max(lo.class_weight, 1.0):g}")
         return out
@@ -448,16 +455,11 @@ class Avoidance(Detector):
                      f"while loss_cls fell {100 * drop:.0f}%", evidence)
 
     def advice(self, config: Config, alarm: "Alarm") -> list[str]:
-        lo, out = config.loss, []
-        if lo.neg_pos_ratio <= 0:
-            out.append("loss.neg_pos_ratio=3")
-        if not config.schedule.warmup:
-            out.append("schedule.warmup=true")
+        lo = config.loss
+        out = missing_fixes(config, "mining", "warmup")
         if lo.box_weight > lo.class_weight:
             out.append(f"loss.box_weight={lo.class_weight:g}")
-        if not lo.adaptive_weights.enabled:
-            out.append("loss.adaptive_weights.enabled=true")
-        return out
+        return out + missing_fixes(config, "adaptive_weights")
 
 
 class UnderConfidence(Detector):
@@ -493,11 +495,8 @@ class Stuck(Detector):
     stop_reason = StopReason.STUCK
 
     def advice(self, config: Config, alarm: "Alarm") -> list[str]:
-        out = [] if config.schedule.warmup else ["schedule.warmup=true"]
-        out.append(f"optim.lr={config.optim.lr * 3:.3g}")
-        if config.loss.neg_pos_ratio <= 0:
-            out.append("loss.neg_pos_ratio=3")
-        return out
+        return [*missing_fixes(config, "warmup"), f"optim.lr={config.optim.lr * 3:.3g}",
+                *missing_fixes(config, "mining")]
 
     @dataclass
     class State:
@@ -580,9 +579,7 @@ class LossImbalance(Detector):
             out.append(f"loss.box_weight={box_weight * target / ratio:.2g}")
         elif not box_dominates and box_weight == 0:
             out.append("loss.box_weight=1")
-        if box_dominates and not config.loss.adaptive_weights.enabled:
-            out.append("loss.adaptive_weights.enabled=true")
-        return out
+        return out + (missing_fixes(config, "adaptive_weights") if box_dominates else [])
 
 
 class RandomLargeBoxes(Detector):
@@ -610,11 +607,7 @@ class RandomLargeBoxes(Detector):
                      f"boxes are placed at random before the classifier has learnt faces", evidence)
 
     def advice(self, config: Config, alarm: "Alarm") -> list[str]:
-        out = [] if config.schedule.warmup else ["schedule.warmup=true"]
-        if not config.loss.adaptive_weights.enabled:
-            out.append("loss.adaptive_weights.enabled=true")
-        out.append(f"optim.lr={config.optim.lr / 3:.3g}")
-        return out
+        return [*missing_fixes(config, "warmup", "adaptive_weights"), f"optim.lr={config.optim.lr / 3:.3g}"]
 
 
 class SmallFpExplosion(Detector):

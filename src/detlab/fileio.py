@@ -53,10 +53,11 @@ def atomic_write_text(path: os.PathLike | str, text: str) -> None:
 
 def write_json(path: os.PathLike | str, obj: Any) -> None:
     """Indented JSON, atomically; tensors, numpy values and paths become plain JSON."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    """``json.dumps`` ``default``: tensors, numpy values and paths as plain JSON."""
     if isinstance(value, Path):
         return str(value)
     if hasattr(value, "tolist"):  # tensors, numpy arrays and scalars
