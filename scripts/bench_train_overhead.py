@@ -48,7 +48,6 @@ def main() -> None:
     parts = build_training(cfg, device, total_steps, steps_per_epoch)
     stages = stage_boundaries(cfg.stages, cfg.schedule, total_steps, steps_per_epoch)
     diagnoser = Diagnoser(cfg.diagnosis, stages, total_steps, steps_per_epoch)
-    shared = [p for p in parts.model.shared_parameters() if p.requires_grad]
     parts.model.train()
 
     data_t, step_t, sampled_t, observe_t = [], [], [], []
@@ -64,7 +63,7 @@ def main() -> None:
             t1 = time.perf_counter()
             sample = step % 2 == 1  # alternate, so drift hits both kinds alike
             record = parts.step(images, [t["boxes"] for t in targets], step, grad_clip_norm=cfg.optim.grad_clip_norm,
-                                grad_norm_params=shared if sample else None)
+                                sample_gradients=sample)
             t2 = time.perf_counter()
             diagnoser.observe_step(step, 1, record.signals())
             t3 = time.perf_counter()

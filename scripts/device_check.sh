@@ -6,12 +6,13 @@
 # by side; 4. evaluate.py scores the AMP checkpoint on the GPU.
 set -euo pipefail
 OUT="${1:-${OUT:-/tmp/detlab_device_check}}"
+PY="${PYTHON:-python}"  # PYTHON=python3 where that is the interpreter holding torch
 mkdir -p "$OUT"
-python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('device:', torch.cuda.get_device_name(0), 'torch', torch.__version__)"
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('device:', torch.cuda.get_device_name(0), 'torch', torch.__version__)"
 for amp in true false; do
-  python train.py +preset=quick train.epochs=3 train.device=cuda train.amp=$amp run_dir="$OUT/amp_$amp" 2>&1 | tail -n 2
+  "$PY" train.py +preset=quick train.epochs=3 train.device=cuda train.amp=$amp run_dir="$OUT/amp_$amp" 2>&1 | tail -n 2
 done
-python - "$OUT" <<'PY'
+"$PY" - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
@@ -22,4 +23,4 @@ for amp in ("true", "false"):
           f"train loss {f.get('train/loss_total', float('nan')):.3f}, val AP50 {f.get('val/ap50', float('nan')):.3f}")
     assert s["status"] == "completed", s.get("message")
 PY
-python evaluate.py checkpoint="$OUT/amp_true/checkpoints/last.pt" device=cuda amp=true output_dir="$OUT/eval" | tail -n 1
+"$PY" evaluate.py checkpoint="$OUT/amp_true/checkpoints/last.pt" device=cuda amp=true output_dir="$OUT/eval" | tail -n 3

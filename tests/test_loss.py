@@ -82,7 +82,7 @@ def test_criterion_matches_then_weights_the_terms_exactly(cw, bw):
     anchors, gt, outputs = _anchored_batch()
     cfg = LossConfig(class_weight=cw, box_weight=bw, min_negatives=1)
     out = MultiBoxLoss(cfg, anchors, BoxCoder([0.1, 0.2]), match_iou=0.5)(outputs, gt, step=0)
-    labels, targets = MultiBoxLoss(cfg, anchors, BoxCoder([0.1, 0.2]), match_iou=0.5).match(gt)
+    labels, targets, _ = MultiBoxLoss(cfg, anchors, BoxCoder([0.1, 0.2]), match_iou=0.5).match(gt)
     assert labels.tolist() == [[1, 0, 0, 0], [0, 0, 0, 1]]
     loss_cls, loss_box, num_pos, num_neg = multibox_terms(outputs["cls_logits"], outputs["bbox_regression"], labels,
                                                           targets, cfg)
@@ -92,8 +92,9 @@ def test_criterion_matches_then_weights_the_terms_exactly(cw, bw):
     assert (out.class_weight, out.box_weight, out.weights_ramping) == (cw, bw, False)
     assert int(out.num_pos) == 2 and int(out.num_neg) == 6  # 3:1 mining, capped at each image's 3 negatives
     values = out.values()
+    # both faces fit an anchor (IoU >= 0.5), no image is empty, 6 negatives for 2 positives
     assert values == {"loss_cls": loss_cls.item(), "loss_box": loss_box.item(), "loss_total": out.total.item(),
-                      "num_pos": 2.0}
+                      "num_pos": 2.0, "face_coverage": 1.0, "empty_image_share": 0.0, "neg_per_pos": 3.0}
 
 
 def test_criterion_weights_follow_the_adaptive_schedule_by_step():
@@ -118,7 +119,7 @@ def test_build_criterion_takes_the_models_anchors_and_matching_thresholds():
     assert criterion.anchors.data_ptr() == model.anchors.data_ptr()
     assert (criterion.match_iou, criterion.ignore_iou) == (0.35, 0.2)
     face = [torch.tensor([[40.0, 40.0, 64.0, 64.0]])]
-    labels, _ = criterion.match(face)
+    labels, _, _ = criterion.match(face)
     assert int((labels == 1).sum()) >= 1 and int((labels == -1).sum()) >= 1  # the ignore band is in use
 
 

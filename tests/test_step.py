@@ -34,17 +34,20 @@ def test_a_step_updates_the_model_and_reports_its_numbers():
     lr_before = parts.optimizer.param_groups[0]["lr"]
     with torch.no_grad():
         expected = parts.criterion(parts.model.train()(images), faces, 0)
-    record = parts.step(images, faces, step=0, grad_norm_params=list(parts.model.shared_parameters()))
+    record = parts.step(images, faces, step=0, sample_gradients=True)
     assert record.updated and record.lr == lr_before
     assert record.loss_cls == pytest.approx(expected.loss_cls.item(), rel=1e-5)
     assert record.loss_total == pytest.approx(record.loss_cls + 0.5 * record.loss_box, rel=1e-5)
     assert (record.class_weight, record.box_weight, record.num_pos) == (1.0, 0.5, expected.num_pos.item())
     assert record.grad_norm > 0 and record.grad_norm_cls > 0 and record.grad_norm_box > 0
+    assert 0.0 <= record.grad_dead_share < 0.3  # box-head levels without a matched face get no gradient
+    assert record.empty_image_share == 0.0 and 0.0 <= record.face_coverage <= 1.0
     assert any(not torch.equal(a, b) for a, b in zip(before, parts.model.parameters()))
     assert parts.optimizer.param_groups[0]["lr"] != lr_before  # the warm-up schedule advanced
     signals = record.signals()
     assert {"loss_cls", "loss_box", "loss_total", "lr", "num_pos", "grad_norm", "grad_norm_cls", "grad_norm_box",
-            "weights_ramping"} == set(signals)
+            "weights_ramping", "face_coverage", "empty_image_share", "grad_dead_share", "neg_per_pos", "input_mean",
+            "input_std"} == set(signals)
 
 
 def test_a_non_finite_loss_makes_no_update():

@@ -135,6 +135,21 @@ class AdaptiveWeightsConfig:
 
 
 @dataclass
+class RebalanceConfig:
+    """``loss.rebalance``: the GradNorm-like repair of an imbalanced weight pair (``detlab.loss.LossRebalancer``).
+
+    On the steps that sample the two terms' gradient norms (``diagnosis.grad_norm_every``), a ratio
+    ``g_box / g_cls`` outside ``[1 / band, band]`` scales the box weight by ``(edge / ratio) ** rate``.
+    """
+
+    enabled: bool = False
+    band: float = 10.0
+    rate: float = 0.5
+    min_factor: float = 1e-3
+    max_factor: float = 1e3
+
+
+@dataclass
 class LossConfig:
     """The criterion (``detlab.loss.MultiBoxLoss``): class/box weights, their schedule, mining."""
 
@@ -145,6 +160,7 @@ class LossConfig:
     neg_pos_ratio: float = 3.0  # 0: every negative counts (no mining)
     min_negatives: int = 16  # per image, so a batch without faces still learns background
     adaptive_weights: AdaptiveWeightsConfig = field(default_factory=AdaptiveWeightsConfig)
+    rebalance: RebalanceConfig = field(default_factory=RebalanceConfig)
 
 
 @dataclass
@@ -217,6 +233,14 @@ class AvoidanceConfig:
     # Ranking near chance too: with val/ap50 at or above this the model ranks faces and is only
     # under-confident (``under_confidence``), which needs another remedy.
     max_ap50: float = 0.05
+    # ... and not climbing out of chance: AP50 rose less than this since the previous epoch (so the
+    # detector needs two epochs).
+    # Tuned on the benchmark's seeds: the slowest healthy run rose 0.0026, collapsed runs (no warm-up at
+    # a high lr) by at most 0.0009.
+    min_ap50_rise: float = 0.002
+    # Step check, before any validation: the classification term counts more than this many background
+    # anchors per face anchor (mean over the loss window) while loss_cls falls (3:1 mining gives about 3-5).
+    max_neg_per_pos: float = 20.0
 
 
 @dataclass
@@ -235,7 +259,9 @@ class StuckConfig:
     ``min_drop`` below its first window."""
 
     stop: bool = False  # end the run when it fires
-    min_drop: float = 0.05
+    # Tuned on the diagnosis benchmark's own seeds: faulty runs (lr x0.001, x100) fell <= 0.8%, the
+    # slowest healthy run (lr 0.005) 3.7% (scripts/bench_diagnosis.py; README, "Diagnosis benchmark").
+    min_drop: float = 0.02
     # The check spans at least this fraction of training: a short warm-up (lr still ramping) alone
     # is too little to call a run stuck (measured: it fired on default runs that later learned).
     min_fraction: float = 0.2
@@ -280,6 +306,43 @@ class OverfittingConfig:
 
 
 @dataclass
+class UnmatchedFacesConfig:
+    """``unmatched_faces``: mean share of the training faces whose best anchor IoU reaches
+    ``model.match_iou`` over the last ``window`` steps is below ``min_coverage``."""
+
+    window: int = 10
+    min_coverage: float = 0.3
+
+
+@dataclass
+class EmptyImagesConfig:
+    """``empty_images``: mean share of training images without a face over ``window`` steps above ``max_share``."""
+
+    window: int = 10
+    max_share: float = 0.6
+
+
+@dataclass
+class DeadGradientsConfig:
+    """``dead_gradients``: mean share of the weights (by count) without gradient, over the last
+    ``window`` gradient samples (every ``diagnosis.grad_norm_every`` steps), above ``max_share``."""
+
+    window: int = 3
+    max_share: float = 0.5
+
+
+@dataclass
+class UnnormalisedInputConfig:
+    """``unnormalised_input``: the mean standard deviation of the network's input over ``window``
+    gradient samples is outside ``[min_std, max_std]``, or its mean's magnitude above ``max_abs_mean``."""
+
+    window: int = 3
+    min_std: float = 0.05
+    max_std: float = 5.0
+    max_abs_mean: float = 3.0
+
+
+@dataclass
 class DivergenceConfig:
     """``divergence``: non-finite loss, or grad norm / raw loss far above their running median."""
 
@@ -290,6 +353,11 @@ class DivergenceConfig:
     min_history: int = 20  # finite samples before the factor test starts
     patience: int = 3  # consecutive exploding steps
     nonfinite_grad_patience: int = 20  # consecutive non-finite grad norms (AMP overflows skip steps)
+    # Repair (off by default): roll back to the last good epoch's weights and multiply the learning
+    # rate by lr_backoff instead of stopping, at most max_rollbacks times (detlab.engine.repair).
+    rollback: bool = False
+    lr_backoff: float = 0.1
+    max_rollbacks: int = 2
 
 
 @dataclass
@@ -314,7 +382,7 @@ class DiagnosisConfig:
     """
 
     enabled: bool = True
-    grad_norm_every: int = 50  # steps between gradient-norm-ratio samples
+    grad_norm_every: int = 5  # steps between gradient samples (loss-term norms on the backbone output, dead share)
     # Loss windows (steps) of stuck and avoidance: shrunk to half the first part of training when longer.
     loss_window: int = 50
     avoidance: AvoidanceConfig = field(default_factory=AvoidanceConfig)
@@ -325,6 +393,10 @@ class DiagnosisConfig:
     small_fp_explosion: SmallFpExplosionConfig = field(default_factory=SmallFpExplosionConfig)
     overfitting: OverfittingConfig = field(default_factory=OverfittingConfig)
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    unmatched_faces: UnmatchedFacesConfig = field(default_factory=UnmatchedFacesConfig)
+    empty_images: EmptyImagesConfig = field(default_factory=EmptyImagesConfig)
+    dead_gradients: DeadGradientsConfig = field(default_factory=DeadGradientsConfig)
+    unnormalised_input: UnnormalisedInputConfig = field(default_factory=UnnormalisedInputConfig)
     # Moved keys (null unless set; to_config moves them to their new place with a warning).
     stop_on_stuck: Optional[bool] = None  # -> diagnosis.stuck.stop
     stop_on_diverged: Optional[bool] = None  # -> diagnosis.divergence.stop
@@ -450,6 +522,11 @@ def validate(cfg: Config) -> None:
     _check(lo.huber_delta > 0, "loss.huber_delta", "must be > 0", lo.huber_delta)
     _check(lo.neg_pos_ratio >= 0, "loss.neg_pos_ratio", "must be >= 0 (0: all negatives)", lo.neg_pos_ratio)
     _check(lo.min_negatives >= 1, "loss.min_negatives", "must be >= 1", lo.min_negatives)
+    rb = lo.rebalance
+    _check(rb.band >= 1, "loss.rebalance.band", "must be >= 1", rb.band)
+    _check(0 < rb.rate <= 1, "loss.rebalance.rate", "must be in (0, 1]", rb.rate)
+    _check(0 < rb.min_factor <= 1 <= rb.max_factor, "loss.rebalance.min_factor/max_factor",
+           "need 0 < min_factor <= 1 <= max_factor", (rb.min_factor, rb.max_factor))
 
     _choice(o.name, "optim.name", ("sgd", "adamw"))
     _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)", (o.beta1, o.beta2))
@@ -498,6 +575,19 @@ def validate(cfg: Config) -> None:
         "avoidance.max_recall": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
         "avoidance.min_cls_drop": (lambda v: v >= 0, "must be >= 0"),
         "avoidance.max_ap50": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+        "avoidance.min_ap50_rise": (lambda v: v >= 0, "must be >= 0"),
+        "avoidance.max_neg_per_pos": (lambda v: v > 0, "must be > 0"),
+        "unnormalised_input.window": (lambda v: v >= 1, "must be >= 1"),
+        "unnormalised_input.min_std": (lambda v: v >= 0, "must be >= 0"),
+        "unnormalised_input.max_std": (lambda v: v > dg.unnormalised_input.min_std,
+                                       f"must be > diagnosis.unnormalised_input.min_std={dg.unnormalised_input.min_std}"),
+        "unnormalised_input.max_abs_mean": (lambda v: v > 0, "must be > 0"),
+        "unmatched_faces.window": (lambda v: v >= 1, "must be >= 1"),
+        "unmatched_faces.min_coverage": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+        "empty_images.window": (lambda v: v >= 1, "must be >= 1"),
+        "empty_images.max_share": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+        "dead_gradients.window": (lambda v: v >= 1, "must be >= 1"),
+        "dead_gradients.max_share": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
         "under_confidence.min_ap50": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
         "under_confidence.max_pred_per_image": (lambda v: v >= 0, "must be >= 0"),
         "under_confidence.max_recall": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
@@ -523,6 +613,8 @@ def validate(cfg: Config) -> None:
                                    f"must be in [1, diagnosis.divergence.window={dg.divergence.window}]"),
         "divergence.patience": (lambda v: v >= 1, "must be >= 1"),
         "divergence.nonfinite_grad_patience": (lambda v: v >= 1, "must be >= 1"),
+        "divergence.lr_backoff": (lambda v: 0 < v < 1, "must be in (0, 1)"),
+        "divergence.max_rollbacks": (lambda v: v >= 0, "must be >= 0"),
     }
     for key, (condition, message) in checks.items():
         block, name = key.split(".")

@@ -81,7 +81,12 @@ LARGE_BOXES = "random_large_boxes"
 SMALL_FP = "small_fp_explosion"
 OVERFITTING = "overfitting"
 DIVERGENCE = "divergence"
-DETECTORS = (AVOIDANCE, UNDER_CONFIDENCE, STUCK, IMBALANCE, LARGE_BOXES, SMALL_FP, OVERFITTING, DIVERGENCE)
+UNMATCHED_FACES = "unmatched_faces"
+EMPTY_IMAGES = "empty_images"
+DEAD_GRADIENTS = "dead_gradients"
+UNNORMALISED_INPUT = "unnormalised_input"
+DETECTORS = (AVOIDANCE, UNDER_CONFIDENCE, STUCK, IMBALANCE, LARGE_BOXES, SMALL_FP, OVERFITTING, DIVERGENCE,
+             UNMATCHED_FACES, EMPTY_IMAGES, DEAD_GRADIENTS, UNNORMALISED_INPUT)
 
 
 # ------------------------------------------------------------------------------------ findings
@@ -96,18 +101,20 @@ class Finding:
     message: str
     evidence: dict[str, float] = field(default_factory=dict)
     remedy: str = ""
+    failure: bool = True  # False: a note on a run that learns (under_confidence), not a failure pattern
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types for summary.json and checkpoints (non-finite evidence stays a float)."""
         return {"detector": self.detector, "stage": self.stage, "step": int(self.step), "epoch": int(self.epoch),
                 "message": self.message, "evidence": {k: float(v) for k, v in self.evidence.items()},
-                "remedy": self.remedy}
+                "remedy": self.remedy, "failure": bool(self.failure)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Finding":
         return cls(detector=data["detector"], stage=data["stage"], step=int(data["step"]),
                    epoch=int(data["epoch"]), message=data.get("message", ""),
-                   evidence=dict(data.get("evidence", {})), remedy=data.get("remedy", ""))
+                   evidence=dict(data.get("evidence", {})), remedy=data.get("remedy", ""),
+                   failure=bool(data.get("failure", True)))
 
     def console_line(self) -> str:
         evidence = ", ".join(f"{k}={v:.4g}" for k, v in self.evidence.items())
@@ -145,17 +152,19 @@ def is_finite_loss(value: Any) -> bool:
 def loss_term_grad_norms(
     loss_cls_weighted: torch.Tensor,
     loss_box_weighted: torch.Tensor,
-    shared_params: Iterable[torch.nn.Parameter],
+    shared: Iterable[torch.Tensor],
     scale: float = 1.0,
 ) -> tuple[float, float]:
-    """L2 norms of the gradients of the two weighted loss terms on the shared parameters.
+    """L2 norms of the gradients of the two weighted loss terms on ``shared``: tensors both terms
+    depend on (the training step passes the backbone's output feature maps, GradNorm's "last shared
+    layer": the backward stops at the heads, a fraction of a full one; parameters work too).
 
     Call before the usual ``backward``: the graph is retained and ``.grad`` is left untouched. A term
     that does not depend on the parameters (or a zero weight) gives 0.0. Under fp16 autocast pass
     ``scale=scaler.get_scale()`` so small gradients do not underflow; the norms are unscaled again
     (an overflowing step then returns inf, which the diagnoser ignores).
     """
-    params = [p for p in shared_params if p.requires_grad]
+    params = [p for p in shared if p.requires_grad]
     norms = [_grad_norm(loss, params, scale) for loss in (loss_cls_weighted, loss_box_weighted)]
     device = next((n.device for n in norms if isinstance(n, torch.Tensor)), None)
     if device is None:
@@ -285,6 +294,7 @@ class Detector:
     remedy: ClassVar[str] = ""  # generic, naming the usual config keys
     cause: ClassVar[str] = "the likely cause"  # why it happens, said before a run's own overrides
     stop_reason: ClassVar[Optional[StopReason]] = None  # stop the run when fired and ``cfg.stop``
+    failure: ClassVar[bool] = True  # False: its findings are notes on a run that learns, not failures
 
     @dataclass
     class State:
@@ -422,13 +432,31 @@ class Avoidance(Detector):
         recent_cls: deque[float] = field(default_factory=deque)  # the last loss_window
         first_epoch_cls: float = math.nan  # train/loss_cls of the first epoch (no step signals)
         peak_pred_per_image: float = math.nan
+        previous_ap50: float = math.nan
+        neg_per_pos: deque[float] = field(default_factory=deque)  # the last loss_window steps
 
     def new_state(self) -> State:
-        return self.State(recent_cls=deque(maxlen=self.run.loss_window))
+        return self.State(recent_cls=deque(maxlen=self.run.loss_window), neg_per_pos=deque(maxlen=self.run.loss_window))
 
     def check_step(self, when: When, signals: Mapping[str, Any]) -> Verdict:
-        _push_loss(signals.get("loss_cls"), self.state.first_cls, self.state.recent_cls)
-        return None
+        """Before any validation: the classification term counts so many background anchors per face
+        that predicting nothing is what its falling loss learns (the cause, seen while it happens)."""
+        st, cfg = self.state, self.cfg
+        _push_loss(signals.get("loss_cls"), st.first_cls, st.recent_cls)
+        ratio = float(signals.get("neg_per_pos", math.nan))
+        if not math.isfinite(ratio):
+            return None
+        st.neg_per_pos.append(ratio)
+        if when.stage == LATE or len(st.neg_per_pos) < st.neg_per_pos.maxlen or len(st.first_cls) < st.recent_cls.maxlen:
+            return None
+        swamp = _mean(st.neg_per_pos)
+        drop = _relative_drop(_mean(st.first_cls), _mean(st.recent_cls))
+        if not (swamp > cfg.max_neg_per_pos and drop >= cfg.min_cls_drop):
+            return None  # the epoch check decides whether the pattern holds
+        return Alarm(f"the classification loss counts {swamp:.0f} background anchors per face anchor and fell "
+                     f"{100 * drop:.0f}%: the model is learning to predict only background",
+                     {"neg_per_pos": swamp, "max_neg_per_pos": cfg.max_neg_per_pos, "loss_cls_drop": drop,
+                      "loss_cls_first": _mean(st.first_cls), "loss_cls_now": _mean(st.recent_cls)})
 
     def check_epoch(self, when: When, signals: Mapping[str, Any]) -> Verdict:
         cfg, st = self.cfg, self.state
@@ -444,10 +472,13 @@ class Avoidance(Detector):
         drop = _relative_drop(cls_first, cls_now)
         recall = float(signals.get("val/recall", math.nan))
         ap50 = float(signals.get("val/ap50", 0.0))  # absent: no evidence of a ranking
+        # A ranking still climbing out of chance is a run that learns, not one that avoids: measured,
+        # healthy default runs read AP50 0.0006 then 0.03 in their first two epochs.
+        rise, st.previous_ap50 = ap50 - st.previous_ap50, ap50
         if not (when.stage != LATE and ppi < cfg.max_pred_per_image and recall < cfg.max_recall
-                and drop >= cfg.min_cls_drop and not ap50 >= cfg.max_ap50):
+                and drop >= cfg.min_cls_drop and not ap50 >= cfg.max_ap50 and rise < cfg.min_ap50_rise):
             return False
-        evidence = {"pred_per_image": ppi, "recall": recall, "ap50": ap50, "loss_cls_first": cls_first,
+        evidence = {"pred_per_image": ppi, "recall": recall, "ap50": ap50, "ap50_rise": rise, "loss_cls_first": cls_first,
                     "loss_cls_now": cls_now, "loss_cls_drop": drop, "peak_pred_per_image": st.peak_pred_per_image}
         if "val/mean_score" in signals:
             evidence["mean_score"] = float(signals["val/mean_score"])
@@ -464,6 +495,7 @@ class Avoidance(Detector):
 
 class UnderConfidence(Detector):
     name = UNDER_CONFIDENCE
+    failure = False  # the ranking is learnt: a note on how to read the threshold metrics, not a failure
     cause = "the ranking is learnt but the scores are not yet confident; rebalancing or warm-up will not help"
     remedy = ("the model ranks faces (AP50 well above chance) but scores them low: train longer, or read "
               "the metrics at a lower eval.score_threshold; rebalancing or warm-up will not help")
@@ -711,10 +743,111 @@ class Overfitting(Detector):
         return out
 
 
+class _WindowMean(Detector):
+    """A step signal's mean over the last ``cfg.window`` steps that have it, tested against a bound
+    once the window is full (the data and gradient checks below)."""
+
+    signal: ClassVar[str] = ""
+
+    @dataclass
+    class State:
+        recent: deque[float] = field(default_factory=deque)
+
+    def new_state(self) -> Any:
+        return self.State(deque(maxlen=self.cfg.window))
+
+    def check_step(self, when: When, signals: Mapping[str, Any]) -> Verdict:
+        value = float(signals.get(self.signal, math.nan))
+        if not math.isfinite(value):
+            return None
+        self.state.recent.append(value)
+        if len(self.state.recent) < self.state.recent.maxlen:
+            return None
+        return self.verdict(_mean(self.state.recent), signals)
+
+    def verdict(self, mean: float, signals: Mapping[str, Any]) -> Union[Alarm, bool]:
+        """``False`` or an ``Alarm`` for the window's mean."""
+        raise NotImplementedError
+
+
+class _ShareAbove(_WindowMean):
+    """The window's mean share above ``cfg.max_share``."""
+
+    what: ClassVar[str] = ""  # "<share> of ..." in the message
+    unit: ClassVar[str] = "steps"
+
+    def verdict(self, share: float, signals: Mapping[str, Any]) -> Union[Alarm, bool]:
+        if share <= self.cfg.max_share:
+            return False
+        return Alarm(f"{100 * share:.0f}% of {self.what} (mean of the last {self.cfg.window} {self.unit})",
+                     {self.signal: share, "max_share": self.cfg.max_share, self.unit: self.cfg.window})
+
+
+class UnmatchedFaces(_WindowMean):
+    name = UNMATCHED_FACES
+    signal = "face_coverage"
+    cause = ("most training faces have no anchor that fits them: the anchor sizes do not span the faces, or the "
+             "boxes are not xyxy in input pixels (xywh, normalised, swapped)")
+    remedy = ("check that the dataset gives boxes as xyxy in pixels and that model.min_sizes span the face sizes "
+              "(python scripts/dataset_stats.py prints them)")
+
+    def verdict(self, coverage: float, signals: Mapping[str, Any]) -> Union[Alarm, bool]:
+        if coverage >= self.cfg.min_coverage:
+            return False
+        return Alarm(f"only {100 * coverage:.0f}% of the training faces have an anchor with IoU >= model.match_iou "
+                     f"(mean of the last {self.cfg.window} steps): the anchors cannot learn the others",
+                     {"face_coverage": coverage, "min_coverage": self.cfg.min_coverage, "steps": self.cfg.window})
+
+    def advice(self, config: Config, alarm: "Alarm") -> list[str]:
+        # Square anchors of side s fit a face of side f at IoU (min/max)^2: the sizes that fit the
+        # faces are for the dataset statistics to say, so the advice names the keys to check.
+        return [f"model.match_iou={max(round(config.model.match_iou - 0.1, 2), 0.3):g} (only if the boxes are right)"]
+
+
+class EmptyImages(_ShareAbove):
+    name = EMPTY_IMAGES
+    signal = "empty_image_share"
+    what = "the training images have no face"
+    cause = "most training images arrive without a face: the annotations were lost or not read (a data bug)"
+    remedy = ("check the annotation file and the loader (python scripts/dataset_stats.py counts the faces per "
+              "image); if the images are negatives on purpose, raise diagnosis.empty_images.max_share")
+
+    def advice(self, config: Config, alarm: "Alarm") -> list[str]:
+        return ["dataset.keep_empty=false"] if config.dataset.keep_empty else []
+
+
+class DeadGradients(_ShareAbove):
+    name = DEAD_GRADIENTS
+    signal = "grad_dead_share"
+    what = "the weights got no gradient"
+    unit = "samples"
+    cause = "most weights receive no gradient: layers are frozen, or the loss no longer reaches them"
+    remedy = ("unfreeze the backbone (requires_grad) unless it is frozen on purpose with pretrained weights; "
+              "check for dead activations")
+
+
+
+class UnnormalisedInput(_WindowMean):
+    name = UNNORMALISED_INPUT
+    signal = "input_std"
+    cause = "the network's input is not normalised (raw 0-255 pixels, or normalised twice)"
+    remedy = "normalise the images as the data pipeline does (ImageNet mean and std) before the model"
+
+    def verdict(self, std: float, signals: Mapping[str, Any]) -> Union[Alarm, bool]:
+        mean = float(signals.get("input_mean", math.nan))
+        cfg = self.cfg
+        if cfg.min_std <= std <= cfg.max_std and not abs(mean) > cfg.max_abs_mean:
+            return False
+        return Alarm(f"the network's input has mean {mean:.3g} and standard deviation {std:.3g} (mean of the last "
+                     f"{cfg.window} samples); normalised images have about 0 and 1",
+                     {"input_mean": mean, "input_std": std, "max_std": cfg.max_std, "max_abs_mean": cfg.max_abs_mean})
+
+
 # Evaluation order: divergence first (its finding precedes what a blow-up causes, and its stop
 # precedes a stuck stop), then the order of DETECTORS.
 DEFAULT_DETECTORS: tuple[type[Detector], ...] = (
-    Divergence, Avoidance, UnderConfidence, Stuck, LossImbalance, RandomLargeBoxes, SmallFpExplosion, Overfitting)
+    Divergence, UnnormalisedInput, UnmatchedFaces, EmptyImages, DeadGradients, Avoidance, UnderConfidence, Stuck, LossImbalance,
+    RandomLargeBoxes, SmallFpExplosion, Overfitting)
 
 
 # --------------------------------------------------------------------------------- state <-> plain
@@ -803,15 +936,27 @@ class Diagnoser:
         self._step_detectors = [d for d in self.detectors if type(d).check_step is not Detector.check_step]
         self._epoch_detectors = [d for d in self.detectors if type(d).check_epoch is not Detector.check_epoch]
         self.findings: list[Finding] = []
+        self._repaired: set[int] = set()  # indices in ``findings`` of patterns a repair has handled
         self._active = dict.fromkeys(names, False)
         self._status = DiagnosisStatus()
 
     # ------------------------------------------------------------------------------ public API
-    def wants_grad_norms(self, step: int) -> bool:
-        return bool(self.cfg.enabled) and step % self.cfg.grad_norm_every == 0
-
     def fired(self, detector: str) -> bool:
         return any(f.detector == detector for f in self.findings)
+
+    def _open(self, detector: str) -> bool:
+        """A finding of ``detector`` that no repair has handled (the detector stays quiet meanwhile)."""
+        return any(f.detector == detector and i not in self._repaired for i, f in enumerate(self.findings))
+
+    def rearm(self, detector: str) -> None:
+        """A repair handled ``detector``'s pattern (e.g. the divergence rollback): its findings no
+        longer stop the run, its state starts afresh, and it may fire again (a new finding)."""
+        self._repaired.update(i for i, f in enumerate(self.findings) if f.detector == detector)
+        for det in self.detectors:
+            if det.name == detector:
+                det.state = det.new_state()
+                self._active[detector] = False
+        self._refresh_status()
 
     def scalars(self) -> dict[str, float]:
         """One 0/1 value per detector (does its condition hold now?), for ``diagnosis/<detector>``."""
@@ -848,12 +993,12 @@ class Diagnoser:
             if verdict is None:
                 continue
             self._active[det.name] = verdict is not False
-            if not isinstance(verdict, Alarm) or self.fired(det.name):
+            if not isinstance(verdict, Alarm) or self._open(det.name):
                 continue
             finding = Finding(detector=det.name, stage=verdict.stage or when.stage, step=when.step,
                               epoch=when.epoch, message=verdict.message,
                               evidence={k: float(v) for k, v in verdict.evidence.items()},
-                              remedy=det.remedy_for(verdict))
+                              remedy=det.remedy_for(verdict), failure=det.failure)
             self.findings.append(finding)
             new.append(finding)
         if new:
@@ -861,7 +1006,7 @@ class Diagnoser:
         return new
 
     def _refresh_status(self) -> None:
-        by_detector = {f.detector: f for f in self.findings}
+        by_detector = {f.detector: f for i, f in enumerate(self.findings) if i not in self._repaired}
         for det in self.detectors:
             f = by_detector.get(det.name)
             if f is not None and det.stop_reason is not None and getattr(det.cfg, "stop", False):
@@ -876,6 +1021,7 @@ class Diagnoser:
         return {
             "findings": [f.to_dict() for f in self.findings],
             "active": dict(self._active),
+            "repaired": sorted(self._repaired),
             "detectors": {d.name: {f.name: _to_plain(getattr(d.state, f.name)) for f in fields(d.state)}
                           for d in self.detectors},
         }
@@ -892,6 +1038,8 @@ class Diagnoser:
                 self.findings.append(Finding.from_dict(data))
             except (KeyError, TypeError, ValueError, AttributeError):
                 pass
+        repaired = state.get("repaired")
+        self._repaired = {int(i) for i in repaired} if isinstance(repaired, (list, tuple)) else set()
         active = state.get("active")
         if isinstance(active, Mapping):
             self._active.update({k: bool(v) for k, v in active.items() if k in self._active})

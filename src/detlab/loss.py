@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import AdaptiveWeightsConfig, Config, LossConfig
+from .config import AdaptiveWeightsConfig, Config, LossConfig, RebalanceConfig
 from .model.box_coder import BoxCoder
-from .model.matching import IGNORE, assign_targets
+from .model.matching import IGNORE, Assignment, match_anchors
 
 
 def mine_negatives(
@@ -160,12 +160,24 @@ class LossTerms:
     weights_ramping: bool  # the adaptive schedule still ramps (the imbalance is intended)
     num_pos: Tensor
     num_neg: Tensor
+    num_faces: int = 0  # ground-truth boxes in the batch, degenerate ones included
+    faces_covered: Optional[Tensor] = None  # of them, those an anchor fits (``match_anchors``)
+    images_without_faces: int = 0
+    batch_size: int = 0
 
     def values(self) -> dict[str, float]:
-        """``loss_cls``, ``loss_box``, ``loss_total`` and ``num_pos`` as floats (one host sync)."""
-        cls, box, total, num_pos = torch.stack([self.loss_cls.detach(), self.loss_box.detach(), self.total.detach(),
-                                                self.num_pos.detach().float()]).tolist()
-        return {"loss_cls": cls, "loss_box": box, "loss_total": total, "num_pos": num_pos}
+        """``loss_cls``, ``loss_box``, ``loss_total``, ``num_pos``, ``neg_per_pos`` (background anchors
+        the classification term counts per face anchor) and the batch's label statistics
+        (``face_coverage``: the share of its faces an anchor fits; ``empty_image_share``) as floats,
+        with one host sync."""
+        covered = self.faces_covered if self.faces_covered is not None else torch.zeros((), device=self.total.device)
+        cls, box, total, num_pos, num_neg, num_covered = torch.stack([
+            self.loss_cls.detach(), self.loss_box.detach(), self.total.detach(), self.num_pos.detach().float(),
+            self.num_neg.detach().float(), covered.detach().float()]).tolist()
+        return {"loss_cls": cls, "loss_box": box, "loss_total": total, "num_pos": num_pos,
+                "neg_per_pos": num_neg / max(num_pos, 1.0),
+                "face_coverage": num_covered / self.num_faces if self.num_faces else math.nan,
+                "empty_image_share": self.images_without_faces / self.batch_size if self.batch_size else math.nan}
 
 
 def multibox_terms(
@@ -178,11 +190,49 @@ def multibox_terms(
     return cls_sum / normaliser, box_sum / normaliser, num_pos, num_neg
 
 
+class LossRebalancer:
+    """GradNorm-like repair of an imbalanced weight pair (``loss.rebalance``, off by default).
+
+    Fed the gradient norms of the two weighted terms (on the backbone's output, the last shared
+    layer, as GradNorm measures them) on the steps that sample them, it multiplies the box weight
+    by ``(target / ratio) ** rate`` whenever the ratio ``g_box / g_cls`` leaves the band
+    ``[1 / band, band]`` (target: the nearest edge). Inside the band nothing changes, so a balanced
+    run trains exactly as without it. The factor stays within ``[min_factor, max_factor]``.
+    """
+
+    def __init__(self, cfg: RebalanceConfig) -> None:
+        self.cfg = cfg
+        self.box_factor = 1.0
+        self.updates = 0
+
+    def observe(self, grad_norm_cls: float, grad_norm_box: float) -> None:
+        if not self.cfg.enabled or not (grad_norm_cls > 0 and grad_norm_box > 0):
+            return
+        if not (math.isfinite(grad_norm_cls) and math.isfinite(grad_norm_box)):
+            return
+        ratio = grad_norm_box / grad_norm_cls
+        target = min(max(ratio, 1.0 / self.cfg.band), self.cfg.band)
+        if target == ratio:
+            return
+        factor = self.box_factor * (target / ratio) ** self.cfg.rate
+        self.box_factor = min(max(factor, self.cfg.min_factor), self.cfg.max_factor)
+        self.updates += 1
+
+    def state_dict(self) -> dict[str, float]:
+        return {"box_factor": self.box_factor, "updates": self.updates}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.box_factor = float(state.get("box_factor", 1.0))
+        self.updates = int(state.get("updates", 0))
+
+
 class MultiBoxLoss(nn.Module):
     """SSD criterion: ``criterion(outputs, gt_boxes, step) -> LossTerms`` (see the module docstring).
 
     ``anchors [A, 4]`` xyxy and ``box_coder`` are the model's (``build_criterion`` takes them from it);
     ``gt_boxes`` holds one ``[G_i, 4]`` xyxy tensor per image in the model's input pixels.
+    ``observe_grad_norms`` feeds the rebalancing repair (``loss.rebalance``); its state travels in
+    ``state_dict`` (checkpoints).
     """
 
     def __init__(self, cfg: LossConfig, anchors: Tensor, box_coder: BoxCoder, match_iou: float,
@@ -196,21 +246,44 @@ class MultiBoxLoss(nn.Module):
         self.match_iou = float(match_iou)
         self.ignore_iou = ignore_iou
         self.schedule = LossWeightSchedule(cfg.adaptive_weights, cfg.class_weight, cfg.box_weight, total_steps)
+        self.rebalancer = LossRebalancer(cfg.rebalance)
 
-    def match(self, gt_boxes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        """``labels [B, A]`` (1 face, 0 background, ``IGNORE``) and encoded ``box_targets [B, A, 4]``."""
-        return assign_targets(self.anchors, list(gt_boxes), self.box_coder, self.match_iou, self.ignore_iou)
+    def match(self, gt_boxes: Sequence[Tensor]) -> Assignment:
+        """``labels [B, A]`` (1 face, 0 background, ``IGNORE``), encoded ``box_targets [B, A, 4]`` and
+        the number of faces an anchor fits."""
+        return match_anchors(self.anchors, list(gt_boxes), self.box_coder, self.match_iou, self.ignore_iou)
+
+    def weights(self, step: int) -> tuple[float, float]:
+        """The class and box weights of ``step``: the schedule's, the box weight times the rebalancing factor."""
+        class_weight, box_weight = self.schedule.weights(step)
+        return class_weight, box_weight * self.rebalancer.box_factor
+
+    def observe_grad_norms(self, step: int, grad_norm_cls: float, grad_norm_box: float) -> None:
+        """The two weighted terms' gradient norms measured at ``step`` (the rebalancing repair's input;
+        ignored while the adaptive weights ramp, whose imbalance is intended)."""
+        if not self.schedule.ramping(step):
+            self.rebalancer.observe(grad_norm_cls, grad_norm_box)
 
     def forward(self, outputs: Mapping[str, Tensor], gt_boxes: Sequence[Tensor], step: int) -> LossTerms:
-        labels, box_targets = self.match(gt_boxes)
+        labels, box_targets, covered = self.match(gt_boxes)
         loss_cls, loss_box, num_pos, num_neg = multibox_terms(
             outputs["cls_logits"].float(), outputs["bbox_regression"].float(), labels, box_targets, self.cfg)
-        class_weight, box_weight = self.schedule.weights(step)
+        class_weight, box_weight = self.weights(step)
         weighted_cls = class_weight * loss_cls
         weighted_box = box_weight * loss_box
+        counts = [int(b.shape[0]) for b in gt_boxes]
         return LossTerms(loss_cls=loss_cls, loss_box=loss_box, weighted_cls=weighted_cls, weighted_box=weighted_box,
                          total=weighted_cls + weighted_box, class_weight=class_weight, box_weight=box_weight,
-                         weights_ramping=self.schedule.ramping(step), num_pos=num_pos, num_neg=num_neg)
+                         weights_ramping=self.schedule.ramping(step), num_pos=num_pos, num_neg=num_neg,
+                         num_faces=sum(counts), faces_covered=covered,
+                         images_without_faces=sum(n == 0 for n in counts), batch_size=len(counts))
+
+    def get_extra_state(self) -> dict[str, float]:
+        return self.rebalancer.state_dict()
+
+    def set_extra_state(self, state: Any) -> None:
+        if isinstance(state, Mapping):
+            self.rebalancer.load_state_dict(state)
 
 
 def build_criterion(cfg: Config, model: Any, total_steps: int = 1) -> MultiBoxLoss:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -34,9 +34,9 @@ class TrainingParts:
     amp: bool  # autocast: float16 with the scaler on CUDA, bfloat16 on the CPU
 
     def step(self, images: Tensor, gt_boxes: Sequence[Tensor], step: int, grad_clip_norm: Optional[float] = None,
-             grad_norm_params: Optional[Sequence[nn.Parameter]] = None) -> "StepRecord":
+             sample_gradients: bool = False) -> "StepRecord":
         return train_step(self.model, self.criterion, self.optimizer, self.scheduler, self.scaler, images, gt_boxes,
-                          step, amp=self.amp, grad_clip_norm=grad_clip_norm, grad_norm_params=grad_norm_params)
+                          step, amp=self.amp, grad_clip_norm=grad_clip_norm, sample_gradients=sample_gradients)
 
 
 def build_training(cfg: Config, device: torch.device, total_steps: int, steps_per_epoch: int) -> TrainingParts:
@@ -64,20 +64,50 @@ class StepRecord:
     weights_ramping: bool
     lr: float  # the step's learning rate (before the scheduler advanced)
     num_pos: float
+    face_coverage: float = math.nan  # share of the batch's faces an anchor fits
+    empty_image_share: float = math.nan  # share of the batch's images without a face
     grad_norm: float = math.nan  # total gradient norm before clipping
-    grad_norm_cls: Optional[float] = None  # the weighted terms' gradient norms on the shared parameters,
+    grad_norm_cls: Optional[float] = None  # the weighted terms' gradient norms on the backbone's output,
     grad_norm_box: Optional[float] = None  # on the steps that sample them
+    grad_dead_share: Optional[float] = None  # share of the weights (by count) the update left without gradient
+    neg_per_pos: float = math.nan  # background anchors the classification term counts per face anchor
+    input_mean: Optional[float] = None  # the network input's mean and standard deviation, on sampled steps
+    input_std: Optional[float] = None
     updated: bool = True
 
     def signals(self) -> dict[str, float]:
-        """The diagnosis's per-step signals (see ``Diagnoser.observe_step``)."""
+        """The diagnosis's per-step signals (see ``Detector.check_step``)."""
         out = {"loss_cls": self.loss_cls, "loss_box": self.loss_box, "loss_total": self.loss_total,
-               "lr": self.lr, "num_pos": self.num_pos, "weights_ramping": float(self.weights_ramping)}
+               "lr": self.lr, "num_pos": self.num_pos, "weights_ramping": float(self.weights_ramping),
+               "face_coverage": self.face_coverage, "empty_image_share": self.empty_image_share,
+               "neg_per_pos": self.neg_per_pos}
         if self.grad_norm_cls is not None and self.grad_norm_box is not None:
             out.update(grad_norm_cls=self.grad_norm_cls, grad_norm_box=self.grad_norm_box)
+        if self.grad_dead_share is not None:
+            out["grad_dead_share"] = self.grad_dead_share
+        if self.input_mean is not None and self.input_std is not None:
+            out.update(input_mean=self.input_mean, input_std=self.input_std)
         if self.updated:
             out["grad_norm"] = self.grad_norm
         return out
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    """The backbone of an SSD, also when wrapped (``DistributedDataParallel``'s ``module``)."""
+    return getattr(model, "module", model).backbone
+
+
+def dead_gradient_share(parameters: Iterable[nn.Parameter]) -> float:
+    """Share of the weights (by element count) whose gradient is absent or all zero (one host sync):
+    frozen layers, or layers the loss no longer reaches."""
+    params = list(parameters)
+    if not params:
+        return math.nan
+    sizes = torch.tensor([p.numel() for p in params], dtype=torch.float64)
+    device = params[0].device
+    alive = torch.stack([p.grad.detach().abs().amax() > 0 if p.grad is not None and p.grad.numel()
+                         else torch.zeros((), dtype=torch.bool, device=device) for p in params]).cpu()
+    return float(1.0 - (sizes * alive).sum() / sizes.sum())
 
 
 def train_step(
@@ -91,12 +121,19 @@ def train_step(
     step: int,
     amp: bool = False,
     grad_clip_norm: Optional[float] = None,
-    grad_norm_params: Optional[Sequence[nn.Parameter]] = None,
+    sample_gradients: bool = False,
 ) -> StepRecord:
-    """One step on a batch already on the model's device; ``grad_norm_params`` (the shared
-    parameters) asks for the two loss terms' gradient norms on this step."""
-    with torch.autocast(device_type=images.device.type, enabled=amp):
-        outputs = model(images)
+    """One step on a batch already on the model's device. ``sample_gradients`` also measures the two
+    weighted loss terms' gradient norms on the backbone's output (the last layer both heads share;
+    the criterion's rebalancing reads them too) and the share of weights left without gradient."""
+    features: list[Tensor] = []
+    hook = _backbone(model).register_forward_hook(lambda m, i, out: features.extend(out)) if sample_gradients else None
+    try:
+        with torch.autocast(device_type=images.device.type, enabled=amp):
+            outputs = model(images)
+    finally:
+        if hook is not None:
+            hook.remove()
     losses = criterion(outputs, gt_boxes, step)
     values = losses.values()
     record = StepRecord(**values, class_weight=losses.class_weight, box_weight=losses.box_weight,
@@ -104,15 +141,20 @@ def train_step(
     if not math.isfinite(values["loss_total"]):
         record.updated = False  # the caller ends the run before a bad update
         return record
-    if grad_norm_params is not None:
+    if sample_gradients:
+        std, mean = torch.std_mean(images.detach().float())
+        record.input_mean, record.input_std = (float(v) for v in torch.stack([mean, std]).tolist())
         # Under AMP the terms are scaled like the real backward, so fp16 gradients don't underflow.
         scale = scaler.get_scale() if scaler.is_enabled() else 1.0
         record.grad_norm_cls, record.grad_norm_box = loss_term_grad_norms(
-            losses.weighted_cls, losses.weighted_box, grad_norm_params, scale=scale)
+            losses.weighted_cls, losses.weighted_box, features, scale=scale)
+        criterion.observe_grad_norms(step, record.grad_norm_cls, record.grad_norm_box)
 
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(losses.total).backward()
     scaler.unscale_(optimizer)
+    if sample_gradients:
+        record.grad_dead_share = dead_gradient_share(model.parameters())
     record.grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm or float("inf")))
     scaler.step(optimizer)
     scaler.update()

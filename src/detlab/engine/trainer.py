@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 import traceback
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 from detlab.config import METRIC_COLUMNS, Config, as_flat_dict
 from detlab.data import BadImageError, build_datasets, build_loader
-from detlab.diagnosis import Diagnoser, Finding, StopReason
+from detlab.diagnosis import DIVERGENCE, Diagnoser, Finding, StopReason
 from detlab.engine.checkpoint import (
     CheckpointError,
     all_finite,
@@ -32,6 +33,7 @@ from detlab.engine.checkpoint import (
 )
 from detlab.engine.device import select_device
 from detlab.engine.early_stopping import EarlyStopping
+from detlab.engine.repair import Rollback
 from detlab.engine.schedule import StageBoundaries, stage_boundaries
 from detlab.engine.step import StepRecord, build_training
 from detlab.engine.tensorboard import add_scalars, open_writer, write_hparams
@@ -80,6 +82,7 @@ class RunState:
     best: dict[str, float] = field(default_factory=dict)
     stage_sums: dict[str, dict[str, float]] = field(default_factory=dict)
     findings: list[dict[str, Any]] = field(default_factory=list)
+    repairs: list[dict[str, Any]] = field(default_factory=list)  # what a repair did, and when
     elapsed_s: float = 0.0  # wall time of earlier sessions of this run
 
     def to_dict(self) -> dict[str, Any]:
@@ -148,7 +151,9 @@ class Trainer:
         self.diagnoser = Diagnoser(cfg.diagnosis, self.stages, self.total_steps, self.steps_per_epoch,
                                    run_config=cfg)
         self.early_stopping = EarlyStopping(cfg.early_stopping)
-        self.shared_params = [p for p in self.model.shared_parameters() if p.requires_grad]
+        self.rollback = Rollback(cfg.diagnosis.divergence)
+        # The gradient-norm samples feed the diagnosis and the rebalancing repair.
+        self.samples_gradients = cfg.diagnosis.enabled or cfg.loss.rebalance.enabled
 
     def _resume(self, previous: Optional[dict[str, Any]]) -> bool:
         path = find_resume_checkpoint(self.cfg.resume, self.run_dir)
@@ -168,6 +173,8 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.state = RunState(**ckpt["state"])
         self.diagnoser.load_state_dict(ckpt.get("diagnoser", {}))
+        self.criterion.load_state_dict(ckpt.get("criterion", {}), strict=False)
+        self.rollback.load_state_dict(ckpt.get("rollback", {}))
         self.early_stopping.load_state_dict(ckpt.get("early_stopping") or self._early_stopping_of_old_checkpoint(ckpt))
         log.info("resumed from %s at epoch %d, step %d", path, self.state.epoch, self.state.step)
         return True
@@ -224,6 +231,7 @@ class Trainer:
         cfg = self.cfg
         epochs = tqdm(range(self.state.epoch + 1, cfg.train.epochs + 1), desc="epochs", unit="epoch",
                       initial=self.state.epoch, total=cfg.train.epochs, dynamic_ncols=True)
+        self._take_snapshot()
         for epoch in epochs:
             self._reseed(epoch)
             t0 = time.time()
@@ -247,7 +255,12 @@ class Trainer:
             if self.early_stopping.update(epoch, row):
                 self.state.best = dict(row)
                 self._save("best.pt")
-            self._report_findings(self.diagnoser.observe_epoch(epoch, self.state.step, row), self.state.step)
+            findings = self.diagnoser.observe_epoch(epoch, self.state.step, row)
+            self._report_findings(findings, self.state.step)
+            # A validation loss gone non-finite (weights overflowed) is repaired like a step's divergence.
+            repaired = self._repair_divergence(findings, self.state.step, epoch)
+            if not repaired and not self.diagnoser.status.stop and math.isfinite(row.get("val/loss_total", math.nan)):
+                self._take_snapshot()
             self._save("last.pt")
             write_csv(self.run_dir / "metrics.csv", self.state.history, METRIC_COLUMNS)
             self._write_summary()
@@ -294,12 +307,16 @@ class Trainer:
             step = self.state.step
             images = images.to(self.device, non_blocking=True)
             gt_boxes = [t["boxes"].to(self.device, non_blocking=True) for t in targets]
+            sample = self.samples_gradients and step % cfg.diagnosis.grad_norm_every == 0
             record = self.parts.step(images, gt_boxes, step, grad_clip_norm=cfg.optim.grad_clip_norm,
-                                     grad_norm_params=self.shared_params if self.diagnoser.wants_grad_norms(step) else None)
+                                     sample_gradients=sample)
             signals = record.signals()
             if not record.updated:
-                # Recorded as a divergence finding too, then the run ends before the bad update.
-                self._report_findings(self.diagnoser.observe_step(step, epoch, signals), step)
+                # Recorded as a divergence finding too; then repaired, or the run ends before the bad update.
+                new = self.diagnoser.observe_step(step, epoch, signals)
+                self._report_findings(new, step)
+                if self._repair_divergence(new, step, epoch):
+                    continue
                 return EpochOutcome(means=self._means(sums, seen), end_status="diverged",
                                     end_message=f"non-finite loss at step {step} (epoch {epoch}): "
                                                 f"loss_cls={record.loss_cls}, loss_box={record.loss_box}")
@@ -310,7 +327,9 @@ class Trainer:
             self._accumulate_stage(step, signals)
             if step % cfg.train.log_every == 0:
                 self._log_step(step, record, signals)
-            self._report_findings(self.diagnoser.observe_step(step, epoch, signals), step)
+            new = self.diagnoser.observe_step(step, epoch, signals)
+            self._report_findings(new, step)
+            self._repair_divergence(new, step, epoch)
             bar.set_postfix(loss=f"{record.loss_total:.3f}", cls=f"{record.loss_cls:.3f}", box=f"{record.loss_box:.3f}")
             end_status, end_message = self._stop_decision()
             if end_status:
@@ -321,8 +340,24 @@ class Trainer:
                                 f"unreadable (dataset.on_bad_image=skip); check dataset.root's images")
         return EpochOutcome(means=self._means(sums, seen))
 
+    def _take_snapshot(self) -> None:
+        self.rollback.take(self.state.epoch, self.state.step, self.model, self.optimizer, self.scaler)
+
+    def _repair_divergence(self, findings: list[Finding], step: int, epoch: int) -> bool:
+        """With ``diagnosis.divergence.rollback``: a new divergence finding rolls the run back to its
+        last good state with a lower learning rate, and the diagnosis watches for divergence anew."""
+        if not any(f.detector == DIVERGENCE for f in findings) or not self.rollback.available:
+            return False
+        what = self.rollback.restore(self.model, self.optimizer, self.scheduler, self.scaler)
+        self.diagnoser.rearm(DIVERGENCE)
+        self.state.repairs.append({"repair": "rollback", "step": step, "epoch": epoch, "message": what})
+        log.warning("[repair] divergence at step %d: %s", step, what)
+        self.writer.add_text("diagnosis/repair", what, step)
+        return True
+
     def _log_step(self, step: int, record: StepRecord, signals: dict[str, float]) -> None:
         scalars = {f"train/{k}": v for k, v in signals.items() if k != "weights_ramping"}
+        scalars = {k: v for k, v in scalars.items() if math.isfinite(v)}  # e.g. face_coverage of a faceless batch
         scalars["train/class_weight"], scalars["train/box_weight"] = record.class_weight, record.box_weight
         if record.grad_norm_cls and record.grad_norm_box is not None:
             scalars["diagnosis/grad_norm_ratio_box_to_cls"] = record.grad_norm_box / record.grad_norm_cls
@@ -383,6 +418,8 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "state": {**self.state.to_dict(), "elapsed_s": self._elapsed()},
             "diagnoser": self.diagnoser.state_dict(),
+            "criterion": self.criterion.state_dict(),
+            "rollback": self.rollback.state_dict(),
             "early_stopping": self.early_stopping.state_dict(),
             "config": OmegaConf.to_container(OmegaConf.structured(self.cfg)),
             "epoch": self.state.epoch,
@@ -435,9 +472,13 @@ class Trainer:
             "final": self._final_metrics(),
             "stages": self.stage_means(),
             "findings": self.state.findings,
+            "repairs": self.state.repairs,
             "wall_time_s": round(self._elapsed(), 3),
             "device": str(getattr(self, "device", "")),
         }
+        criterion = getattr(self, "criterion", None)
+        if self.cfg.loss.rebalance.enabled and criterion is not None:
+            summary["loss_rebalance"] = criterion.rebalancer.state_dict()  # the box weight's factor, its updates
         if getattr(self, "_traceback", None):
             summary["traceback"] = self._traceback
         write_json(self.run_dir / "summary.json", summary)

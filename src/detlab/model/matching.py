@@ -26,7 +26,7 @@ max. Only the padding itself loops over the (short) Python list of images.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -65,7 +65,15 @@ def batched_iou(padded: Tensor, valid: Tensor, anchors: Tensor) -> Tensor:
     return iou
 
 
-@torch.no_grad()
+class Assignment(NamedTuple):
+    """What matching a batch gives: the targets, and how many faces an anchor fits (``covered``:
+    best anchor IoU at or above the threshold; degenerate boxes are never covered)."""
+
+    labels: Tensor  # [B, A] int64: 1 face, 0 background, IGNORE
+    box_targets: Tensor  # [B, A, 4] encoded deltas of the matched face (zeros on background)
+    covered: Tensor  # [] int64: faces whose best anchor reaches the threshold
+
+
 def assign_targets(
     anchors: Tensor,
     gt_boxes: list[Tensor],
@@ -76,15 +84,31 @@ def assign_targets(
     """Match anchors ``[A, 4]`` to each image's faces ``gt_boxes[b] [N_b, 4]`` (xyxy, input pixels).
 
     Returns ``labels [B, A]`` int64 (1 face, 0 background, ``IGNORE`` in the ignore band) and ``box_targets [B, A, 4]`` (encoded
-    deltas of the matched face; zeros on background anchors).
+    deltas of the matched face; zeros on background anchors). ``match_anchors`` also counts the faces
+    an anchor fits.
     """
+    labels, box_targets, _ = match_anchors(anchors, gt_boxes, box_coder, iou_threshold, ignore_iou)
+    return labels, box_targets
+
+
+@torch.no_grad()
+def match_anchors(
+    anchors: Tensor,
+    gt_boxes: list[Tensor],
+    box_coder: BoxCoder,
+    iou_threshold: float = 0.45,
+    ignore_iou: Optional[float] = None,
+) -> Assignment:
+    """``assign_targets`` with the number of faces whose best anchor IoU reaches ``iou_threshold``:
+    the diagnosis's ``unmatched_faces`` reads it (anchors that do not fit the faces, or boxes in
+    another format, leave most faces with only a forced, poorly overlapping anchor)."""
     device = anchors.device
     batch, num_anchors = len(gt_boxes), anchors.shape[0]
     padded, valid = pad_boxes(gt_boxes, device)  # [B, N, 4], [B, N]
     labels = torch.zeros((batch, num_anchors), dtype=torch.int64, device=device)
     box_targets = torch.zeros((batch, num_anchors, 4), dtype=torch.float32, device=device)
     if padded.shape[1] == 0 or batch == 0:
-        return labels, box_targets
+        return Assignment(labels, box_targets, torch.zeros((), dtype=torch.int64, device=device))
     n_max = padded.shape[1]
 
     iou = batched_iou(padded, valid, anchors.float())  # [B, N, A]
@@ -114,4 +138,5 @@ def assign_targets(
     anchors_b = anchors.float().unsqueeze(0).expand(batch, -1, -1)  # [B, A, 4]
     matched_boxes = torch.where(positive.unsqueeze(-1), matched_boxes, anchors_b)
     box_targets = box_coder.encode(matched_boxes, anchors_b)  # [B, A, 4]
-    return labels, box_targets
+    covered = (valid & (best_anchor_iou >= iou_threshold)).sum()
+    return Assignment(labels, box_targets, covered)
