@@ -210,6 +210,9 @@ class EvalConfig:
     # training size): null = the training size | [W, H] | N (keep aspect, longer side N pixels, padded to
     # a multiple of 64) | original (each image at its own size). A preset records its recommended one.
     input_size: Any = None
+    # Scored once after training on last.pt at input_size, into summary.json's "test" (and test.json):
+    # null (off) | detection (recall, TP/FP/FN, mIoU, AP50) | wider (also the official easy/medium/hard AP)
+    test_protocol: Optional[str] = None
 
 
 @dataclass
@@ -557,6 +560,8 @@ def validate(cfg: Config) -> None:
     _check(0 <= e.score_floor < 1, "eval.score_floor", "must be in [0, 1)", e.score_floor)
     _check(e.pre_nms_top_k >= 1, "eval.pre_nms_top_k", "must be >= 1", e.pre_nms_top_k)
     _check(e.max_detections >= 1, "eval.max_detections", "must be >= 1", e.max_detections)
+    _check(e.test_protocol in (None, "detection", "wider"), "eval.test_protocol",
+           "expected null, detection or wider", e.test_protocol)
     _check(test_input_size(e.input_size) is not INVALID_SIZE, "eval.input_size",
            "expected null, [W, H], a longer-side length N (int) or original", e.input_size)
     _check(len(e.size_edges) == 2 and 0 < e.size_edges[0] < e.size_edges[1], "eval.size_edges",

@@ -162,7 +162,7 @@ def evaluate_checkpoint(run: EvaluateConfig, eval_keys: Sequence[str] = ()) -> d
     by_key = {image_key(records[i].path): xyxy_to_submission(b.numpy(), s.numpy()) for i, b, s in predictions}
     if run.protocol == "wider":
         _check(run.split != "test", "protocol=wider needs ground truth: split=val or val_all, not test")
-        gt_dir = Path(run.gt_dir) if run.gt_dir else Path(cfg.dataset.root).expanduser() / "eval_tools" / "ground_truth"
+        gt_dir = wider_gt_dir(cfg.dataset.root, run.gt_dir)
         _check(gt_dir.is_dir(), f"protocol=wider: no WIDER FACE ground truth folder {gt_dir} (set gt_dir=...)")
         wider_gt = load_wider_ground_truth(gt_dir)
         known = set(wider_gt.keys)
@@ -185,6 +185,31 @@ def evaluate_checkpoint(run: EvaluateConfig, eval_keys: Sequence[str] = ()) -> d
     })
     result["settings"]["size_edges"] = list(settings.size_edges)
     return result
+
+
+def wider_gt_dir(dataset_root: str, gt_dir: Optional[str] = None) -> Path:
+    """The official WIDER FACE ground-truth folder: ``gt_dir``, else ``<dataset root>/eval_tools/ground_truth``."""
+    return Path(gt_dir).expanduser() if gt_dir else Path(dataset_root).expanduser() / "eval_tools" / "ground_truth"
+
+
+def test_after_training(checkpoint: Path | str, protocol: str, device: str = "auto") -> dict[str, Any]:
+    """``eval.test_protocol``: score a run's checkpoint with its own config (``eval.input_size``)
+    on its val split, as ``python evaluate.py checkpoint=... protocol=...`` does."""
+    return evaluate_checkpoint(EvaluateConfig(checkpoint=str(checkpoint), protocol=protocol, device=device))
+
+
+TEST_SUMMARY_KEYS = ("recall", "precision", "tp", "fp", "fn", "miou", "ap50")
+
+
+def test_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """The headline of an evaluation result, as summary.json's ``test`` holds it."""
+    summary: dict[str, Any] = {key: result[key] for key in TEST_SUMMARY_KEYS if key in result}
+    for key in ("easy", "medium", "hard"):
+        if "wider" in result:
+            summary[f"wider_{key}"] = result["wider"][key]
+    summary["input_size"] = result["settings"]["input_size"]
+    summary["epoch"] = result.get("epoch")
+    return summary
 
 
 def torch_boxes(boxes: Any) -> Any:

@@ -48,6 +48,16 @@ __all__ = ["METRIC_COLUMNS", "Trainer", "train"]
 LOSS_KEYS = ("loss_cls", "loss_box", "loss_total")
 
 
+def read_test(run_dir: Path) -> Optional[dict[str, Any]]:
+    """The headline of the run's after-training test (``eval.test_protocol``), or None."""
+    from detlab.evaluation import test_summary
+
+    try:
+        return test_summary(json.loads((run_dir / "test.json").read_text()))
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 class RunExistsError(UserError):
     """A fresh run pointed at a folder that already holds a trained run."""
 
@@ -154,6 +164,13 @@ class Trainer:
         self.rollback = Rollback(cfg.diagnosis.divergence)
         # The gradient-norm samples feed the diagnosis and the rebalancing repair.
         self.samples_gradients = cfg.diagnosis.enabled or cfg.loss.rebalance.enabled
+        if cfg.eval.test_protocol == "wider":
+            from detlab.evaluation import wider_gt_dir
+
+            gt_dir = wider_gt_dir(cfg.dataset.root)
+            if cfg.dataset.name != "widerface" or not gt_dir.is_dir():
+                raise UserError(f"eval.test_protocol=wider needs WIDER FACE data with its ground truth: "
+                                f"dataset {cfg.dataset.name}, no folder {gt_dir} (set eval.test_protocol=detection or null)")
 
     def _resume(self, previous: Optional[dict[str, Any]]) -> bool:
         path = find_resume_checkpoint(self.cfg.resume, self.run_dir)
@@ -204,8 +221,10 @@ class Trainer:
             if resumed and self.state.epoch >= self.cfg.train.epochs:
                 log.info("run already complete (%d epochs); nothing to do", self.state.epoch)
                 self.status = "completed"
+                self._test()  # when an interrupted session trained to the end but did not test
                 return self._write_summary()
             record_open = True
+            (self.run_dir / "test.json").unlink(missing_ok=True)  # scored a shorter run: tested again at the end
             atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(self.cfg)))
             self.writer = open_writer(self.run_dir, self.state.step if resumed else None)
             self._write_summary()
@@ -213,6 +232,7 @@ class Trainer:
                 self._loop()
             finally:
                 self._finish_tensorboard()
+            self._test()
         except KeyboardInterrupt:
             self.status, self.message = "stopped", "interrupted by the user (resume=true continues it)"
             if record_open or previous is None:
@@ -271,6 +291,20 @@ class Trainer:
                 log.warning("stopping early: %s", end_message)
                 return
         self.status, self.message = "completed", ""
+
+    def _test(self) -> None:
+        """``eval.test_protocol``: score last.pt once into test.json (kept; a resumed run does not redo it)."""
+        protocol, last = self.cfg.eval.test_protocol, self.run_dir / "checkpoints" / "last.pt"
+        if not protocol or self.status == "diverged" or not last.is_file() or (self.run_dir / "test.json").is_file():
+            return
+        from detlab.evaluation import test_after_training
+
+        t0 = time.time()
+        result = test_after_training(last, protocol, self.cfg.train.device)
+        result["test_time_s"] = round(time.time() - t0, 3)
+        write_json(self.run_dir / "test.json", result)
+        log.info("test (%s, eval.input_size=%s): %s", protocol, self.cfg.eval.input_size,
+                 json.dumps(read_test(self.run_dir)))
 
     def _stop_decision(self) -> tuple[Optional[str], str]:
         """The diagnosis's stop (diverged or stuck), as a run status and message."""
@@ -473,6 +507,7 @@ class Trainer:
             "stages": self.stage_means(),
             "findings": self.state.findings,
             "repairs": self.state.repairs,
+            "test": read_test(self.run_dir),
             "wall_time_s": round(self._elapsed(), 3),
             "device": str(getattr(self, "device", "")),
         }
