@@ -189,7 +189,7 @@ def make_fake_run(run_dir: Path | str, box_weight: float, status: str = "complet
                   findings: Optional[list[dict[str, Any]]] = None, history: Optional[list[dict[str, Any]]] = None,
                   write_summary: bool = True, write_metrics: bool = True, partial_last_line: bool = False,
                   hydra: bool = True, extra_overrides: Sequence[str] = ("+experiment=box_weight_sweep",),
-                  steps_per_epoch: int = 50) -> Path:
+                  steps_per_epoch: int = 50, test: Optional[dict[str, Any]] = None) -> Path:
     """Write a run directory: ``.hydra/`` (overrides, config), ``metrics.csv``, ``summary.json``.
 
     ``epochs``: epochs completed (rows in metrics.csv). ``epochs_planned`` defaults to ``epochs``.
@@ -229,6 +229,8 @@ def make_fake_run(run_dir: Path | str, box_weight: float, status: str = "complet
             "findings": list(findings or []),
             "wall_time_s": 10.0 * epochs + 2.5,
         }
+        if test is not None:
+            summary["test"] = test
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return run_dir
 

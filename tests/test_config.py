@@ -51,6 +51,7 @@ def test_wrong_type_fails_at_composition():
     ("early_stopping.patience=0", "early_stopping.patience"),
     ("eval.max_detections=0", "eval.max_detections"),
     ("eval.score_floor=1.5", "eval.score_floor"),
+    ("eval.test_protocol=coco", "eval.test_protocol"),
     ("loss.adaptive_weights.shape=cubic", "loss.adaptive_weights.shape"),
     ("diagnosis.loss_imbalance.min_samples=9", "diagnosis.loss_imbalance.min_samples"),
 ])

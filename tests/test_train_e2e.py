@@ -150,3 +150,26 @@ def test_best_checkpoint_and_early_stop_follow_the_monitor(synthetic_root, tiny_
     assert summary["best_by"] == {"monitor": "val/loss_total", "mode": "min", "value": summary["best"]["val/loss_total"],
                                   "epoch": 1}
     assert torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)["epoch"] == 1
+
+
+def test_after_training_test_scores_last_checkpoint_as_evaluate_does(synthetic_root, tiny_config, tmp_path):
+    from detlab.evaluation import EvaluateConfig, evaluate_checkpoint
+
+    run_dir = tmp_path / "run"
+    summary = train(tiny_config(synthetic_root, "eval.test_protocol=detection"), run_dir)
+
+    scored = json.loads((run_dir / "test.json").read_text())
+    direct = evaluate_checkpoint(EvaluateConfig(checkpoint=str(run_dir / "checkpoints" / "last.pt")))
+    assert scored["tp"] == direct["tp"] and scored["fp"] == direct["fp"] and scored["miou"] == direct["miou"]
+    assert summary["test"]["tp"] == direct["tp"] and summary["test"]["recall"] == direct["recall"]
+    assert summary["test"]["epoch"] == 1 and "wider_easy" not in summary["test"]
+    assert json.loads((run_dir / "summary.json").read_text())["test"] == summary["test"]
+
+
+def test_wider_test_protocol_on_data_without_wider_ground_truth_fails_before_training(
+        synthetic_root, tiny_config, tmp_path):
+    from detlab.errors import UserError
+
+    with pytest.raises(UserError, match=r"eval\.test_protocol=wider needs WIDER FACE data"):
+        train(tiny_config(synthetic_root, "eval.test_protocol=wider"), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()

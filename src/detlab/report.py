@@ -43,16 +43,21 @@ LOSS_KEYS = ("loss_cls", "loss_box", "loss_total")
 ENTRY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "config.yaml"
 _EXCLUDE_KEYS_PATH = "hydra.job.config.override_dirname.exclude_keys"
 
+# The after-training test (``eval.test_protocol``, summary.json's "test") at the run's eval.input_size.
+TEST_KEYS = ("wider_easy", "wider_medium", "wider_hard", "recall", "precision", "tp", "fp", "fn", "miou")
+
 # Columns of report.csv, in order. ``report.md`` shows the same rows without ``message`` and ``path``
 # (the message is listed under the table instead).
 CSV_COLUMNS = (
     ["run", "class_weight", "box_weight", "status", "epochs", "epochs_planned",
      "best_miou", "best_epoch", "final_miou", "ap50", "tp", "fp", "fn", "precision", "recall",
      "fp_localisation", "fp_duplicate", "fp_background"]
+    + [f"test/{key}" for key in TEST_KEYS]
     + [f"{stage}/{key}" for stage in STAGES for key in LOSS_KEYS]
     + ["findings", "wall_time_s", "message", "path"]
 )
 TABLE_COLUMNS = [c for c in CSV_COLUMNS if c not in ("message", "path")]
+# report.md leaves out the columns no run has a value for (the test columns of a sweep without one).
 
 # Detectors of ``detlab.diagnosis`` that watch training steps: their compact finding shows the step;
 # the others judge whole epochs and show the epoch.
@@ -62,7 +67,7 @@ _FINAL_KEYS = {"ap50": "val/ap50", "tp": "val/tp", "fp": "val/fp", "fn": "val/fn
                "precision": "val/precision", "recall": "val/recall", "fp_localisation": "val/fp_localisation",
                "fp_duplicate": "val/fp_duplicate", "fp_background": "val/fp_background"}
 _COUNT_COLUMNS = {"tp", "fp", "fn", "epochs", "epochs_planned", "best_epoch", "fp_localisation", "fp_duplicate",
-                  "fp_background"}
+                  "fp_background", "test/tp", "test/fp", "test/fn"}
 
 _STATUS_COLORS = {"completed": "#1e1e1e", "diverged": "#c0392b", "failed": "#c0392b",
                   "stopped": "#d35400", "running": "#2471a3"}
@@ -88,6 +93,7 @@ class RunResult:
     best: dict[str, Any] = field(default_factory=dict)
     final: dict[str, Any] = field(default_factory=dict)
     stages: dict[str, dict[str, float]] = field(default_factory=dict)
+    test: dict[str, Any] = field(default_factory=dict)  # the after-training test's headline (may be empty)
     findings: list[dict[str, Any]] = field(default_factory=list)
     wall_time_s: Optional[float] = None
     warnings: list[str] = field(default_factory=list)  # what was tolerated while reading
@@ -160,6 +166,7 @@ def load_run(run_dir: Path | str) -> RunResult:
         best=dict(summary.get("best") or {}),
         final=final,
         stages={k: dict(v) for k, v in (summary.get("stages") or {}).items() if isinstance(v, dict)},
+        test=dict(summary.get("test") or {}),
         findings=[f for f in summary.get("findings") or [] if isinstance(f, dict)],
         wall_time_s=_as_float(summary.get("wall_time_s")),
         warnings=warnings,
@@ -382,6 +389,8 @@ def report_row(run: RunResult) -> dict[str, Any]:
     }
     for column, key in _FINAL_KEYS.items():
         row[column] = _as_float(run.final.get(key))
+    for key in TEST_KEYS:
+        row[f"test/{key}"] = _as_float(run.test.get(key))
     for stage in STAGES:
         for key in LOSS_KEYS:
             row[f"{stage}/{key}"] = _as_float(run.stages.get(stage, {}).get(key))
@@ -447,6 +456,11 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = TABL
     return "\n".join(lines)
 
 
+def present_columns(rows: Sequence[dict[str, Any]], columns: Sequence[str] = TABLE_COLUMNS) -> list[str]:
+    """``columns`` less the test columns that no row has a value for."""
+    return [c for c in columns if not c.startswith("test/") or any(row.get(c) is not None for row in rows)]
+
+
 def _csv_cell(value: Any) -> Any:
     if value is None:
         return ""
@@ -487,7 +501,7 @@ def report_markdown(sweep_dir: Path | str, runs: Sequence[RunResult], figure_nam
         "",
         f"**{format_counts(runs)}**",
         "",
-        markdown_table(rows) if rows else "_No run directories found yet._",
+        markdown_table(rows, present_columns(rows)) if rows else "_No run directories found yet._",
         "",
         f"![curves per run]({figure_name})",
         "",

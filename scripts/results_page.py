@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""Regenerate the figures and tables of docs/results.md from the experiment's run folders.
+
+    python scripts/results_page.py --recipe multirun/wider_recipe --paper multirun/wider_paper \\
+        --remedies multirun/wider_remedies --stages outputs/wider_overfit
+
+Each option takes sweep folders (every run folder under them) or run folders. The figures go to
+``--figures`` (default docs/results/); the tables replace the ``<!-- results:NAME -->`` blocks of
+``--page`` (default docs/results.md), the text around them stays. A part whose option is left out
+keeps what the page had. ``--page -`` prints the tables instead of writing the page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from detlab.errors import UserError, report_user_errors
+from detlab.fileio import atomic_write_text
+from detlab.report import format_counts
+from detlab.results import (
+    findings_list,
+    load_runs,
+    plot_ap_against_box_weight,
+    plot_stage_run,
+    plot_sweep_steps,
+    remedy_table,
+    replace_blocks,
+    run_command,
+    save_png,
+    sweep_command,
+    sweep_table,
+    wall_times_table,
+)
+
+
+def _command(paths: list[Path], runs: list) -> str | None:
+    commands = [c for c in (sweep_command(p) for p in paths) if c]
+    if commands:
+        return " ; ".join(commands)
+    return run_command(runs[0]) if len(runs) == 1 else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", type=Path, nargs="+", default=[], help="the sweep under +preset=wider_cpu")
+    parser.add_argument("--paper", type=Path, nargs="+", default=[], help="the sweep under +preset=[wider_cpu,paper]")
+    parser.add_argument("--remedies", type=Path, nargs="+", default=[], help="the remedy runs (+remedy=...)")
+    parser.add_argument("--stages", type=Path, nargs="+", default=[], help="the run that shows the mid/late stages")
+    parser.add_argument("--page", default="docs/results.md", help="the page whose blocks are replaced; - prints")
+    parser.add_argument("--figures", type=Path, default=Path("docs/results"), help="where the PNGs go")
+    args = parser.parse_args(argv)
+
+    blocks: dict[str, str] = {}
+    walls: list[tuple[str, list, str | None]] = []
+    sweeps = []
+    for name, label, paths in (("recipe", "+preset=wider_cpu (AdamW)", args.recipe),
+                               ("paper", "+preset=[wider_cpu,paper] (SGD)", args.paper)):
+        if not paths:
+            continue
+        runs = load_runs(paths)
+        if not runs:
+            raise UserError(f"--{name}: no run folders under {', '.join(map(str, paths))}")
+        sweeps.append((label, runs))
+        blocks[f"{name}_table"] = f"**{format_counts(runs)}**\n\n{sweep_table(runs)}"
+        save_png(plot_sweep_steps(runs, title=f"{label}: {format_counts(runs)}"), args.figures / f"{name}_grid.png")
+        walls.append((f"{name} sweep", runs, _command(paths, runs)))
+    if sweeps:
+        save_png(plot_ap_against_box_weight(sweeps), args.figures / "ap_against_box_weight.png")
+    if args.remedies:
+        runs = load_runs(args.remedies)
+        blocks["remedy_table"] = remedy_table(runs)
+        walls.append(("remedies", runs, _command(args.remedies, runs)))
+    if args.stages:
+        for index, run in enumerate(load_runs(args.stages)):
+            save_png(plot_stage_run(run), args.figures / f"stages_{index}.png")
+            blocks[f"stages_{index}"] = f"`{run_command(run)}`: {format_counts([run])}\n\n{findings_list(run)}"
+            walls.append((f"stages run {index}", [run], run_command(run)))
+    if walls:
+        blocks["wall_times"] = wall_times_table(walls)
+
+    if args.page == "-":
+        for name, body in blocks.items():
+            print(f"<!-- results:{name} -->\n{body}\n<!-- /results:{name} -->\n")
+        return 0
+    page = Path(args.page)
+    if not page.is_file():
+        raise UserError(f"--page {page}: not found (the page holds the <!-- results:NAME --> blocks to fill)")
+    text, untouched = replace_blocks(page.read_text(), blocks)
+    missing = sorted(set(blocks) - set(_names(page.read_text())))
+    atomic_write_text(page, text)
+    print(f"written {page} ({len(blocks) - len(missing)} blocks) and figures under {args.figures}")
+    if untouched:
+        print(f"kept as they were (no option given): {', '.join(untouched)}")
+    if missing:
+        print(f"warning: the page has no block for {', '.join(missing)}", file=sys.stderr)
+    return 0
+
+
+def _names(page: str) -> list[str]:
+    import re
+
+    return re.findall(r"<!-- results:([\w-]+) -->", page)
+
+
+if __name__ == "__main__":
+    with report_user_errors():  # a bad argument or folder: one line, exit 2
+        sys.exit(main())
