@@ -74,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         walls.append(("remedies", runs, _command(args.remedies, runs)))
     if args.stages:
         for index, run in enumerate(load_runs(args.stages)):
-            save_png(plot_stage_run(run), args.figures / f"stages_{index}.png")
-            blocks[f"stages_{index}"] = f"`{run_command(run)}`: {format_counts([run])}\n\n{findings_list(run)}"
+            save_png(plot_stage_run(run, title=f"{run.path.name}: {run.status}, {run.epochs} epochs"),
+                     args.figures / f"stages_{index}.png")
+            blocks[f"stages_{index}"] = (f"`{run_command(run)}`: {run.status}, {run.epochs} epochs\n\n"
+                                         f"{findings_list(run)}")
             walls.append((f"stages run {index}", [run], run_command(run)))
     if walls:
         blocks["wall_times"] = wall_times_table(walls)

@@ -27,6 +27,10 @@ def test_multirun_survives_a_diverging_run_and_reports_it(tmp_path):
     )
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     assert "2 runs: 1 completed, 1 diverged, 0 failed" in sweep.stdout
+    # the sweep writes its own report when it ends
+    assert f"Report: {sweep_dir / 'report.md'}" in sweep.stdout
+    assert "DIVERGED" in (sweep_dir / "report.md").read_text()
+    (sweep_dir / "report.md").unlink()
 
     summaries = {json.loads(p.read_text())["hparams"]["optim.lr"]: json.loads(p.read_text())
                  for p in sweep_dir.rglob("summary.json")}

@@ -24,6 +24,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 from omegaconf import OmegaConf
 
 from detlab.report import _STATUS_COLORS, RunResult, compact_findings, format_counts, format_value, load_run
@@ -97,7 +98,7 @@ def sweep_command(sweep_dir: Path | str) -> Optional[str]:
     if task is None:
         return None
     launcher = OmegaConf.select(record, "hydra.overrides.hydra", default=None) or []
-    items = [str(o) for o in task] + [str(o) for o in launcher if not str(o).startswith(("hydra.mode", "hydra.sweep.dir"))]
+    items = [str(o) for o in task] + [str(o) for o in launcher if not str(o).startswith("hydra.mode")]
     return "python train.py -m " + " ".join(shlex.quote(o) for o in items)
 
 
@@ -171,11 +172,12 @@ def sweep_table(runs: Sequence[RunResult]) -> str:
 
 
 def remedy_label(run: RunResult) -> str:
-    """``+remedy=NAME`` of the run's overrides, else its name."""
+    """``NAME`` of the run's ``+remedy=NAME`` override; ``none`` for a run without one (the baseline,
+    e.g. the sweep's own run of the pair)."""
     for override in run.overrides:
         if override.lstrip("+").startswith("remedy="):
             return override.split("=", 1)[1]
-    return run.name
+    return "none"
 
 
 def remedy_table(runs: Sequence[RunResult], baseline: str = "none") -> str:
@@ -231,7 +233,9 @@ def plot_sweep_steps(runs: Sequence[RunResult], title: str = "") -> Figure:
     runs = by_box_weight(runs)
     n = max(len(runs), 1)
     fig = _new_figure(max(6.0, 1.55 * n + 0.9), 5.2)
-    axes = fig.subplots(3, n, squeeze=False, sharex="col")
+    axes = fig.subplots(3, n, squeeze=False, sharex="col", sharey="row")
+    tests = [float(r.test["miou"]) for r in runs if r.test.get("miou") is not None]
+    miou_top = max([0.05, *tests] + [v for r in runs for v in r.series("val/miou")[1] if math.isfinite(v)]) * 1.15
     rows = (("class loss", "train/loss_cls", "val/loss_cls"), ("box loss", "train/loss_box", "val/loss_box"),
             ("mIoU", None, "val/miou"))
     for column, run in enumerate(runs):
@@ -249,11 +253,13 @@ def plot_sweep_steps(runs: Sequence[RunResult], title: str = "") -> Figure:
                     ax.plot(*run.series(train_key), color="#1f77b4", lw=1.2)
                 ax.plot(*run.series(val_key), "o--", color="#ff7f0e", ms=3, lw=1.0)
                 ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:.2g}"))
             else:
                 ax.plot(*run.series(val_key), "o-", color="#2ca02c", ms=3, lw=1.2)
                 if run.test.get("miou") is not None:
                     ax.plot([run.epochs], [float(run.test["miou"])], "*", color="#8e44ad", ms=9)
-                ax.set_ylim(0, 0.6)
+                ax.set_ylim(0, miou_top)
                 ax.set_xlabel("epoch", fontsize=8)
             if run.failed:
                 ax.set_facecolor("#fdecea")
@@ -261,6 +267,8 @@ def plot_sweep_steps(runs: Sequence[RunResult], title: str = "") -> Figure:
             ax.tick_params(labelsize=7)
             if column == 0:
                 ax.set_ylabel(label, fontsize=9)
+            else:
+                ax.tick_params(labelleft=False, which="both")
         axes[0][column].set_title(f"box {format_value(run.box_weight)}\n{_status(run)}", fontsize=8, color=color)
     handles = [axes[0][0].plot([], [], color="#1f77b4", label="train (per step, smoothed)")[0],
                axes[0][0].plot([], [], "o--", color="#ff7f0e", ms=3, label="val (per epoch)")[0],
@@ -298,7 +306,7 @@ def plot_ap_against_box_weight(sweeps: Sequence[tuple[str, Sequence[RunResult]]]
 
 def plot_stage_run(run: RunResult, title: str = "") -> Figure:
     """One run by epoch: train and val losses (left), val false positives overall and the small
-    background ones, and val mIoU (right); its findings as vertical lines."""
+    ones (``val/fp_small_share``), and val mIoU (right); its findings as vertical lines."""
     fig = _new_figure(9.0, 3.4)
     losses, fps = fig.subplots(1, 2)
     for key, style in (("train/loss_cls", "C0-"), ("val/loss_cls", "C0--"), ("train/loss_box", "C1-"),
@@ -307,7 +315,11 @@ def plot_stage_run(run: RunResult, title: str = "") -> Figure:
     losses.set_yscale("log")
     losses.set_title("losses (unweighted)", fontsize=9)
     fps.plot(*run.series("val/fp"), "C3-", lw=1.3, label="val FP (score 0.5)")
-    fps.plot(*run.series("val/small/fp_background"), "C3:", lw=1.3, label="small background FP")
+    epochs, fp = run.series("val/fp")
+    share = run.series("val/fp_small_share")[1]
+    if len(share) == len(fp):
+        fps.plot(epochs, [f * s for f, s in zip(fp, share)], "C3:", lw=1.3, label="small FP (under 16 px)")
+    fps.set_yscale("symlog", linthresh=10)
     miou = fps.twinx()
     miou.plot(*run.series("val/miou"), "C2-", lw=1.3, label="val mIoU")
     miou.set_ylim(0, max([0.05] + [v for v in run.series("val/miou")[1] if math.isfinite(v)]) * 1.2)
