@@ -25,6 +25,7 @@ from detlab.results import (
     plot_ap_against_box_weight,
     plot_stage_run,
     plot_sweep_steps,
+    remedy_label,
     remedy_table,
     replace_blocks,
     run_command,
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.remedies:
         runs = load_runs(args.remedies)
         blocks["remedy_table"] = remedy_table(runs)
-        walls.append(("remedies", runs, _command(args.remedies, runs)))
+        # the baseline is another sweep's run: its time is in that sweep's row
+        walls.append(("remedies", [r for r in runs if remedy_label(r) != "none"], _command(args.remedies, runs)))
     if args.stages:
         for index, run in enumerate(load_runs(args.stages)):
             save_png(plot_stage_run(run, title=f"{run.path.name}: {run.status}, {run.epochs} epochs"),

@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from omegaconf import OmegaConf
 
 from detlab.report import _STATUS_COLORS, RunResult, compact_findings, format_counts, format_value, load_run
@@ -140,6 +140,11 @@ def _stage_losses(run: RunResult, key: str) -> str:
 
 def _status(run: RunResult) -> str:
     status = run.status.upper() if run.failed else run.status
+    # the step the divergence check named (the run's own step counter is one past it)
+    named = [f.get("step") for f in run.findings if f.get("detector") == "divergence" and f.get("step") is not None]
+    step = named[0] if named else run.step
+    if run.failed and step is not None:
+        status += f" at step {step}"
     if run.status != "completed":
         status += f" (epoch {run.epochs}/{run.epochs_planned or '?'})"
     return status
@@ -238,8 +243,10 @@ def plot_sweep_steps(runs: Sequence[RunResult], title: str = "") -> Figure:
     miou_top = max([0.05, *tests] + [v for r in runs for v in r.series("val/miou")[1] if math.isfinite(v)]) * 1.15
     rows = (("class loss", "train/loss_cls", "val/loss_cls"), ("box loss", "train/loss_box", "val/loss_box"),
             ("mIoU", None, "val/miou"))
+    known = sorted(v for v in (steps_per_epoch(r) for r in runs) if v)
+    fallback = known[len(known) // 2] if known else 1.0  # a run that ended in its first epoch: its sweep's
     for column, run in enumerate(runs):
-        per_epoch = steps_per_epoch(run) or 1.0
+        per_epoch = steps_per_epoch(run) or fallback
         steps = step_series(run.path)
         color = _STATUS_COLORS.get(run.status, "#7f8c8d")
         for r, (label, train_key, val_key) in enumerate(rows):
@@ -253,8 +260,9 @@ def plot_sweep_steps(runs: Sequence[RunResult], title: str = "") -> Figure:
                     ax.plot(*run.series(train_key), color="#1f77b4", lw=1.2)
                 ax.plot(*run.series(val_key), "o--", color="#ff7f0e", ms=3, lw=1.0)
                 ax.set_yscale("log")
+                ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
                 ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-                ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:.2g}"))
+                ax.yaxis.set_minor_formatter(NullFormatter())
             else:
                 ax.plot(*run.series(val_key), "o-", color="#2ca02c", ms=3, lw=1.2)
                 if run.test.get("miou") is not None:
@@ -263,6 +271,8 @@ def plot_sweep_steps(runs: Sequence[RunResult], title: str = "") -> Figure:
                 ax.set_xlabel("epoch", fontsize=8)
             if run.failed:
                 ax.set_facecolor("#fdecea")
+                if run.step is not None:
+                    ax.axvline(run.step / per_epoch, color=color, ls=":", lw=1.5)
             ax.grid(True, alpha=0.3, lw=0.5)
             ax.tick_params(labelsize=7)
             if column == 0:
