@@ -64,16 +64,22 @@ def _check(condition: bool, message: str) -> None:
         raise EvaluationError(message)
 
 
-def to_evaluate_config(raw: Any) -> EvaluateConfig:
-    """Hydra's composed ``evaluate.yaml`` as a typed ``EvaluateConfig`` (a wrong type: one clear error)."""
+def typed_entry_config(raw: Any, schema: type, error: type[Exception]) -> Any:
+    """An entry point's composed Hydra config as its typed ``schema`` object; a value of the wrong
+    type is one ``error`` naming the key."""
     from omegaconf.errors import OmegaConfBaseException
 
     try:
         run = OmegaConf.to_object(raw)
-    except OmegaConfBaseException as error:
-        raise EvaluationError(f"{getattr(error, 'full_key', '?')}: {str(error).splitlines()[0]}") from None
-    assert isinstance(run, EvaluateConfig)
+    except OmegaConfBaseException as failure:
+        raise error(f"{getattr(failure, 'full_key', '?')}: {str(failure).splitlines()[0]}") from None
+    assert isinstance(run, schema)
     return run
+
+
+def to_evaluate_config(raw: Any) -> EvaluateConfig:
+    """Hydra's composed ``evaluate.yaml`` as a typed ``EvaluateConfig`` (a wrong type: one clear error)."""
+    return typed_entry_config(raw, EvaluateConfig, EvaluationError)
 
 
 def eval_keys_of(overrides: Sequence[str]) -> list[str]:

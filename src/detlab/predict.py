@@ -84,12 +84,13 @@ class OriginalSizeImages(torch.utils.data.Dataset):
     """
 
     def __init__(self, records: Sequence[Any], images_dir: Path, long_side: Optional[int] = None,
-                 pad_to: int = 64) -> None:
+                 pad_to: int = 64, size: Optional[tuple[int, int]] = None) -> None:
         from detlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
         self.records = list(records)
         self.images_dir = Path(images_dir)
         self.long_side = long_side
+        self.size = size  # (W, H): stretched to a fixed input, as the training-size validation does
         self.pad_to = pad_to
         self.transform = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
@@ -108,7 +109,10 @@ class OriginalSizeImages(torch.utils.data.Dataset):
 
         height, width = rgb.shape[:2]
         scale = torch.ones(2)
-        if self.long_side:
+        if self.size:
+            rgb = cv2.resize(rgb, self.size, interpolation=cv2.INTER_AREA if self.size[0] < width else cv2.INTER_LINEAR)
+            scale = torch.tensor([width / self.size[0], height / self.size[1]], dtype=torch.float32)
+        elif self.long_side:
             factor = self.long_side / max(height, width)
             size = (max(int(round(width * factor)), 1), max(int(round(height * factor)), 1))
             interpolation = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
@@ -161,11 +165,14 @@ def predict_original_size(
     settings: EvalConfig,
     amp: bool = False,
     cache_size: int = 32,
+    progress: bool = False,
 ) -> list[Prediction]:
     """Each image at its own input size (``OriginalSizeImages``), batch of one, through ``ModelsBySize``."""
+    from tqdm.auto import tqdm
+
     models = ModelsBySize(model_cfg, state_dict, device, cache_size)
     out: list[Prediction] = []
-    for index in range(len(dataset)):
+    for index in tqdm(range(len(dataset)), desc="predict", unit="image", disable=not progress, dynamic_ncols=True):
         image, target = dataset[index]
         model = models(image.shape[-1], image.shape[-2])
         out.extend(predict_dataset(model, [(image.unsqueeze(0), [target])], device, settings, amp))
