@@ -20,6 +20,7 @@ from detlab.errors import UserError, report_user_errors
 from detlab.fileio import atomic_write_text
 from detlab.report import format_counts
 from detlab.results import (
+    block_names,
     findings_list,
     load_runs,
     plot_ap_against_box_weight,
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if not page.is_file():
         raise UserError(f"--page {page}: not found (the page holds the <!-- results:NAME --> blocks to fill)")
     text, untouched = replace_blocks(page.read_text(), blocks)
-    missing = sorted(set(blocks) - set(_names(page.read_text())))
+    missing = sorted(set(blocks) - set(block_names(page.read_text())))
     atomic_write_text(page, text)
     print(f"written {page} ({len(blocks) - len(missing)} blocks) and figures under {args.figures}")
     if untouched:
@@ -100,12 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"warning: the page has no block for {', '.join(missing)}", file=sys.stderr)
     return 0
-
-
-def _names(page: str) -> list[str]:
-    import re
-
-    return re.findall(r"<!-- results:([\w-]+) -->", page)
 
 
 if __name__ == "__main__":

@@ -123,3 +123,12 @@ def test_a_checkpoint_not_written_by_train_py_and_an_unreadable_image_fail_clear
                            f"out={tmp_path / 'out2'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
     errors = [line for line in proc.stderr.strip().splitlines() if line and not line.startswith("predict:")]
     assert proc.returncode == 2 and len(errors) == 1 and "face.jpg" in errors[0]  # beside tqdm's progress
+
+
+def test_a_bad_eval_value_names_the_key_before_anything_is_written(trained, tmp_path):
+    path, _, photos, _ = trained
+    proc = subprocess.run([sys.executable, "predict.py", f"checkpoint={path}", f"source={photos}",
+                           f"out={tmp_path}", "eval.score_threshold=5"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "eval.score_threshold" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "predictions.json").exists()

@@ -95,15 +95,7 @@ def resolve_config(run: EvaluateConfig, trained: Config, eval_keys: Sequence[str
     _check(run.protocol in PROTOCOLS, f"protocol={run.protocol!r}: expected one of {', '.join(PROTOCOLS)}")
     _check(run.batch_size >= 1, f"batch_size={run.batch_size}: must be >= 1")
     _check(run.device in ("auto", "cpu", "cuda"), f"device={run.device!r}: expected auto, cpu or cuda")
-    cfg = OmegaConf.structured(trained)
-    if run.dataset is not None:
-        cfg.dataset = OmegaConf.structured(run.dataset)
-    for key in eval_keys:
-        setattr(cfg.eval, key, getattr(run.eval, key))
-    try:
-        cfg = to_config(cfg)  # validates the merged values
-    except ConfigError as error:
-        raise EvaluationError(str(error)) from None
+    cfg = with_eval_overrides(trained, run.eval, eval_keys, run.dataset)
     size = test_input_size(cfg.eval.input_size)
     _check(size is not INVALID_SIZE, f"eval.input_size={cfg.eval.input_size!r}: expected null, [W, H], "
                                      "a longer side N (int >= 32) or original")
@@ -115,6 +107,21 @@ def resolve_config(run: EvaluateConfig, trained: Config, eval_keys: Sequence[str
 
     cfg.model = architecture_config(cfg.model)
     return cfg
+
+
+def with_eval_overrides(trained: Config, values: EvalConfig, eval_keys: Sequence[str] = (),
+                        dataset: Optional[DatasetConfig] = None) -> Config:
+    """The checkpoint's training config with ``values``' ``eval_keys`` (those set on the command line)
+    and ``dataset`` applied, validated: a bad value is one ``EvaluationError`` naming the key."""
+    cfg = OmegaConf.structured(trained)
+    if dataset is not None:
+        cfg.dataset = OmegaConf.structured(dataset)
+    for key in eval_keys:
+        setattr(cfg.eval, key, getattr(values, key))
+    try:
+        return to_config(cfg)
+    except ConfigError as error:
+        raise EvaluationError(str(error)) from None
 
 
 def evaluate_checkpoint(run: EvaluateConfig, eval_keys: Sequence[str] = ()) -> dict[str, Any]:

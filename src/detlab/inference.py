@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from detlab.config import INVALID_SIZE, EvalConfig, test_input_size
+from detlab.config import EvalConfig, test_input_size
 from detlab.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -60,16 +60,6 @@ def find_images(source: Path | str) -> list[Path]:
     raise PredictError(f"source={source}: no such file or folder")
 
 
-def _settings(run: PredictConfig, trained: EvalConfig, eval_keys: Sequence[str]) -> EvalConfig:
-    from dataclasses import replace
-
-    settings = replace(trained, **{key: getattr(run.eval, key) for key in eval_keys})
-    if test_input_size(settings.input_size) is INVALID_SIZE:
-        raise PredictError(f"eval.input_size={settings.input_size!r}: expected null, [W, H], a longer side N "
-                           "(int >= 32) or original")
-    return settings
-
-
 def predict_images(run: PredictConfig, eval_keys: Sequence[str] = (), out_dir: Optional[Path] = None) -> dict[str, Any]:
     """Predict every image of ``run.source``; returns ``{"out", "images", "faces", "settings"}``."""
     import cv2
@@ -84,8 +74,10 @@ def predict_images(run: PredictConfig, eval_keys: Sequence[str] = (), out_dir: O
     if run.device not in ("auto", "cpu", "cuda"):
         raise PredictError(f"device={run.device!r}: expected auto, cpu or cuda")
     images = find_images(run.source)
+    from detlab.evaluation import with_eval_overrides
+
     trained, checkpoint = load_trained(run.checkpoint)
-    settings = _settings(run, trained.eval, eval_keys)
+    settings = with_eval_overrides(trained, run.eval, eval_keys).eval  # validated, as evaluate.py's
     size = test_input_size(settings.input_size)
     device = select_device(run.device)
     records = [SimpleNamespace(path=str(p.resolve())) for p in images]

@@ -57,7 +57,6 @@ CSV_COLUMNS = (
     + ["findings", "wall_time_s", "message", "path"]
 )
 TABLE_COLUMNS = [c for c in CSV_COLUMNS if c not in ("message", "path")]
-# report.md leaves out the columns no run has a value for (the test columns of a sweep without one).
 
 # Detectors of ``detlab.diagnosis`` that watch training steps: their compact finding shows the step;
 # the others judge whole epochs and show the epoch.
@@ -457,7 +456,8 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = TABL
 
 
 def present_columns(rows: Sequence[dict[str, Any]], columns: Sequence[str] = TABLE_COLUMNS) -> list[str]:
-    """``columns`` less the test columns that no row has a value for."""
+    """``columns`` less the test columns that no row has a value for: report.md of a sweep without
+    ``eval.test_protocol`` keeps its width."""
     return [c for c in columns if not c.startswith("test/") or any(row.get(c) is not None for row in rows)]
 
 

@@ -381,6 +381,11 @@ def replace_blocks(page: str, blocks: dict[str, str]) -> tuple[str, list[str]]:
     return _BLOCK.sub(substitute, page), untouched
 
 
+def block_names(page: str) -> list[str]:
+    """The names of the page's ``<!-- results:NAME -->`` blocks, in order."""
+    return [match.group("name") for match in _BLOCK.finditer(page)]
+
+
 def load_runs(paths: Sequence[Path | str]) -> list[RunResult]:
     """Run folders, or sweep folders (every run folder under them)."""
     from detlab.report import is_run_dir, load_sweep
