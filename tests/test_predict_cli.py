@@ -91,7 +91,7 @@ def test_cli_writes_images_json_and_the_wider_layout_and_takes_eval_overrides(tr
 @pytest.mark.parametrize("make_source, message", [
     (lambda root: root / "missing.jpg", "no such file or folder"),
     (lambda root: root / "empty", "no image"),
-    (lambda root: root / "notes.txt", "not an image file"),
+    (lambda root: root / "notes.txt", "not an image or a video file"),
 ])
 def test_bad_sources_are_one_clear_line(trained, tmp_path, make_source, message):
     path, _, _, _ = trained
@@ -132,3 +132,49 @@ def test_a_bad_eval_value_names_the_key_before_anything_is_written(trained, tmp_
                           timeout=300)
     assert proc.returncode == 2 and "eval.score_threshold" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "predictions.json").exists()
+
+
+def _write_video(path: Path, frames: list[np.ndarray], fps: float = 5.0) -> None:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (frames[0].shape[1], frames[0].shape[0]))
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+
+
+def test_a_video_gives_a_drawn_video_and_an_entry_per_frame(trained, tmp_path):
+    """Six frames (three images, twice): six JSON entries named <video>/<frame>, a drawn .mp4 of six
+    frames at the video's size, and the same boxes on a frame and on its repeat (the codec's key frames
+    aside, repeats decode alike, so the check allows the JSON's rounding only)."""
+    path, _, photos, _ = trained
+    images = [cv2.imread(str(p)) for p in sorted(photos.rglob("*.png"))]
+    video = tmp_path / "clip.mp4"
+    _write_video(video, [image for image in images for _ in range(2)])
+    proc = subprocess.run([sys.executable, "predict.py", f"checkpoint={path}", f"source={video}",
+                           f"out={tmp_path / 'out'}", "eval.score_threshold=0.0", "eval.max_detections=5"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "30 faces on 6 frames" in proc.stdout and "frame" in proc.stderr  # tqdm counts frames
+    per_frame = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert list(per_frame) == [f"clip.mp4/{i:06d}" for i in range(6)]
+    assert all(len(boxes) == 5 for boxes in per_frame.values())
+    capture = cv2.VideoCapture(str(tmp_path / "out" / "clip.mp4"))
+    drawn = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        drawn.append(frame)
+    assert len(drawn) == 6 and drawn[0].shape == images[0].shape
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_an_unreadable_video_and_save_wider_on_a_video_are_one_line(trained, tmp_path):
+    path, _, _, _ = trained
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00" * 1000)
+    proc = subprocess.run([sys.executable, "predict.py", f"checkpoint={path}", f"source={broken}",
+                           f"out={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "no frame can be read from this video" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    with pytest.raises(PredictError, match="save_wider=true: the WIDER submission layout is for images"):
+        predict_images(PredictConfig(checkpoint=str(path), source=str(broken), save_wider=True), out_dir=tmp_path)

@@ -206,6 +206,11 @@ class EvalConfig:
     # max(size_adaptive_iou_floor, iou_threshold * size / size_edges[0]) (see detlab.metrics).
     size_adaptive_iou_floor: float = 0.3
     num_logged_images: int = 4  # val images drawn with predictions each epoch
+    pr_curve: bool = True  # the val precision-recall curve each epoch (TensorBoard PR curves, plots/pr_curve.png)
+    # Every N epochs (and the last): crops of the top-scoring false positives and of the largest missed
+    # faces, gallery_size per face size (TensorBoard gallery/*); 0: none.
+    gallery_every: int = 5
+    gallery_size: int = 8
     # Test-time input of evaluate.py / scripts (not of the per-epoch validation, which uses the model's
     # training size): null = the training size | [W, H] | N (keep aspect, longer side N pixels, padded to
     # a multiple of 64) | original (each image at its own size). A preset records its recommended one.
@@ -436,6 +441,10 @@ class TrainConfig:
     cpu_bf16: bool = True
     deterministic: bool = False
     log_every: int = 10  # steps between TensorBoard scalar writes
+    # Augmented training images with their boxes, drawn once when a run starts (TensorBoard
+    # train/augmented_samples, plots/train_samples.jpg); 0: none.
+    sample_grid: int = 16
+    plots: bool = True  # at the end: plots/curves.png and plots/pr_curve.png in the run folder
     torch_threads: Optional[int] = None  # None: torch's default
 
 
@@ -553,6 +562,7 @@ def validate(cfg: Config) -> None:
     _check(t.batch_size >= 1, "train.batch_size", "must be >= 1", t.batch_size)
     _choice(t.device, "train.device", ("auto", "cpu", "cuda"))
     _check(t.log_every >= 1, "train.log_every", "must be >= 1", t.log_every)
+    _check(0 <= t.sample_grid <= 64, "train.sample_grid", "must be in [0, 64]", t.sample_grid)
 
     _check(0 < e.iou_threshold <= 1, "eval.iou_threshold", "must be in (0, 1]", e.iou_threshold)
     _check(0 <= e.score_threshold <= 1, "eval.score_threshold", "must be in [0, 1]", e.score_threshold)
@@ -560,6 +570,8 @@ def validate(cfg: Config) -> None:
     _check(0 <= e.score_floor < 1, "eval.score_floor", "must be in [0, 1)", e.score_floor)
     _check(e.pre_nms_top_k >= 1, "eval.pre_nms_top_k", "must be >= 1", e.pre_nms_top_k)
     _check(e.max_detections >= 1, "eval.max_detections", "must be >= 1", e.max_detections)
+    _check(e.gallery_every >= 0, "eval.gallery_every", "must be >= 0 (0: no galleries)", e.gallery_every)
+    _check(1 <= e.gallery_size <= 32, "eval.gallery_size", "must be in [1, 32]", e.gallery_size)
     _check(e.test_protocol in (None, "detection", "wider"), "eval.test_protocol",
            "expected null, detection or wider", e.test_protocol)
     _check(test_input_size(e.input_size) is not INVALID_SIZE, "eval.input_size",
@@ -651,7 +663,7 @@ METRIC_COLUMNS = [
     "val/precision", "val/recall", "val/f1", "val/ap50",
     "val/pred_per_image", "val/pred_mean_size", "val/pred_large_share", "val/fp_small_share",
     "val/fp_localisation", "val/fp_duplicate", "val/fp_background",
-    "train_time_s", "val_time_s",
+    "train_time_s", "val_time_s", "pictures_time_s",
 ]
 
 # Keys that moved: old dotted key -> new dotted key. Set on the command line (the schema keeps the

@@ -132,6 +132,7 @@ def evaluate_checkpoint(run: EvaluateConfig, eval_keys: Sequence[str] = ()) -> d
     from detlab.metrics import DetectionEvaluator
     from detlab.model import build_model
     from detlab.predict import (
+        ModelsBySize,
         OriginalSizeImages,
         predict_dataset,
         predict_original_size,
@@ -156,7 +157,8 @@ def evaluate_checkpoint(run: EvaluateConfig, eval_keys: Sequence[str] = ()) -> d
     if test_size == "original" or isinstance(test_size, int):
         long_side = test_size if isinstance(test_size, int) else None
         images = OriginalSizeImages(dataset.records, dataset.images_dir, long_side=long_side)
-        predictions = predict_original_size(cfg.model, checkpoint["model"], images, device, settings, amp)
+        predictions = predict_original_size(ModelsBySize(cfg.model, checkpoint["model"], device), images, device,
+                                            settings, amp)
     else:
         model = build_model(cfg.model)
         load_weights(model, checkpoint["model"], f"checkpoint {run.checkpoint}")

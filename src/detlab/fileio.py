@@ -19,26 +19,42 @@ except ImportError:  # Windows: run directories are not locked
     fcntl = None  # type: ignore[assignment]
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+@contextmanager
+def atomic_path(path: os.PathLike | str, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (``.<name>.<random>.tmp<suffix>``) for a writer that wants a
+    file name (``suffix``: an extension the writer needs, e.g. ``.mp4``); on success it replaces ``path``.
+
+    On any error (or KeyboardInterrupt) the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + suffix)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600; the finished file gets open()'s usual mode
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 @contextmanager
 def atomic_binary_writer(path: os.PathLike | str, fsync: bool = True) -> Iterator[BinaryIO]:
     """Yield a handle on a temporary file beside ``path``; on success it replaces ``path`` (os.replace).
 
     On any error (or KeyboardInterrupt) the temporary file is removed and ``path`` is left as it was.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
-            if fsync:
-                os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        yield handle
+        handle.flush()
+        if fsync:
+            os.fsync(handle.fileno())
 
 
 def atomic_write_bytes(path: os.PathLike | str, data: bytes) -> None:
@@ -49,6 +65,16 @@ def atomic_write_bytes(path: os.PathLike | str, data: bytes) -> None:
 
 def atomic_write_text(path: os.PathLike | str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_jpeg(path: os.PathLike | str, rgb: Any, quality: int = 90) -> None:
+    """An RGB uint8 ``[H, W, 3]`` array as a JPEG file, atomically."""
+    import cv2
+
+    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError(f"{path}: the image could not be encoded as JPEG")
+    atomic_write_bytes(path, encoded.tobytes())
 
 
 def write_json(path: os.PathLike | str, obj: Any) -> None:
@@ -116,7 +142,7 @@ def exclusive_lock(path: os.PathLike | str, what: str) -> Iterator[None]:
 
 
 def remove_stale_temporaries(folder: os.PathLike | str) -> list[Path]:
-    """Delete the temporary files ``atomic_binary_writer`` leaves when its process is killed mid-write
+    """Delete the temporary files ``atomic_path`` leaves when its process is killed mid-write
     (``.<name>.<random>.tmp``) in ``folder``; only call it while holding the folder's lock."""
     removed = []
     folder = Path(folder)

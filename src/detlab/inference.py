@@ -1,18 +1,21 @@
-"""Run a trained checkpoint on your own images: the library behind ``predict.py``.
+"""Run a trained checkpoint on your own images or a video: the library behind ``predict.py``.
 
-``predict_images(run)`` reads an image or a folder of images, predicts through ``detlab.predict``
-(the path validation and ``evaluate.py`` take) at the checkpoint's test size (``eval.input_size``),
-and writes, into ``run.out``: each image with its boxes and scores drawn, ``predictions.json`` (per
-image, the boxes scoring at least ``eval.score_threshold``), and with ``save_wider`` the WIDER FACE
-submission layout. Settings are the checkpoint's; ``eval.*`` keys on the command line override them.
+``predict_images(run)`` reads an image, a folder of images or a video file, predicts through
+``detlab.predict`` (the path validation and ``evaluate.py`` take) at the checkpoint's test size
+(``eval.input_size``), and writes, into ``run.out``: each image with its boxes and scores drawn (a
+video: ``<name>.mp4`` with every frame drawn), ``predictions.json`` (per image, or per frame as
+``<video name>/<frame index>``, the boxes scoring at least ``eval.score_threshold``), and with
+``save_wider`` the WIDER FACE submission layout. Settings are the checkpoint's; ``eval.*`` keys on the
+command line override them. ``backend=onnx`` runs an ``export.py`` ONNX file in ONNX Runtime instead of
+PyTorch; the post-processing is the same code (``detlab.export``).
 """
 
 from __future__ import annotations
 
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -21,20 +24,23 @@ from detlab.config import EvalConfig, test_input_size
 from detlab.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
+BACKENDS = ("torch", "onnx")
 
 
 @dataclass
 class PredictConfig:
     """Schema of ``configs/predict.yaml``."""
 
-    checkpoint: str = MISSING
-    source: str = MISSING  # an image, or a folder of images (searched recursively)
+    checkpoint: str = MISSING  # train.py's .pt; with backend=onnx, export.py's .onnx
+    source: str = MISSING  # an image, a folder of images (searched recursively), or a video file
     out: Optional[str] = None  # null: Hydra's output directory
     # The training config's ``eval`` group: the keys set on the command line override the checkpoint's.
     eval: EvalConfig = field(default_factory=EvalConfig)
-    draw: bool = True  # write each image with its boxes drawn
-    save_wider: bool = False  # also write the WIDER FACE submission layout into <out>/wider
-    device: str = "auto"  # auto | cpu | cuda
+    draw: bool = True  # write each image (or the video) with its boxes drawn
+    save_wider: bool = False  # also write the WIDER FACE submission layout into <out>/wider (images only)
+    backend: str = "torch"  # torch (PyTorch eager) | onnx (ONNX Runtime on the CPU, an export.py file)
+    device: str = "auto"  # auto | cpu | cuda (backend=torch)
     amp: bool = False  # CUDA only
 
 
@@ -45,12 +51,18 @@ class PredictError(UserError, ValueError):
     """A bad predict.py argument or source; the message says which and why."""
 
 
+def is_video(source: Path | str) -> bool:
+    source = Path(source).expanduser()
+    return source.is_file() and source.suffix.lower() in VIDEO_SUFFIXES
+
+
 def find_images(source: Path | str) -> list[Path]:
     """The image, or the images under the folder (recursively, sorted); a clear error otherwise."""
     source = Path(source).expanduser()
     if source.is_file():
         if source.suffix.lower() not in IMAGE_SUFFIXES:
-            raise PredictError(f"source={source}: not an image file (expected {', '.join(IMAGE_SUFFIXES)})")
+            raise PredictError(f"source={source}: not an image or a video file (expected "
+                               f"{', '.join(IMAGE_SUFFIXES + VIDEO_SUFFIXES)})")
         return [source]
     if source.is_dir():
         images = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -60,61 +72,155 @@ def find_images(source: Path | str) -> list[Path]:
     raise PredictError(f"source={source}: no such file or folder")
 
 
-def predict_images(run: PredictConfig, eval_keys: Sequence[str] = (), out_dir: Optional[Path] = None) -> dict[str, Any]:
-    """Predict every image of ``run.source``; returns ``{"out", "images", "faces", "settings"}``."""
-    import cv2
-    import numpy as np
+@contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null for the block (C libraries write there directly)."""
+    import os
+    import sys
 
-    from detlab.data.wider import read_image_rgb
-    from detlab.engine.checkpoint import load_trained
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+class VideoFrames:
+    """The frames of a video file as RGB arrays, read one at a time (``cv2.VideoCapture``)."""
+
+    def __init__(self, path: Path) -> None:
+        import cv2
+
+        self.path = path
+        with _native_stderr_silenced():  # FFmpeg prints its own lines ("moov atom not found") for a bad file
+            self.capture = cv2.VideoCapture(str(path))
+            ok, first = self.capture.read() if self.capture.isOpened() else (False, None)
+        if not ok:
+            self.capture.release()
+            raise PredictError(f"source={path}: no frame can be read from this video (unreadable or empty)")
+        self.first = first
+        self.fps = float(self.capture.get(cv2.CAP_PROP_FPS)) or 25.0
+        self.frame_count = int(self.capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None  # an estimate for some codecs
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        import cv2
+
+        index, bgr = 0, self.first
+        try:
+            while bgr is not None:
+                yield index, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+                ok, bgr = self.capture.read()
+                bgr, index = (bgr if ok else None), index + 1
+        finally:
+            self.capture.release()
+
+
+def load_predictor(run: PredictConfig, eval_keys: Sequence[str] = ()) -> tuple[Any, EvalConfig, Any, Any]:
+    """``(models by input size, eval settings, device, training config)`` for ``run.backend``."""
     from detlab.engine.device import select_device
-    from detlab.fileio import atomic_write_bytes, write_json
-    from detlab.predict import OriginalSizeImages, predict_original_size
+    from detlab.evaluation import with_eval_overrides
+    from detlab.predict import ModelsBySize
 
+    if run.backend not in BACKENDS:
+        raise PredictError(f"backend={run.backend!r}: expected one of {', '.join(BACKENDS)}")
     if run.device not in ("auto", "cpu", "cuda"):
         raise PredictError(f"device={run.device!r}: expected auto, cpu or cuda")
-    images = find_images(run.source)
-    from detlab.evaluation import with_eval_overrides
+    onnx_file = Path(run.checkpoint).suffix.lower() == ".onnx"
+    if run.backend == "onnx":
+        from detlab.export import OnnxModelsBySize, load_exported
 
-    trained, checkpoint = load_trained(run.checkpoint)
+        if run.device == "cuda":
+            raise PredictError("device=cuda: backend=onnx runs on the CPU (ONNX Runtime); use backend=torch on a GPU")
+        if not onnx_file:
+            raise PredictError(f"checkpoint={run.checkpoint}: backend=onnx takes a .onnx file written by "
+                               f"scripts/export.py format=onnx")
+        trained, session = load_exported(run.checkpoint)
+        device = select_device("cpu")
+        models = OnnxModelsBySize(run.checkpoint, session, trained.model)
+    else:
+        from detlab.engine.checkpoint import load_trained
+
+        if onnx_file:
+            raise PredictError(f"checkpoint={run.checkpoint}: an ONNX export; add backend=onnx to run it")
+        trained, checkpoint = load_trained(run.checkpoint)
+        device = select_device(run.device)
+        models = ModelsBySize(trained.model, checkpoint["model"], device)
     settings = with_eval_overrides(trained, run.eval, eval_keys).eval  # validated, as evaluate.py's
+    return models, settings, device, trained
+
+
+def predict_images(run: PredictConfig, eval_keys: Sequence[str] = (), out_dir: Optional[Path] = None) -> dict[str, Any]:
+    """Predict every image (or video frame) of ``run.source``; returns ``{"out", "images", "faces", "settings"}``."""
+    import cv2
+
+    from detlab.data.wider import read_image_rgb
+    from detlab.fileio import atomic_path, write_jpeg, write_json
+    from detlab.predict import OriginalSizeImages, predict_image
+
+    video = is_video(run.source)
+    if video and run.save_wider:
+        raise PredictError("save_wider=true: the WIDER submission layout is for images, not a video source")
+    images = [] if video else find_images(run.source)
+    frames = VideoFrames(Path(run.source).expanduser()) if video else None
+    models, settings, device, trained = load_predictor(run, eval_keys)
     size = test_input_size(settings.input_size)
-    device = select_device(run.device)
-    records = [SimpleNamespace(path=str(p.resolve())) for p in images]
-    dataset = OriginalSizeImages(
-        records, Path("/"), long_side=size if isinstance(size, int) else None,
-        size=(trained.model.input_width, trained.model.input_height) if size is None else (size if isinstance(size, tuple) else None))
-    predictions = predict_original_size(trained.model, checkpoint["model"], dataset, device, settings,
-                                        amp=run.amp and device.type == "cuda", progress=True)
+    size = (trained.model.input_width, trained.model.input_height) if size is None else size
+    prepare = OriginalSizeImages([], Path("/"), long_side=size if isinstance(size, int) else None,
+                                 size=size if isinstance(size, tuple) else None).prepare
+    amp = run.amp and device.type == "cuda"
 
     out = Path(out_dir or run.out or ".")
     root = Path(run.source).expanduser().resolve()
     root = root.parent if root.is_file() else root
     per_image: dict[str, list[dict[str, Any]]] = {}
-    submission: dict[str, np.ndarray] = {}
-    for index, boxes, scores in predictions:
-        name = images[index].resolve().relative_to(root).as_posix()
-        keep = scores >= settings.score_threshold
-        per_image[name] = [{"box": [round(float(v), 2) for v in box], "score": round(float(score), 5)}
-                           for box, score in zip(boxes[keep].tolist(), scores[keep].tolist())]
-        if run.save_wider:
-            from detlab.wider_eval import image_key, xyxy_to_submission
+    submission: dict[str, Any] = {}
+    writer = None
+    if frames is not None:
+        items = ((f"{frames.path.name}/{index:06d}", rgb, None) for index, rgb in frames)
+        total, unit = frames.frame_count, "frame"
+    else:
+        items = ((path.resolve().relative_to(root).as_posix(), None, path) for path in images)
+        total, unit = len(images), "image"
+    from tqdm.auto import tqdm
 
-            # WIDER keeps images in <event>/ folders: the image's own folder is its event
-            image = images[index]
-            submission[image_key(f"{image.parent.name}/{image.name}")] = xyxy_to_submission(boxes.numpy(), scores.numpy())
-        if run.draw:
-            drawn = draw_boxes(read_image_rgb(images[index]), boxes[keep].numpy(), scores[keep].numpy())
-            ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
-            target = out / "images" / Path(name).with_suffix(".jpg")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(target, encoded.tobytes())
+    with ExitStack() as stack:
+        for name, rgb, path in tqdm(items, total=total, desc="predict", unit=unit, dynamic_ncols=True):
+            rgb = read_image_rgb(path) if rgb is None else rgb
+            boxes, scores = predict_image(models, *prepare(rgb), device, settings, amp)
+            keep = scores >= settings.score_threshold
+            per_image[name] = [{"box": [round(float(v), 2) for v in box], "score": round(float(score), 5)}
+                               for box, score in zip(boxes[keep].tolist(), scores[keep].tolist())]
+            if run.save_wider:
+                from detlab.wider_eval import image_key, xyxy_to_submission
+
+                # WIDER keeps images in <event>/ folders: the image's own folder is its event
+                submission[image_key(f"{path.parent.name}/{path.name}")] = xyxy_to_submission(boxes.numpy(),
+                                                                                              scores.numpy())
+            if not run.draw:
+                continue
+            drawn_rgb = draw_boxes(rgb, boxes[keep].numpy(), scores[keep].numpy())
+            if frames is not None:
+                drawn = cv2.cvtColor(drawn_rgb, cv2.COLOR_RGB2BGR)
+                if writer is None:
+                    target = out / Path(frames.path.name).with_suffix(".mp4")
+                    tmp = stack.enter_context(atomic_path(target, suffix=".mp4"))
+                    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), frames.fps,
+                                             (drawn.shape[1], drawn.shape[0]))
+                    stack.callback(writer.release)  # before atomic_path renames the file (LIFO)
+                writer.write(drawn)
+            else:
+                write_jpeg(out / "images" / Path(name).with_suffix(".jpg"), drawn_rgb)
     write_json(out / "predictions.json", per_image)
     if run.save_wider:
         from detlab.wider_eval import save_predictions
 
         save_predictions(submission, out / "wider")
     return {"out": str(out), "images": len(per_image), "faces": sum(len(v) for v in per_image.values()),
+            "source": "video" if video else "images", "backend": run.backend,
             "settings": {"input_size": settings.input_size if settings.input_size is not None
                          else [trained.model.input_width, trained.model.input_height],
                          **{k: getattr(settings, k) for k in ("score_threshold", "score_floor", "nms_iou",

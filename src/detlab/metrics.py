@@ -292,6 +292,25 @@ class DetectionEvaluator:
             out.update({f"{name}/{k}": v for k, v in part.items()})
         return out
 
+    def pr_curve(self, num_thresholds: int = 101) -> dict[str, np.ndarray]:
+        """TP / FP / FN, precision and recall at the score thresholds ``linspace(0, 1, num_thresholds)``,
+        from the AP50 matching (IoU 0.5, predictions above ``ap_score_floor``, ignored ones left out):
+        a face never predicted counts in FN at every threshold. Precision is 0 where nothing scores."""
+        scores = np.concatenate(self._ap_scores) if self._ap_scores else np.zeros(0, dtype=np.float32)
+        is_tp = np.concatenate(self._ap_is_tp) if self._ap_is_tp else np.zeros(0, dtype=bool)
+        order = np.argsort(scores, kind="stable")
+        scores, is_tp = scores[order], is_tp[order]
+        thresholds = np.linspace(0.0, 1.0, num_thresholds)
+        # compared in the scores' own precision, as the counts at score_threshold are (float32 0.9 >= 0.9)
+        first = np.searchsorted(scores, thresholds.astype(scores.dtype), side="left")  # first score >= t
+        tp_from = np.concatenate((np.cumsum(is_tp[::-1])[::-1], [0]))  # TPs at index >= i
+        fp_from = np.concatenate((np.cumsum(~is_tp[::-1])[::-1], [0]))
+        tp, fp = tp_from[first].astype(np.int64), fp_from[first].astype(np.int64)
+        fn = int(self._num_gt.sum()) - tp
+        precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 0.0)
+        recall = np.where(tp + fn > 0, tp / np.maximum(tp + fn, 1), 0.0)
+        return {"thresholds": thresholds, "tp": tp, "fp": fp, "fn": fn, "precision": precision, "recall": recall}
+
     @staticmethod
     def _summary(tp: Any, fp: Any, fn: Any, num_gt: Any, best_iou_sum: float, tp_iou_sum: float) -> dict[str, float]:
         tp, fp, fn, num_gt = int(tp), int(fp), int(fn), int(num_gt)

@@ -141,39 +141,48 @@ class ModelsBySize:
         self._models: "OrderedDict[tuple[int, int], nn.Module]" = OrderedDict()
 
     def __call__(self, width: int, height: int) -> nn.Module:
-        from dataclasses import replace
-
-        from detlab.engine.checkpoint import load_weights
-        from detlab.model import build_model
-
         size = (int(width), int(height))
         if size not in self._models:
-            model = build_model(replace(self.model_cfg, input_width=size[0], input_height=size[1]))
-            load_weights(model, self.state_dict, f"the weights for a {size[0]}x{size[1]} input")
-            self._models[size] = model.to(self.device).eval()
+            self._models[size] = self.build(*size)
             if len(self._models) > self.cache_size:
                 self._models.popitem(last=False)
         self._models.move_to_end(size)
         return self._models[size]
 
+    def build(self, width: int, height: int) -> nn.Module:
+        """The model for a ``width x height`` input, on ``device``, in eval mode."""
+        from dataclasses import replace
+
+        from detlab.engine.checkpoint import load_weights
+        from detlab.model import build_model
+
+        model = build_model(replace(self.model_cfg, input_width=width, input_height=height))
+        load_weights(model, self.state_dict, f"the weights for a {width}x{height} input")
+        return model.to(self.device).eval()
+
+
+def predict_image(models: ModelsBySize, image: torch.Tensor, target: Mapping[str, Any], device: torch.device,
+                  settings: EvalConfig, amp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One prepared image (``OriginalSizeImages.prepare``) at its own size: ``(boxes [K, 4] original px, scores)``."""
+    model = models(image.shape[-1], image.shape[-2])
+    [(_, boxes, scores)] = predict_dataset(model, [(image.unsqueeze(0), [{"image_id": 0, **target}])], device,
+                                           settings, amp)
+    return boxes, scores
+
 
 def predict_original_size(
-    model_cfg: ModelConfig,
-    state_dict: Mapping[str, torch.Tensor],
+    models: ModelsBySize,
     dataset: OriginalSizeImages,
     device: torch.device,
     settings: EvalConfig,
     amp: bool = False,
-    cache_size: int = 32,
     progress: bool = False,
 ) -> list[Prediction]:
-    """Each image at its own input size (``OriginalSizeImages``), batch of one, through ``ModelsBySize``."""
+    """Each image at its own input size (``OriginalSizeImages``), batch of one, through ``models``."""
     from tqdm.auto import tqdm
 
-    models = ModelsBySize(model_cfg, state_dict, device, cache_size)
     out: list[Prediction] = []
     for index in tqdm(range(len(dataset)), desc="predict", unit="image", disable=not progress, dynamic_ncols=True):
         image, target = dataset[index]
-        model = models(image.shape[-1], image.shape[-2])
-        out.extend(predict_dataset(model, [(image.unsqueeze(0), [target])], device, settings, amp))
+        out.append((int(target["image_id"]), *predict_image(models, image, target, device, settings, amp)))
     return out

@@ -212,7 +212,7 @@ def read_metrics_csv(path: Path, warnings: Optional[list[str]] = None) -> list[d
     Missing or empty file: ``[]``. The trainer rewrites the file atomically, but a copy taken while
     another writer appends can end in a half-written line: a last line without its newline and with
     fewer cells than the header is dropped (a full-width unterminated line is kept; only its last
-    cell, ``val_time_s``, could be cut short).
+    cell, ``pictures_time_s``, could be cut short).
     """
     warnings = warnings if warnings is not None else []
     try:

@@ -1,4 +1,4 @@
-"""TensorBoard output: scalars, prediction images, findings text and the HParams record."""
+"""TensorBoard output: scalars, prediction images, PR curves, findings text and the HParams record."""
 
 from __future__ import annotations
 
@@ -25,6 +25,17 @@ def add_scalars(writer: SummaryWriter, values: Mapping[str, float], step: int) -
     for tag, value in values.items():
         if value is not None and np.isfinite(value):
             writer.add_scalar(tag, float(value), step)
+
+
+def add_pr_curve(writer: SummaryWriter, tag: str, curve: Mapping[str, np.ndarray], step: int) -> None:
+    """A detection PR curve (``DetectionEvaluator.pr_curve``) in TensorBoard's PR-curves tab.
+
+    ``add_pr_curve`` takes per-example labels and cannot count the faces no prediction found; the raw
+    form takes the counts, so recall is over all faces. There are no true negatives in detection.
+    """
+    tp, fp, fn = (np.asarray(curve[k], dtype=np.float64) for k in ("tp", "fp", "fn"))
+    writer.add_pr_curve_raw(tag, tp, fp, np.zeros_like(tp), fn, np.asarray(curve["precision"], dtype=np.float64),
+                            np.asarray(curve["recall"], dtype=np.float64), step, num_thresholds=len(tp))
 
 
 def draw_detections(

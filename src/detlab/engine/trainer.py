@@ -36,10 +36,19 @@ from detlab.engine.early_stopping import EarlyStopping
 from detlab.engine.repair import Rollback
 from detlab.engine.schedule import StageBoundaries, stage_boundaries
 from detlab.engine.step import StepRecord, build_training
-from detlab.engine.tensorboard import add_scalars, open_writer, write_hparams
-from detlab.engine.validation import validate
+from detlab.engine.pictures import curves_png, pr_curve_png, training_samples
+from detlab.engine.tensorboard import add_pr_curve, add_scalars, open_writer, write_hparams
+from detlab.engine.validation import ValidationResult, validate
 from detlab.errors import UserError
-from detlab.fileio import atomic_write_text, exclusive_lock, remove_stale_temporaries, write_csv, write_json
+from detlab.fileio import (
+    atomic_write_bytes,
+    atomic_write_text,
+    exclusive_lock,
+    remove_stale_temporaries,
+    write_csv,
+    write_jpeg,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -229,8 +238,10 @@ class Trainer:
             self.writer = open_writer(self.run_dir, self.state.step if resumed else None)
             self._write_summary()
             try:
+                self._log_training_samples()
                 self._loop()
             finally:
+                self._write_plots()
                 self._finish_tensorboard()
             self._test()
         except KeyboardInterrupt:
@@ -263,15 +274,18 @@ class Trainer:
                 log.error("run diverged: %s", outcome.end_message)
                 return
             t0 = time.time()
+            every = cfg.eval.gallery_every
             result = validate(self.model, self.val_loader, self.criterion, cfg.eval, self.device, self.state.step,
-                              amp=self.amp, num_images=cfg.eval.num_logged_images)
+                              amp=self.amp, num_images=cfg.eval.num_logged_images,
+                              gallery=every > 0 and (epoch % every == 0 or epoch == cfg.train.epochs))
             val_time = time.time() - t0
             row = {"epoch": epoch, "step": self.state.step, "lr": self.optimizer.param_groups[0]["lr"],
                    **{f"train/{k}": v for k, v in outcome.means.items()}, **result.metrics,
-                   "train_time_s": train_time, "val_time_s": val_time}
+                   "train_time_s": train_time, "val_time_s": val_time, "pictures_time_s": result.pictures_time_s}
             self.state.epoch = epoch
             self.state.history.append(row)
-            self._log_epoch(epoch, row, result.images)
+            self._last_pr_curve = result.pr_curve
+            self._log_epoch(epoch, row, result)
             if self.early_stopping.update(epoch, row):
                 self.state.best = dict(row)
                 self._save("best.pt")
@@ -413,13 +427,10 @@ class Trainer:
                 for stage, acc in self.state.stage_sums.items() if acc["steps"]}
 
     # ---------------------------------------------------------------------------------- outputs
-    def _log_epoch(self, epoch: int, row: dict[str, float], images: list[np.ndarray]) -> None:
+    def _log_epoch(self, epoch: int, row: dict[str, float], result: ValidationResult) -> None:
         step = self.state.step
         add_scalars(self.writer, {k: v for k, v in row.items() if k.startswith("val/")}, step)
-        add_scalars(self.writer, {"train/epoch": epoch, "time/train_epoch_s": row["train_time_s"],
-                                  "time/val_epoch_s": row["val_time_s"]}, step)
-        for stage, means in self.stage_means().items():
-            add_scalars(self.writer, {f"stage/{stage}/{k}": v for k, v in means.items()}, step)
+        images = result.images
         if images:
             height = max(img.shape[0] for img in images)
             width = max(img.shape[1] for img in images)
@@ -427,8 +438,45 @@ class Trainer:
             for i, img in enumerate(images):
                 batch[i, : img.shape[0], : img.shape[1]] = img
             self.writer.add_images("val/predictions", batch, step, dataformats="NHWC")
+        started = time.perf_counter()
+        if result.pr_curve is not None:
+            add_pr_curve(self.writer, "val/pr_curve", result.pr_curve, step)
+        for name, picture in result.galleries.items():
+            self.writer.add_image(f"gallery/{name}", picture, step, dataformats="HWC")
+        row["pictures_time_s"] += time.perf_counter() - started
+        add_scalars(self.writer, {"train/epoch": epoch, "time/train_epoch_s": row["train_time_s"],
+                                  "time/val_epoch_s": row["val_time_s"],
+                                  "time/pictures_s": row["pictures_time_s"]}, step)
+        for stage, means in self.stage_means().items():
+            add_scalars(self.writer, {f"stage/{stage}/{k}": v for k, v in means.items()}, step)
         add_scalars(self.writer, {f"diagnosis/{k}": v for k, v in self.diagnoser.scalars().items()}, step)
         self.writer.flush()
+
+    def _log_training_samples(self) -> None:
+        """``train.sample_grid`` augmented training images with their boxes, once, before the first step."""
+        count = self.cfg.train.sample_grid
+        if not count or self.state.step > 0:
+            return
+        grid = training_samples(self.train_set, self.train_loader.collate_fn, count, self.cfg.train.seed)
+        if grid is not None:
+            self.writer.add_image("train/augmented_samples", grid, 0, dataformats="HWC")
+            write_jpeg(self.run_dir / "plots" / "train_samples.jpg", grid)
+
+    def _write_plots(self) -> None:
+        """``train.plots``: the learning curves and the last validation's PR curve as PNGs in plots/."""
+        if not self.cfg.train.plots or not self.state.history:
+            return
+        title = f"{self.run_dir.name}: {self.status}, {self.state.epoch} epochs"
+        try:
+            atomic_write_bytes(self.run_dir / "plots" / "curves.png", curves_png(self.state.history, title))
+            curve = getattr(self, "_last_pr_curve", None)
+            if curve is not None:
+                png = pr_curve_png(curve, self.cfg.eval.score_threshold, f"val PR curve (IoU 0.5), epoch {self.state.epoch}")
+                atomic_write_bytes(self.run_dir / "plots" / "pr_curve.png", png)
+        except Exception as error:  # noqa: BLE001 - a figure must not turn a finished run into a failed one
+            note = f"plots/ not written: {type(error).__name__}: {error}"
+            self.notes.append(note)
+            log.error(note)
 
     def _report_findings(self, findings: list[Finding], step: int) -> None:
         for finding in findings:

@@ -6,7 +6,9 @@ predictions ``evaluate.py`` makes, so the two agree by construction.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
@@ -15,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from detlab.config import EvalConfig
 from detlab.data.transforms import denormalize
+from detlab.engine.pictures import ErrorGallery
 from detlab.engine.tensorboard import draw_detections
 from detlab.loss import MultiBoxLoss
 from detlab.metrics import DetectionEvaluator
@@ -25,6 +28,9 @@ from detlab.predict import BatchPrediction, predict_batches
 class ValidationResult:
     metrics: dict[str, float]
     images: list[np.ndarray] = field(default_factory=list)  # RGB uint8 [H, W, 3], drawn predictions
+    pr_curve: Optional[dict[str, np.ndarray]] = None  # DetectionEvaluator.pr_curve (eval.pr_curve)
+    galleries: dict[str, np.ndarray] = field(default_factory=dict)  # ErrorGallery.pictures, when asked for
+    pictures_time_s: float = 0.0  # spent on the PR curve and the galleries (the cost of the pictures)
 
 
 class _PredictionStats:
@@ -70,9 +76,14 @@ def validate(
     step: int,
     amp: bool = False,
     num_images: int = 0,
+    gallery: bool = False,
 ) -> ValidationResult:
-    """One pass over ``loader``: ``val/`` losses weighted as at training ``step``, metrics, statistics."""
+    """One pass over ``loader``: ``val/`` losses weighted as at training ``step``, metrics, statistics;
+    the PR curve (``eval.pr_curve``) and, with ``gallery``, the false-positive / missed-face crops."""
     evaluator = DetectionEvaluator.from_config(eval_cfg)
+    errors = ErrorGallery(eval_cfg.score_threshold, eval_cfg.iou_threshold, eval_cfg.size_edges,
+                          eval_cfg.gallery_size) if gallery else None
+    pictures_time = 0.0
     stats = _PredictionStats(eval_cfg.score_threshold, eval_cfg.size_edges[1])
     records = loader.dataset.records
     loss_sums = {"loss_cls": 0.0, "loss_box": 0.0, "loss_total": 0.0}
@@ -90,6 +101,10 @@ def validate(
         gt_original = [torch.from_numpy(records[int(t["image_id"])].boxes).float() for t in batch.targets]
         evaluator.update(predictions, gt_original)
         stats.update(predictions)
+        if errors is not None:
+            started = time.perf_counter()
+            errors.update(batch.images, batch.targets, predictions, gt_original)
+            pictures_time += time.perf_counter() - started
 
     metrics = {f"val/{k}": v / max(num_batches, 1) for k, v in loss_sums.items()}
     detection = evaluator.compute()
@@ -97,7 +112,12 @@ def validate(
     metrics.update({f"val/{k}": v for k, v in stats.compute().items()})
     fp = detection.get("fp", 0)
     metrics["val/fp_small_share"] = float(detection.get("small/fp", 0)) / fp if fp else 0.0
-    return ValidationResult(metrics=metrics, images=drawn)
+    started = time.perf_counter()
+    curve = evaluator.pr_curve() if eval_cfg.pr_curve else None
+    galleries = errors.pictures() if errors is not None else {}
+    pictures_time += time.perf_counter() - started
+    return ValidationResult(metrics=metrics, images=drawn, pr_curve=curve, galleries=galleries,
+                            pictures_time_s=pictures_time)
 
 
 def _draw(batch: BatchPrediction, score_threshold: float, limit: int) -> list[np.ndarray]:
