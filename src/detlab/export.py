@@ -151,7 +151,11 @@ def _onnx_bytes(graph: RawHeads, example: Tensor, run: ExportConfig, config: dic
         # ints: they are traced as shape ops here, and the check below compares at an untraced size
         warnings.simplefilter("ignore")
         if run.dynamo:
+            import logging
+
             _require("onnxscript")
+            for name in ("onnx_ir", "onnxscript"):  # their passes log at INFO, once per optimisation step
+                logging.getLogger(name).setLevel(logging.WARNING)
             batch = torch.export.Dim("batch", min=1)
             axes = {0: batch} if run.input_size else {0: batch, 2: torch.export.Dim("height", min=32),
                                                        3: torch.export.Dim("width", min=32)}
