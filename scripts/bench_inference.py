@@ -8,7 +8,9 @@ For every checkpoint, input size and thread count, both backends predict the sam
 package's one prediction path (``detlab.predict.predict_image``: resize and normalise, the network,
 ``SSD.postprocess`` with the checkpoint's ``eval`` settings), interleaved image by image so both see
 the same machine load; ONNX Runtime runs the checkpoint exported at that fixed size by
-``detlab.export`` (parity-checked on export). Printed: the median milliseconds per image, all of it
+``detlab.export`` (parity-checked on export). The backends alternate in blocks of 12 images, the
+first two of each block untimed: image by image, each backend's idle thread pool (ONNX Runtime's
+spinning threads, OpenMP's) would slow the other down. Printed: the median milliseconds per image, all of it
 and the network alone, and the ONNX Runtime speed-up. The images are real WIDER val images when
 ``../shared/widerface`` is there (``--images`` of them, the decode not timed), else the synthetic set's.
 ``--out`` writes the rows as JSON.
@@ -53,7 +55,8 @@ def bench_images(limit: int) -> tuple[list, str]:
     return [read_image_rgb(val.images_dir / r.path) for r in val.records[:limit]], f"{limit} synthetic val images"
 
 
-def time_pair(checkpoint: Path, size: tuple[int, int], threads: int, images: list, warmup: int) -> dict:
+def time_pair(checkpoint: Path, size: tuple[int, int], threads: int, images: list, warmup: int,
+              block: int = 12) -> dict:
     from detlab.engine.checkpoint import load_trained
     from detlab.export import ExportConfig, OnnxModelsBySize, export_checkpoint, load_exported
     from detlab.predict import ModelsBySize, OriginalSizeImages, predict_image
@@ -71,11 +74,11 @@ def time_pair(checkpoint: Path, size: tuple[int, int], threads: int, images: lis
     prepare = OriginalSizeImages([], Path("."), size=size).prepare
     totals: dict[str, list[float]] = {name: [] for name in backends}
     networks: dict[str, list[float]] = {name: [] for name in backends}
-    for index, rgb in enumerate(images):
-        for name, models in backends.items():
+    for start in range(0, len(images), block):
+        for name, models in backends.items():  # a block of images each, so idle thread pools settle
             model = models(*size)
             forward = model.forward
-            spent = []
+            spent: list[float] = []
 
             def timed_forward(x, forward=forward, spent=spent):
                 started = time.perf_counter()
@@ -84,14 +87,15 @@ def time_pair(checkpoint: Path, size: tuple[int, int], threads: int, images: lis
                 return out
 
             model.forward = timed_forward  # the network's share, inside the same call
-            started = time.perf_counter()
-            with torch.inference_mode():
-                predict_image(models, *prepare(rgb), device, settings)
-            elapsed = time.perf_counter() - started
+            for index, rgb in enumerate(images[start:start + block]):
+                started = time.perf_counter()
+                with torch.inference_mode():
+                    predict_image(models, *prepare(rgb), device, settings)
+                elapsed = time.perf_counter() - started
+                if index >= warmup:  # the first images of a block wake the backend's threads
+                    totals[name].append(elapsed * 1000)
+                    networks[name].append(spent[-1] * 1000)
             del model.forward
-            if index >= warmup:
-                totals[name].append(elapsed * 1000)
-                networks[name].append(spent[0] * 1000)
     row = {"model": cfg.model.name, "size": f"{size[0]}x{size[1]}", "threads": threads}
     for name in backends:
         row[f"{name}_ms"] = round(statistics.median(totals[name]), 2)
@@ -106,11 +110,11 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["320x256", "640x512"])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--images", type=int, default=60)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed images at the start of each block")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     sizes = [parse_size(s) for s in args.sizes]
-    images, source = bench_images(args.images + args.warmup)
+    images, source = bench_images(args.images)
     print(f"{source}, batch 1, median ms per image (resize + network + post-processing; network alone)")
     print(f"{'model':18} {'size':>8} {'thr':>3} | {'PyTorch':>14} | {'ONNX Runtime':>14} | speed-up")
     rows = []

@@ -179,6 +179,10 @@ def onnx_session(model: bytes | str | Path, threads: Optional[int] = None) -> An
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(threads or torch.get_num_threads())
     options.inter_op_num_threads = 1
+    # After a run ONNX Runtime's idle threads spin for a while; here the post-processing (PyTorch) runs
+    # right after and competed with them: 16.5 -> 9.x ms per image for ssd_slim at 320x256, 2 threads
+    # (scripts/bench_inference.py).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 

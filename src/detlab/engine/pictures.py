@@ -3,8 +3,9 @@
 - ``training_samples``: augmented training images with their boxes, drawn once at the start of a run
   (TensorBoard ``train/augmented_samples`` and ``plots/train_samples.jpg``), so an augmentation that
   moves boxes away from faces shows before the first epoch ends.
-- ``ErrorGallery``: crops of the highest-scoring false positives and of the missed faces at the
-  score threshold, one row per face size (small / medium / large, ``eval.size_edges``), every
+- ``ErrorGallery``: crops of the highest-scoring false positives (red; the faces near them green) and
+  of the largest missed faces (green; the predictions near them red) at the score threshold, one row
+  per face size (small / medium / large, ``eval.size_edges``), every
   ``eval.gallery_every`` epochs (TensorBoard ``gallery/false_positives``, ``gallery/missed_faces``).
 - ``curves_png`` and ``pr_curve_png``: the learning curves and the last validation's precision-recall
   curve, written into ``plots/`` when a run ends, for people who do not open TensorBoard.
@@ -101,11 +102,13 @@ class ErrorGallery:
             match = match_predictions(boxes, scores, gt, self.iou_threshold)
             fp = match.status == FP
             scale = torch.tensor([float(v) for v in target["scale"]] * 2)
-            candidates = (
-                ("false_positives", boxes[fp], scores[fp].tolist(), FP_COLOUR),
-                ("missed_faces", gt[~match.gt_matched], None, FN_COLOUR),
+            faces_in, boxes_in = gt.reshape(-1, 4) / scale, boxes / scale
+            candidates = (  # each crop also shows the other side: the faces near a false positive, and
+                # the predictions near a missed face (a near miss is a localisation error, not a blind spot)
+                ("false_positives", boxes[fp], scores[fp].tolist(), FP_COLOUR, faces_in, FN_COLOUR),
+                ("missed_faces", gt[~match.gt_matched], None, FN_COLOUR, boxes_in, FP_COLOUR),
             )
-            for kind, kind_boxes, kind_scores, colour in candidates:
+            for kind, kind_boxes, kind_scores, colour, context, context_colour in candidates:
                 if len(kind_boxes) == 0:
                     continue
                 sizes = torch.maximum(kind_boxes[:, 2] - kind_boxes[:, 0], kind_boxes[:, 3] - kind_boxes[:, 1])
@@ -116,7 +119,7 @@ class ErrorGallery:
                     heap = self._heaps[kind][bucket]
                     if len(heap) < self.per_size or key > heap[0][0]:
                         label = f"{key:.2f}" if kind_scores is not None else None
-                        tile = _tile(images[index], box, colour, label)
+                        tile = _tile(images[index], box, colour, label, context, context_colour)
                         item = (float(key), next(self._counter), tile)
                         (heapq.heappush if len(heap) < self.per_size else heapq.heapreplace)(heap, item)
 
@@ -127,9 +130,10 @@ class ErrorGallery:
                 for kind, heaps in self._heaps.items()}
 
 
-def _tile(image: torch.Tensor, box: torch.Tensor, colour: tuple[int, int, int], label: Optional[str]) -> np.ndarray:
+def _tile(image: torch.Tensor, box: torch.Tensor, colour: tuple[int, int, int], label: Optional[str],
+          context: torch.Tensor, context_colour: tuple[int, int, int]) -> np.ndarray:
     """A ``TILE`` x ``TILE`` crop centred on ``box`` (input pixels) with as much context again around
-    it, the box drawn; parts outside the image are grey."""
+    it, the ``context`` boxes drawn thin in ``context_colour``, then the box; parts outside the image are grey."""
     x1, y1, x2, y2 = box.tolist()
     side = max(2.0 * max(x2 - x1, y2 - y1), 8.0)
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
@@ -144,9 +148,17 @@ def _tile(image: torch.Tensor, box: torch.Tensor, colour: tuple[int, int, int], 
     zoom = TILE / canvas.shape[0]
     tile = cv2.resize(canvas, (TILE, TILE), interpolation=cv2.INTER_NEAREST if zoom >= 2 else cv2.INTER_AREA)
     tile = np.ascontiguousarray(tile)
-    p1 = (int(round((x1 - left) * TILE / canvas.shape[1])), int(round((y1 - top) * zoom)))
-    p2 = (int(round((x2 - left) * TILE / canvas.shape[1])), int(round((y2 - top) * zoom)))
-    cv2.rectangle(tile, p1, p2, colour, 1)
+    zoom_x = TILE / canvas.shape[1]
+
+    def corners(b: Sequence[float]) -> tuple[tuple[int, int], tuple[int, int]]:
+        return ((int(round((b[0] - left) * zoom_x)), int(round((b[1] - top) * zoom))),
+                (int(round((b[2] - left) * zoom_x)), int(round((b[3] - top) * zoom))))
+
+    near = context[(context[:, 2] > left) & (context[:, 0] < right) & (context[:, 3] > top) & (context[:, 1] < bottom)]
+    for other in near.tolist():
+        if other != [x1, y1, x2, y2]:
+            cv2.rectangle(tile, *corners(other), context_colour, 1, cv2.LINE_4)
+    cv2.rectangle(tile, *corners((x1, y1, x2, y2)), colour, 1)
     if label:
         cv2.putText(tile, label, (2, TILE - 4), cv2.FONT_HERSHEY_SIMPLEX, 0.35, colour, 1, cv2.LINE_AA)
     return tile
