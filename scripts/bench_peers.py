@@ -219,14 +219,14 @@ def main() -> None:
                                          "images": len(images)},
                                "threads": args.threads, "detectors": {}, "notes": notes}
     print(f"{len(images)} val images, {args.threads} threads")
-    print(f"{'detector':34s} {'input':22s} {'easy':>6s} {'medium':>6s} {'hard':>6s} {'ms/img':>7s}")
+    print(f"{'detector':40s} {'input':20s} {'easy':>6s} {'medium':>6s} {'hard':>6s} {'ms/img':>7s}")
     for name, (detect, label) in detectors.items():
         predictions, times = run_detector(detect, images)
         ap = evaluate_wider(predictions, gt, images=keys)
         ms = 1e3 * statistics.median(times) if times else float("nan")
         results["detectors"][name] = {"input": label, **{k: round(100 * v, 2) for k, v in ap.items()},
                                       "median_ms_per_image": round(ms, 2)}
-        print(f"{name:34s} {label:22s} {100 * ap['easy']:6.1f} {100 * ap['medium']:6.1f} {100 * ap['hard']:6.1f} "
+        print(f"{name:40s} {label:20s} {100 * ap['easy']:6.1f} {100 * ap['medium']:6.1f} {100 * ap['hard']:6.1f} "
               f"{ms:7.1f}")
     atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
     print(f"written {args.out}")
