@@ -4,6 +4,7 @@ Examples:
     python train.py                                   # default: ssd_slim on the embedded synthetic set
     python train.py loss.box_weight=0.05              # one of the paper's loss-weight pairs
     python train.py -m +experiment=box_weight_sweep   # the nine-run sweep
+    python train.py -m +experiment=weight_search      # Optuna searches box weight and negative ratio
     python train.py resume=outputs/2026-11-23/20-00-00  # continue a killed run
 """
 
@@ -105,8 +106,8 @@ def run(raw: DictConfig, hydra_cfg, multirun: bool) -> float | None:
     log.info("status: %s; run directory: %s", summary["status"], run_dir)
     if summary["status"] != "completed" and not multirun:
         log.warning("run ended with status %s: %s", summary["status"], summary["message"])
-    final = summary.get("final", {})
-    return final.get("val/miou")
+    value = summary.get("final", {}).get(cfg.train.objective)  # what a sweeper (Optuna) optimises
+    return float(value) if value is not None else None
 
 
 if __name__ == "__main__":

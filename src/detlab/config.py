@@ -445,6 +445,9 @@ class TrainConfig:
     # train/augmented_samples, plots/train_samples.jpg); 0: none.
     sample_grid: int = 16
     plots: bool = True  # at the end: plots/curves.png and plots/pr_curve.png in the run folder
+    # The metrics.csv column train.py returns to a Hydra sweeper (its value at the last epoch; a run
+    # that ends before one validation returns nothing, a failed trial for Optuna).
+    objective: str = "val/ap50"
     torch_threads: Optional[int] = None  # None: torch's default
 
 
@@ -563,6 +566,8 @@ def validate(cfg: Config) -> None:
     _choice(t.device, "train.device", ("auto", "cpu", "cuda"))
     _check(t.log_every >= 1, "train.log_every", "must be >= 1", t.log_every)
     _check(0 <= t.sample_grid <= 64, "train.sample_grid", "must be in [0, 64]", t.sample_grid)
+    _check(t.objective in METRIC_COLUMNS and t.objective.startswith("val/"), "train.objective",
+           "expected a val/ column of metrics.csv (val/ap50, val/miou, val/recall, ...)", t.objective)
 
     _check(0 < e.iou_threshold <= 1, "eval.iou_threshold", "must be in (0, 1]", e.iou_threshold)
     _check(0 <= e.score_threshold <= 1, "eval.score_threshold", "must be in [0, 1]", e.score_threshold)
