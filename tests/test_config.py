@@ -76,6 +76,10 @@ def test_launcher_configs_compose(launcher, plugin):
     assert "_target_" in cfg.hydra.launcher
     if launcher == "local_parallel":
         assert cfg.hydra.launcher.n_jobs == 2
+    else:  # resources per job are config values
+        slurm = cfg.hydra.launcher
+        assert "SlurmLauncher" in slurm._target_ and slurm.partition is None
+        assert (slurm.timeout_min, slurm.cpus_per_task, slurm.gpus_per_node, slurm.mem_gb) == (240, 8, 1, 32)
 
 
 def test_presets_compose():

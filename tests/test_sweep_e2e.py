@@ -49,3 +49,20 @@ def test_multirun_survives_a_diverging_run_and_reports_it(tmp_path):
     assert "| optim.lr=0.01 |" in markdown and "| optim.lr=1000000000000.0 |" in markdown
     assert (sweep_dir / "report.csv").read_text().count("\n") == 3  # header + two runs
     assert (sweep_dir / "report.png").stat().st_size > 10_000
+
+
+def test_a_sweep_through_submitits_local_executor_completes_and_is_reported(tmp_path):
+    """The SLURM launcher's path without a cluster: Hydra's submitit launcher, local executor."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep_dir = tmp_path / "sweep"
+    tiny = [f"dataset.root={tmp_path / 'synthetic'}", "dataset.synthetic.num_images=20",
+            "dataset.synthetic.image_width=160", "dataset.synthetic.image_height=128", "model.input_width=160",
+            "model.input_height=128", "train.epochs=1", "train.batch_size=8", "eval.num_logged_images=1",
+            "train.sample_grid=0", f"hydra.sweep.dir={sweep_dir}"]
+    sweep = subprocess.run([sys.executable, "train.py", "-m", "hydra/launcher=submitit_local", "loss.box_weight=0.5,2",
+                            *tiny], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    assert "2 runs: 2 completed" in sweep.stdout
+    weights = sorted(json.loads(p.read_text())["hparams"]["loss.box_weight"] for p in sweep_dir.rglob("summary.json"))
+    assert weights == [0.5, 2.0]
+    assert list(sweep_dir.rglob(".submitit"))  # the jobs went through submitit
