@@ -48,6 +48,14 @@ def compose_tiny_config(root: Path, *overrides: str):
     return compose_config(REPO / "configs", [*base, *overrides])
 
 
+def tiny_sweep_overrides(tmp_path: Path, sweep_dir: Path, epochs: int = 2) -> list[str]:
+    """``train.py -m`` overrides for a tiny sweep (20 synthetic images at 160x128, batch 8) into ``sweep_dir``."""
+    return [f"dataset.root={tmp_path / 'synthetic'}", "dataset.synthetic.num_images=20",
+            "dataset.synthetic.image_width=160", "dataset.synthetic.image_height=128", "model.input_width=160",
+            "model.input_height=128", f"train.epochs={epochs}", "train.batch_size=8", "eval.num_logged_images=1",
+            "train.sample_grid=0", f"hydra.sweep.dir={sweep_dir}"]
+
+
 @pytest.fixture
 def tiny_config():
     """``tiny_config(root, *overrides) -> Config``: see ``compose_tiny_config``."""

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_sweep_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -15,12 +16,7 @@ pytestmark = pytest.mark.slow
 
 def test_multirun_survives_a_diverging_run_and_reports_it(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    tiny = [
-        f"dataset.root={tmp_path / 'synthetic'}", "dataset.synthetic.num_images=20",
-        "dataset.synthetic.image_width=160", "dataset.synthetic.image_height=128",
-        "model.input_width=160", "model.input_height=128", "train.epochs=2", "train.batch_size=8",
-        "eval.num_logged_images=1", f"hydra.sweep.dir={sweep_dir}",
-    ]
+    tiny = tiny_sweep_overrides(tmp_path, sweep_dir)
     sweep = subprocess.run(
         [sys.executable, "train.py", "-m", "optim.lr=0.01,1e12", *tiny],
         cwd=REPO, capture_output=True, text=True, timeout=600,
@@ -55,10 +51,7 @@ def test_a_sweep_through_submitits_local_executor_completes_and_is_reported(tmp_
     """The SLURM launcher's path without a cluster: Hydra's submitit launcher, local executor."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep_dir = tmp_path / "sweep"
-    tiny = [f"dataset.root={tmp_path / 'synthetic'}", "dataset.synthetic.num_images=20",
-            "dataset.synthetic.image_width=160", "dataset.synthetic.image_height=128", "model.input_width=160",
-            "model.input_height=128", "train.epochs=1", "train.batch_size=8", "eval.num_logged_images=1",
-            "train.sample_grid=0", f"hydra.sweep.dir={sweep_dir}"]
+    tiny = tiny_sweep_overrides(tmp_path, sweep_dir, epochs=1)
     sweep = subprocess.run([sys.executable, "train.py", "-m", "hydra/launcher=submitit_local", "loss.box_weight=0.5,2",
                             *tiny], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert sweep.returncode == 0, sweep.stderr[-3000:]

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_sweep_overrides
 from omegaconf import OmegaConf
 
 pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
@@ -18,10 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_the_search_returns_the_best_trial_and_the_report_reads_its_runs(tmp_path):
     sweep_dir = tmp_path / "search"
-    tiny = [f"dataset.root={tmp_path / 'synthetic'}", "dataset.synthetic.num_images=20",
-            "dataset.synthetic.image_width=160", "dataset.synthetic.image_height=128", "model.input_width=160",
-            "model.input_height=128", "train.epochs=2", "train.batch_size=8", "eval.num_logged_images=1",
-            "train.sample_grid=0", f"hydra.sweep.dir={sweep_dir}"]
+    tiny = tiny_sweep_overrides(tmp_path, sweep_dir)
     proc = subprocess.run([sys.executable, "train.py", "-m", "+experiment=weight_search", "hydra.sweeper.n_trials=3",
                            *tiny], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -176,13 +176,10 @@ def predict_original_size(
     device: torch.device,
     settings: EvalConfig,
     amp: bool = False,
-    progress: bool = False,
 ) -> list[Prediction]:
     """Each image at its own input size (``OriginalSizeImages``), batch of one, through ``models``."""
-    from tqdm.auto import tqdm
-
     out: list[Prediction] = []
-    for index in tqdm(range(len(dataset)), desc="predict", unit="image", disable=not progress, dynamic_ncols=True):
+    for index in range(len(dataset)):
         image, target = dataset[index]
         out.append((int(target["image_id"]), *predict_image(models, image, target, device, settings, amp)))
     return out

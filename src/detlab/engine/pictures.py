@@ -11,7 +11,7 @@
   curve, written into ``plots/`` when a run ends, for people who do not open TensorBoard.
 
 Everything here works on what validation already has in memory (the batch's input images and the
-predictions), so the cost is the crops and the drawing (measured in README, "Run folder").
+predictions), so the cost is the crops and the drawing (measured in the README, "Pictures").
 """
 
 from __future__ import annotations

@@ -141,6 +141,7 @@ class Trainer:
         self.message = ""
         self.notes: list[str] = []  # said in summary.json's message whatever the status (e.g. weights not saved)
         self._session_start = time.time()
+        self._last_pr_curve: Optional[dict[str, np.ndarray]] = None  # the last validation's, for plots/
 
     # ----------------------------------------------------------------------------------- set-up
     def _build(self) -> None:
@@ -469,7 +470,7 @@ class Trainer:
         title = f"{self.run_dir.name}: {self.status}, {self.state.epoch} epochs"
         try:
             atomic_write_bytes(self.run_dir / "plots" / "curves.png", curves_png(self.state.history, title))
-            curve = getattr(self, "_last_pr_curve", None)
+            curve = self._last_pr_curve
             if curve is not None:
                 png = pr_curve_png(curve, self.cfg.eval.score_threshold, f"val PR curve (IoU 0.5), epoch {self.state.epoch}")
                 atomic_write_bytes(self.run_dir / "plots" / "pr_curve.png", png)
