@@ -6,6 +6,7 @@ Examples:
     python train.py -m +experiment=box_weight_sweep   # the nine-run sweep
     python train.py -m +experiment=weight_search      # Optuna searches box weight and negative ratio
     python train.py resume=outputs/2026-11-23/20-00-00  # continue a killed run
+    torchrun --nproc_per_node=2 train.py              # DistributedDataParallel over 2 processes
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -52,6 +54,15 @@ def original_overrides(run_dir: Path) -> list[str] | None:
         return None
 
 
+def quiet_other_ranks(argv: list[str]) -> list[str]:
+    """Under torchrun, ranks other than 0 get no Hydra folder of their own (rank 0 chooses the run
+    folder for all; the others log to the console) and show only errors."""
+    if int(os.environ.get("RANK", "0")) == 0:  # read before torch is imported (it takes seconds)
+        return argv
+    return [*argv, "hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout",
+            "hydra.job_logging.root.level=ERROR"]
+
+
 def threads_per_job(hydra_cfg) -> int | None:
     """Cores divided by the launcher's parallel jobs, so parallel runs don't oversubscribe the CPU."""
     n_jobs = hydra_cfg.launcher.get("n_jobs") if "launcher" in hydra_cfg else None
@@ -63,6 +74,10 @@ def threads_per_job(hydra_cfg) -> int | None:
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(raw: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN and "WORLD_SIZE" in os.environ:
+        with report_user_errors():
+            raise ConfigError("config error: -m (a sweep) under torchrun: torchrun trains one run over several "
+                              "processes; sweep with python train.py -m (hydra/launcher=slurm for a cluster)")
     if hydra_cfg.mode != RunMode.MULTIRUN:
         # A user error (bad value, annotation, image, checkpoint, busy run folder) is one line on
         # stderr and exit code 2; DETLAB_DEBUG=1 or HYDRA_FULL_ERROR=1 shows the traceback.
@@ -88,7 +103,7 @@ def main(raw: DictConfig) -> float | None:
 
 def run(raw: DictConfig, hydra_cfg, multirun: bool) -> float | None:
     """Validate the config (before anything is built or written), then train one run."""
-    cfg = to_config(raw)
+    cfg = to_config(raw)  # before torch is imported (it takes seconds): a bad value fails at once
     overrides = list(hydra_cfg.overrides.task)
     run_dir = cfg.run_dir or resumed_run_dir(cfg.resume) or hydra_cfg.runtime.output_dir
     if resumed_run_dir(cfg.resume):
@@ -99,10 +114,22 @@ def run(raw: DictConfig, hydra_cfg, multirun: bool) -> float | None:
             log.warning("resuming %s with its own config; ignoring %s", run_dir, " ".join(ignored))
     if cfg.train.torch_threads is None and multirun:
         cfg.train.torch_threads = threads_per_job(hydra_cfg)
+    from detlab.engine import distributed
 
-    from detlab.engine.trainer import train  # after validation: importing torch takes seconds
+    if distributed.launched_by_torchrun():
+        import torch
 
-    summary = train(cfg, run_dir, overrides)
+        distributed.init_from_environment(cfg.train.dist_backend, cfg.train.device, cfg.train.batch_size)
+        run_dir = distributed.broadcast_object(run_dir)  # rank 0's folder: Hydra's clock differs per process
+        if cfg.train.torch_threads is None and (cfg.train.device == "cpu" or not torch.cuda.is_available()):
+            cfg.train.torch_threads = max(1, (os.cpu_count() or 1) // distributed.local_world_size())
+
+    from detlab.engine.trainer import train
+
+    try:
+        summary = train(cfg, run_dir, overrides)
+    finally:
+        distributed.shutdown()
     log.info("status: %s; run directory: %s", summary["status"], run_dir)
     if summary["status"] != "completed" and not multirun:
         log.warning("run ended with status %s: %s", summary["status"], summary["message"])
@@ -111,4 +138,5 @@ def run(raw: DictConfig, hydra_cfg, multirun: bool) -> float | None:
 
 
 if __name__ == "__main__":
+    sys.argv = quiet_other_ranks(sys.argv)
     main()

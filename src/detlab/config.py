@@ -448,7 +448,12 @@ class TrainConfig:
     # The metrics.csv column train.py returns to a Hydra sweeper (its value at the last epoch; a run
     # that ends before one validation returns nothing, a failed trial for Optuna).
     objective: str = "val/ap50"
-    torch_threads: Optional[int] = None  # None: torch's default
+    torch_threads: Optional[int] = None  # None: torch's default (under torchrun: the cores / processes per node)
+    # torchrun only (README, "Scaling out"): the process group's backend (auto: nccl on CUDA, gloo
+    # on the CPU), and SyncBatchNorm over the processes on CUDA (PyTorch has none on the CPU, where
+    # each process normalises its own batch_size / world_size images).
+    dist_backend: str = "auto"
+    sync_batchnorm: bool = True
 
 
 @dataclass
@@ -564,6 +569,7 @@ def validate(cfg: Config) -> None:
     _check(t.epochs >= 1, "train.epochs", "must be >= 1", t.epochs)
     _check(t.batch_size >= 1, "train.batch_size", "must be >= 1", t.batch_size)
     _choice(t.device, "train.device", ("auto", "cpu", "cuda"))
+    _choice(t.dist_backend, "train.dist_backend", ("auto", "gloo", "nccl"))
     _check(t.log_every >= 1, "train.log_every", "must be >= 1", t.log_every)
     _check(0 <= t.sample_grid <= 64, "train.sample_grid", "must be in [0, 64]", t.sample_grid)
     _check(t.objective in METRIC_COLUMNS and t.objective.startswith("val/"), "train.objective",

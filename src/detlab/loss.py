@@ -15,6 +15,12 @@ validation and the benchmark scripts all call it this way, so train and val tota
 identically. The weighted terms are separate autograd graphs over the same forward: a caller can
 back-propagate each on its own (the diagnosis's gradient-norm ratio does).
 
+Under DistributedDataParallel (``criterion(..., across_ranks=True)``, the training step) the
+normaliser is the *global* batch's number of positives, summed over the ranks (as DETR's
+``SetCriterion`` does with ``num_boxes``), and each rank's terms are multiplied by the world size:
+DDP averages the ranks' gradients, so the update equals a single process's on the whole batch.
+``LossTerms.values()`` then reports the global batch's values, the same on every rank.
+
 - ``loss_cls``: softmax cross-entropy over the positives and the mined negatives,
 - ``loss_box``: Huber (``huber_delta``) or L1 on the positives, summed over the 4 coordinates.
 
@@ -37,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import AdaptiveWeightsConfig, Config, LossConfig, RebalanceConfig
+from .engine.distributed import all_reduce_sum, get_world_size
 from .model.box_coder import BoxCoder
 from .model.matching import IGNORE, Assignment, match_anchors
 
@@ -164,29 +171,46 @@ class LossTerms:
     faces_covered: Optional[Tensor] = None  # of them, those an anchor fits (``match_anchors``)
     images_without_faces: int = 0
     batch_size: int = 0
+    world_size: int = 1  # > 1: computed across the ranks (``across_ranks``); values() sums over them
 
     def values(self) -> dict[str, float]:
         """``loss_cls``, ``loss_box``, ``loss_total``, ``num_pos``, ``neg_per_pos`` (background anchors
         the classification term counts per face anchor) and the batch's label statistics
         (``face_coverage``: the share of its faces an anchor fits; ``empty_image_share``) as floats,
-        with one host sync."""
+        with one host sync (and, across ranks, one all-reduce: the global batch's values)."""
         covered = self.faces_covered if self.faces_covered is not None else torch.zeros((), device=self.total.device)
-        cls, box, total, num_pos, num_neg, num_covered = torch.stack([
+        stacked = torch.stack([
             self.loss_cls.detach(), self.loss_box.detach(), self.total.detach(), self.num_pos.detach().float(),
-            self.num_neg.detach().float(), covered.detach().float()]).tolist()
+            self.num_neg.detach().float(), covered.detach().float()])
+        num_faces, images_without_faces, batch_size = self.num_faces, self.images_without_faces, self.batch_size
+        if self.world_size > 1:
+            counts = torch.tensor([num_faces, images_without_faces, batch_size], dtype=stacked.dtype,
+                                  device=stacked.device)
+            stacked = all_reduce_sum(torch.cat([stacked, counts]))
+            stacked[:3] /= self.world_size  # each rank's terms carry the factor world_size: their mean is the batch's
+            num_faces, images_without_faces, batch_size = (int(v) for v in stacked[6:].tolist())
+        cls, box, total, num_pos, num_neg, num_covered = stacked[:6].tolist()
         return {"loss_cls": cls, "loss_box": box, "loss_total": total, "num_pos": num_pos,
                 "neg_per_pos": num_neg / max(num_pos, 1.0),
-                "face_coverage": num_covered / self.num_faces if self.num_faces else math.nan,
-                "empty_image_share": self.images_without_faces / self.batch_size if self.batch_size else math.nan}
+                "face_coverage": num_covered / num_faces if num_faces else math.nan,
+                "empty_image_share": images_without_faces / batch_size if batch_size else math.nan}
 
 
 def multibox_terms(
-    cls_logits: Tensor, bbox_regression: Tensor, labels: Tensor, box_targets: Tensor, cfg: LossConfig
+    cls_logits: Tensor, bbox_regression: Tensor, labels: Tensor, box_targets: Tensor, cfg: LossConfig,
+    across_ranks: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Unweighted ``(loss_cls, loss_box, num_pos, num_neg)`` for matched ``labels``/``box_targets``."""
+    """Unweighted ``(loss_cls, loss_box, num_pos, num_neg)`` for matched ``labels``/``box_targets``.
+
+    ``across_ranks``: divided by the positives of all ranks' batches over the world size (see the
+    module docstring), so the ranks' mean is the global batch's loss."""
     cls_sum, num_pos, num_neg = classification_loss(cls_logits, labels, cfg.neg_pos_ratio, cfg.min_negatives)
     box_sum = box_regression_loss(bbox_regression, box_targets, labels, cfg.box_loss, cfg.huber_delta)
-    normaliser = num_pos.clamp(min=1).float()
+    world_size = get_world_size() if across_ranks else 1
+    if world_size > 1:
+        normaliser = all_reduce_sum(num_pos.detach().float().clone()).clamp(min=1) / world_size
+    else:
+        normaliser = num_pos.clamp(min=1).float()
     return cls_sum / normaliser, box_sum / normaliser, num_pos, num_neg
 
 
@@ -264,10 +288,14 @@ class MultiBoxLoss(nn.Module):
         if not self.schedule.ramping(step):
             self.rebalancer.observe(grad_norm_cls, grad_norm_box)
 
-    def forward(self, outputs: Mapping[str, Tensor], gt_boxes: Sequence[Tensor], step: int) -> LossTerms:
+    def forward(self, outputs: Mapping[str, Tensor], gt_boxes: Sequence[Tensor], step: int,
+                across_ranks: bool = False) -> LossTerms:
+        """``across_ranks``: this rank's share of a DistributedDataParallel step (a collective: every
+        rank must call it); validation, on rank 0 alone, leaves it off."""
         labels, box_targets, covered = self.match(gt_boxes)
         loss_cls, loss_box, num_pos, num_neg = multibox_terms(
-            outputs["cls_logits"].float(), outputs["bbox_regression"].float(), labels, box_targets, self.cfg)
+            outputs["cls_logits"].float(), outputs["bbox_regression"].float(), labels, box_targets, self.cfg,
+            across_ranks=across_ranks)
         class_weight, box_weight = self.weights(step)
         weighted_cls = class_weight * loss_cls
         weighted_box = box_weight * loss_box
@@ -276,7 +304,8 @@ class MultiBoxLoss(nn.Module):
                          total=weighted_cls + weighted_box, class_weight=class_weight, box_weight=box_weight,
                          weights_ramping=self.schedule.ramping(step), num_pos=num_pos, num_neg=num_neg,
                          num_faces=sum(counts), faces_covered=covered,
-                         images_without_faces=sum(n == 0 for n in counts), batch_size=len(counts))
+                         images_without_faces=sum(n == 0 for n in counts), batch_size=len(counts),
+                         world_size=get_world_size() if across_ranks else 1)
 
     def get_extra_state(self) -> dict[str, float]:
         return self.rebalancer.state_dict()

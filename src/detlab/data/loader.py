@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from detlab.config import Config, DatasetConfig
 from detlab.data.cache import DecodedImageCache
@@ -154,8 +154,9 @@ def seed_worker(worker_id: int) -> None:
 
 
 def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int,
-                 drop_last: bool = False) -> DataLoader:
+                 drop_last: bool = False, sampler: Optional[Sampler] = None) -> DataLoader:
     """A repeatable DataLoader: the shuffle order and the workers' random streams follow ``seed``.
+    A ``sampler`` (torchrun's ``DistributedSampler``) chooses the order instead of ``shuffle``.
 
     With ``num_workers=0`` the augmentation draws from torch's global generator (seeded by the
     trainer's ``seed_everything``). Batches whose images were all skipped as bad are empty (see
@@ -166,7 +167,8 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: 
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
         num_workers=num_workers,
         # A partial of a module-level function: picklable for worker processes.
         collate_fn=functools.partial(collate_detection, input_size=getattr(dataset, "input_size", None)),

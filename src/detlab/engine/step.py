@@ -13,9 +13,11 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from detlab.config import Config
 from detlab.diagnosis import loss_term_grad_norms
+from detlab.engine.distributed import combined_grad_norm, combined_mean_std
 from detlab.engine.optim import build_optimizer
 from detlab.engine.schedule import build_scheduler
 from detlab.loss import MultiBoxLoss, build_criterion
@@ -125,7 +127,12 @@ def train_step(
 ) -> StepRecord:
     """One step on a batch already on the model's device. ``sample_gradients`` also measures the two
     weighted loss terms' gradient norms on the backbone's output (the last layer both heads share;
-    the criterion's rebalancing reads them too) and the share of weights left without gradient."""
+    the criterion's rebalancing reads them too) and the share of weights left without gradient.
+
+    A ``DistributedDataParallel`` model makes it one rank's share of a global step: the criterion
+    normalises over all ranks, and every number in the record is the global batch's, the same on
+    every rank (so every rank's diagnosis decides alike)."""
+    across_ranks = isinstance(model, DistributedDataParallel)
     features: list[Tensor] = []
     hook = _backbone(model).register_forward_hook(lambda m, i, out: features.extend(out)) if sample_gradients else None
     try:
@@ -134,7 +141,7 @@ def train_step(
     finally:
         if hook is not None:
             hook.remove()
-    losses = criterion(outputs, gt_boxes, step)
+    losses = criterion(outputs, gt_boxes, step, across_ranks=across_ranks)
     values = losses.values()
     record = StepRecord(**values, class_weight=losses.class_weight, box_weight=losses.box_weight,
                         weights_ramping=losses.weights_ramping, lr=optimizer.param_groups[0]["lr"])
@@ -142,12 +149,18 @@ def train_step(
         record.updated = False  # the caller ends the run before a bad update
         return record
     if sample_gradients:
-        std, mean = torch.std_mean(images.detach().float())
-        record.input_mean, record.input_std = (float(v) for v in torch.stack([mean, std]).tolist())
+        if across_ranks:
+            record.input_mean, record.input_std = combined_mean_std(images)
+        else:
+            std, mean = torch.std_mean(images.detach().float())
+            record.input_mean, record.input_std = (float(v) for v in torch.stack([mean, std]).tolist())
         # Under AMP the terms are scaled like the real backward, so fp16 gradients don't underflow.
         scale = scaler.get_scale() if scaler.is_enabled() else 1.0
-        record.grad_norm_cls, record.grad_norm_box = loss_term_grad_norms(
-            losses.weighted_cls, losses.weighted_box, features, scale=scale)
+        grad_norm_cls, grad_norm_box = loss_term_grad_norms(losses.weighted_cls, losses.weighted_box, features,
+                                                            scale=scale)
+        if across_ranks:
+            grad_norm_cls, grad_norm_box = (combined_grad_norm(n, images.device) for n in (grad_norm_cls, grad_norm_box))
+        record.grad_norm_cls, record.grad_norm_box = grad_norm_cls, grad_norm_box
         criterion.observe_grad_norms(step, record.grad_norm_cls, record.grad_norm_box)
 
     optimizer.zero_grad(set_to_none=True)

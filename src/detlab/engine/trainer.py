@@ -18,6 +18,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from detlab.config import METRIC_COLUMNS, Config, as_flat_dict
@@ -32,12 +34,21 @@ from detlab.engine.checkpoint import (
     save_checkpoint,
 )
 from detlab.engine.device import select_device
+from detlab.engine.distributed import (
+    DistributedSetupError,
+    any_rank,
+    broadcast_object,
+    get_rank,
+    get_world_size,
+    is_initialized,
+    is_main_process,
+)
 from detlab.engine.early_stopping import EarlyStopping
 from detlab.engine.repair import Rollback
 from detlab.engine.schedule import StageBoundaries, stage_boundaries
 from detlab.engine.step import StepRecord, build_training
 from detlab.engine.pictures import curves_png, pr_curve_png, training_samples
-from detlab.engine.tensorboard import add_pr_curve, add_scalars, open_writer, write_hparams
+from detlab.engine.tensorboard import DiscardingWriter, add_pr_curve, add_scalars, open_writer, write_hparams
 from detlab.engine.validation import ValidationResult, validate
 from detlab.errors import UserError
 from detlab.fileio import (
@@ -117,9 +128,11 @@ class EpochOutcome:
     end_message: str = ""
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A seed per (run seed, epoch): a run resumed at an epoch boundary replays the same batches."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """A seed per (run seed, epoch, rank): a run resumed at an epoch boundary replays the same
+    batches; the ranks of a distributed run augment with streams of their own."""
+    entropy = [seed, epoch] + ([rank] if rank else [])  # rank 0 draws as a single-process run does
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def seed_everything(seed: int) -> None:
@@ -129,7 +142,11 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    """One training run writing into ``run_dir`` (see docs/architecture.md, "Run directory")."""
+    """One training run writing into ``run_dir`` (see docs/architecture.md, "Run directory").
+
+    Under ``torchrun`` (``detlab.engine.distributed``) every rank builds a Trainer; the model steps
+    as a ``DistributedDataParallel`` and rank 0 alone validates and writes files.
+    """
 
     def __init__(self, cfg: Config, run_dir: Path, overrides: Optional[list[str]] = None) -> None:
         self.cfg = cfg
@@ -142,6 +159,9 @@ class Trainer:
         self.notes: list[str] = []  # said in summary.json's message whatever the status (e.g. weights not saved)
         self._session_start = time.time()
         self._last_pr_curve: Optional[dict[str, np.ndarray]] = None  # the last validation's, for plots/
+        self.world_size, self.rank = get_world_size(), get_rank()
+        self.is_main = is_main_process()
+        self.train_sampler: Optional[DistributedSampler] = None
 
     # ----------------------------------------------------------------------------------- set-up
     def _build(self) -> None:
@@ -154,9 +174,17 @@ class Trainer:
         self.device = select_device(cfg.train.device)
         self.train_set, self.val_set = build_datasets(cfg)
         drop_last = len(self.train_set) > cfg.train.batch_size
-        self.train_loader = build_loader(self.train_set, cfg.train.batch_size, shuffle=True,
+        if is_initialized():  # torchrun, also with one process: its order is that of any process count
+            if len(self.train_set) < self.world_size:
+                raise DistributedSetupError(f"{len(self.train_set)} training images cannot feed {self.world_size} "
+                                            f"processes; start fewer (torchrun --nproc_per_node)")
+            # Rank r takes every world_size-th image of one seeded permutation, so the ranks' batches
+            # together are the global batch; set_epoch (in _reseed) draws a new permutation per epoch.
+            self.train_sampler = DistributedSampler(self.train_set, num_replicas=self.world_size, rank=self.rank,
+                                                    shuffle=True, seed=cfg.train.seed, drop_last=True)
+        self.train_loader = build_loader(self.train_set, cfg.train.batch_size // self.world_size, shuffle=True,
                                          num_workers=cfg.dataset.num_workers, seed=cfg.train.seed,
-                                         drop_last=drop_last)
+                                         drop_last=drop_last, sampler=self.train_sampler)
         self.val_loader = build_loader(self.val_set, cfg.train.batch_size, shuffle=False,
                                        num_workers=cfg.dataset.num_workers, seed=cfg.train.seed)
         self.steps_per_epoch = len(self.train_loader)
@@ -206,6 +234,20 @@ class Trainer:
         log.info("resumed from %s at epoch %d, step %d", path, self.state.epoch, self.state.step)
         return True
 
+    def _distribute(self) -> None:
+        """Under torchrun: the step's model becomes a DistributedDataParallel over ``self.model``, which
+        validation, checkpoints and the rollback keep using (its parameters are the same objects)."""
+        if not is_initialized():
+            return
+        cuda = self.device.type == "cuda"
+        if cuda and self.cfg.train.sync_batchnorm:
+            # The same parameter objects move into the new layers, so the optimiser keeps them.
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.parts.model = DistributedDataParallel(self.model, device_ids=[self.device.index] if cuda else None)
+        log.info("DistributedDataParallel: %d processes, %d images per process and step (train.batch_size=%d)%s",
+                 self.world_size, self.cfg.train.batch_size // self.world_size, self.cfg.train.batch_size,
+                 "" if cuda and self.cfg.train.sync_batchnorm else "; BatchNorm statistics per process")
+
     # ---------------------------------------------------------------------------------- running
     def run(self) -> dict[str, Any]:
         """Train to the end (or until divergence / an intervention stops it); returns the summary.
@@ -215,6 +257,8 @@ class Trainer:
         building, or resuming from a missing or damaged checkpoint) leaves the files of an earlier
         session, its ``summary.json`` included, as they were.
         """
+        if not self.is_main:  # the other ranks of a torchrun job write nothing; rank 0 holds the lock
+            return self._run_locked()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with exclusive_lock(self.run_dir / ".lock", f"run directory {self.run_dir}"):
             for folder in (self.run_dir, self.run_dir / "checkpoints"):
@@ -228,15 +272,19 @@ class Trainer:
         try:
             self._build()
             resumed = self._resume(previous)
+            self._distribute()
             if resumed and self.state.epoch >= self.cfg.train.epochs:
                 log.info("run already complete (%d epochs); nothing to do", self.state.epoch)
                 self.status = "completed"
                 self._test()  # when an interrupted session trained to the end but did not test
                 return self._write_summary()
             record_open = True
-            (self.run_dir / "test.json").unlink(missing_ok=True)  # scored a shorter run: tested again at the end
-            atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(self.cfg)))
-            self.writer = open_writer(self.run_dir, self.state.step if resumed else None)
+            if self.is_main:
+                (self.run_dir / "test.json").unlink(missing_ok=True)  # scored a shorter run: tested again at the end
+                atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(self.cfg)))
+                self.writer = open_writer(self.run_dir, self.state.step if resumed else None)
+            else:
+                self.writer = DiscardingWriter()
             self._write_summary()
             try:
                 self._log_training_samples()
@@ -262,7 +310,7 @@ class Trainer:
     def _loop(self) -> None:
         cfg = self.cfg
         epochs = tqdm(range(self.state.epoch + 1, cfg.train.epochs + 1), desc="epochs", unit="epoch",
-                      initial=self.state.epoch, total=cfg.train.epochs, dynamic_ncols=True)
+                      initial=self.state.epoch, total=cfg.train.epochs, dynamic_ncols=True, disable=not self.is_main)
         self._take_snapshot()
         for epoch in epochs:
             self._reseed(epoch)
@@ -274,19 +322,12 @@ class Trainer:
                 self._save("last.pt")
                 log.error("run diverged: %s", outcome.end_message)
                 return
-            t0 = time.time()
-            every = cfg.eval.gallery_every
-            result = validate(self.model, self.val_loader, self.criterion, cfg.eval, self.device, self.state.step,
-                              amp=self.amp, num_images=cfg.eval.num_logged_images,
-                              gallery=every > 0 and (epoch % every == 0 or epoch == cfg.train.epochs))
-            val_time = time.time() - t0
-            row = {"epoch": epoch, "step": self.state.step, "lr": self.optimizer.param_groups[0]["lr"],
-                   **{f"train/{k}": v for k, v in outcome.means.items()}, **result.metrics,
-                   "train_time_s": train_time, "val_time_s": val_time, "pictures_time_s": result.pictures_time_s}
+            row, result = self._validate(epoch, outcome, train_time)
             self.state.epoch = epoch
             self.state.history.append(row)
-            self._last_pr_curve = result.pr_curve
-            self._log_epoch(epoch, row, result)
+            if result is not None:
+                self._last_pr_curve = result.pr_curve
+                self._log_epoch(epoch, row, result)
             if self.early_stopping.update(epoch, row):
                 self.state.best = dict(row)
                 self._save("best.pt")
@@ -297,7 +338,8 @@ class Trainer:
             if not repaired and not self.diagnoser.status.stop and math.isfinite(row.get("val/loss_total", math.nan)):
                 self._take_snapshot()
             self._save("last.pt")
-            write_csv(self.run_dir / "metrics.csv", self.state.history, METRIC_COLUMNS)
+            if self.is_main:
+                write_csv(self.run_dir / "metrics.csv", self.state.history, METRIC_COLUMNS)
             self._write_summary()
             epochs.set_postfix(miou=f"{row.get('val/miou', 0.0):.3f}", recall=f"{row.get('val/recall', 0.0):.3f}")
             end_status, end_message = self._end_of_epoch_decision(outcome)
@@ -307,10 +349,30 @@ class Trainer:
                 return
         self.status, self.message = "completed", ""
 
+    def _validate(self, epoch: int, outcome: EpochOutcome,
+                  train_time: float) -> tuple[dict[str, float], Optional[ValidationResult]]:
+        """The epoch's metrics row, and the validation result on the rank that validated.
+
+        Under torchrun rank 0 validates the whole val split alone while the others wait; they receive
+        its row, so every rank's early stopping, diagnosis and repairs decide alike.
+        """
+        cfg, result, row = self.cfg, None, None
+        if self.is_main:
+            t0 = time.time()
+            every = cfg.eval.gallery_every
+            result = validate(self.model, self.val_loader, self.criterion, cfg.eval, self.device, self.state.step,
+                              amp=self.amp, num_images=cfg.eval.num_logged_images,
+                              gallery=every > 0 and (epoch % every == 0 or epoch == cfg.train.epochs))
+            val_time = time.time() - t0
+            row = {"epoch": epoch, "step": self.state.step, "lr": self.optimizer.param_groups[0]["lr"],
+                   **{f"train/{k}": v for k, v in outcome.means.items()}, **result.metrics,
+                   "train_time_s": train_time, "val_time_s": val_time, "pictures_time_s": result.pictures_time_s}
+        return broadcast_object(row), result
+
     def _test(self) -> None:
         """``eval.test_protocol``: score last.pt once into test.json (kept; a resumed run does not redo it)."""
         protocol, last = self.cfg.eval.test_protocol, self.run_dir / "checkpoints" / "last.pt"
-        if not protocol or self.status == "diverged" or not last.is_file() or (self.run_dir / "test.json").is_file():
+        if not self.is_main or not protocol or self.status == "diverged" or not last.is_file() or (self.run_dir / "test.json").is_file():
             return
         from detlab.evaluation import test_after_training
 
@@ -337,21 +399,25 @@ class Trainer:
         return None, ""
 
     def _reseed(self, epoch: int) -> None:
-        seed = epoch_seed(self.cfg.train.seed, epoch)
+        seed = epoch_seed(self.cfg.train.seed, epoch, self.rank)
         seed_everything(seed)
         generator = getattr(self.train_loader, "generator", None)
         if generator is not None:
             generator.manual_seed(seed)
+        if self.train_sampler is not None:
+            self.train_sampler.set_epoch(epoch)
 
     def _train_epoch(self, epoch: int) -> EpochOutcome:
         cfg = self.cfg
-        self.model.train()
+        self.parts.model.train()
         sums = dict.fromkeys(LOSS_KEYS, 0.0)
         seen = 0
         bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{cfg.train.epochs}", unit="batch", leave=False,
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, disable=not self.is_main)
         for images, targets in bar:
-            if images.shape[0] == 0:  # every image of the batch was unreadable (dataset.on_bad_image=skip)
+            # Every image of the batch was unreadable (dataset.on_bad_image=skip); under torchrun all
+            # ranks skip the step together.
+            if any_rank(images.shape[0] == 0, self.device):
                 continue
             step = self.state.step
             images = images.to(self.device, non_blocking=True)
@@ -456,7 +522,7 @@ class Trainer:
     def _log_training_samples(self) -> None:
         """``train.sample_grid`` augmented training images with their boxes, once, before the first step."""
         count = self.cfg.train.sample_grid
-        if not count or self.state.step > 0:
+        if not self.is_main or not count or self.state.step > 0:
             return
         grid = training_samples(self.train_set, self.train_loader.collate_fn, count, self.cfg.train.seed)
         if grid is not None:
@@ -465,7 +531,7 @@ class Trainer:
 
     def _write_plots(self) -> None:
         """``train.plots``: the learning curves and the last validation's PR curve as PNGs in plots/."""
-        if not self.cfg.train.plots or not self.state.history:
+        if not self.is_main or not self.cfg.train.plots or not self.state.history:
             return
         title = f"{self.run_dir.name}: {self.status}, {self.state.epoch} epochs"
         try:
@@ -486,6 +552,8 @@ class Trainer:
             self.writer.add_text(f"diagnosis/{finding.detector}", finding.console_line(), step)
 
     def _save(self, name: str) -> None:
+        if not self.is_main:
+            return
         model_state = self.model.state_dict()
         if not all_finite(model_state):
             # Never replace a usable checkpoint with NaN weights; say so in the run's record instead.
@@ -529,6 +597,8 @@ class Trainer:
         return dict(self.state.history[-1]) if self.state.history else {}
 
     def _finish_tensorboard(self) -> None:
+        if not self.is_main:
+            return
         final = self._final_metrics()
         metrics = {k.replace("val/", "final_"): final[k] for k in ("val/miou", "val/recall", "val/precision",
                                                                   "val/ap50", "val/fp", "val/tp") if k in final}
@@ -559,13 +629,15 @@ class Trainer:
             "test": read_test(self.run_dir),
             "wall_time_s": round(self._elapsed(), 3),
             "device": str(getattr(self, "device", "")),
+            "processes": self.world_size,  # > 1: torchrun's DistributedDataParallel
         }
         criterion = getattr(self, "criterion", None)
         if self.cfg.loss.rebalance.enabled and criterion is not None:
             summary["loss_rebalance"] = criterion.rebalancer.state_dict()  # the box weight's factor, its updates
         if getattr(self, "_traceback", None):
             summary["traceback"] = self._traceback
-        write_json(self.run_dir / "summary.json", summary)
+        if self.is_main:
+            write_json(self.run_dir / "summary.json", summary)
         return summary
 
 

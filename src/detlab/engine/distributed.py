@@ -1,0 +1,154 @@
+"""Multi-process training under ``torchrun`` (DistributedDataParallel): process group, ranks, reductions.
+
+``torchrun --nproc_per_node=N train.py ...`` starts N copies of train.py with ``RANK``,
+``LOCAL_RANK`` and ``WORLD_SIZE`` set; ``init_from_environment`` joins them into one process group
+(``gloo`` on the CPU, ``nccl`` on CUDA). A plain ``python train.py`` has no such variables and runs
+as before, without a process group. The helpers below are no-ops without one, so callers need no
+branches of their own (DETR's ``util/misc.py`` works the same way).
+
+What is decided here, and documented in the README ("Scaling out"):
+
+- each rank trains on ``train.batch_size / world_size`` images per step (the global batch, the
+  learning rate and the schedule are those of a single-process run);
+- the training set is split by ``torch.utils.data.DistributedSampler`` seeded by ``train.seed`` and
+  re-seeded every epoch (``set_epoch``), so a run resumed at an epoch boundary replays its batches;
+- rank 0 alone validates (on the whole val split) and writes every file; the other ranks receive
+  its metrics, so every rank takes the same early-stopping, diagnosis and repair decisions.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from detlab.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+class DistributedSetupError(UserError, RuntimeError):
+    """torchrun's environment and the config disagree (a batch that does not split, nccl without CUDA)."""
+
+
+def launched_by_torchrun() -> bool:
+    """Whether torchrun (or another launcher setting its variables) started this process."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def is_main_process() -> bool:
+    """Rank 0, the only process that writes logs, TensorBoard, checkpoints and ``summary.json``."""
+    return get_rank() == 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def local_world_size() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+
+
+def choose_backend(backend: str, device_name: str) -> str:
+    """``auto``: ``nccl`` when the run trains on CUDA, else ``gloo``."""
+    cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if backend == "auto":
+        return "nccl" if cuda else "gloo"
+    if backend == "nccl" and not cuda:
+        raise DistributedSetupError(f"train.dist_backend=nccl needs CUDA, but train.device={device_name} "
+                                    f"{'' if torch.cuda.is_available() else '(no CUDA device here) '}"
+                                    f"trains on the CPU; use train.dist_backend=gloo or auto")
+    return backend
+
+
+def init_from_environment(backend: str, device_name: str, batch_size: int, timeout_min: float = 30.0) -> bool:
+    """Join torchrun's process group (when launched by it); returns whether this is a distributed run.
+
+    Checks, before any collective: ``batch_size`` splits evenly over the processes. On CUDA each
+    process uses the GPU of its ``LOCAL_RANK``.
+    """
+    if not launched_by_torchrun() or is_initialized():
+        return is_initialized()
+    world_size = int(os.environ["WORLD_SIZE"])
+    if batch_size % world_size:
+        raise DistributedSetupError(
+            f"config error: train.batch_size={batch_size} does not split over the {world_size} processes torchrun "
+            f"started (WORLD_SIZE={world_size}): each process trains on batch_size / world_size images; choose a "
+            f"multiple of {world_size}")
+    name = choose_backend(backend, device_name)
+    if name == "nccl":
+        if local_rank() >= torch.cuda.device_count():
+            raise DistributedSetupError(f"LOCAL_RANK={local_rank()} but this machine has {torch.cuda.device_count()} "
+                                        f"CUDA device(s): start at most that many processes per node")
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(name, timeout=datetime.timedelta(minutes=timeout_min))
+    log.info("process group: %s, rank %d of %d (local rank %d)", name, get_rank(), get_world_size(), local_rank())
+    return True
+
+
+def shutdown() -> None:
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_object(value: Any, src: int = 0) -> Any:
+    """``value`` as rank ``src`` has it (a picklable object); unchanged without a process group."""
+    if not is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over the ranks (in place, also returned); unchanged without a process group."""
+    if is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` holds on any rank: a decision every rank must take together."""
+    if not is_initialized():
+        return flag
+    return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)
+
+
+def combined_grad_norm(per_rank_norm: Optional[float], device: torch.device) -> Optional[float]:
+    """The gradient norm of the global batch's loss with respect to all ranks' features, from each
+    rank's norm of its own loss (which the criterion scales by ``world_size``, see
+    ``MultiBoxLoss.forward``): ``sqrt(sum_r norm_r ** 2) / world_size``."""
+    world = get_world_size()
+    if per_rank_norm is None or world == 1:
+        return per_rank_norm
+    total = all_reduce_sum(torch.tensor([per_rank_norm ** 2], dtype=torch.float64, device=device))
+    return float(total.sqrt().item()) / world
+
+
+def combined_mean_std(values: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard deviation of ``values`` over all ranks' elements (each rank passes its own)."""
+    flat = values.detach().double().flatten()
+    sums = all_reduce_sum(torch.stack([flat.sum(), (flat * flat).sum(), torch.tensor(float(flat.numel()),
+                                                                                      dtype=torch.float64,
+                                                                                      device=flat.device)]))
+    total, squares, count = sums.tolist()
+    mean = total / count
+    variance = max(squares / count - mean * mean, 0.0) * count / max(count - 1.0, 1.0)
+    return mean, variance ** 0.5
+
