@@ -121,3 +121,18 @@ def test_without_torchrun_the_helpers_are_single_process(monkeypatch):
     assert distributed.broadcast_object({"a": 1}) == {"a": 1}
     assert distributed.combined_grad_norm(2.5, torch.device("cpu")) == 2.5
     assert distributed.any_rank(True, torch.device("cpu")) is True
+
+
+def test_the_backend_is_validated_with_its_key_named(tiny_config, synthetic_root):
+    from detlab.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.dist_backend='mpi'"):
+        tiny_config(synthetic_root, "train.dist_backend=mpi")
+
+
+@pytest.mark.slow
+def test_a_sweep_under_torchrun_is_refused_in_one_line(tmp_path):
+    proc = torchrun(1, "-m", "train.epochs=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert proc.returncode != 0
+    assert "-m (a sweep) under torchrun" in proc.stderr
+    assert not (tmp_path / "sweep").exists() or not list((tmp_path / "sweep").glob("*/summary.json"))
