@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from detlab.config import ConfigError
 from detlab.engine import distributed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,7 +101,7 @@ def test_only_rank_zero_writes_and_a_resumed_run_replays_its_batches(runs):
 def test_a_batch_that_does_not_split_over_the_processes_is_refused(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(distributed.DistributedSetupError, match=r"train.batch_size=8 does not split over the 3"):
+    with pytest.raises(ConfigError, match=r"train.batch_size=8 does not split over the 3"):
         distributed.init_from_environment("gloo", "cpu", batch_size=8)
     assert not distributed.is_initialized()
 
@@ -108,7 +109,7 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(monkeypatch):
 def test_nccl_needs_cuda():
     assert distributed.choose_backend("auto", "cpu") == "gloo"
     assert distributed.choose_backend("gloo", "cpu") == "gloo"
-    with pytest.raises(distributed.DistributedSetupError, match="train.dist_backend=nccl needs CUDA"):
+    with pytest.raises(ConfigError, match="train.dist_backend=nccl needs CUDA"):
         distributed.choose_backend("nccl", "cpu")
 
 
@@ -124,10 +125,16 @@ def test_without_torchrun_the_helpers_are_single_process(monkeypatch):
 
 
 def test_the_backend_is_validated_with_its_key_named(tiny_config, synthetic_root):
-    from detlab.config import ConfigError
-
     with pytest.raises(ConfigError, match=r"train.dist_backend='mpi'"):
         tiny_config(synthetic_root, "train.dist_backend=mpi")
+
+
+@pytest.mark.slow
+def test_a_config_error_is_one_line_from_rank_zero_alone(tmp_path):
+    proc = torchrun(2, "train.batch_size=7", f"hydra.run.dir={tmp_path / 'h'}", f"run_dir={tmp_path / 'run'}")
+    assert proc.returncode != 0
+    assert proc.stderr.count("train.batch_size=7 does not split over the 2 processes") == 1
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

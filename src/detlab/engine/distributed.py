@@ -26,13 +26,17 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from detlab.config import ConfigError
 from detlab.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
 class DistributedSetupError(UserError, RuntimeError):
-    """torchrun's environment and the config disagree (a batch that does not split, nccl without CUDA)."""
+    """torchrun's environment cannot run this job (more processes than GPUs or than training images).
+
+    Config values that cannot work under torchrun (a batch that does not split, nccl without CUDA)
+    are ``ConfigError``s: every rank finds them alike, so only rank 0 reports them."""
 
 
 def launched_by_torchrun() -> bool:
@@ -71,7 +75,7 @@ def choose_backend(backend: str, device_name: str) -> str:
     if backend == "auto":
         return "nccl" if cuda else "gloo"
     if backend == "nccl" and not cuda:
-        raise DistributedSetupError(f"train.dist_backend=nccl needs CUDA, but train.device={device_name} "
+        raise ConfigError(f"config error: train.dist_backend=nccl needs CUDA, but train.device={device_name} "
                                     f"{'' if torch.cuda.is_available() else '(no CUDA device here) '}"
                                     f"trains on the CPU; use train.dist_backend=gloo or auto")
     return backend
@@ -87,7 +91,7 @@ def init_from_environment(backend: str, device_name: str, batch_size: int, timeo
         return is_initialized()
     world_size = int(os.environ["WORLD_SIZE"])
     if batch_size % world_size:
-        raise DistributedSetupError(
+        raise ConfigError(
             f"config error: train.batch_size={batch_size} does not split over the {world_size} processes torchrun "
             f"started (WORLD_SIZE={world_size}): each process trains on batch_size / world_size images; choose a "
             f"multiple of {world_size}")
