@@ -74,16 +74,14 @@ def threads_per_job(hydra_cfg) -> int | None:
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(raw: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
-    # Every torchrun rank validates the same config: rank 0 alone says what is wrong with it.
-    unreported = (ConfigError,) if int(os.environ.get("RANK", "0")) > 0 else ()
     if hydra_cfg.mode == RunMode.MULTIRUN and "WORLD_SIZE" in os.environ:
-        with report_user_errors(unreported):
+        with report_user_errors():
             raise ConfigError("config error: -m (a sweep) under torchrun: torchrun trains one run over several "
                               "processes; sweep with python train.py -m (hydra/launcher=slurm for a cluster)")
     if hydra_cfg.mode != RunMode.MULTIRUN:
         # A user error (bad value, annotation, image, checkpoint, busy run folder) is one line on
         # stderr and exit code 2; DETLAB_DEBUG=1 or HYDRA_FULL_ERROR=1 shows the traceback.
-        with report_user_errors(unreported):
+        with report_user_errors():
             return run(raw, hydra_cfg, multirun=False)
     try:
         return run(raw, hydra_cfg, multirun=True)

@@ -44,15 +44,13 @@ def _is_path_error(error: BaseException) -> bool:
 
 
 @contextmanager
-def report_user_errors(unreported: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+def report_user_errors() -> Iterator[None]:
     """A ``UserError`` (or an OS error about a named path, or a full disk) raised inside ends the
-    process: its message as one line on stderr, exit 2. Errors of the ``unreported`` types exit 2
-    without the line (torchrun's ranks other than 0, for errors rank 0 reports the same)."""
+    process: its message as one line on stderr, exit 2."""
     try:
         yield
     except (UserError, OSError) as error:
         if debug_requested() or not (isinstance(error, UserError) or _is_path_error(error)):
             raise
-        if not isinstance(error, unreported):
-            print(one_line(error), file=sys.stderr, flush=True)
+        print(one_line(error), file=sys.stderr, flush=True)
         raise SystemExit(EXIT_USER_ERROR) from None

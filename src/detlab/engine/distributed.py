@@ -36,7 +36,7 @@ class DistributedSetupError(UserError, RuntimeError):
     """torchrun's environment cannot run this job (more processes than GPUs or than training images).
 
     Config values that cannot work under torchrun (a batch that does not split, nccl without CUDA)
-    are ``ConfigError``s: every rank finds them alike, so only rank 0 reports them."""
+    are ``ConfigError``s, with the key named."""
 
 
 def launched_by_torchrun() -> bool:
@@ -75,20 +75,20 @@ def choose_backend(backend: str, device_name: str) -> str:
     if backend == "auto":
         return "nccl" if cuda else "gloo"
     if backend == "nccl" and not cuda:
-        raise ConfigError(f"config error: train.dist_backend=nccl needs CUDA, but train.device={device_name} "
-                                    f"{'' if torch.cuda.is_available() else '(no CUDA device here) '}"
-                                    f"trains on the CPU; use train.dist_backend=gloo or auto")
+        where = "" if torch.cuda.is_available() else " (no CUDA device here)"
+        raise ConfigError(f"config error: train.dist_backend=nccl needs CUDA, but train.device={device_name}{where} "
+                          f"trains on the CPU; use train.dist_backend=gloo or auto")
     return backend
 
 
-def init_from_environment(backend: str, device_name: str, batch_size: int, timeout_min: float = 30.0) -> bool:
-    """Join torchrun's process group (when launched by it); returns whether this is a distributed run.
+def init_from_environment(backend: str, device_name: str, batch_size: int, timeout_min: float = 30.0) -> None:
+    """Join torchrun's process group (when launched by it and not joined yet).
 
     Checks, before any collective: ``batch_size`` splits evenly over the processes. On CUDA each
     process uses the GPU of its ``LOCAL_RANK``.
     """
     if not launched_by_torchrun() or is_initialized():
-        return is_initialized()
+        return
     world_size = int(os.environ["WORLD_SIZE"])
     if batch_size % world_size:
         raise ConfigError(
@@ -103,7 +103,6 @@ def init_from_environment(backend: str, device_name: str, batch_size: int, timeo
         torch.cuda.set_device(local_rank())
     dist.init_process_group(name, timeout=datetime.timedelta(minutes=timeout_min))
     log.info("process group: %s, rank %d of %d (local rank %d)", name, get_rank(), get_world_size(), local_rank())
-    return True
 
 
 def shutdown() -> None:
@@ -148,10 +147,8 @@ def combined_grad_norm(per_rank_norm: Optional[float], device: torch.device) -> 
 def combined_mean_std(values: torch.Tensor) -> tuple[float, float]:
     """Mean and standard deviation of ``values`` over all ranks' elements (each rank passes its own)."""
     flat = values.detach().double().flatten()
-    sums = all_reduce_sum(torch.stack([flat.sum(), (flat * flat).sum(), torch.tensor(float(flat.numel()),
-                                                                                      dtype=torch.float64,
-                                                                                      device=flat.device)]))
-    total, squares, count = sums.tolist()
+    count = torch.full((), float(flat.numel()), dtype=torch.float64, device=flat.device)
+    total, squares, count = all_reduce_sum(torch.stack([flat.sum(), flat.square().sum(), count])).tolist()
     mean = total / count
     variance = max(squares / count - mean * mean, 0.0) * count / max(count - 1.0, 1.0)
     return mean, variance ** 0.5

@@ -415,9 +415,10 @@ class Trainer:
         bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{cfg.train.epochs}", unit="batch", leave=False,
                    dynamic_ncols=True, disable=not self.is_main)
         for images, targets in bar:
-            # Every image of the batch was unreadable (dataset.on_bad_image=skip); under torchrun all
-            # ranks skip the step together.
-            if any_rank(images.shape[0] == 0, self.device):
+            # Every image of the batch was unreadable (only dataset.on_bad_image=skip leaves such a
+            # batch); under torchrun all ranks skip the step together.
+            empty = images.shape[0] == 0
+            if any_rank(empty, self.device) if cfg.dataset.on_bad_image == "skip" else empty:
                 continue
             step = self.state.step
             images = images.to(self.device, non_blocking=True)
