@@ -33,7 +33,7 @@ register_configs()
 
 @hydra.main(config_path="configs", config_name="evaluate", version_base="1.3")
 def main(raw: DictConfig) -> None:
-    from detlab.fileio import json_default, write_json
+    from detlab.runtime.fileio import json_default, write_json
 
     # A user error (bad argument, checkpoint, dataset) is one line on stderr and exit code 2;
     # DETLAB_DEBUG=1 or HYDRA_FULL_ERROR=1 shows the traceback.

@@ -86,7 +86,7 @@ def main(raw: DictConfig) -> float | None:
     try:
         return run(raw, hydra_cfg, multirun=True)
     except Exception as error:  # noqa: BLE001 - in a sweep a failing run is a result, not a reason to stop
-        from detlab.fileio import LockedError
+        from detlab.runtime.fileio import LockedError
 
         run_dir = raw.get("run_dir") or hydra_cfg.runtime.output_dir
         message = one_line(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
@@ -114,7 +114,7 @@ def run(raw: DictConfig, hydra_cfg, multirun: bool) -> float | None:
             log.warning("resuming %s with its own config; ignoring %s", run_dir, " ".join(ignored))
     if cfg.train.torch_threads is None and multirun:
         cfg.train.torch_threads = threads_per_job(hydra_cfg)
-    from detlab.engine import distributed
+    from detlab.runtime import distributed
 
     if distributed.launched_by_torchrun():
         import torch

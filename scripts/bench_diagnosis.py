@@ -165,7 +165,7 @@ def worker(spec: RunSpec) -> None:
     from detlab.config import compose_config
     from detlab.diagnosis import Diagnoser
     from detlab.engine.trainer import train
-    from detlab.fileio import write_json
+    from detlab.runtime.fileio import write_json
 
     overrides = [o for o in spec.overrides if not o.startswith("inject:")]
     for o in spec.overrides:
@@ -257,7 +257,7 @@ def replay_findings(run_dir: Path, steps: list[dict[str, float]], epochs: list[d
 
     from detlab.config import compose_config, load_saved_config
     from detlab.diagnosis import Diagnoser
-    from detlab.engine.schedule import stage_boundaries
+    from detlab.schedule import stage_boundaries
 
     cfg = load_saved_config(OmegaConf.load(run_dir / "config.yaml"))
     cfg.diagnosis = compose_config(CONFIGS, diagnosis_overrides).diagnosis
@@ -582,7 +582,7 @@ def main() -> int:
         else:
             print(f"no {args.reference}: no rescue figures (re-score the reference with --replay first)", flush=True)
     report["rescue"] = rescue(results, reference) if args.repairs else None
-    from detlab.fileio import atomic_write_text, write_json
+    from detlab.runtime.fileio import atomic_write_text, write_json
 
     name = "bench_diagnosis_replay" if args.replay else "bench_diagnosis"
     write_json(out / f"{name}.json", report)

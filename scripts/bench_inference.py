@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from detlab.errors import UserError, report_user_errors
-from detlab.fileio import atomic_write_text
+from detlab.runtime.fileio import atomic_write_text
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -57,7 +57,7 @@ def bench_images(limit: int) -> tuple[list, str]:
 
 def time_pair(checkpoint: Path, size: tuple[int, int], threads: int, images: list, warmup: int,
               block: int = 12) -> dict:
-    from detlab.engine.checkpoint import load_trained
+    from detlab.runtime.checkpoint import load_trained
     from detlab.export import ExportConfig, OnnxModelsBySize, export_checkpoint, load_exported
     from detlab.predict import ModelsBySize, OriginalSizeImages, predict_image
 

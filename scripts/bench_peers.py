@@ -39,7 +39,7 @@ from detlab.config import Config, compose_config
 from detlab.data import build_datasets
 from detlab.data.wider import read_image_rgb
 from detlab.errors import UserError, report_user_errors
-from detlab.fileio import atomic_write_text
+from detlab.runtime.fileio import atomic_write_text
 from detlab.wider_eval import evaluate_wider, load_wider_ground_truth
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -114,7 +114,7 @@ def detlab_detector(checkpoint: Path, threads: int, backend: str = "pytorch",
 
     from detlab.config import test_input_size
     from detlab.data.transforms import build_transforms
-    from detlab.engine.checkpoint import load_trained
+    from detlab.runtime.checkpoint import load_trained
     from detlab.predict import ModelsBySize, OriginalSizeImages, predict_image
     from detlab.wider_eval import xyxy_to_submission
 

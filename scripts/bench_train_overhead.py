@@ -21,7 +21,7 @@ import torch
 from detlab.config import compose_config
 from detlab.data import build_datasets, build_loader
 from detlab.diagnosis import Diagnoser
-from detlab.engine.schedule import stage_boundaries
+from detlab.schedule import stage_boundaries
 from detlab.engine.step import build_training
 from detlab.engine.validation import validate
 from detlab.errors import report_user_errors

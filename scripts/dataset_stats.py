@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from detlab.config import register_configs, to_config
 from detlab.errors import report_user_errors
-from detlab.fileio import atomic_write_text
+from detlab.runtime.fileio import atomic_write_text
 
 log = logging.getLogger("dataset_stats")
 register_configs()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from detlab.engine.pictures import curves_png
 from detlab.errors import UserError, report_user_errors
-from detlab.fileio import atomic_write_bytes
+from detlab.runtime.fileio import atomic_write_bytes
 from detlab.report import read_metrics_csv
 
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from detlab.errors import UserError, report_user_errors
-from detlab.fileio import atomic_write_text
+from detlab.runtime.fileio import atomic_write_text
 from detlab.report import format_counts
 from detlab.results import (
     block_names,

@@ -3,8 +3,8 @@ import csv
 import pytest
 import torch
 
-from detlab.engine.checkpoint import CheckpointError, find_resume_checkpoint, load_checkpoint, save_checkpoint
-from detlab.fileio import atomic_write_text, write_csv
+from detlab.runtime.checkpoint import CheckpointError, find_resume_checkpoint, load_checkpoint, save_checkpoint
+from detlab.runtime.fileio import atomic_write_text, write_csv
 
 
 def test_checkpoint_round_trip_with_weights_only(tmp_path):
@@ -23,7 +23,7 @@ def test_atomic_write_keeps_old_file_and_no_temp_when_rename_fails(tmp_path, mon
     def failing_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr("detlab.fileio.os.replace", failing_replace)
+    monkeypatch.setattr("detlab.runtime.fileio.os.replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
         atomic_write_text(target, "new")
     assert target.read_text() == "old"

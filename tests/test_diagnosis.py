@@ -28,7 +28,7 @@ from detlab.diagnosis import (
     is_finite_loss,
     loss_term_grad_norms,
 )
-from detlab.engine.schedule import StageBoundaries
+from detlab.schedule import StageBoundaries
 
 ROOT = Path(__file__).resolve().parents[1]
 

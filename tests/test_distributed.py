@@ -20,7 +20,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from detlab.config import ConfigError
-from detlab.engine import distributed
+from detlab.runtime import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 

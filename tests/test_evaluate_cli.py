@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from detlab.config import Config
 from detlab.data import build_datasets, build_loader
-from detlab.engine.checkpoint import CheckpointError
+from detlab.runtime.checkpoint import CheckpointError
 from detlab.evaluation import EvaluateConfig, EvaluationError, eval_keys_of, evaluate_checkpoint, format_table
 from detlab.model import build_model
 

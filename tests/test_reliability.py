@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from detlab.config import ConfigError, compose_config
-from detlab.engine.checkpoint import CheckpointError, all_finite, load_checkpoint, load_weights, save_checkpoint
-from detlab.fileio import LockedError, exclusive_lock
+from detlab.runtime.checkpoint import CheckpointError, all_finite, load_checkpoint, load_weights, save_checkpoint
+from detlab.runtime.fileio import LockedError, exclusive_lock
 from detlab.model import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +68,7 @@ def test_all_finite():
 def test_lock_refuses_a_second_holder_with_its_pid(tmp_path):
     lock = tmp_path / "run" / ".lock"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from detlab.fileio import exclusive_lock\n"
+        "import sys, time; from detlab.runtime.fileio import exclusive_lock\n"
         f"with exclusive_lock({str(lock)!r}, 'x'):\n    print('held', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True)
     try:

@@ -10,7 +10,7 @@ import torch
 from detlab.config import DivergenceConfig, RebalanceConfig, ScheduleConfig
 from detlab.diagnosis import DIVERGENCE, Diagnoser, DiagnosisConfig
 from detlab.engine.repair import Rollback
-from detlab.engine.schedule import StageBoundaries, build_scheduler, scale_learning_rate
+from detlab.schedule import StageBoundaries, build_scheduler, scale_learning_rate
 from detlab.engine.step import dead_gradient_share
 from detlab.loss import LossRebalancer
 from detlab.model import BoxCoder, generate_anchors

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from detlab.config import ScheduleConfig, StageConfig
-from detlab.engine.schedule import build_scheduler, stage_boundaries, warmup_steps
+from detlab.schedule import build_scheduler, stage_boundaries, warmup_steps
 
 
 def _lrs(cfg: ScheduleConfig, total: int, steps_per_epoch: int = 10, lr: float = 0.1) -> list[float]:

@@ -69,7 +69,7 @@ from typing import Any, ClassVar, Iterable, Mapping, NamedTuple, Optional, Seque
 import torch
 
 from detlab.config import Config, DiagnosisConfig
-from detlab.engine.schedule import StageBoundaries
+from detlab.schedule import StageBoundaries
 
 EARLY, MID, LATE = "early", "mid", "late"
 

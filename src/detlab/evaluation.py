@@ -127,8 +127,8 @@ def with_eval_overrides(trained: Config, values: EvalConfig, eval_keys: Sequence
 def evaluate_checkpoint(run: EvaluateConfig, eval_keys: Sequence[str] = ()) -> dict[str, Any]:
     """Predict and score; returns the result dict ``evaluate.py`` prints (see its docstring)."""
     from detlab.data import build_datasets, build_loader, build_predict_dataset
-    from detlab.engine.checkpoint import load_trained, load_weights
-    from detlab.engine.device import select_device
+    from detlab.runtime.checkpoint import load_trained, load_weights
+    from detlab.runtime.device import select_device
     from detlab.metrics import DetectionEvaluator
     from detlab.model import build_model
     from detlab.predict import (

@@ -121,7 +121,7 @@ class VideoFrames:
 
 def load_predictor(run: PredictConfig, eval_keys: Sequence[str] = ()) -> tuple[Any, EvalConfig, Any, Any]:
     """``(models by input size, eval settings, device, training config)`` for ``run.backend``."""
-    from detlab.engine.device import select_device
+    from detlab.runtime.device import select_device
     from detlab.evaluation import with_eval_overrides
     from detlab.predict import ModelsBySize
 
@@ -142,7 +142,7 @@ def load_predictor(run: PredictConfig, eval_keys: Sequence[str] = ()) -> tuple[A
         device = select_device("cpu")
         models = OnnxModelsBySize(run.checkpoint, session, trained.model)
     else:
-        from detlab.engine.checkpoint import load_trained
+        from detlab.runtime.checkpoint import load_trained
 
         if onnx_file:
             raise PredictError(f"checkpoint={run.checkpoint}: an ONNX export; add backend=onnx to run it")
@@ -158,7 +158,7 @@ def predict_images(run: PredictConfig, eval_keys: Sequence[str] = (), out_dir: O
     import cv2
 
     from detlab.data.wider import read_image_rgb
-    from detlab.fileio import atomic_path, write_jpeg, write_json
+    from detlab.runtime.fileio import atomic_path, write_jpeg, write_json
     from detlab.predict import OriginalSizeImages, predict_image
 
     video = is_video(run.source)

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import AdaptiveWeightsConfig, Config, LossConfig, RebalanceConfig
-from .engine.distributed import all_reduce_sum, get_world_size
+from .runtime.distributed import all_reduce_sum, get_world_size
 from .model.box_coder import BoxCoder
 from .model.matching import IGNORE, Assignment, match_anchors
 

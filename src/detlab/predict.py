@@ -153,7 +153,7 @@ class ModelsBySize:
         """The model for a ``width x height`` input, on ``device``, in eval mode."""
         from dataclasses import replace
 
-        from detlab.engine.checkpoint import load_weights
+        from detlab.runtime.checkpoint import load_weights
         from detlab.model import build_model
 
         model = build_model(replace(self.model_cfg, input_width=width, input_height=height))

@@ -31,7 +31,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from detlab.fileio import atomic_binary_writer, atomic_write_text
+from detlab.runtime.fileio import atomic_binary_writer, atomic_write_text
 
 STATUSES = ("completed", "diverged", "failed", "stopped", "running")
 FAILED_STATUSES = ("diverged", "failed")

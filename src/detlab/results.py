@@ -352,7 +352,7 @@ def plot_stage_run(run: RunResult, title: str = "") -> Figure:
 
 
 def save_png(fig: Figure, path: Path | str) -> Path:
-    from detlab.fileio import atomic_binary_writer
+    from detlab.runtime.fileio import atomic_binary_writer
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,7 @@ from typing import Iterable, Mapping, Optional
 import numpy as np
 
 from detlab.errors import UserError, debug_requested, one_line
-from detlab.fileio import atomic_write_text
+from detlab.runtime.fileio import atomic_write_text
 from detlab.metrics import ap_voc
 
 SETTINGS = ("easy", "medium", "hard")

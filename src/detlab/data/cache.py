@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import cv2
 import numpy as np
 
-from detlab.fileio import atomic_binary_writer
+from detlab.runtime.fileio import atomic_binary_writer
 
 CACHE_MODES = ("none", "ram", "disk")
 # Part of the disk entries' names. 2: the decoder rejects truncated JPEG/PNG files, which version 1

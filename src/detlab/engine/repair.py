@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 
 from detlab.config import DivergenceConfig
-from detlab.engine.schedule import scale_learning_rate
+from detlab.schedule import scale_learning_rate
 
 
 @dataclass

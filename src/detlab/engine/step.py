@@ -17,9 +17,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from detlab.config import Config
 from detlab.diagnosis import loss_term_grad_norms
-from detlab.engine.distributed import combined_grad_norm, combined_mean_std
+from detlab.runtime.distributed import combined_grad_norm, combined_mean_std
 from detlab.engine.optim import build_optimizer
-from detlab.engine.schedule import build_scheduler
+from detlab.schedule import build_scheduler
 from detlab.loss import MultiBoxLoss, build_criterion
 from detlab.model import build_model
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from detlab.config import METRIC_COLUMNS, Config, as_flat_dict
 from detlab.data import BadImageError, build_datasets, build_loader
 from detlab.diagnosis import DIVERGENCE, Diagnoser, Finding, StopReason
-from detlab.engine.checkpoint import (
+from detlab.runtime.checkpoint import (
     CheckpointError,
     all_finite,
     find_resume_checkpoint,
@@ -33,8 +33,8 @@ from detlab.engine.checkpoint import (
     load_weights,
     save_checkpoint,
 )
-from detlab.engine.device import select_device
-from detlab.engine.distributed import (
+from detlab.runtime.device import select_device
+from detlab.runtime.distributed import (
     DistributedSetupError,
     any_rank,
     broadcast_object,
@@ -45,13 +45,13 @@ from detlab.engine.distributed import (
 )
 from detlab.engine.early_stopping import EarlyStopping
 from detlab.engine.repair import Rollback
-from detlab.engine.schedule import StageBoundaries, stage_boundaries
+from detlab.schedule import StageBoundaries, stage_boundaries
 from detlab.engine.step import StepRecord, build_training
 from detlab.engine.pictures import curves_png, pr_curve_png, training_samples
 from detlab.engine.tensorboard import DiscardingWriter, add_pr_curve, add_scalars, open_writer, write_hparams
 from detlab.engine.validation import ValidationResult, validate
 from detlab.errors import UserError
-from detlab.fileio import (
+from detlab.runtime.fileio import (
     atomic_write_bytes,
     atomic_write_text,
     exclusive_lock,
@@ -144,7 +144,7 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     """One training run writing into ``run_dir`` (see docs/architecture.md, "Run directory").
 
-    Under ``torchrun`` (``detlab.engine.distributed``) every rank builds a Trainer; the model steps
+    Under ``torchrun`` (``detlab.runtime.distributed``) every rank builds a Trainer; the model steps
     as a ``DistributedDataParallel`` and rank 0 alone validates and writes files.
     """
 

@@ -10,7 +10,7 @@ import torch
 
 from detlab.config import Config, load_saved_config
 from detlab.errors import UserError
-from detlab.fileio import atomic_write_bytes
+from detlab.runtime.fileio import atomic_write_bytes
 
 
 class CheckpointError(UserError, ValueError):

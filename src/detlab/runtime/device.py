@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from detlab.engine.distributed import is_initialized, local_rank
+from detlab.runtime.distributed import is_initialized, local_rank
 from detlab.errors import UserError
 
 
