@@ -14,7 +14,7 @@ import pytest
 from scipy.io import savemat
 
 # metrics.csv's own column list, so the fabricated runs cannot drift from what runs write.
-from detlab.config import METRIC_COLUMNS
+from detlab.run_record import METRIC_COLUMNS
 
 
 def find_widerface() -> Path | None:

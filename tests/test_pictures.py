@@ -11,7 +11,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from detlab.config import EvalConfig, METRIC_COLUMNS
+from detlab.config import EvalConfig
+from detlab.run_record import METRIC_COLUMNS
 from detlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from detlab.engine.pictures import TILE, ErrorGallery
 from detlab.engine.trainer import train

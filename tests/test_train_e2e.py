@@ -11,7 +11,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import detlab.engine.trainer as trainer_module
-from detlab.config import METRIC_COLUMNS
+from detlab.run_record import METRIC_COLUMNS
 from detlab.engine.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from detlab.errors import UserError
+from detlab.run_record import METRIC_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -666,16 +667,6 @@ def validate(cfg: Config) -> None:
 
 
 # Columns of metrics.csv, in order (the trainer writes them; early_stopping.monitor names one).
-METRIC_COLUMNS = [
-    "epoch", "step", "lr",
-    "train/loss_cls", "train/loss_box", "train/loss_total",
-    "val/loss_cls", "val/loss_box", "val/loss_total",
-    "val/miou", "val/mean_tp_iou", "val/tp", "val/fp", "val/fn",
-    "val/precision", "val/recall", "val/f1", "val/ap50",
-    "val/pred_per_image", "val/pred_mean_size", "val/pred_large_share", "val/fp_small_share",
-    "val/fp_localisation", "val/fp_duplicate", "val/fp_background",
-    "train_time_s", "val_time_s", "pictures_time_s",
-]
 
 # Keys that moved: old dotted key -> new dotted key. Set on the command line (the schema keeps the
 # diagnosis ones as nullable fields) or found in a saved config, they are moved with a warning.

@@ -213,18 +213,6 @@ def test_after_training(checkpoint: Path | str, protocol: str, device: str = "au
     return evaluate_checkpoint(EvaluateConfig(checkpoint=str(checkpoint), protocol=protocol, device=device))
 
 
-TEST_SUMMARY_KEYS = ("recall", "precision", "tp", "fp", "fn", "miou", "ap50")
-
-
-def test_summary(result: dict[str, Any]) -> dict[str, Any]:
-    """The headline of an evaluation result, as summary.json's ``test`` holds it."""
-    summary: dict[str, Any] = {key: result[key] for key in TEST_SUMMARY_KEYS if key in result}
-    for key in ("easy", "medium", "hard"):
-        if "wider" in result:
-            summary[f"wider_{key}"] = result["wider"][key]
-    summary["input_size"] = result["settings"]["input_size"]
-    summary["epoch"] = result.get("epoch")
-    return summary
 
 
 def torch_boxes(boxes: Any) -> Any:

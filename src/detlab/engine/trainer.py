@@ -22,7 +22,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
-from detlab.config import METRIC_COLUMNS, Config, as_flat_dict
+from detlab.config import Config, as_flat_dict
+from detlab.run_record import METRIC_COLUMNS, read_test
 from detlab.data import BadImageError, build_datasets, build_loader
 from detlab.diagnosis import DIVERGENCE, Diagnoser, Finding, StopReason
 from detlab.runtime.checkpoint import (
@@ -66,16 +67,6 @@ log = logging.getLogger(__name__)
 __all__ = ["METRIC_COLUMNS", "Trainer", "train"]
 
 LOSS_KEYS = ("loss_cls", "loss_box", "loss_total")
-
-
-def read_test(run_dir: Path) -> Optional[dict[str, Any]]:
-    """The headline of the run's after-training test (``eval.test_protocol``), or None."""
-    from detlab.evaluation import test_summary
-
-    try:
-        return test_summary(json.loads((run_dir / "test.json").read_text()))
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 class RunExistsError(UserError):
