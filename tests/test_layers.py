@@ -1,0 +1,75 @@
+"""Layers point down: runtime helpers below the maths, the maths below the engine, the engine below the
+entry points; no cycles, function-level imports included (scripts/import_graph.py prints the graph)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src"
+
+# The runtime layer may import only these (and the standard library, torch, ...).
+RUNTIME = ("detlab.runtime", "detlab.run_record", "detlab.errors")
+RUNTIME_MAY_IMPORT = (*RUNTIME, "detlab.config", "detlab.paths", "detlab")
+
+
+def _load_import_graph():
+    spec = importlib.util.spec_from_file_location("import_graph", REPO / "scripts" / "import_graph.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+import_graph = _load_import_graph()
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    return import_graph.import_graph(SRC)
+
+
+def _in(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def test_no_import_cycles(graph):
+    assert import_graph.cycles(graph) == []
+
+
+def test_only_the_engine_and_entry_points_import_the_engine(graph):
+    upward = sorted((m, d) for m, deps in graph.items() for d in deps
+                    if _in(d, ("detlab.engine",)) and not _in(m, ("detlab.engine",)))
+    assert upward == []
+
+
+def test_runtime_imports_nothing_above_it(graph):
+    upward = sorted((m, d) for m, deps in graph.items() if _in(m, RUNTIME) for d in deps
+                    if not _in(d, RUNTIME_MAY_IMPORT))
+    assert upward == []
+
+
+def test_the_package_imports_no_script_benchmark_or_test():
+    offenders = []
+    for path in (SRC / "detlab").rglob("*.py"):
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            words = line.split()
+            if words[:1] in (["import"], ["from"]) and len(words) > 1 and words[1].split(".")[0] in (
+                    "scripts", "benchmarks", "tests", "conftest"):
+                offenders.append(f"{path.relative_to(REPO)}:{number}")
+    assert offenders == []
+
+
+def test_the_graph_sees_function_level_imports_and_package_inits(tmp_path):
+    # A known answer for the parser itself: a.b imports c inside a function, c imports a.b's package.
+    package = tmp_path / "detlab"
+    (package / "a").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "a" / "__init__.py").write_text("")
+    (package / "a" / "b.py").write_text("def f():\n    from detlab import c\n")
+    (package / "c.py").write_text("import detlab.a.b\n")
+    graph = import_graph.import_graph(tmp_path)
+    assert graph["detlab.a.b"] == {"detlab.c"} and graph["detlab.c"] == {"detlab.a.b", "detlab.a"}
+    assert import_graph.cycles(graph) == [["detlab.a.b", "detlab.c"]]
