@@ -281,13 +281,13 @@ def load_result(spec: RunSpec, diagnosis_overrides: Optional[list[str]] = None) 
     (a list, maybe empty) the findings come from replaying the recorded signals, not from the run."""
     from diagnosis_baselines import replay_all
 
-    from detlab.report import read_metrics_csv
+    from detlab.run_record import read_metrics
 
     run_dir = Path(spec.run_dir)
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     record = json.loads((run_dir / "steps.json").read_text()) if (run_dir / "steps.json").is_file() else {}
     steps = record.get("steps", [])
-    epochs = read_metrics_csv(run_dir / "metrics.csv") if (run_dir / "metrics.csv").is_file() else []
+    epochs = read_metrics(run_dir / "metrics.csv") if (run_dir / "metrics.csv").is_file() else []
     total = max(1, int(record.get("total_steps") or 1))
     findings = summary.get("findings", [])
     if diagnosis_overrides is not None and (run_dir / "config.yaml").is_file():

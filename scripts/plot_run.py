@@ -2,8 +2,9 @@
 
     python scripts/plot_run.py outputs/<date>/<time> [--out curve.png] [--title "..."]
 
-Reads the run's ``metrics.csv`` (written by train.py each epoch) and draws what a run writes into
-``plots/curves.png`` when it ends (``detlab.engine.pictures.curves_png``), e.g. for a run still going.
+Reads the run folder (``metrics.csv``, written by train.py each epoch, and the findings in
+``summary.json``) and draws what a run writes into ``plots/curves.png`` when it ends
+(``detlab.analysis.learning_curves_png``), e.g. for a run still going.
 Writes ``<run>/plots/curves.png`` unless ``--out`` says otherwise.
 """
 
@@ -12,10 +13,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from detlab.engine.pictures import curves_png
+from detlab.analysis import learning_curves_png, load_run
 from detlab.errors import UserError, report_user_errors
+from detlab.run_record import RunPaths
 from detlab.runtime.fileio import atomic_write_bytes
-from detlab.report import read_metrics_csv
 
 
 def main() -> None:
@@ -24,12 +25,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--title", default=None)
     args = parser.parse_args()
-    rows = read_metrics_csv(args.run_dir / "metrics.csv")
-    if not rows:
-        raise UserError(f"{args.run_dir / 'metrics.csv'}: no epoch yet (is {args.run_dir} a run directory "
-                        f"written by train.py?)")
-    out = args.out or args.run_dir / "plots" / "curves.png"
-    atomic_write_bytes(out, curves_png(rows, args.title or str(args.run_dir)))
+    paths = RunPaths(args.run_dir)
+    run = load_run(paths.root) if paths.root.is_dir() else None
+    if run is None or not run.history:
+        raise UserError(f"{paths.metrics}: no epoch yet (is {paths.root} a run directory written by train.py?)")
+    out = args.out or paths.plots / "curves.png"
+    atomic_write_bytes(out, learning_curves_png(run.history, args.title or str(paths.root), run.findings))
     print(f"written {out}")
 
 

@@ -16,16 +16,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from detlab.errors import UserError, report_user_errors
-from detlab.runtime.fileio import atomic_write_text
-from detlab.report import format_counts
-from detlab.results import (
+from detlab.analysis import (
     block_names,
     findings_list,
+    format_counts,
     load_runs,
     plot_ap_against_box_weight,
     plot_stage_run,
-    plot_sweep_steps,
+    plot_sweep_grid,
     remedy_label,
     remedy_table,
     replace_blocks,
@@ -35,6 +33,8 @@ from detlab.results import (
     sweep_table,
     wall_times_table,
 )
+from detlab.errors import UserError, report_user_errors
+from detlab.runtime.fileio import atomic_write_text
 
 
 def _command(paths: list[Path], runs: list) -> str | None:
@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--{name}: no run folders under {', '.join(map(str, paths))}")
         sweeps.append((label, runs))
         blocks[f"{name}_table"] = f"**{format_counts(runs)}**\n\n{sweep_table(runs)}"
-        save_png(plot_sweep_steps(runs, title=f"{label}: {format_counts(runs)}"), args.figures / f"{name}_grid.png")
+        save_png(plot_sweep_grid(runs, title=f"{label}: {format_counts(runs)}", per_step=True),
+                 args.figures / f"{name}_grid.png")
         walls.append((f"{name} sweep", runs, _command(paths, runs)))
     if sweeps:
         save_png(plot_ap_against_box_weight(sweeps), args.figures / "ap_against_box_weight.png")

@@ -4,12 +4,12 @@
     python scripts/sweep_report.py multirun/2024-05-01/12-00-00 [--out reports/box_weight]
 
 Works on a sweep that is still running: runs without summary.json are listed as running.
-(The command is ``detlab.report.main``.)
+(The command is ``detlab.analysis.sweep_report.main``.)
 """
 
 import sys
 
-from detlab.report import main
+from detlab.analysis.sweep_report import main
 
 if __name__ == "__main__":
     sys.exit(main())

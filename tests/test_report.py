@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from detlab.report import (
+from detlab.analysis import (
     CSV_COLUMNS,
     compact_findings,
     count_statuses,
@@ -14,10 +14,10 @@ from detlab.report import (
     load_run,
     load_sweep,
     print_summary_counts,
-    read_metrics_csv,
     report_table,
     write_report,
 )
+from detlab.run_record import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,12 +164,12 @@ def test_metrics_csv_tolerates_nan_empty_cells_bad_and_partial_lines(tmp_path):
     path = tmp_path / "metrics.csv"
     path.write_text("epoch,step,val/miou\n1,50,nan\n2,100,\nbroken\n3,150,inf\n4,20")
     warnings = []
-    rows = read_metrics_csv(path, warnings)
+    rows = read_metrics(path, warnings)
     assert [r["epoch"] for r in rows] == [1.0, 2.0, 3.0]
     assert math.isnan(rows[0]["val/miou"]) and math.isnan(rows[1]["val/miou"]) and rows[2]["val/miou"] == math.inf
     assert len(warnings) == 2 and "metrics.csv:4" in warnings[0] and "partially written" in warnings[1]
     (tmp_path / "empty.csv").write_text("")
-    assert read_metrics_csv(tmp_path / "empty.csv") == [] and read_metrics_csv(tmp_path / "missing.csv") == []
+    assert read_metrics(tmp_path / "empty.csv") == [] and read_metrics(tmp_path / "missing.csv") == []
 
 
 def test_running_summary_empty_metrics_and_folder_name_fallbacks(tmp_path, make_fake_run):
@@ -221,7 +221,7 @@ def test_partial_and_empty_sweeps(tmp_path):
 def test_script_prints_table_and_paths(tmp_path, capsys, make_fake_sweep):
     sweep = make_fake_sweep(tmp_path / "sweep", box_weights=(0.05, 1, 10), epochs_planned=3,
                             diverge_at={10: 1}, fail=(0.05,))
-    from detlab.report import main
+    from detlab.analysis.sweep_report import main
 
     assert main([str(sweep), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
@@ -237,7 +237,7 @@ def test_script_prints_table_and_paths(tmp_path, capsys, make_fake_sweep):
 def test_run_names_leave_out_the_composed_hydra_exclude_keys(tmp_path, make_fake_run):
     from omegaconf import OmegaConf
 
-    from detlab.report import ENTRY_CONFIG
+    from detlab.analysis import entry_config_path
 
     own = make_fake_run(tmp_path / "own", 0.5, write_summary=False, epochs=1)
     (own / ".hydra").mkdir(exist_ok=True)
@@ -246,7 +246,7 @@ def test_run_names_leave_out_the_composed_hydra_exclude_keys(tmp_path, make_fake
         "hydra:\n  job:\n    config:\n      override_dirname:\n        exclude_keys: [my.seed]\n")
     assert load_run(own).name == "loss.box_weight=0.5,train.device=cpu"  # this run's own list
 
-    entry = OmegaConf.load(ENTRY_CONFIG).hydra.job.config.override_dirname.exclude_keys
+    entry = OmegaConf.load(entry_config_path()).hydra.job.config.override_dirname.exclude_keys
     assert "train.device" in entry and "resume" in entry
     bare = make_fake_run(tmp_path / "bare", 0.5, write_summary=False, epochs=1)
     (bare / ".hydra").mkdir(exist_ok=True)

@@ -1,4 +1,4 @@
-"""detlab.results and scripts/results_page.py: the results page's tables, figures and blocks."""
+"""detlab.analysis (the results page's parts) and scripts/results_page.py: the results page's tables, figures and blocks."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detlab.report import load_run, load_sweep
-from detlab.results import (
+from detlab.analysis import (
+    load_run,
+    load_sweep,
     plot_ap_against_box_weight,
     plot_stage_run,
-    plot_sweep_steps,
+    plot_sweep_grid,
     remedy_table,
     replace_blocks,
     smooth,
@@ -86,7 +87,7 @@ def test_remedy_table_puts_the_baseline_first_with_the_change_in_medium_ap(tmp_p
 def test_figures_draw_on_partial_sweeps_without_test_or_event_files(tmp_path, make_fake_sweep):
     runs = load_sweep(make_fake_sweep(tmp_path / "s", box_weights=(0.01, 1, 10), epochs_planned=3,
                                       diverge_at={10: 1}, fail=(), running={1: 1}))
-    grid = plot_sweep_steps(runs)
+    grid = plot_sweep_grid(runs, per_step=True)
     assert len(grid.axes) == 3 * 3
     ap = plot_ap_against_box_weight([("a", runs), ("b", runs)])
     assert len([ax for ax in ap.axes if ax.get_visible()]) == 2

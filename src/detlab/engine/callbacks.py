@@ -17,7 +17,7 @@ class SweepSummary(Callback):
     folder) and prints how many runs completed, diverged, failed or stopped."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from detlab.report import format_counts, load_sweep, write_report
+        from detlab.analysis import format_counts, load_sweep, write_report
 
         sweep_dir = Path(config.hydra.sweep.dir)
         runs = load_sweep(sweep_dir)

@@ -7,8 +7,9 @@
   of the largest missed faces (green; the predictions near them red) at the score threshold, one row
   per face size (small / medium / large, ``eval.size_edges``), every
   ``eval.gallery_every`` epochs (TensorBoard ``gallery/false_positives``, ``gallery/missed_faces``).
-- ``curves_png`` and ``pr_curve_png``: the learning curves and the last validation's precision-recall
-  curve, written into ``plots/`` when a run ends, for people who do not open TensorBoard.
+- ``pr_curve_png``: the last validation's precision-recall curve, written into ``plots/`` when a run
+  ends, for people who do not open TensorBoard (the learning curves beside it, ``plots/curves.png``, are
+  ``detlab.analysis.learning_curves_png``).
 
 Everything here works on what validation already has in memory (the batch's input images and the
 predictions), so the cost is the crops and the drawing (measured in the README, "Pictures").
@@ -184,30 +185,6 @@ def _png(fig: Any) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
     return buffer.getvalue()
-
-
-def curves_png(rows: Sequence[Mapping[str, float]], title: str) -> bytes:
-    """Losses (train solid, val dashed) and val recall / precision / mIoU / AP50 by epoch, as a PNG."""
-    from matplotlib.figure import Figure  # no pyplot: no global figure state in a training process
-
-    epochs = [r["epoch"] for r in rows]
-    fig = Figure(figsize=(11, 4))
-    losses, metrics = fig.subplots(1, 2)
-    for key, style in (("train/loss_cls", "C0-"), ("val/loss_cls", "C0--"), ("train/loss_box", "C1-"),
-                       ("val/loss_box", "C1--")):
-        losses.plot(epochs, [r.get(key, float("nan")) for r in rows], style, label=key)
-    losses.set_xlabel("epoch")
-    losses.set_title("losses (unweighted)")
-    losses.legend(fontsize=8)
-    for key in ("val/recall", "val/precision", "val/miou", "val/ap50"):
-        metrics.plot(epochs, [r.get(key, float("nan")) for r in rows], marker=".", label=key)
-    metrics.set_ylim(0, 1)
-    metrics.set_xlabel("epoch")
-    metrics.set_title("val metrics at the score threshold, IoU 0.5 (AP50: all scores)")
-    metrics.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return _png(fig)
 
 
 def pr_curve_png(curve: Mapping[str, np.ndarray], score_threshold: float, title: str) -> bytes:

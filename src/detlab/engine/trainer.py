@@ -48,7 +48,8 @@ from detlab.engine.early_stopping import EarlyStopping
 from detlab.engine.repair import Rollback
 from detlab.schedule import StageBoundaries, stage_boundaries
 from detlab.engine.step import StepRecord, build_training
-from detlab.engine.pictures import curves_png, pr_curve_png, training_samples
+from detlab.analysis.figures import learning_curves_png as curves_png
+from detlab.engine.pictures import pr_curve_png, training_samples
 from detlab.engine.tensorboard import DiscardingWriter, add_pr_curve, add_scalars, open_writer, write_hparams
 from detlab.engine.validation import ValidationResult, validate
 from detlab.errors import UserError
