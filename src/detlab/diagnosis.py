@@ -148,43 +148,6 @@ def is_finite_loss(value: Any) -> bool:
         return False
 
 
-# ------------------------------------------------------------------------- gradient-norm ratio
-def loss_term_grad_norms(
-    loss_cls_weighted: torch.Tensor,
-    loss_box_weighted: torch.Tensor,
-    shared: Iterable[torch.Tensor],
-    scale: float = 1.0,
-) -> tuple[float, float]:
-    """L2 norms of the gradients of the two weighted loss terms on ``shared``: tensors both terms
-    depend on (the training step passes the backbone's output feature maps, GradNorm's "last shared
-    layer": the backward stops at the heads, a fraction of a full one; parameters work too).
-
-    Call before the usual ``backward``: the graph is retained and ``.grad`` is left untouched. A term
-    that does not depend on the parameters (or a zero weight) gives 0.0. Under fp16 autocast pass
-    ``scale=scaler.get_scale()`` so small gradients do not underflow; the norms are unscaled again
-    (an overflowing step then returns inf, which the diagnoser ignores).
-    """
-    params = [p for p in shared if p.requires_grad]
-    norms = [_grad_norm(loss, params, scale) for loss in (loss_cls_weighted, loss_box_weighted)]
-    device = next((n.device for n in norms if isinstance(n, torch.Tensor)), None)
-    if device is None:
-        return 0.0, 0.0
-    values = torch.stack([n if isinstance(n, torch.Tensor) else torch.zeros((), device=device) for n in norms])
-    g_cls, g_box = (values / scale).tolist()  # one host sync for both
-    return float(g_cls), float(g_box)
-
-
-def _grad_norm(loss: Any, params: list[torch.nn.Parameter], scale: float) -> Optional[torch.Tensor]:
-    if not params or not isinstance(loss, torch.Tensor) or not loss.requires_grad:
-        return None
-    grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss, params, retain_graph=True,
-                                allow_unused=True)
-    norms = [torch.linalg.vector_norm(g.detach().float()) for g in grads if g is not None]
-    if not norms:
-        return None
-    return torch.linalg.vector_norm(torch.stack(norms))
-
-
 # ----------------------------------------------------------------------------- rolling windows
 class _RollingMedian:
     """Median of the last ``size`` values: a deque for order, a sorted list (bisect) for the median."""
