@@ -212,14 +212,6 @@ def test_stuck_stops_the_run_when_switched_on():
                               "(5 -> 4.95, 50-step windows)")
 
 
-def test_deprecated_stop_keys_are_ignored():
-    # config loading moves diagnosis.stop_on_* to the blocks; the diagnoser reads only the blocks
-    cfg = replace(configure(DiagnosisConfig(), stuck__min_fraction=0.0), stop_on_stuck=True, stop_on_diverged=False)
-    diag = Diagnoser(cfg, StageBoundaries(EARLY_END, LATE_START), TOTAL, SPE)
-    run(diag, stuck_step, None, 1)
-    assert diag.fired("stuck") and diag.status == DiagnosisStatus()
-
-
 def test_stuck_spans_at_least_the_min_fraction_of_training():
     # A slow warm-up (1% drop in the early stage) followed by a real fall is not stuck: with the
     # default 20% of 1000 steps the check runs at step 199, over 100-step windows.
@@ -502,53 +494,28 @@ def test_state_dict_round_trip_resumes_detection():
     assert repr(resumed.state_dict()) == repr(whole.state_dict())  # nan-safe comparison
 
 
-# A diagnoser state_dict as checkpoints wrote it before the detectors were classes (flat keys,
-# early-stopping fields): past the stuck check, 20 steps of grad-norm history.
-OLD_STATE = {
-    "findings": [{"detector": "loss_imbalance", "stage": "mid", "step": 100, "epoch": 2, "message": "box dominates",
-                  "evidence": {"ratio_box_to_cls": 50.0}, "remedy": "old remedy"}],
-    "active": {"loss_imbalance": True, "stuck": False},
-    "first_total": [5.0] * 50, "first_cls": [4.0] * 50, "recent_total": [4.0] * 50, "recent_cls": [3.0] * 50,
-    "stuck_checked": True, "ratio_samples": [[0.1, 5.0]] * 3,
-    "grad_history": [1.0] * 20, "loss_history": [2.0] * 20,
-    "grad_explode_run": 0, "loss_explode_run": 0, "nonfinite_grad_run": 0,
-    "epochs": [], "first_epoch_cls": 1.5, "peak_pred_per_image": 3.0, "best_miou": math.nan, "best_miou_epoch": 0,
-    "es_best": 0.3, "es_best_epoch": 2, "es_bad_epochs": 1,
-}
-
-
-def test_old_format_or_empty_state_dict_loads():
+def test_an_empty_state_or_a_detector_the_state_lacks_starts_fresh():
     flat = lambda s: {"loss_cls": 3.0, "loss_box": 1.0, "loss_total": 4.0, "lr": 0.01, "grad_norm": 1.0}  # noqa: E731
     # fresh state (empty dict): at step 300 the stuck check runs on the resumed windows alone
     fresh = make()
     fresh.load_state_dict({})
     assert only(run(fresh, flat, None, 1, first_epoch=4), "stuck").step == 300
-    # the old format: findings, scalars and the detector windows are read (stuck already decided)
-    diag = make()
-    diag.load_state_dict(checkpoint(OLD_STATE))
-    assert diag.fired("loss_imbalance") and diag.findings[0].remedy == "old remedy"
-    assert diag.scalars()["loss_imbalance"] == 1.0 and diag.status == DiagnosisStatus()
-    detectors = diag.state_dict()["detectors"]
-    assert detectors["stuck"]["checked"] is True and detectors["divergence"]["grad_median"] == [1.0] * 20
-    assert detectors["avoidance"]["peak_pred_per_image"] == 3.0
-    # the 20-step grad history counts: a 3-step burst is divergence at once
+    # a checkpoint written before a detector existed (or while it was off): that one starts fresh,
+    # the others resume (stuck already decided, divergence's 20-step gradient history kept)
+    first = make()
+    run(first, flat, None, 3)
+    state = checkpoint(first.state_dict())
+    del state["detectors"]["divergence"]
+    resumed = make()
+    resumed.load_state_dict(state)
+    detectors = resumed.state_dict()["detectors"]
+    assert detectors["stuck"]["checked"] is True and detectors["divergence"] == make().state_dict()["detectors"]["divergence"]
     burst = lambda s: {**flat(s), "grad_norm": 100.0 if s >= 302 else 1.0}  # noqa: E731
-    finding = only(run(diag, burst, None, 1, first_epoch=4), "divergence")
+    assert run(resumed, burst, None, 1, first_epoch=4) == []  # no history yet: no median to exceed
+    whole = make()
+    run(whole, flat, None, 3)
+    finding = only(run(whole, burst, None, 1, first_epoch=4), "divergence")
     assert finding.step == 304 and finding.evidence["grad_norm_median"] == 1.0
-    # unreadable values keep the fresh state; nothing crashes
-    broken = {**OLD_STATE, "findings": [{"detector": "stuck"}], "active": [1], "grad_explode_run": "x",
-              "ratio_samples": 5, "loss_history": ["a"], "stuck_checked": None}
-    diag = make()
-    diag.load_state_dict(broken)
-    detectors = diag.state_dict()["detectors"]
-    assert diag.findings == [] and detectors["divergence"]["grad_explode_run"] == 0
-    assert detectors["loss_imbalance"]["samples"] == [] and detectors["divergence"]["loss_median"] == []
-    assert detectors["stuck"]["checked"] is False and detectors["stuck"]["first"] == [5.0] * 50
-    for garbage in ({"detectors": "garbage", "findings": None}, {"findings": 5, "active": None, "detectors": {
-            "stuck": {"first": {"a": 1}, "recent": 3.0}, "divergence": [1, 2]}}):
-        diag = make()
-        diag.load_state_dict(garbage)
-        assert repr(diag.state_dict()) == repr(make().state_dict())
 
 
 # ----------------------------------------------------------------------------- detector protocol
@@ -613,11 +580,8 @@ def test_yaml_matches_schema_defaults():
     yaml = OmegaConf.load(ROOT / "configs" / "diagnosis" / "default.yaml")
     merged = OmegaConf.merge(OmegaConf.structured(DiagnosisConfig), yaml)  # unknown keys would raise
     assert OmegaConf.to_object(merged) == DiagnosisConfig()
-    # every key but the deprecated ones (null unless set; config loading moves them), every block complete
-    deprecated = {"stop_on_stuck", "stop_on_diverged", "early_stopping_patience", "early_stopping_metric",
-                  "early_stopping_min_delta", "adaptive_weights"}
-    schema_keys = {f.name for f in fields(DiagnosisConfig)}
-    assert deprecated <= schema_keys and set(yaml.keys()) == schema_keys - deprecated
+    # every key of the schema, every block complete
+    assert set(yaml.keys()) == {f.name for f in fields(DiagnosisConfig)}
     for name in DETECTORS:
         assert set(yaml[name].keys()) == {f.name for f in fields(getattr(DiagnosisConfig(), name))}, name
 

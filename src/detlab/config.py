@@ -19,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from detlab.config_compat import drop_retired_placeholders
 from detlab.errors import UserError
 from detlab.run_record import METRIC_COLUMNS
 
@@ -370,18 +371,6 @@ class DivergenceConfig:
 
 
 @dataclass
-class MovedAdaptiveWeights:
-    """``diagnosis.adaptive_weights.*``, moved to ``loss.adaptive_weights``: null unless set."""
-
-    enabled: Optional[bool] = None
-    start_box_factor: Optional[float] = None
-    start_class_factor: Optional[float] = None
-    ramp_start_fraction: Optional[float] = None
-    ramp_end_fraction: Optional[float] = None
-    shape: Optional[str] = None
-
-
-@dataclass
 class DiagnosisConfig:
     """Failure-pattern detectors (``detlab.diagnosis``): one block per detector, named like it.
 
@@ -406,13 +395,6 @@ class DiagnosisConfig:
     empty_images: EmptyImagesConfig = field(default_factory=EmptyImagesConfig)
     dead_gradients: DeadGradientsConfig = field(default_factory=DeadGradientsConfig)
     unnormalised_input: UnnormalisedInputConfig = field(default_factory=UnnormalisedInputConfig)
-    # Moved keys (null unless set; to_config moves them to their new place with a warning).
-    stop_on_stuck: Optional[bool] = None  # -> diagnosis.stuck.stop
-    stop_on_diverged: Optional[bool] = None  # -> diagnosis.divergence.stop
-    early_stopping_patience: Optional[int] = None  # -> early_stopping.patience
-    early_stopping_metric: Optional[str] = None  # -> early_stopping.monitor
-    early_stopping_min_delta: Optional[float] = None  # -> early_stopping.min_delta
-    adaptive_weights: MovedAdaptiveWeights = field(default_factory=lambda: MovedAdaptiveWeights())  # -> loss.*
 
 
 @dataclass
@@ -666,76 +648,6 @@ def validate(cfg: Config) -> None:
            (aw.ramp_start_fraction, aw.ramp_end_fraction))
 
 
-# Columns of metrics.csv, in order (the trainer writes them; early_stopping.monitor names one).
-
-# Keys that moved: old dotted key -> new dotted key. Set on the command line (the schema keeps the
-# diagnosis ones as nullable fields) or found in a saved config, they are moved with a warning.
-MOVED_KEYS = {
-    "diagnosis.stop_on_stuck": "diagnosis.stuck.stop",
-    "diagnosis.stop_on_diverged": "diagnosis.divergence.stop",
-    "diagnosis.early_stopping_patience": "early_stopping.patience",
-    "diagnosis.early_stopping_metric": "early_stopping.monitor",
-    "diagnosis.early_stopping_min_delta": "early_stopping.min_delta",
-    "diagnosis.adaptive_weights": "loss.adaptive_weights",
-    "eval.ap_score_floor": "eval.score_floor",
-    "model.score_floor": None,  # the model's own floor was never used for scoring: eval.score_floor is
-    "model.nms_iou": None,  # likewise eval.nms_iou
-    "model.pre_nms_top_k": "eval.pre_nms_top_k",
-    "model.max_detections": "eval.max_detections",
-}
-# Keys of saved configs (checkpoints, run folders) written before the diagnosis blocks existed.
-_FLAT_DIAGNOSIS_KEYS = {
-    "avoidance_max_pred_per_image": "avoidance.max_pred_per_image", "avoidance_max_recall": "avoidance.max_recall",
-    "avoidance_min_cls_drop": "avoidance.min_cls_drop", "stuck_min_drop": "stuck.min_drop",
-    "stuck_min_fraction": "stuck.min_fraction", "imbalance_ratio": "loss_imbalance.ratio",
-    "imbalance_window": "loss_imbalance.window", "imbalance_min_samples": "loss_imbalance.min_samples",
-    "large_box_share": "random_large_boxes.share", "large_box_max_precision": "random_large_boxes.max_precision",
-    "large_box_min_pred_per_image": "random_large_boxes.min_pred_per_image",
-    "fp_rise_epochs": "small_fp_explosion.rise_epochs", "fp_min_growth": "small_fp_explosion.min_growth",
-    "fp_small_share": "small_fp_explosion.small_share", "fp_cls_stagnation": "small_fp_explosion.cls_stagnation",
-    "overfit_epochs": "overfitting.epochs", "overfit_min_change": "overfitting.min_change",
-    "diverge_grad_factor": "divergence.grad_factor", "diverge_loss_factor": "divergence.loss_factor",
-    "diverge_window": "divergence.window", "diverge_min_history": "divergence.min_history",
-    "diverge_patience": "divergence.patience", "nonfinite_grad_patience": "divergence.nonfinite_grad_patience",
-}
-SAVED_CONFIG_MOVES = {**MOVED_KEYS, **{f"diagnosis.{k}": f"diagnosis.{v}" for k, v in _FLAT_DIAGNOSIS_KEYS.items()}}
-
-
-def move_keys(container: dict[str, Any], moves: dict[str, Optional[str]] = MOVED_KEYS) -> list[str]:
-    """Move the set (non-null) old keys of a plain nested dict to their new place, in place.
-
-    A null new place drops the key. Returns one line per moved key, for a warning. Only metrics.csv's
-    old early-stopping metric names (``miou``) gain their ``val/`` prefix.
-    """
-    moved = []
-    for old, new in moves.items():
-        *parents, leaf = old.split(".")
-        node = container
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or leaf not in node:
-            continue
-        value = node.pop(leaf)
-        if isinstance(value, dict):  # a moved block: only its set keys move
-            value = {k: v for k, v in value.items() if v is not None} or None
-        if value is None:
-            continue
-        if new is None:
-            moved.append(f"{old} is no longer used (dropped)")
-            continue
-        if new == "early_stopping.monitor" and isinstance(value, str) and "/" not in value:
-            value = f"val/{value}"
-        *new_parents, new_leaf = new.split(".")
-        target = container
-        for part in new_parents:
-            target = target.setdefault(part, {})
-        if isinstance(value, dict) and isinstance(target.get(new_leaf), dict):
-            target[new_leaf].update(value)
-        else:
-            target[new_leaf] = value
-        moved.append(f"{old} moved to {new}")
-    return moved
-
 INVALID_SIZE = object()
 
 
@@ -761,8 +673,6 @@ def to_config(cfg: DictConfig | Config) -> Config:
         obj = cfg
     else:
         container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-        for line in move_keys(container):
-            log.warning("deprecated config key: %s", line)
         try:
             merged = OmegaConf.merge(OmegaConf.structured(Config), container)
             obj = OmegaConf.to_object(merged)
@@ -790,12 +700,11 @@ def _schema_message(error: OmegaConfBaseException) -> str:
 
 
 def load_saved_config(saved: Any) -> Config:
-    """A config saved by an earlier run (checkpoint ``config``, run folder ``config.yaml``): keys that
-    have moved since are moved (with a warning), then it is typed and validated like a new one."""
+    """A config saved by a run (checkpoint ``config``, run folder ``config.yaml``), typed and validated
+    like a new one."""
     container = OmegaConf.to_container(saved, resolve=True) if isinstance(saved, DictConfig) else saved
     container = copy.deepcopy(dict(container))
-    for line in move_keys(container, SAVED_CONFIG_MOVES):
-        log.warning("saved config: %s", line)
+    drop_retired_placeholders(container)
     return to_config(OmegaConf.create(container))
 
 
@@ -810,14 +719,11 @@ def compose_config(config_dir: str | os.PathLike, overrides: Sequence[str] = ())
 
 
 def as_flat_dict(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """Flatten a config dataclass into ``{"loss.box_weight": 0.05, ...}`` (HParams, reports); the
-    moved keys (``MOVED_KEYS``, always null once loaded) are left out."""
+    """Flatten a config dataclass into ``{"loss.box_weight": 0.05, ...}`` (HParams, reports)."""
     out: dict[str, Any] = {}
     for f in fields(obj):
         value = getattr(obj, f.name)
         key = f"{prefix}{f.name}"
-        if key in MOVED_KEYS:
-            continue
         if is_dataclass(value):
             out.update(as_flat_dict(value, prefix=f"{key}."))
         else:

@@ -111,10 +111,9 @@ class Finding:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Finding":
-        return cls(detector=data["detector"], stage=data["stage"], step=int(data["step"]),
-                   epoch=int(data["epoch"]), message=data.get("message", ""),
-                   evidence=dict(data.get("evidence", {})), remedy=data.get("remedy", ""),
-                   failure=bool(data.get("failure", True)))
+        return cls(detector=data["detector"], stage=data["stage"], step=int(data["step"]), epoch=int(data["epoch"]),
+                   message=data["message"], evidence=dict(data["evidence"]), remedy=data["remedy"],
+                   failure=bool(data["failure"]))
 
     def console_line(self) -> str:
         evidence = ", ".join(f"{k}={v:.4g}" for k, v in self.evidence.items())
@@ -826,59 +825,24 @@ def _to_plain(value: Any) -> Any:
 
 
 def _from_plain(fresh: Any, data: Any) -> Any:
-    """``data`` (``_to_plain`` output) shaped like ``fresh``, a fresh state field (its type, maxlen, size)."""
-    if isinstance(fresh, (_RollingMedian, deque, list)):
-        if not isinstance(data, (list, tuple)):
-            raise TypeError(f"expected a list, got {type(data).__name__}")
-        items = _to_plain(data)
-        if isinstance(fresh, _RollingMedian):
-            return _RollingMedian(fresh.size, [float(v) for v in items])
-        return deque(items, maxlen=fresh.maxlen) if isinstance(fresh, deque) else items
-    if isinstance(fresh, dict):
-        if not isinstance(data, dict):
-            raise TypeError(f"expected a dict, got {type(data).__name__}")
-        return _to_plain(data)
+    """``data`` (``_to_plain`` output) shaped like ``fresh``, a fresh state field (its type, maxlen,
+    size); a copy, so the loaded state shares no list or dict with ``data``."""
     if isinstance(fresh, (bool, int, float)):
-        if not isinstance(data, (bool, int, float)):
-            raise TypeError(f"expected a number, got {type(data).__name__}")
         return type(fresh)(data)
-    return data
+    items = _to_plain(data)
+    if isinstance(fresh, _RollingMedian):
+        return _RollingMedian(fresh.size, [float(v) for v in items])
+    if isinstance(fresh, deque):
+        return deque(items, maxlen=fresh.maxlen)
+    return items
 
 
-def _load_state(fresh: Any, data: Any) -> Any:
-    """``fresh`` with every field ``data`` holds in a readable form; the others stay fresh."""
-    if isinstance(data, Mapping):
-        for f in fields(fresh):
-            if f.name in data:
-                try:
-                    setattr(fresh, f.name, _from_plain(getattr(fresh, f.name), data[f.name]))
-                except (TypeError, ValueError, OverflowError):
-                    pass
+def _load_state(fresh: Any, data: Mapping[str, Any]) -> Any:
+    """``fresh`` with every field ``data`` holds; the fields it lacks stay fresh."""
+    for f in fields(fresh):
+        if f.name in data:
+            setattr(fresh, f.name, _from_plain(getattr(fresh, f.name), data[f.name]))
     return fresh
-
-
-# Flat state_dict keys of checkpoints written before the detectors were classes: key -> (detector, field).
-_OLD_STATE_KEYS = (
-    ("first_total", STUCK, "first"), ("recent_total", STUCK, "recent"), ("stuck_checked", STUCK, "checked"),
-    ("first_cls", AVOIDANCE, "first_cls"), ("recent_cls", AVOIDANCE, "recent_cls"),
-    ("first_epoch_cls", AVOIDANCE, "first_epoch_cls"), ("peak_pred_per_image", AVOIDANCE, "peak_pred_per_image"),
-    ("ratio_samples", IMBALANCE, "samples"),
-    ("loss_history", DIVERGENCE, "loss_median"), ("grad_history", DIVERGENCE, "grad_median"),
-    ("loss_explode_run", DIVERGENCE, "loss_explode_run"), ("grad_explode_run", DIVERGENCE, "grad_explode_run"),
-    ("nonfinite_grad_run", DIVERGENCE, "nonfinite_grad_run"),
-    ("epochs", SMALL_FP, "history"), ("epochs", OVERFITTING, "history"),
-    ("best_miou", OVERFITTING, "best_miou"), ("best_miou_epoch", OVERFITTING, "best_miou_epoch"),
-)
-
-
-def _detector_states(state: Mapping[str, Any]) -> Mapping[str, Any]:
-    if "detectors" in state:
-        return state["detectors"] if isinstance(state["detectors"], Mapping) else {}
-    old: dict[str, dict[str, Any]] = {}
-    for key, detector, name in _OLD_STATE_KEYS:
-        if key in state:
-            old.setdefault(detector, {})[name] = state[key]
-    return old
 
 
 # ---------------------------------------------------------------------------------- diagnoser
@@ -990,23 +954,14 @@ class Diagnoser:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore ``state_dict()``. An empty dict (checkpoint without diagnoser state) changes nothing;
-        the flat format of older checkpoints is read too; whatever cannot be read stays fresh."""
-        if not state or not isinstance(state, Mapping):
+        """Restore ``state_dict()``. An empty dict (a checkpoint without diagnoser state) changes
+        nothing; a detector the state lacks (added since) starts fresh."""
+        if not state:
             return
-        findings = state.get("findings")
-        self.findings = []
-        for data in findings if isinstance(findings, (list, tuple)) else ():
-            try:
-                self.findings.append(Finding.from_dict(data))
-            except (KeyError, TypeError, ValueError, AttributeError):
-                pass
-        repaired = state.get("repaired")
-        self._repaired = {int(i) for i in repaired} if isinstance(repaired, (list, tuple)) else set()
-        active = state.get("active")
-        if isinstance(active, Mapping):
-            self._active.update({k: bool(v) for k, v in active.items() if k in self._active})
-        per_detector = _detector_states(state)
+        self.findings = [Finding.from_dict(data) for data in state["findings"]]
+        self._repaired = {int(i) for i in state["repaired"]}
+        self._active.update({k: bool(v) for k, v in state["active"].items() if k in self._active})
+        saved = state["detectors"]
         for det in self.detectors:
-            det.state = _load_state(det.new_state(), per_detector.get(det.name))
+            det.state = _load_state(det.new_state(), saved.get(det.name, {}))
         self._refresh_status()
