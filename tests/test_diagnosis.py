@@ -14,21 +14,30 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from detlab.config import Config, ConfigError, DiagnosisConfig, validate
+from detlab.config import Config, ConfigError, validate
 from detlab.diagnosis import (
-    DEFAULT_DETECTORS,
-    DETECTORS,
     Alarm,
     Detector,
+    DetectorConfig,
     Diagnoser,
+    DiagnosisConfig,
     DiagnosisStatus,
     Finding,
+    Level,
     StopReason,
+    get_detector,
     is_finite_loss,
+    list_detectors,
+    register_detector,
+    registered_detectors,
+    step_level_detectors,
 )
 from detlab.schedule import StageBoundaries
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The detectors a default Diagnoser runs (those whose block is enabled), in evaluation order.
+DETECTORS = tuple(name for name in list_detectors() if getattr(DiagnosisConfig(), name).enabled)
 
 # Default geometry: 10 epochs of 100 steps, early stage = epoch 1, late stage from step 700 (epoch 8).
 TOTAL, SPE, EARLY_END, LATE_START = 1000, 100, 100, 700
@@ -46,7 +55,7 @@ def configure(cfg: DiagnosisConfig, **overrides) -> DiagnosisConfig:
 
 
 def make(total: int = TOTAL, spe: int = SPE, early_end: int = EARLY_END, late_start: int = LATE_START,
-         detectors=DEFAULT_DETECTORS, **overrides) -> Diagnoser:
+         detectors=None, **overrides) -> Diagnoser:
     return Diagnoser(configure(DiagnosisConfig(), **overrides), StageBoundaries(early_end, late_start), total, spe,
                      detectors=detectors)
 
@@ -117,16 +126,42 @@ def test_disabled_diagnoser_observes_nothing():
     assert diag.scalars() == {} and diag.findings == [] and not diag.status.stop
 
 
-def test_detector_registry_matches_names_and_config_blocks():
-    assert DETECTORS == ("avoidance", "under_confidence", "stuck", "loss_imbalance", "random_large_boxes",
-                         "small_fp_explosion", "overfitting", "divergence", "unmatched_faces", "empty_images",
-                         "dead_gradients", "unnormalised_input")
-    assert sorted(cls.name for cls in DEFAULT_DETECTORS) == sorted(DETECTORS)
+def test_the_registry_gives_the_schema_the_evaluation_order_and_the_levels():
+    # divergence first: its finding precedes what a blow-up causes, its stop a stuck stop
+    assert list_detectors()[:12] == ("divergence", "unnormalised_input", "unmatched_faces", "empty_images",
+                                     "dead_gradients", "avoidance", "under_confidence", "stuck", "loss_imbalance",
+                                     "random_large_boxes", "small_fp_explosion", "overfitting")
     cfg = DiagnosisConfig()
-    for cls in DEFAULT_DETECTORS:
-        assert hasattr(cfg, cls.name) and cls.remedy
+    for cls in registered_detectors():
+        assert get_detector(cls.name) is cls and getattr(cfg, cls.name) == cls.Config() and cls.remedy
         # remedies cite keys that exist (the adaptive weights live in loss, early stopping at the top)
         assert "diagnosis.adaptive_weights" not in cls.remedy and "diagnosis.early_stopping" not in cls.remedy
+    assert step_level_detectors() == {cls.name for cls in registered_detectors() if cls.level is Level.STEP}
+    assert {"divergence", "stuck", "loss_imbalance", "unmatched_faces", "empty_images", "dead_gradients",
+            "unnormalised_input"} <= step_level_detectors()
+    assert not {"avoidance", "under_confidence", "random_large_boxes", "small_fp_explosion",
+                "overfitting"} & step_level_detectors()
+    with pytest.raises(KeyError, match="unknown detector 'nope'"):
+        get_detector("nope")
+
+
+def test_register_detector_refuses_an_incomplete_declaration():
+    def declare(**attributes) -> type[Detector]:
+        check = {"check_step": lambda self, when, signals: None}
+        return type("Toy", (Detector,), {"name": "toy", "level": Level.STEP, **check, **attributes})
+
+    for attributes, error in [({"name": "stuck"}, "taken"), ({"name": "enabled"}, "taken"),
+                              ({"name": "not a name"}, "an identifier"), ({"level": "step"}, "Level.STEP"),
+                              ({"Config": dict}, "DetectorConfig"), ({"level": Level.EPOCH}, "check_epoch")]:
+        with pytest.raises(ValueError, match=error):
+            register_detector(declare(**attributes))
+    assert "toy" not in list_detectors()
+
+
+def test_a_switched_off_detector_is_not_run():
+    diag = make(stuck__enabled=False, stuck__min_fraction=0.0)
+    assert run(diag, stuck_step, None, 1) == [] and "stuck" not in diag.scalars()
+    assert "stuck" not in diag.state_dict()["detectors"]
 
 
 # ---------------------------------------------------------------------------------- avoidance
@@ -509,7 +544,8 @@ def test_an_empty_state_or_a_detector_the_state_lacks_starts_fresh():
     resumed = make()
     resumed.load_state_dict(state)
     detectors = resumed.state_dict()["detectors"]
-    assert detectors["stuck"]["checked"] is True and detectors["divergence"] == make().state_dict()["detectors"]["divergence"]
+    assert detectors["stuck"]["checked"] is True
+    assert detectors["divergence"] == make().state_dict()["detectors"]["divergence"]
     burst = lambda s: {**flat(s), "grad_norm": 100.0 if s >= 302 else 1.0}  # noqa: E731
     assert run(resumed, burst, None, 1, first_epoch=4) == []  # no history yet: no median to exceed
     whole = make()
@@ -546,15 +582,15 @@ def test_extra_detector_fires_through_the_generic_loop():
         sig = healthy_step()(s)
         return {**sig, "loss_total": 11.0} if s in (120, 130, 140, 150) else sig
 
-    diag = make(detectors=(*DEFAULT_DETECTORS, LossAboveTen))
-    assert diag.cfg is not None and diag.detectors[-1].cfg is None  # no config block: cfg None
+    diag = make(detectors=(*registered_detectors(), LossAboveTen))
+    assert diag.detectors[-1].cfg == DetectorConfig()  # no block in the schema: its Config's defaults
     finding = only(run(diag, step_fn, lambda e: {**healthy_epoch(e), "val/recall": 0.4}, 2), "toy_loss_above_ten")
     assert (finding.step, finding.epoch, finding.stage) == (140, 2, "mid")
     assert finding.evidence == {"count": 3.0} and finding.remedy == "toy remedy"
     assert diag.scalars() == {**dict.fromkeys(DETECTORS, 0.0), "toy_loss_above_ten": 1.0}
     state = checkpoint(diag.state_dict())
     assert state["detectors"]["toy_loss_above_ten"] == {"count": 4}
-    resumed = make(detectors=(*DEFAULT_DETECTORS, LossAboveTen))
+    resumed = make(detectors=(*registered_detectors(), LossAboveTen))
     resumed.load_state_dict(state)
     assert resumed.detectors[-1].state.count == 4
     assert run(resumed, step_fn, lambda e: {**healthy_epoch(e), "val/recall": 0.6}, 1, first_epoch=3) == []
@@ -580,9 +616,9 @@ def test_yaml_matches_schema_defaults():
     yaml = OmegaConf.load(ROOT / "configs" / "diagnosis" / "default.yaml")
     merged = OmegaConf.merge(OmegaConf.structured(DiagnosisConfig), yaml)  # unknown keys would raise
     assert OmegaConf.to_object(merged) == DiagnosisConfig()
-    # every key of the schema, every block complete
+    # every key of the schema, every detector's block complete
     assert set(yaml.keys()) == {f.name for f in fields(DiagnosisConfig)}
-    for name in DETECTORS:
+    for name in list_detectors():
         assert set(yaml[name].keys()) == {f.name for f in fields(getattr(DiagnosisConfig(), name))}, name
 
 
@@ -593,6 +629,9 @@ def test_yaml_matches_schema_defaults():
     ("small_fp_explosion", {"rise_epochs": 0}, "small_fp_explosion.rise_epochs"),
     ("divergence", {"min_history": 500}, "divergence.min_history"),
     ("stuck", {"min_fraction": 1.5}, "stuck.min_fraction"),
+    ("unnormalised_input", {"max_std": 0.01}, "unnormalised_input.max_std"),
+    ("divergence", {"lr_backoff": 1.0}, "divergence.lr_backoff"),
+    ("empty_images", {"max_share": -0.1}, "empty_images.max_share"),
 ])
 def test_validate_rejects_bad_diagnosis_values(block, change, key):
     validate(Config())
