@@ -10,6 +10,7 @@ evidence and remedy, and whether it should stop.
 - ``diagnoser``: ``Diagnoser`` (runs them on the training loop's signals), ``Finding``, ``DiagnosisStatus``.
 - ``state``: detector states to plain types and back (checkpoints).
 - ``windows``: rolling windows and small statistics on floats.
+- ``replay`` (imported on its own): re-runs the detectors on a run's recorded signals.
 
 Adding a detector: one ``@register_detector`` class in ``detectors`` and its block in
 ``configs/diagnosis/default.yaml``.
