@@ -780,3 +780,24 @@ def test_avoidance_sees_background_swamp_the_class_loss_before_any_validation():
     # 3:1 mining keeps the ratio near 3-5: nothing, whatever the class loss does
     mined = make()
     assert all(mined.observe_step(s, 1, {**avoidance_step(s), "neg_per_pos": 4.0}) == [] for s in range(100))
+
+
+# -------------------------------------------------------------------------- class loss at chance
+@pytest.mark.parametrize("neg_per_pos,chance", [(1.0, math.log(2)),  # 1:1 mining: half the kept anchors are faces
+                                                 (3.0, -(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))])
+def test_class_loss_at_chance_fires_on_a_loss_stuck_at_chance_not_on_a_falling_one(neg_per_pos, chance):
+    # loss_cls is summed over the kept anchors (faces + mined negatives) and divided by the faces
+    def at(level: Callable[[int], float]) -> StepFn:
+        return lambda s: {**healthy_step()(s), "neg_per_pos": neg_per_pos,
+                          "loss_cls": level(s) * (1 + neg_per_pos) * chance * (1 + 0.01 * math.sin(s))}
+
+    assert "class_loss_at_chance" not in make().scalars()  # off by default
+    stuck_at_chance = make(class_loss_at_chance__enabled=True)
+    finding = only(run(stuck_at_chance, at(lambda s: 1.0), healthy_epoch, 10), "class_loss_at_chance")
+    # tested from half of the 1000 steps on, over the last 50 steps
+    assert (finding.step, finding.epoch, finding.stage) == (500, 6, "mid")
+    assert finding.evidence["chance"] == pytest.approx(chance)
+    assert finding.evidence["ratio_to_chance"] == pytest.approx(1.0, abs=0.01)
+    falling = make(class_loss_at_chance__enabled=True)  # down to half of chance at step 500
+    assert run(falling, at(lambda s: max(0.5, 1.0 - s / 1000)), healthy_epoch, 10) == []
+    assert falling.scalars()["class_loss_at_chance"] == 0.0
