@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -116,41 +117,34 @@ def test_bad_eval_input_size_and_cache_are_named():
         validate(cfg)
 
 
-@pytest.mark.parametrize("old, new_path, value", [
-    ("diagnosis.adaptive_weights.enabled=true", "loss.adaptive_weights.enabled", True),
-    ("diagnosis.early_stopping_patience=4", "early_stopping.patience", 4),
-    ("diagnosis.early_stopping_metric=ap50", "early_stopping.monitor", "val/ap50"),
-    ("diagnosis.early_stopping_min_delta=0.01", "early_stopping.min_delta", 0.01),
-    ("diagnosis.stop_on_stuck=true", "diagnosis.stuck.stop", True),
-    ("diagnosis.stop_on_diverged=false", "diagnosis.divergence.stop", False),
-])
-def test_moved_keys_still_work_with_a_warning(old, new_path, value, caplog):
-    cfg = to_config(_compose(old))
-    node = cfg
-    for part in new_path.split("."):
-        node = getattr(node, part)
-    assert node == value
-    assert f"{old.split('=')[0].rsplit('.enabled', 1)[0]} moved to" in caplog.text
-    assert cfg.diagnosis.adaptive_weights.enabled is None and cfg.diagnosis.early_stopping_patience is None
+@pytest.mark.parametrize("old", ["diagnosis.adaptive_weights.enabled=true", "diagnosis.early_stopping_patience=4",
+                                 "diagnosis.stop_on_stuck=true", "diagnosis.stop_on_diverged=false",
+                                 "eval.ap_score_floor=0.05", "model.pre_nms_top_k=500"])
+def test_keys_moved_before_this_month_are_unknown(old):
+    with pytest.raises(ConfigCompositionException, match=re.escape(old.split("=")[0])):
+        _compose(old)
 
 
-def test_saved_config_of_an_older_run_loads_with_its_keys_moved():
+def test_a_config_saved_this_month_loads_without_its_retired_diagnosis_placeholders():
     from omegaconf import OmegaConf
 
     from detlab.config import Config, load_saved_config
+    from detlab.config_compat import RETIRED_DIAGNOSIS_PLACEHOLDERS
 
     saved = OmegaConf.to_container(OmegaConf.structured(Config()))
-    saved["model"].update(score_floor=0.05, nms_iou=0.3, pre_nms_top_k=500, max_detections=100)
-    saved["eval"]["ap_score_floor"] = saved["eval"].pop("score_floor")
-    diagnosis = saved["diagnosis"]
-    for block in ("avoidance", "stuck", "loss_imbalance", "random_large_boxes", "small_fp_explosion", "overfitting",
-                  "divergence"):
-        diagnosis.pop(block)
-    diagnosis.update(imbalance_ratio=7.0, diverge_patience=5, early_stopping_patience=2, early_stopping_metric="miou")
+    # as the schema wrote them until 2026-12-05: null keys and a block of nulls
+    saved["diagnosis"].update(stop_on_stuck=None, stop_on_diverged=None, early_stopping_patience=None,
+                              early_stopping_metric=None, early_stopping_min_delta=None,
+                              adaptive_weights={"enabled": None, "start_box_factor": None, "shape": None})
+    assert set(RETIRED_DIAGNOSIS_PLACEHOLDERS) <= set(saved["diagnosis"])
+    saved["diagnosis"]["stuck"]["min_drop"] = 0.03
     cfg = load_saved_config(saved)
-    assert (cfg.eval.pre_nms_top_k, cfg.eval.max_detections, cfg.eval.score_floor) == (500, 100, 0.01)
-    assert (cfg.diagnosis.loss_imbalance.ratio, cfg.diagnosis.divergence.patience) == (7.0, 5)
-    assert (cfg.early_stopping.patience, cfg.early_stopping.monitor) == (2, "val/miou")
+    assert cfg.diagnosis.stuck.min_drop == 0.03 and cfg.diagnosis == load_saved_config(
+        OmegaConf.to_container(OmegaConf.structured(cfg))).diagnosis
+    # a value in one of them is a config from before this month: not read, the key is named
+    saved["diagnosis"]["stop_on_stuck"] = True
+    with pytest.raises(ConfigError, match="diagnosis.stop_on_stuck: unknown key"):
+        load_saved_config(saved)
 
 
 def test_post_processing_keys_live_only_in_the_eval_group():

@@ -13,24 +13,31 @@ from typing import Callable, Optional
 import pytest
 import torch
 from omegaconf import OmegaConf
-from torch import nn
 
-from detlab.config import Config, ConfigError, DiagnosisConfig, validate
+from detlab.config import Config, ConfigError, validate
 from detlab.diagnosis import (
-    DEFAULT_DETECTORS,
-    DETECTORS,
     Alarm,
     Detector,
+    DetectorConfig,
     Diagnoser,
+    DiagnosisConfig,
     DiagnosisStatus,
     Finding,
+    Level,
     StopReason,
+    get_detector,
     is_finite_loss,
-    loss_term_grad_norms,
+    list_detectors,
+    register_detector,
+    registered_detectors,
+    step_level_detectors,
 )
 from detlab.schedule import StageBoundaries
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The detectors a default Diagnoser runs (those whose block is enabled), in evaluation order.
+DETECTORS = tuple(name for name in list_detectors() if getattr(DiagnosisConfig(), name).enabled)
 
 # Default geometry: 10 epochs of 100 steps, early stage = epoch 1, late stage from step 700 (epoch 8).
 TOTAL, SPE, EARLY_END, LATE_START = 1000, 100, 100, 700
@@ -48,7 +55,7 @@ def configure(cfg: DiagnosisConfig, **overrides) -> DiagnosisConfig:
 
 
 def make(total: int = TOTAL, spe: int = SPE, early_end: int = EARLY_END, late_start: int = LATE_START,
-         detectors=DEFAULT_DETECTORS, **overrides) -> Diagnoser:
+         detectors=None, **overrides) -> Diagnoser:
     return Diagnoser(configure(DiagnosisConfig(), **overrides), StageBoundaries(early_end, late_start), total, spe,
                      detectors=detectors)
 
@@ -119,16 +126,42 @@ def test_disabled_diagnoser_observes_nothing():
     assert diag.scalars() == {} and diag.findings == [] and not diag.status.stop
 
 
-def test_detector_registry_matches_names_and_config_blocks():
-    assert DETECTORS == ("avoidance", "under_confidence", "stuck", "loss_imbalance", "random_large_boxes",
-                         "small_fp_explosion", "overfitting", "divergence", "unmatched_faces", "empty_images",
-                         "dead_gradients", "unnormalised_input")
-    assert sorted(cls.name for cls in DEFAULT_DETECTORS) == sorted(DETECTORS)
+def test_the_registry_gives_the_schema_the_evaluation_order_and_the_levels():
+    # divergence first: its finding precedes what a blow-up causes, its stop a stuck stop
+    assert list_detectors()[:12] == ("divergence", "unnormalised_input", "unmatched_faces", "empty_images",
+                                     "dead_gradients", "avoidance", "under_confidence", "stuck", "loss_imbalance",
+                                     "random_large_boxes", "small_fp_explosion", "overfitting")
     cfg = DiagnosisConfig()
-    for cls in DEFAULT_DETECTORS:
-        assert hasattr(cfg, cls.name) and cls.remedy
+    for cls in registered_detectors():
+        assert get_detector(cls.name) is cls and getattr(cfg, cls.name) == cls.Config() and cls.remedy
         # remedies cite keys that exist (the adaptive weights live in loss, early stopping at the top)
         assert "diagnosis.adaptive_weights" not in cls.remedy and "diagnosis.early_stopping" not in cls.remedy
+    assert step_level_detectors() == {cls.name for cls in registered_detectors() if cls.level is Level.STEP}
+    assert {"divergence", "stuck", "loss_imbalance", "unmatched_faces", "empty_images", "dead_gradients",
+            "unnormalised_input"} <= step_level_detectors()
+    assert not {"avoidance", "under_confidence", "random_large_boxes", "small_fp_explosion",
+                "overfitting"} & step_level_detectors()
+    with pytest.raises(KeyError, match="unknown detector 'nope'"):
+        get_detector("nope")
+
+
+def test_register_detector_refuses_an_incomplete_declaration():
+    def declare(**attributes) -> type[Detector]:
+        check = {"check_step": lambda self, when, signals: None}
+        return type("Toy", (Detector,), {"name": "toy", "level": Level.STEP, **check, **attributes})
+
+    for attributes, error in [({"name": "stuck"}, "taken"), ({"name": "enabled"}, "taken"),
+                              ({"name": "not a name"}, "an identifier"), ({"level": "step"}, "Level.STEP"),
+                              ({"Config": dict}, "DetectorConfig"), ({"level": Level.EPOCH}, "check_epoch")]:
+        with pytest.raises(ValueError, match=error):
+            register_detector(declare(**attributes))
+    assert "toy" not in list_detectors()
+
+
+def test_a_switched_off_detector_is_not_run():
+    diag = make(stuck__enabled=False, stuck__min_fraction=0.0)
+    assert run(diag, stuck_step, None, 1) == [] and "stuck" not in diag.scalars()
+    assert "stuck" not in diag.state_dict()["detectors"]
 
 
 # ---------------------------------------------------------------------------------- avoidance
@@ -212,14 +245,6 @@ def test_stuck_stops_the_run_when_switched_on():
     assert status.stop and status.reason is StopReason.STUCK and status.reason == "stuck"
     assert status.message == ("stuck at step 99 (epoch 1): total loss fell only 1.0% over the first 100 steps "
                               "(5 -> 4.95, 50-step windows)")
-
-
-def test_deprecated_stop_keys_are_ignored():
-    # config loading moves diagnosis.stop_on_* to the blocks; the diagnoser reads only the blocks
-    cfg = replace(configure(DiagnosisConfig(), stuck__min_fraction=0.0), stop_on_stuck=True, stop_on_diverged=False)
-    diag = Diagnoser(cfg, StageBoundaries(EARLY_END, LATE_START), TOTAL, SPE)
-    run(diag, stuck_step, None, 1)
-    assert diag.fired("stuck") and diag.status == DiagnosisStatus()
 
 
 def test_stuck_spans_at_least_the_min_fraction_of_training():
@@ -504,53 +529,29 @@ def test_state_dict_round_trip_resumes_detection():
     assert repr(resumed.state_dict()) == repr(whole.state_dict())  # nan-safe comparison
 
 
-# A diagnoser state_dict as checkpoints wrote it before the detectors were classes (flat keys,
-# early-stopping fields): past the stuck check, 20 steps of grad-norm history.
-OLD_STATE = {
-    "findings": [{"detector": "loss_imbalance", "stage": "mid", "step": 100, "epoch": 2, "message": "box dominates",
-                  "evidence": {"ratio_box_to_cls": 50.0}, "remedy": "old remedy"}],
-    "active": {"loss_imbalance": True, "stuck": False},
-    "first_total": [5.0] * 50, "first_cls": [4.0] * 50, "recent_total": [4.0] * 50, "recent_cls": [3.0] * 50,
-    "stuck_checked": True, "ratio_samples": [[0.1, 5.0]] * 3,
-    "grad_history": [1.0] * 20, "loss_history": [2.0] * 20,
-    "grad_explode_run": 0, "loss_explode_run": 0, "nonfinite_grad_run": 0,
-    "epochs": [], "first_epoch_cls": 1.5, "peak_pred_per_image": 3.0, "best_miou": math.nan, "best_miou_epoch": 0,
-    "es_best": 0.3, "es_best_epoch": 2, "es_bad_epochs": 1,
-}
-
-
-def test_old_format_or_empty_state_dict_loads():
+def test_an_empty_state_or_a_detector_the_state_lacks_starts_fresh():
     flat = lambda s: {"loss_cls": 3.0, "loss_box": 1.0, "loss_total": 4.0, "lr": 0.01, "grad_norm": 1.0}  # noqa: E731
     # fresh state (empty dict): at step 300 the stuck check runs on the resumed windows alone
     fresh = make()
     fresh.load_state_dict({})
     assert only(run(fresh, flat, None, 1, first_epoch=4), "stuck").step == 300
-    # the old format: findings, scalars and the detector windows are read (stuck already decided)
-    diag = make()
-    diag.load_state_dict(checkpoint(OLD_STATE))
-    assert diag.fired("loss_imbalance") and diag.findings[0].remedy == "old remedy"
-    assert diag.scalars()["loss_imbalance"] == 1.0 and diag.status == DiagnosisStatus()
-    detectors = diag.state_dict()["detectors"]
-    assert detectors["stuck"]["checked"] is True and detectors["divergence"]["grad_median"] == [1.0] * 20
-    assert detectors["avoidance"]["peak_pred_per_image"] == 3.0
-    # the 20-step grad history counts: a 3-step burst is divergence at once
+    # a checkpoint written before a detector existed (or while it was off): that one starts fresh,
+    # the others resume (stuck already decided, divergence's 20-step gradient history kept)
+    first = make()
+    run(first, flat, None, 3)
+    state = checkpoint(first.state_dict())
+    del state["detectors"]["divergence"]
+    resumed = make()
+    resumed.load_state_dict(state)
+    detectors = resumed.state_dict()["detectors"]
+    assert detectors["stuck"]["checked"] is True
+    assert detectors["divergence"] == make().state_dict()["detectors"]["divergence"]
     burst = lambda s: {**flat(s), "grad_norm": 100.0 if s >= 302 else 1.0}  # noqa: E731
-    finding = only(run(diag, burst, None, 1, first_epoch=4), "divergence")
+    assert run(resumed, burst, None, 1, first_epoch=4) == []  # no history yet: no median to exceed
+    whole = make()
+    run(whole, flat, None, 3)
+    finding = only(run(whole, burst, None, 1, first_epoch=4), "divergence")
     assert finding.step == 304 and finding.evidence["grad_norm_median"] == 1.0
-    # unreadable values keep the fresh state; nothing crashes
-    broken = {**OLD_STATE, "findings": [{"detector": "stuck"}], "active": [1], "grad_explode_run": "x",
-              "ratio_samples": 5, "loss_history": ["a"], "stuck_checked": None}
-    diag = make()
-    diag.load_state_dict(broken)
-    detectors = diag.state_dict()["detectors"]
-    assert diag.findings == [] and detectors["divergence"]["grad_explode_run"] == 0
-    assert detectors["loss_imbalance"]["samples"] == [] and detectors["divergence"]["loss_median"] == []
-    assert detectors["stuck"]["checked"] is False and detectors["stuck"]["first"] == [5.0] * 50
-    for garbage in ({"detectors": "garbage", "findings": None}, {"findings": 5, "active": None, "detectors": {
-            "stuck": {"first": {"a": 1}, "recent": 3.0}, "divergence": [1, 2]}}):
-        diag = make()
-        diag.load_state_dict(garbage)
-        assert repr(diag.state_dict()) == repr(make().state_dict())
 
 
 # ----------------------------------------------------------------------------- detector protocol
@@ -581,15 +582,15 @@ def test_extra_detector_fires_through_the_generic_loop():
         sig = healthy_step()(s)
         return {**sig, "loss_total": 11.0} if s in (120, 130, 140, 150) else sig
 
-    diag = make(detectors=(*DEFAULT_DETECTORS, LossAboveTen))
-    assert diag.cfg is not None and diag.detectors[-1].cfg is None  # no config block: cfg None
+    diag = make(detectors=(*registered_detectors(), LossAboveTen))
+    assert diag.detectors[-1].cfg == DetectorConfig()  # no block in the schema: its Config's defaults
     finding = only(run(diag, step_fn, lambda e: {**healthy_epoch(e), "val/recall": 0.4}, 2), "toy_loss_above_ten")
     assert (finding.step, finding.epoch, finding.stage) == (140, 2, "mid")
     assert finding.evidence == {"count": 3.0} and finding.remedy == "toy remedy"
     assert diag.scalars() == {**dict.fromkeys(DETECTORS, 0.0), "toy_loss_above_ten": 1.0}
     state = checkpoint(diag.state_dict())
     assert state["detectors"]["toy_loss_above_ten"] == {"count": 4}
-    resumed = make(detectors=(*DEFAULT_DETECTORS, LossAboveTen))
+    resumed = make(detectors=(*registered_detectors(), LossAboveTen))
     resumed.load_state_dict(state)
     assert resumed.detectors[-1].state.count == 4
     assert run(resumed, step_fn, lambda e: {**healthy_epoch(e), "val/recall": 0.6}, 1, first_epoch=3) == []
@@ -610,47 +611,14 @@ def test_finding_output_formats():
                     "[ratio_box_to_cls=50, samples=3] -> remedy: raise loss.class_weight")
 
 
-# ----------------------------------------------------------------------- gradient norms
-def test_loss_term_grad_norms_against_hand_computed_values():
-    shared = nn.Linear(2, 2)
-    cls_head, box_head = nn.Linear(2, 1, bias=False), nn.Linear(2, 1, bias=False)
-    with torch.no_grad():
-        shared.weight.copy_(torch.eye(2))
-        shared.bias.zero_()
-        cls_head.weight.copy_(torch.tensor([[1.0, 1.0]]))
-        box_head.weight.copy_(torch.tensor([[0.0, 2.0]]))
-    x = torch.tensor([[1.0, 2.0]])
-    h = shared(x)  # [1, 2] = (1, 2)
-    loss_cls = 0.5 * cls_head(h).pow(2).sum()  # weight 0.5, y = 3
-    loss_box = 4.0 * box_head(h).sum()  # weight 4, y = 4
-    g_cls, g_box = loss_term_grad_norms(loss_cls, loss_box, shared.parameters())
-    # d(0.5 y^2)/dW = y * a x^T = 3 [[1, 2], [1, 2]], d/db = 3 a = (3, 3): |g|^2 = 9 * 10 + 18 = 108
-    assert g_cls == pytest.approx(math.sqrt(108.0))
-    # d(4 y)/dW = 4 b x^T = [[0, 0], [8, 16]], d/db = 4 b = (0, 8): |g|^2 = 64 + 256 + 64 = 384
-    assert g_box == pytest.approx(math.sqrt(384.0))
-    assert all(p.grad is None for p in shared.parameters())  # .grad untouched, graph retained:
-    (loss_cls + loss_box).backward()
-    assert shared.weight.grad is not None
-    # a zero-weighted term, a scaled call (AMP) and a term independent of the shared parameters
-    h = shared(x)
-    g_cls, g_box = loss_term_grad_norms(0.0 * cls_head(h).sum(), 4.0 * box_head(h).sum(), list(shared.parameters()),
-                                        scale=1024.0)
-    assert g_cls == 0.0 and g_box == pytest.approx(math.sqrt(384.0))
-    detached = cls_head(h.detach()).sum()
-    assert loss_term_grad_norms(detached, detached * 0, shared.parameters()) == (0.0, 0.0)
-
-
 # ---------------------------------------------------------------------------------- config
 def test_yaml_matches_schema_defaults():
     yaml = OmegaConf.load(ROOT / "configs" / "diagnosis" / "default.yaml")
     merged = OmegaConf.merge(OmegaConf.structured(DiagnosisConfig), yaml)  # unknown keys would raise
     assert OmegaConf.to_object(merged) == DiagnosisConfig()
-    # every key but the deprecated ones (null unless set; config loading moves them), every block complete
-    deprecated = {"stop_on_stuck", "stop_on_diverged", "early_stopping_patience", "early_stopping_metric",
-                  "early_stopping_min_delta", "adaptive_weights"}
-    schema_keys = {f.name for f in fields(DiagnosisConfig)}
-    assert deprecated <= schema_keys and set(yaml.keys()) == schema_keys - deprecated
-    for name in DETECTORS:
+    # every key of the schema, every detector's block complete
+    assert set(yaml.keys()) == {f.name for f in fields(DiagnosisConfig)}
+    for name in list_detectors():
         assert set(yaml[name].keys()) == {f.name for f in fields(getattr(DiagnosisConfig(), name))}, name
 
 
@@ -661,6 +629,9 @@ def test_yaml_matches_schema_defaults():
     ("small_fp_explosion", {"rise_epochs": 0}, "small_fp_explosion.rise_epochs"),
     ("divergence", {"min_history": 500}, "divergence.min_history"),
     ("stuck", {"min_fraction": 1.5}, "stuck.min_fraction"),
+    ("unnormalised_input", {"max_std": 0.01}, "unnormalised_input.max_std"),
+    ("divergence", {"lr_backoff": 1.0}, "divergence.lr_backoff"),
+    ("empty_images", {"max_share": -0.1}, "empty_images.max_share"),
 ])
 def test_validate_rejects_bad_diagnosis_values(block, change, key):
     validate(Config())
@@ -809,3 +780,24 @@ def test_avoidance_sees_background_swamp_the_class_loss_before_any_validation():
     # 3:1 mining keeps the ratio near 3-5: nothing, whatever the class loss does
     mined = make()
     assert all(mined.observe_step(s, 1, {**avoidance_step(s), "neg_per_pos": 4.0}) == [] for s in range(100))
+
+
+# -------------------------------------------------------------------------- class loss at chance
+@pytest.mark.parametrize("neg_per_pos,chance", [(1.0, math.log(2)),  # 1:1 mining: half the kept anchors are faces
+                                                 (3.0, -(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))])
+def test_class_loss_at_chance_fires_on_a_loss_stuck_at_chance_not_on_a_falling_one(neg_per_pos, chance):
+    # loss_cls is summed over the kept anchors (faces + mined negatives) and divided by the faces
+    def at(level: Callable[[int], float]) -> StepFn:
+        return lambda s: {**healthy_step()(s), "neg_per_pos": neg_per_pos,
+                          "loss_cls": level(s) * (1 + neg_per_pos) * chance * (1 + 0.01 * math.sin(s))}
+
+    assert "class_loss_at_chance" not in make().scalars()  # off by default
+    stuck_at_chance = make(class_loss_at_chance__enabled=True)
+    finding = only(run(stuck_at_chance, at(lambda s: 1.0), healthy_epoch, 10), "class_loss_at_chance")
+    # tested from half of the 1000 steps on, over the last 50 steps
+    assert (finding.step, finding.epoch, finding.stage) == (500, 6, "mid")
+    assert finding.evidence["chance"] == pytest.approx(chance)
+    assert finding.evidence["ratio_to_chance"] == pytest.approx(1.0, abs=0.01)
+    falling = make(class_loss_at_chance__enabled=True)  # down to half of chance at step 500
+    assert run(falling, at(lambda s: max(0.5, 1.0 - s / 1000)), healthy_epoch, 10) == []
+    assert falling.scalars()["class_loss_at_chance"] == 0.0

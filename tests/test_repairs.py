@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from detlab.config import DivergenceConfig, RebalanceConfig, ScheduleConfig
-from detlab.diagnosis import DIVERGENCE, Diagnoser, DiagnosisConfig
+from detlab.config import RebalanceConfig, ScheduleConfig
+from detlab.diagnosis import DIVERGENCE, Diagnoser, DiagnosisConfig, Divergence
 from detlab.engine.repair import Rollback
 from detlab.schedule import StageBoundaries, build_scheduler, scale_learning_rate
 from detlab.engine.step import dead_gradient_share
@@ -133,7 +133,7 @@ def test_scale_learning_rate_scales_the_rest_of_the_schedule(schedule, at):
 
 def test_rollback_restores_the_last_good_state_with_a_lower_learning_rate():
     parts, _ = tiny_parts()
-    rollback = Rollback(DivergenceConfig(rollback=True, lr_backoff=0.1, max_rollbacks=1))
+    rollback = Rollback(Divergence.Config(rollback=True, lr_backoff=0.1, max_rollbacks=1))
     assert not rollback.available  # nothing to roll back to yet
     rollback.take(1, 25, parts.model, parts.optimizer, parts.scaler)
     good = {k: v.clone() for k, v in parts.model.state_dict().items()}
@@ -146,7 +146,7 @@ def test_rollback_restores_the_last_good_state_with_a_lower_learning_rate():
     assert parts.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * lr)
     assert "epoch 1 (step 25)" in message and "rollback 1 of 1" in message
     assert not rollback.available  # max_rollbacks spent
-    assert not Rollback(DivergenceConfig()).enabled  # off by default
+    assert not Rollback(Divergence.Config()).enabled  # off by default
 
 
 def test_a_repaired_divergence_no_longer_stops_the_run_and_may_fire_again():

@@ -4,9 +4,10 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from detlab.config import Config
-from detlab.engine.step import build_training
+from detlab.engine.step import build_training, loss_term_grad_norms
 
 
 def tiny_parts(**loss):
@@ -59,3 +60,32 @@ def test_a_non_finite_loss_makes_no_update():
     assert not record.updated and not math.isfinite(record.loss_total) and math.isnan(record.grad_norm)
     assert all(torch.equal(a, b) for a, b in zip(before, parts.model.parameters()))
     assert "grad_norm" not in record.signals()
+
+
+def test_loss_term_grad_norms_against_hand_computed_values():
+    shared = nn.Linear(2, 2)
+    cls_head, box_head = nn.Linear(2, 1, bias=False), nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        shared.weight.copy_(torch.eye(2))
+        shared.bias.zero_()
+        cls_head.weight.copy_(torch.tensor([[1.0, 1.0]]))
+        box_head.weight.copy_(torch.tensor([[0.0, 2.0]]))
+    x = torch.tensor([[1.0, 2.0]])
+    h = shared(x)  # [1, 2] = (1, 2)
+    loss_cls = 0.5 * cls_head(h).pow(2).sum()  # weight 0.5, y = 3
+    loss_box = 4.0 * box_head(h).sum()  # weight 4, y = 4
+    g_cls, g_box = loss_term_grad_norms(loss_cls, loss_box, shared.parameters())
+    # d(0.5 y^2)/dW = y * a x^T = 3 [[1, 2], [1, 2]], d/db = 3 a = (3, 3): |g|^2 = 9 * 10 + 18 = 108
+    assert g_cls == pytest.approx(math.sqrt(108.0))
+    # d(4 y)/dW = 4 b x^T = [[0, 0], [8, 16]], d/db = 4 b = (0, 8): |g|^2 = 64 + 256 + 64 = 384
+    assert g_box == pytest.approx(math.sqrt(384.0))
+    assert all(p.grad is None for p in shared.parameters())  # .grad untouched, graph retained:
+    (loss_cls + loss_box).backward()
+    assert shared.weight.grad is not None
+    # a zero-weighted term, a scaled call (AMP) and a term independent of the shared parameters
+    h = shared(x)
+    g_cls, g_box = loss_term_grad_norms(0.0 * cls_head(h).sum(), 4.0 * box_head(h).sum(), list(shared.parameters()),
+                                        scale=1024.0)
+    assert g_cls == 0.0 and g_box == pytest.approx(math.sqrt(384.0))
+    detached = cls_head(h.detach()).sum()
+    assert loss_term_grad_norms(detached, detached * 0, shared.parameters()) == (0.0, 0.0)

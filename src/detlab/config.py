@@ -19,6 +19,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from detlab.config_compat import drop_retired_placeholders
+from detlab.diagnosis import DiagnosisConfig, config_problems
 from detlab.errors import UserError
 from detlab.run_record import METRIC_COLUMNS
 
@@ -233,189 +235,6 @@ class StageConfig:
 
 
 @dataclass
-class AvoidanceConfig:
-    """``avoidance``: the model predicts only background (epochs before the late stage)."""
-
-    max_pred_per_image: float = 0.1
-    max_recall: float = 0.05
-    min_cls_drop: float = 0.05  # relative fall of loss_cls (first vs recent loss window)
-    # Ranking near chance too: with val/ap50 at or above this the model ranks faces and is only
-    # under-confident (``under_confidence``), which needs another remedy.
-    max_ap50: float = 0.05
-    # ... and not climbing out of chance: AP50 rose less than this since the previous epoch (so the
-    # detector needs two epochs).
-    # Tuned on the benchmark's seeds: the slowest healthy run rose 0.0026, collapsed runs (no warm-up at
-    # a high lr) by at most 0.0009.
-    min_ap50_rise: float = 0.002
-    # Step check, before any validation: the classification term counts more than this many background
-    # anchors per face anchor (mean over the loss window) while loss_cls falls (3:1 mining gives about 3-5).
-    max_neg_per_pos: float = 20.0
-
-
-@dataclass
-class UnderConfidenceConfig:
-    """``under_confidence``: in the late stage, val AP50 is well above chance but almost nothing scores
-    above ``eval.score_threshold``: the model ranks faces and is under-confident."""
-
-    min_ap50: float = 0.05
-    max_pred_per_image: float = 0.1
-    max_recall: float = 0.05
-
-
-@dataclass
-class StuckConfig:
-    """``stuck``: the mean total loss of the last loss window of the first part of training is not
-    ``min_drop`` below its first window."""
-
-    stop: bool = False  # end the run when it fires
-    # Tuned on the diagnosis benchmark's own seeds: faulty runs (lr x0.001, x100) fell <= 0.8%, the
-    # slowest healthy run (lr 0.005) 3.7% (scripts/bench_diagnosis.py; README, "Diagnosis benchmark").
-    min_drop: float = 0.02
-    # The check spans at least this fraction of training: a short warm-up (lr still ramping) alone
-    # is too little to call a run stuck (measured: it fired on default runs that later learned).
-    min_fraction: float = 0.2
-
-
-@dataclass
-class LossImbalanceConfig:
-    """``loss_imbalance``: median of g_box / g_cls (weighted terms, shared parameters)."""
-
-    ratio: float = 10.0  # fires above this or below its inverse
-    window: int = 5  # most recent samples whose median is tested
-    min_samples: int = 3
-
-
-@dataclass
-class RandomLargeBoxesConfig:
-    """``random_large_boxes``: on epochs with early-stage steps, most predictions are large and
-    precision is low."""
-
-    share: float = 0.5  # val/pred_large_share at or above this ...
-    max_precision: float = 0.2  # ... with val/precision below this
-    min_pred_per_image: float = 0.5  # ignore the share when there are hardly any boxes
-
-
-@dataclass
-class SmallFpExplosionConfig:
-    """``small_fp_explosion``: in the mid stage, val/fp rises while most FPs are small and
-    train/loss_cls stagnates."""
-
-    rise_epochs: int = 3  # consecutive epochs of rising val/fp
-    min_growth: float = 0.2  # relative FP growth over those epochs
-    small_share: float = 0.5  # share of val/fp that are small background FPs (val/small/fp_background)
-    cls_stagnation: float = 0.05  # train/loss_cls relative fall under this counts as stagnant
-
-
-@dataclass
-class OverfittingConfig:
-    """``overfitting``: val loss rising (or val mIoU falling) while the train loss falls."""
-
-    epochs: int = 3  # consecutive epochs
-    min_change: float = 0.01  # relative change over those epochs
-
-
-@dataclass
-class UnmatchedFacesConfig:
-    """``unmatched_faces``: mean share of the training faces whose best anchor IoU reaches
-    ``model.match_iou`` over the last ``window`` steps is below ``min_coverage``."""
-
-    window: int = 10
-    min_coverage: float = 0.3
-
-
-@dataclass
-class EmptyImagesConfig:
-    """``empty_images``: mean share of training images without a face over ``window`` steps above ``max_share``."""
-
-    window: int = 10
-    max_share: float = 0.6
-
-
-@dataclass
-class DeadGradientsConfig:
-    """``dead_gradients``: mean share of the weights (by count) without gradient, over the last
-    ``window`` gradient samples (every ``diagnosis.grad_norm_every`` steps), above ``max_share``."""
-
-    window: int = 3
-    max_share: float = 0.5
-
-
-@dataclass
-class UnnormalisedInputConfig:
-    """``unnormalised_input``: the mean standard deviation of the network's input over ``window``
-    gradient samples is outside ``[min_std, max_std]``, or its mean's magnitude above ``max_abs_mean``."""
-
-    window: int = 3
-    min_std: float = 0.05
-    max_std: float = 5.0
-    max_abs_mean: float = 3.0
-
-
-@dataclass
-class DivergenceConfig:
-    """``divergence``: non-finite loss, or grad norm / raw loss far above their running median."""
-
-    stop: bool = True  # end the run when it fires
-    grad_factor: float = 20.0
-    loss_factor: float = 20.0
-    window: int = 200  # steps in the running median
-    min_history: int = 20  # finite samples before the factor test starts
-    patience: int = 3  # consecutive exploding steps
-    nonfinite_grad_patience: int = 20  # consecutive non-finite grad norms (AMP overflows skip steps)
-    # Repair (off by default): roll back to the last good epoch's weights and multiply the learning
-    # rate by lr_backoff instead of stopping, at most max_rollbacks times (detlab.engine.repair).
-    rollback: bool = False
-    lr_backoff: float = 0.1
-    max_rollbacks: int = 2
-
-
-@dataclass
-class MovedAdaptiveWeights:
-    """``diagnosis.adaptive_weights.*``, moved to ``loss.adaptive_weights``: null unless set."""
-
-    enabled: Optional[bool] = None
-    start_box_factor: Optional[float] = None
-    start_class_factor: Optional[float] = None
-    ramp_start_fraction: Optional[float] = None
-    ramp_end_fraction: Optional[float] = None
-    shape: Optional[str] = None
-
-
-@dataclass
-class DiagnosisConfig:
-    """Failure-pattern detectors (``detlab.diagnosis``): one block per detector, named like it.
-
-    Step windows count optimiser steps, epoch windows count validation epochs. Each detector fires
-    one finding per run (its onset); the TensorBoard scalar ``diagnosis/<detector>`` shows whether
-    its condition currently holds. ``enabled`` switches the detectors off.
-    """
-
-    enabled: bool = True
-    grad_norm_every: int = 5  # steps between gradient samples (loss-term norms on the backbone output, dead share)
-    # Loss windows (steps) of stuck and avoidance: shrunk to half the first part of training when longer.
-    loss_window: int = 50
-    avoidance: AvoidanceConfig = field(default_factory=AvoidanceConfig)
-    under_confidence: UnderConfidenceConfig = field(default_factory=UnderConfidenceConfig)
-    stuck: StuckConfig = field(default_factory=StuckConfig)
-    loss_imbalance: LossImbalanceConfig = field(default_factory=LossImbalanceConfig)
-    random_large_boxes: RandomLargeBoxesConfig = field(default_factory=RandomLargeBoxesConfig)
-    small_fp_explosion: SmallFpExplosionConfig = field(default_factory=SmallFpExplosionConfig)
-    overfitting: OverfittingConfig = field(default_factory=OverfittingConfig)
-    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
-    unmatched_faces: UnmatchedFacesConfig = field(default_factory=UnmatchedFacesConfig)
-    empty_images: EmptyImagesConfig = field(default_factory=EmptyImagesConfig)
-    dead_gradients: DeadGradientsConfig = field(default_factory=DeadGradientsConfig)
-    unnormalised_input: UnnormalisedInputConfig = field(default_factory=UnnormalisedInputConfig)
-    # Moved keys (null unless set; to_config moves them to their new place with a warning).
-    stop_on_stuck: Optional[bool] = None  # -> diagnosis.stuck.stop
-    stop_on_diverged: Optional[bool] = None  # -> diagnosis.divergence.stop
-    early_stopping_patience: Optional[int] = None  # -> early_stopping.patience
-    early_stopping_metric: Optional[str] = None  # -> early_stopping.monitor
-    early_stopping_min_delta: Optional[float] = None  # -> early_stopping.min_delta
-    adaptive_weights: MovedAdaptiveWeights = field(default_factory=lambda: MovedAdaptiveWeights())  # -> loss.*
-
-
-@dataclass
 class EarlyStoppingConfig:
     """The one owner of "best" (``best.pt``, ``summary.json``'s ``best``) and of early stopping.
 
@@ -596,59 +415,8 @@ def validate(cfg: Config) -> None:
            "must be in (0, 1) or null", st.early_end_fraction)
     _check(0 < st.late_start_fraction < 1, "stages.late_start_fraction", "must be in (0, 1)",
            st.late_start_fraction)
-    dg = cfg.diagnosis
-    _check(dg.grad_norm_every >= 1, "diagnosis.grad_norm_every", "must be >= 1", dg.grad_norm_every)
-    _check(dg.loss_window >= 1, "diagnosis.loss_window", "must be >= 1", dg.loss_window)
-    checks = {  # key -> (condition, message)
-        "avoidance.max_pred_per_image": (lambda v: v >= 0, "must be >= 0"),
-        "avoidance.max_recall": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-        "avoidance.min_cls_drop": (lambda v: v >= 0, "must be >= 0"),
-        "avoidance.max_ap50": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-        "avoidance.min_ap50_rise": (lambda v: v >= 0, "must be >= 0"),
-        "avoidance.max_neg_per_pos": (lambda v: v > 0, "must be > 0"),
-        "unnormalised_input.window": (lambda v: v >= 1, "must be >= 1"),
-        "unnormalised_input.min_std": (lambda v: v >= 0, "must be >= 0"),
-        "unnormalised_input.max_std": (lambda v: v > dg.unnormalised_input.min_std,
-                                       f"must be > diagnosis.unnormalised_input.min_std={dg.unnormalised_input.min_std}"),
-        "unnormalised_input.max_abs_mean": (lambda v: v > 0, "must be > 0"),
-        "unmatched_faces.window": (lambda v: v >= 1, "must be >= 1"),
-        "unmatched_faces.min_coverage": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-        "empty_images.window": (lambda v: v >= 1, "must be >= 1"),
-        "empty_images.max_share": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-        "dead_gradients.window": (lambda v: v >= 1, "must be >= 1"),
-        "dead_gradients.max_share": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-        "under_confidence.min_ap50": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-        "under_confidence.max_pred_per_image": (lambda v: v >= 0, "must be >= 0"),
-        "under_confidence.max_recall": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-        "stuck.min_drop": (lambda v: v >= 0, "must be >= 0"),
-        "stuck.min_fraction": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-        "loss_imbalance.ratio": (lambda v: v > 1, "must be > 1"),
-        "loss_imbalance.window": (lambda v: v >= 1, "must be >= 1"),
-        "loss_imbalance.min_samples": (lambda v: 1 <= v <= dg.loss_imbalance.window,
-                                       f"must be in [1, diagnosis.loss_imbalance.window={dg.loss_imbalance.window}]"),
-        "random_large_boxes.share": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-        "random_large_boxes.max_precision": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-        "random_large_boxes.min_pred_per_image": (lambda v: v >= 0, "must be >= 0"),
-        "small_fp_explosion.rise_epochs": (lambda v: v >= 1, "must be >= 1"),
-        "small_fp_explosion.min_growth": (lambda v: v >= 0, "must be >= 0"),
-        "small_fp_explosion.small_share": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-        "small_fp_explosion.cls_stagnation": (lambda v: v >= 0, "must be >= 0"),
-        "overfitting.epochs": (lambda v: v >= 1, "must be >= 1"),
-        "overfitting.min_change": (lambda v: v >= 0, "must be >= 0"),
-        "divergence.grad_factor": (lambda v: v > 1, "must be > 1"),
-        "divergence.loss_factor": (lambda v: v > 1, "must be > 1"),
-        "divergence.window": (lambda v: v >= 1, "must be >= 1"),
-        "divergence.min_history": (lambda v: 1 <= v <= dg.divergence.window,
-                                   f"must be in [1, diagnosis.divergence.window={dg.divergence.window}]"),
-        "divergence.patience": (lambda v: v >= 1, "must be >= 1"),
-        "divergence.nonfinite_grad_patience": (lambda v: v >= 1, "must be >= 1"),
-        "divergence.lr_backoff": (lambda v: 0 < v < 1, "must be in (0, 1)"),
-        "divergence.max_rollbacks": (lambda v: v >= 0, "must be >= 0"),
-    }
-    for key, (condition, message) in checks.items():
-        block, name = key.split(".")
-        value = getattr(getattr(dg, block), name)
-        _check(condition(value), f"diagnosis.{key}", message, value)
+    for problem in config_problems(cfg.diagnosis):  # each detector validates its own block
+        _check(False, problem.key, problem.message, problem.value)
 
     es = cfg.early_stopping
     _check(es.monitor in METRIC_COLUMNS and es.monitor.startswith(("val/", "train/")), "early_stopping.monitor",
@@ -665,76 +433,6 @@ def validate(cfg: Config) -> None:
            "expected 0 <= ramp_start_fraction <= ramp_end_fraction <= 1",
            (aw.ramp_start_fraction, aw.ramp_end_fraction))
 
-
-# Columns of metrics.csv, in order (the trainer writes them; early_stopping.monitor names one).
-
-# Keys that moved: old dotted key -> new dotted key. Set on the command line (the schema keeps the
-# diagnosis ones as nullable fields) or found in a saved config, they are moved with a warning.
-MOVED_KEYS = {
-    "diagnosis.stop_on_stuck": "diagnosis.stuck.stop",
-    "diagnosis.stop_on_diverged": "diagnosis.divergence.stop",
-    "diagnosis.early_stopping_patience": "early_stopping.patience",
-    "diagnosis.early_stopping_metric": "early_stopping.monitor",
-    "diagnosis.early_stopping_min_delta": "early_stopping.min_delta",
-    "diagnosis.adaptive_weights": "loss.adaptive_weights",
-    "eval.ap_score_floor": "eval.score_floor",
-    "model.score_floor": None,  # the model's own floor was never used for scoring: eval.score_floor is
-    "model.nms_iou": None,  # likewise eval.nms_iou
-    "model.pre_nms_top_k": "eval.pre_nms_top_k",
-    "model.max_detections": "eval.max_detections",
-}
-# Keys of saved configs (checkpoints, run folders) written before the diagnosis blocks existed.
-_FLAT_DIAGNOSIS_KEYS = {
-    "avoidance_max_pred_per_image": "avoidance.max_pred_per_image", "avoidance_max_recall": "avoidance.max_recall",
-    "avoidance_min_cls_drop": "avoidance.min_cls_drop", "stuck_min_drop": "stuck.min_drop",
-    "stuck_min_fraction": "stuck.min_fraction", "imbalance_ratio": "loss_imbalance.ratio",
-    "imbalance_window": "loss_imbalance.window", "imbalance_min_samples": "loss_imbalance.min_samples",
-    "large_box_share": "random_large_boxes.share", "large_box_max_precision": "random_large_boxes.max_precision",
-    "large_box_min_pred_per_image": "random_large_boxes.min_pred_per_image",
-    "fp_rise_epochs": "small_fp_explosion.rise_epochs", "fp_min_growth": "small_fp_explosion.min_growth",
-    "fp_small_share": "small_fp_explosion.small_share", "fp_cls_stagnation": "small_fp_explosion.cls_stagnation",
-    "overfit_epochs": "overfitting.epochs", "overfit_min_change": "overfitting.min_change",
-    "diverge_grad_factor": "divergence.grad_factor", "diverge_loss_factor": "divergence.loss_factor",
-    "diverge_window": "divergence.window", "diverge_min_history": "divergence.min_history",
-    "diverge_patience": "divergence.patience", "nonfinite_grad_patience": "divergence.nonfinite_grad_patience",
-}
-SAVED_CONFIG_MOVES = {**MOVED_KEYS, **{f"diagnosis.{k}": f"diagnosis.{v}" for k, v in _FLAT_DIAGNOSIS_KEYS.items()}}
-
-
-def move_keys(container: dict[str, Any], moves: dict[str, Optional[str]] = MOVED_KEYS) -> list[str]:
-    """Move the set (non-null) old keys of a plain nested dict to their new place, in place.
-
-    A null new place drops the key. Returns one line per moved key, for a warning. Only metrics.csv's
-    old early-stopping metric names (``miou``) gain their ``val/`` prefix.
-    """
-    moved = []
-    for old, new in moves.items():
-        *parents, leaf = old.split(".")
-        node = container
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or leaf not in node:
-            continue
-        value = node.pop(leaf)
-        if isinstance(value, dict):  # a moved block: only its set keys move
-            value = {k: v for k, v in value.items() if v is not None} or None
-        if value is None:
-            continue
-        if new is None:
-            moved.append(f"{old} is no longer used (dropped)")
-            continue
-        if new == "early_stopping.monitor" and isinstance(value, str) and "/" not in value:
-            value = f"val/{value}"
-        *new_parents, new_leaf = new.split(".")
-        target = container
-        for part in new_parents:
-            target = target.setdefault(part, {})
-        if isinstance(value, dict) and isinstance(target.get(new_leaf), dict):
-            target[new_leaf].update(value)
-        else:
-            target[new_leaf] = value
-        moved.append(f"{old} moved to {new}")
-    return moved
 
 INVALID_SIZE = object()
 
@@ -761,8 +459,6 @@ def to_config(cfg: DictConfig | Config) -> Config:
         obj = cfg
     else:
         container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-        for line in move_keys(container):
-            log.warning("deprecated config key: %s", line)
         try:
             merged = OmegaConf.merge(OmegaConf.structured(Config), container)
             obj = OmegaConf.to_object(merged)
@@ -790,12 +486,11 @@ def _schema_message(error: OmegaConfBaseException) -> str:
 
 
 def load_saved_config(saved: Any) -> Config:
-    """A config saved by an earlier run (checkpoint ``config``, run folder ``config.yaml``): keys that
-    have moved since are moved (with a warning), then it is typed and validated like a new one."""
+    """A config saved by a run (checkpoint ``config``, run folder ``config.yaml``), typed and validated
+    like a new one."""
     container = OmegaConf.to_container(saved, resolve=True) if isinstance(saved, DictConfig) else saved
     container = copy.deepcopy(dict(container))
-    for line in move_keys(container, SAVED_CONFIG_MOVES):
-        log.warning("saved config: %s", line)
+    drop_retired_placeholders(container)
     return to_config(OmegaConf.create(container))
 
 
@@ -810,14 +505,11 @@ def compose_config(config_dir: str | os.PathLike, overrides: Sequence[str] = ())
 
 
 def as_flat_dict(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """Flatten a config dataclass into ``{"loss.box_weight": 0.05, ...}`` (HParams, reports); the
-    moved keys (``MOVED_KEYS``, always null once loaded) are left out."""
+    """Flatten a config dataclass into ``{"loss.box_weight": 0.05, ...}`` (HParams, reports)."""
     out: dict[str, Any] = {}
     for f in fields(obj):
         value = getattr(obj, f.name)
         key = f"{prefix}{f.name}"
-        if key in MOVED_KEYS:
-            continue
         if is_dataclass(value):
             out.update(as_flat_dict(value, prefix=f"{key}."))
         else:

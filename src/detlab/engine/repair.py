@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from detlab.config import DivergenceConfig
+from detlab.diagnosis import Divergence
 from detlab.schedule import scale_learning_rate
 
 
@@ -30,7 +30,7 @@ class Snapshot:
 
 
 class Rollback:
-    def __init__(self, cfg: DivergenceConfig) -> None:
+    def __init__(self, cfg: Divergence.Config) -> None:
         self.enabled = bool(cfg.rollback)
         self.lr_backoff = float(cfg.lr_backoff)
         self.max_rollbacks = int(cfg.max_rollbacks)

@@ -16,7 +16,6 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from detlab.config import Config
-from detlab.diagnosis import loss_term_grad_norms
 from detlab.runtime.distributed import combined_grad_norm, combined_mean_std
 from detlab.engine.optim import build_optimizer
 from detlab.schedule import build_scheduler
@@ -97,6 +96,42 @@ class StepRecord:
 def _backbone(model: nn.Module) -> nn.Module:
     """The backbone of an SSD, also when wrapped (``DistributedDataParallel``'s ``module``)."""
     return getattr(model, "module", model).backbone
+
+
+def loss_term_grad_norms(
+    loss_cls_weighted: Tensor,
+    loss_box_weighted: Tensor,
+    shared: Iterable[Tensor],
+    scale: float = 1.0,
+) -> tuple[float, float]:
+    """L2 norms of the gradients of the two weighted loss terms on ``shared``: tensors both terms
+    depend on (the step passes the backbone's output feature maps, GradNorm's "last shared layer":
+    the backward stops at the heads, a fraction of a full one; parameters work too).
+
+    Call before the usual ``backward``: the graph is retained and ``.grad`` is left untouched. A term
+    that does not depend on ``shared`` (or a zero weight) gives 0.0. Under fp16 autocast pass
+    ``scale=scaler.get_scale()`` so small gradients do not underflow; the norms are unscaled again
+    (an overflowing step then returns inf, which the diagnosis ignores). One host sync for both.
+    """
+    tensors = [t for t in shared if t.requires_grad]
+    norms = [_grad_norm(loss, tensors, scale) for loss in (loss_cls_weighted, loss_box_weighted)]
+    device = next((n.device for n in norms if n is not None), None)
+    if device is None:
+        return 0.0, 0.0
+    values = torch.stack([n if n is not None else torch.zeros((), device=device) for n in norms])
+    g_cls, g_box = (values / scale).tolist()
+    return float(g_cls), float(g_box)
+
+
+def _grad_norm(loss: Tensor, tensors: list[Tensor], scale: float) -> Optional[Tensor]:
+    """The norm of ``loss``'s gradient on ``tensors`` (a tensor on their device); None when it has none."""
+    if not tensors or not isinstance(loss, Tensor) or not loss.requires_grad:
+        return None
+    grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss, tensors, retain_graph=True, allow_unused=True)
+    norms = [torch.linalg.vector_norm(g.detach().float()) for g in grads if g is not None]
+    if not norms:
+        return None
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def dead_gradient_share(parameters: Iterable[nn.Parameter]) -> float:

@@ -1,0 +1,40 @@
+"""Failure-pattern detectors for SSD training: which pattern a run falls into, when, with what
+evidence and remedy, and whether it should stop.
+
+- ``detector``: the protocol a detector follows (``Detector``, its ``Config`` block and ``Level``,
+  ``Alarm``, ``RunInfo``, ``When``).
+- ``registry``: ``@register_detector``; from the registered classes come the config schema, its
+  validation, the evaluation order and the step/epoch split (``step_level_detectors``).
+- ``detectors``: the built-in detectors, one small class each.
+- ``schema``: ``DiagnosisConfig``, the ``diagnosis`` config group's schema.
+- ``diagnoser``: ``Diagnoser`` (runs them on the training loop's signals), ``Finding``, ``DiagnosisStatus``.
+- ``state``: detector states to plain types and back (checkpoints).
+- ``windows``: rolling windows and small statistics on floats.
+- ``replay`` (imported on its own): re-runs the detectors on a run's recorded signals.
+
+Adding a detector: one ``@register_detector`` class in ``detectors`` and its block in
+``configs/diagnosis/default.yaml``.
+"""
+
+from detlab.diagnosis.detector import Alarm, Detector, DetectorConfig, Level, RunInfo, StopReason, Verdict, When
+from detlab.diagnosis.detectors import DIVERGENCE, Divergence
+from detlab.diagnosis.diagnoser import Diagnoser, DiagnosisStatus, Finding
+from detlab.diagnosis.registry import (
+    ConfigProblem,
+    DiagnosisSettings,
+    config_problems,
+    get_detector,
+    list_detectors,
+    register_detector,
+    registered_detectors,
+    step_level_detectors,
+)
+from detlab.diagnosis.schema import DiagnosisConfig
+from detlab.diagnosis.windows import is_finite_loss
+
+__all__ = [
+    "DIVERGENCE", "Alarm", "ConfigProblem", "Detector", "DetectorConfig", "Diagnoser", "DiagnosisConfig",
+    "DiagnosisSettings", "DiagnosisStatus", "Divergence", "Finding", "Level", "RunInfo", "StopReason", "Verdict",
+    "When", "config_problems", "get_detector", "is_finite_loss", "list_detectors", "register_detector",
+    "registered_detectors", "step_level_detectors",
+]

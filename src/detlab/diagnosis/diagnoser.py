@@ -1,0 +1,199 @@
+"""``Diagnoser``: runs the detectors on the training loop's signals, keeps their findings, 0/1 scalars
+and the stop status.
+
+The detectors run in registration order (``detlab.diagnosis.registry``), those whose block is
+enabled. A detector never fires twice in a run (the finding records the onset); its TensorBoard
+scalar (``Diagnoser.scalars``) follows whether the condition holds now, so a cleared pattern shows.
+A repair re-arms a detector (``rearm``). Stages come from ``StageBoundaries``; an epoch finding takes
+the stage of the epoch's last step (``step - 1``, ``step`` = steps done).
+
+Remedies fit the run: given the run's config (``run_config``), a finding's remedy ends with the
+concrete overrides to try next (``Detector.advice``), never one the run already has.
+
+Nothing is written here: the training loop owns the console, TensorBoard and files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+
+from detlab.diagnosis.detector import (
+    Alarm,
+    Detector,
+    RunInfo,
+    StopReason,
+    Verdict,
+    When,
+    overrides_check_epoch,
+    overrides_check_step,
+)
+from detlab.diagnosis.registry import block_of, registered_detectors
+from detlab.diagnosis.state import load_state, state_to_plain
+
+if TYPE_CHECKING:
+    from detlab.config import Config as RunConfig
+    from detlab.schedule import StageBoundaries
+
+
+@dataclass
+class Finding:
+    """One detected failure pattern: where it fired, the numbers behind it and the remedy."""
+
+    detector: str
+    stage: str  # early | mid | late
+    step: int
+    epoch: int
+    message: str
+    evidence: dict[str, float] = field(default_factory=dict)
+    remedy: str = ""
+    failure: bool = True  # False: a note on a run that learns (under_confidence), not a failure pattern
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types for summary.json and checkpoints (non-finite evidence stays a float)."""
+        return {"detector": self.detector, "stage": self.stage, "step": int(self.step), "epoch": int(self.epoch),
+                "message": self.message, "evidence": {k: float(v) for k, v in self.evidence.items()},
+                "remedy": self.remedy, "failure": bool(self.failure)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Finding:
+        return cls(detector=data["detector"], stage=data["stage"], step=int(data["step"]), epoch=int(data["epoch"]),
+                   message=data["message"], evidence=dict(data["evidence"]), remedy=data["remedy"],
+                   failure=bool(data["failure"]))
+
+    def console_line(self) -> str:
+        evidence = ", ".join(f"{k}={v:.4g}" for k, v in self.evidence.items())
+        return (f"[diagnosis] {self.detector} ({self.stage} stage, epoch {self.epoch}, step {self.step}): "
+                f"{self.message} [{evidence}] -> remedy: {self.remedy}")
+
+
+@dataclass(frozen=True)
+class DiagnosisStatus:
+    """Whether the run should stop, why, and a one-line message (empty when it goes on)."""
+
+    stop: bool = False
+    reason: Optional[StopReason] = None
+    message: str = ""
+
+
+class Diagnoser:
+    """Runs the detectors on per-step and per-epoch signals; returns new ``Finding``s, keeps the
+    per-detector scalars and the stop ``status``. ``cfg`` is the ``diagnosis`` config (a
+    ``DiagnosisConfig``); ``detectors``: the registered ones by default."""
+
+    def __init__(self, cfg: Any, stages: StageBoundaries, total_steps: int, steps_per_epoch: int,
+                 detectors: Optional[Sequence[type[Detector]]] = None, run_config: Optional[RunConfig] = None) -> None:
+        self.cfg = cfg
+        self.stages = stages
+        self.run = RunInfo(cfg, stages, int(total_steps), max(1, int(steps_per_epoch)), run_config)
+        classes = registered_detectors() if detectors is None else detectors
+        blocks = [(cls, block_of(cfg, cls)) for cls in classes]
+        self.detectors = [cls(self.run, block) for cls, block in blocks if block.enabled]
+        names = [d.name for d in self.detectors]
+        if len(set(names)) != len(names):
+            raise ValueError(f"detector names must be unique: {names}")
+        # only the detectors that override a check are called for it (the per-step loop stays short)
+        self._step_detectors = [d for d in self.detectors if overrides_check_step(type(d))]
+        self._epoch_detectors = [d for d in self.detectors if overrides_check_epoch(type(d))]
+        self.findings: list[Finding] = []
+        self._repaired: set[int] = set()  # indices in ``findings`` of patterns a repair has handled
+        self._active = dict.fromkeys(names, False)
+        self._status = DiagnosisStatus()
+
+    # ------------------------------------------------------------------------------ public API
+    def fired(self, detector: str) -> bool:
+        return any(f.detector == detector for f in self.findings)
+
+    def _open(self, detector: str) -> bool:
+        """A finding of ``detector`` that no repair has handled (the detector stays quiet meanwhile)."""
+        return any(f.detector == detector and i not in self._repaired for i, f in enumerate(self.findings))
+
+    def rearm(self, detector: str) -> None:
+        """A repair handled ``detector``'s pattern (e.g. the divergence rollback): its findings no
+        longer stop the run, its state starts afresh, and it may fire again (a new finding)."""
+        self._repaired.update(i for i, f in enumerate(self.findings) if f.detector == detector)
+        for det in self.detectors:
+            if det.name == detector:
+                det.state = det.new_state()
+                self._active[detector] = False
+        self._refresh_status()
+
+    def scalars(self) -> dict[str, float]:
+        """One 0/1 value per detector run (does its condition hold now?), for ``diagnosis/<detector>``."""
+        if not self.cfg.enabled:
+            return {}
+        return {name: float(active) for name, active in self._active.items()}
+
+    @property
+    def status(self) -> DiagnosisStatus:
+        """Stop when divergence fired and ``divergence.stop``, else when stuck fired and ``stuck.stop``
+        (in general: the first detector in evaluation order with a ``stop_reason``, fired, its block's
+        ``stop`` set)."""
+        return self._status
+
+    def observe_step(self, step: int, epoch: int, signals: Mapping[str, Any]) -> list[Finding]:
+        """Signals: see ``Detector.check_step``. Returns only the findings new at this step."""
+        if not self.cfg.enabled:
+            return []
+        when = When(int(step), int(epoch), self.stages.stage(step))
+        return self._apply(when, [(d, d.check_step(when, signals)) for d in self._step_detectors])
+
+    def observe_epoch(self, epoch: int, step: int, signals: Mapping[str, Any]) -> list[Finding]:
+        """Epoch-end signals (train/* means, val/* metrics); ``step`` = optimiser steps done so far.
+        Returns only the findings new at this epoch."""
+        if not self.cfg.enabled:
+            return []
+        when = When(int(step), int(epoch), self.stages.stage(max(step - 1, 0)))
+        return self._apply(when, [(d, d.check_epoch(when, signals)) for d in self._epoch_detectors])
+
+    def _apply(self, when: When, verdicts: list[tuple[Detector, Verdict]]) -> list[Finding]:
+        """Scalars follow the verdicts; a detector's first alarm of the run becomes its finding."""
+        new: list[Finding] = []
+        for det, verdict in verdicts:
+            if verdict is None:
+                continue
+            self._active[det.name] = verdict is not False
+            if not isinstance(verdict, Alarm) or self._open(det.name):
+                continue
+            finding = Finding(detector=det.name, stage=verdict.stage or when.stage, step=when.step,
+                              epoch=when.epoch, message=verdict.message,
+                              evidence={k: float(v) for k, v in verdict.evidence.items()},
+                              remedy=det.remedy_for(verdict), failure=det.failure)
+            self.findings.append(finding)
+            new.append(finding)
+        if new:
+            self._refresh_status()
+        return new
+
+    def _refresh_status(self) -> None:
+        by_detector = {f.detector: f for i, f in enumerate(self.findings) if i not in self._repaired}
+        for det in self.detectors:
+            f = by_detector.get(det.name)
+            if f is not None and det.stop_reason is not None and getattr(det.cfg, "stop", False):
+                message = f"{det.stop_reason.value} at step {f.step} (epoch {f.epoch}): {f.message}"
+                self._status = DiagnosisStatus(stop=True, reason=det.stop_reason, message=message)
+                return
+        self._status = DiagnosisStatus()
+
+    # --------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Plain Python types only (checkpoints load with ``weights_only=True``)."""
+        return {
+            "findings": [f.to_dict() for f in self.findings],
+            "active": dict(self._active),
+            "repaired": sorted(self._repaired),
+            "detectors": {d.name: state_to_plain(d.state) for d in self.detectors},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore ``state_dict()``. An empty dict (a checkpoint without diagnoser state) changes
+        nothing; a detector the state lacks (added or switched on since) starts fresh."""
+        if not state:
+            return
+        self.findings = [Finding.from_dict(data) for data in state["findings"]]
+        self._repaired = {int(i) for i in state["repaired"]}
+        self._active.update({k: bool(v) for k, v in state["active"].items() if k in self._active})
+        saved = state["detectors"]
+        for det in self.detectors:
+            det.state = load_state(det.new_state(), saved.get(det.name, {}))
+        self._refresh_status()

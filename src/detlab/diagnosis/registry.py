@@ -1,0 +1,116 @@
+"""The detector registry (torchvision's ``register_model`` / ``get_model`` pattern).
+
+``@register_detector`` on a ``Detector`` subclass is all the diagnosis needs to know about it: from
+the registered classes come the ``diagnosis`` config schema (``build_schema``: the shared settings
+and one block per detector, the detector's ``Config``), its validation (``config_problems``: each
+detector's ``checks``), the evaluation order (registration order) and the step/epoch split the
+sweep report uses (``step_level_detectors``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
+from typing import Any, Iterator, NamedTuple, TypeVar
+
+from detlab.diagnosis.detector import Detector, DetectorConfig, Level, overrides_check_epoch, overrides_check_step
+
+D = TypeVar("D", bound=type[Detector])
+
+# name -> class, in registration order, which is the evaluation order: a detector registered first
+# reports first at a shared step, and its stop takes precedence.
+_DETECTORS: dict[str, type[Detector]] = {}
+
+
+@dataclass
+class DiagnosisSettings:
+    """What all detectors share; the schema adds one block per registered detector.
+
+    Step windows count optimiser steps, epoch windows count validation epochs. Each detector fires
+    one finding per run (its onset); the TensorBoard scalar ``diagnosis/<detector>`` shows whether
+    its condition currently holds. ``enabled`` switches all detectors off, a block's ``enabled`` one.
+    """
+
+    enabled: bool = True
+    grad_norm_every: int = 5  # steps between gradient samples (loss-term norms on the backbone output, dead share)
+    # Loss windows (steps) of stuck and avoidance: shrunk to half the first part of training when longer.
+    loss_window: int = 50
+
+
+def register_detector(cls: D) -> D:
+    """Class decorator: add a detector to the diagnosis (see ``detlab.diagnosis.detector``)."""
+    name = cls.name
+    if not name or not name.isidentifier():
+        raise ValueError(f"{cls.__qualname__}: a detector's name names its config block: an identifier, not {name!r}")
+    if name in _DETECTORS or name in {f.name for f in fields(DiagnosisSettings)}:
+        raise ValueError(f"{cls.__qualname__}: the name {name!r} is taken")
+    if not isinstance(getattr(cls, "level", None), Level):
+        raise ValueError(f"{cls.__qualname__}: declare level = Level.STEP or Level.EPOCH")
+    if not (is_dataclass(cls.Config) and issubclass(cls.Config, DetectorConfig)):
+        raise ValueError(f"{cls.__qualname__}: Config must be a dataclass deriving from DetectorConfig")
+    overrides = overrides_check_step if cls.level is Level.STEP else overrides_check_epoch
+    if not overrides(cls):
+        raise ValueError(f"{cls.__qualname__}: a {cls.level.value}-level detector overrides check_{cls.level.value}")
+    cls.Config()  # every setting has a default
+    _DETECTORS[name] = cls
+    return cls
+
+
+def get_detector(name: str) -> type[Detector]:
+    try:
+        return _DETECTORS[name]
+    except KeyError:
+        raise KeyError(f"unknown detector {name!r}; registered: {', '.join(_DETECTORS)}") from None
+
+
+def list_detectors() -> tuple[str, ...]:
+    """The registered detectors' names, in evaluation order."""
+    return tuple(_DETECTORS)
+
+
+def registered_detectors() -> tuple[type[Detector], ...]:
+    """The registered detector classes, in evaluation order."""
+    return tuple(_DETECTORS.values())
+
+
+def step_level_detectors() -> frozenset[str]:
+    """Detectors whose findings are dated by a step (``Level.STEP``); the others judge whole epochs."""
+    return frozenset(name for name, cls in _DETECTORS.items() if cls.level is Level.STEP)
+
+
+def block_of(diagnosis: Any, cls: type[Detector]) -> DetectorConfig:
+    """``cls``'s block of a ``diagnosis`` config; its defaults when the schema has none (a detector
+    registered after the schema was built, or one only handed to a ``Diagnoser``)."""
+    block = getattr(diagnosis, cls.name, None)
+    return block if block is not None else cls.Config()
+
+
+def build_schema(module: str) -> type[DiagnosisSettings]:
+    """The ``diagnosis`` group's structured config, ``DiagnosisConfig``: ``DiagnosisSettings`` plus a
+    ``<name>`` field per registered detector, typed as its ``Config`` (Hydra checks keys and types
+    against it). ``module`` is where it is bound (pickling finds it there)."""
+    blocks = [(name, cls.Config, field(default_factory=cls.Config)) for name, cls in _DETECTORS.items()]
+    schema = make_dataclass("DiagnosisConfig", blocks, bases=(DiagnosisSettings,))
+    schema.__module__ = module
+    schema.__doc__ = "Failure-pattern detectors (``detlab.diagnosis``): one block per detector, named like it."
+    return schema
+
+
+class ConfigProblem(NamedTuple):
+    key: str  # the full key: diagnosis.<block>.<setting>
+    value: Any
+    message: str  # what the value must be
+
+
+def config_problems(diagnosis: Any) -> Iterator[ConfigProblem]:
+    """Values of a ``diagnosis`` config out of their range: the shared settings', then each
+    registered detector's ``checks`` of its block, in evaluation order."""
+    shared = {"grad_norm_every": (diagnosis.grad_norm_every >= 1, "must be >= 1"),
+              "loss_window": (diagnosis.loss_window >= 1, "must be >= 1")}
+    for key, (valid, message) in shared.items():
+        if not valid:
+            yield ConfigProblem(f"diagnosis.{key}", getattr(diagnosis, key), message)
+    for name, cls in _DETECTORS.items():
+        block = block_of(diagnosis, cls)
+        for key, (valid, message) in cls.checks(block).items():
+            if not valid:
+                yield ConfigProblem(f"diagnosis.{name}.{key}", getattr(block, key), message)

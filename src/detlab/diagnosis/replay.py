@@ -1,0 +1,53 @@
+"""The findings the detectors give on a run's recorded signals, without training it again.
+
+The training loop (``detlab.engine.trainer``) calls, epoch by epoch, ``Diagnoser.observe_step`` with
+every step's signals and then ``Diagnoser.observe_epoch`` with the epoch's metrics row; with
+``diagnosis.divergence.rollback`` on, a divergence finding that a rollback repairs re-arms the
+detector. ``replay_findings`` makes the same calls in the same order on recorded signals, so the
+detectors can be checked (the same findings at the same steps) and their thresholds tuned on
+recorded runs: replace ``config.diagnosis`` and replay.
+
+Imported on its own (``detlab.diagnosis.replay``): the stage boundaries come from ``detlab.schedule``,
+which sits above the config the package's schema feeds.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from detlab.diagnosis.detectors import DIVERGENCE
+from detlab.diagnosis.diagnoser import Diagnoser, Finding
+from detlab.schedule import stage_boundaries
+
+if TYPE_CHECKING:
+    from detlab.config import Config
+
+
+def replay_findings(config: Config, steps: Sequence[Mapping[str, Any]], epochs: Sequence[Mapping[str, Any]],
+                    total_steps: int) -> list[Finding]:
+    """All findings of a run replayed: ``config`` is the run's (its ``diagnosis`` block decides),
+    ``steps`` the per-step signals in order (``StepRecord.signals()`` with ``step`` and ``epoch``),
+    ``epochs`` the per-epoch rows (metrics.csv: ``epoch``, ``step``, ``train/*``, ``val/*``) and
+    ``total_steps`` the run's planned length."""
+    steps_per_epoch = max(1, total_steps // config.train.epochs)
+    stages = stage_boundaries(config.stages, config.schedule, total_steps, steps_per_epoch)
+    diagnoser = Diagnoser(config.diagnosis, stages, total_steps, steps_per_epoch, run_config=config)
+    divergence = config.diagnosis.divergence
+    rollbacks_left = divergence.max_rollbacks if divergence.rollback else 0
+
+    def repair(new: list[Finding]) -> None:
+        nonlocal rollbacks_left
+        if rollbacks_left > 0 and any(f.detector == DIVERGENCE for f in new):
+            rollbacks_left -= 1
+            diagnoser.rearm(DIVERGENCE)
+
+    by_epoch: dict[int, list[Mapping[str, Any]]] = {}
+    for signals in steps:
+        by_epoch.setdefault(int(signals["epoch"]), []).append(signals)
+    rows = {int(row["epoch"]): row for row in epochs}
+    for epoch in sorted(by_epoch.keys() | rows.keys()):
+        for signals in by_epoch.get(epoch, []):
+            repair(diagnoser.observe_step(int(signals["step"]), epoch, signals))
+        if epoch in rows:
+            repair(diagnoser.observe_epoch(epoch, int(rows[epoch]["step"]), rows[epoch]))
+    return diagnoser.findings

@@ -1,0 +1,60 @@
+"""Replay: the detectors re-run on a run's recorded signals give the findings the run recorded.
+
+``tests/data/replay_frozen_backbone`` is a benchmark run recorded by the diagnosis before it became a
+package (``steps.json``: the per-step signals; ``metrics.csv``: the epoch rows; ``summary.json``: its
+findings). ``DETLAB_REPLAY_RUNS=<folder of run folders>`` (e.g. a ``scripts/bench_diagnosis.py`` output's
+``runs``) replays those too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from detlab.config import Config, load_saved_config
+from detlab.diagnosis.replay import replay_findings
+from detlab.run_record import read_metrics
+
+DATA = Path(__file__).resolve().parent / "data"
+RUNS = [DATA / "replay_frozen_backbone"]
+if os.environ.get("DETLAB_REPLAY_RUNS"):
+    RUNS += sorted(p for p in Path(os.environ["DETLAB_REPLAY_RUNS"]).iterdir() if (p / "steps.json").is_file())
+
+
+@pytest.mark.parametrize("run_dir", RUNS, ids=lambda p: p.name)
+def test_replaying_a_recorded_run_gives_its_findings_at_the_same_steps(run_dir: Path):
+    config = load_saved_config(OmegaConf.load(run_dir / "config.yaml"))
+    recorded = json.loads((run_dir / "steps.json").read_text())
+    findings = replay_findings(config, recorded["steps"], read_metrics(run_dir / "metrics.csv"),
+                               recorded["total_steps"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    where = ("detector", "stage", "step", "epoch")
+    assert [{k: f.to_dict()[k] for k in where} for f in findings] == [{k: f[k] for k in where}
+                                                                      for f in summary["findings"]]
+
+
+def test_the_committed_run_has_a_step_and_an_epoch_finding():
+    summary = json.loads((DATA / "replay_frozen_backbone" / "summary.json").read_text())
+    assert [(f["detector"], f["step"]) for f in summary["findings"]] == [("dead_gradients", 10), ("avoidance", 50)]
+
+
+def test_a_divergence_that_a_rollback_repairs_may_fire_again():
+    """As in the training loop: with divergence.rollback on, a divergence finding re-arms the detector
+    while rollbacks are left; without it, one finding."""
+    def steps(bad: set[int]) -> list[dict[str, float]]:
+        return [{"step": s, "epoch": s // 10 + 1, "loss_cls": math.nan if s in bad else 1.0, "loss_box": 1.0,
+                 "loss_total": math.nan if s in bad else 2.0, "lr": 0.01, "grad_norm": 1.0} for s in range(30)]
+
+    config = Config()
+    config.train.epochs = 3
+    config.diagnosis.divergence.rollback, config.diagnosis.divergence.max_rollbacks = True, 1
+    config.diagnosis.stuck.enabled = False  # the flat loss is stuck too
+    found = replay_findings(config, steps({3, 8, 15}), [], 30)
+    assert [(f.detector, f.step) for f in found] == [("divergence", 3), ("divergence", 8)]  # one rollback, then none
+    config.diagnosis.divergence.rollback = False
+    assert [(f.detector, f.step) for f in replay_findings(config, steps({3, 8, 15}), [], 30)] == [("divergence", 3)]
