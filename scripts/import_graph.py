@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import sys
 from pathlib import Path
+from typing import Iterator
 
 PACKAGE = "detlab"
 
@@ -27,14 +28,29 @@ def module_files(src: Path) -> dict[str, Path]:
     return files
 
 
+def _runtime_nodes(tree: ast.AST) -> Iterator[ast.AST]:
+    """Every node of the tree except those under ``if TYPE_CHECKING:`` (imports for type hints only)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            yield from (n for child in node.orelse for n in _runtime_nodes_of(child))
+            continue
+        yield from _runtime_nodes_of(node)
+
+
+def _runtime_nodes_of(node: ast.AST) -> Iterator[ast.AST]:
+    yield node
+    yield from _runtime_nodes(node)
+
+
 def import_graph(src: Path) -> dict[str, set[str]]:
     """Module -> the package modules it imports anywhere in its file (top level or inside functions),
-    the packages whose ``__init__`` such an import runs included."""
+    the packages whose ``__init__`` such an import runs included; imports for type hints only
+    (``if TYPE_CHECKING:``) are not imports at run time and are left out."""
     files = module_files(src)
     graph: dict[str, set[str]] = {name: set() for name in files}
     for name, path in files.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):

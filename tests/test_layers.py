@@ -73,3 +73,15 @@ def test_the_graph_sees_function_level_imports_and_package_inits(tmp_path):
     graph = import_graph.import_graph(tmp_path)
     assert graph["detlab.a.b"] == {"detlab.c"} and graph["detlab.c"] == {"detlab.a.b", "detlab.a"}
     assert import_graph.cycles(graph) == [["detlab.a.b", "detlab.c"]]
+
+
+def test_type_checking_imports_are_not_run_time_imports(tmp_path):
+    package = tmp_path / "detlab"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from detlab import b\n"
+                                  "else:\n    import detlab.c\n")
+    (package / "b.py").write_text("import detlab.a\n")
+    (package / "c.py").write_text("")
+    graph = import_graph.import_graph(tmp_path)
+    assert graph["detlab.a"] == {"detlab.c"} and import_graph.cycles(graph) == []

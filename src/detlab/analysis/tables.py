@@ -20,18 +20,13 @@ from typing import Any, Mapping, Optional, Sequence
 
 from detlab.analysis._values import as_float, as_int
 from detlab.analysis.runs import RunResult, by_box_weight, remedy_label, sweep_elapsed_s
+from detlab.diagnosis import step_level_detectors
 from detlab.run_record import FAILED_STATUSES, LOSS_KEYS, STAGES, STATUSES, TEST_KEYS, RunStatus
 
 
-def _step_level_detectors() -> frozenset[str]:
-    """The detectors of ``detlab.diagnosis`` that watch training steps (the others judge whole epochs).
-
-    The diagnosis owns this fact; until it says so itself, the list is kept here, in one place."""
-    return frozenset({"stuck", "loss_imbalance", "divergence"})
-
-
-# A compact finding shows the step for these detectors, the epoch for the others.
-STEP_LEVEL_DETECTORS: frozenset[str] = _step_level_detectors()
+# A compact finding shows the step for the detectors that watch training steps, the epoch for the others
+# (the diagnosis's registry owns which is which).
+STEP_LEVEL_DETECTORS: frozenset[str] = step_level_detectors()
 
 # Columns of report.csv, in order. ``report.md`` shows the same rows without ``message`` and ``path``
 # (the message is listed under the table instead).
