@@ -11,7 +11,6 @@ Examples:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -24,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from detlab.config import Config, ConfigError, load_saved_config, register_configs, to_config
 from detlab.errors import UserError, debug_requested, one_line, report_user_errors
+from detlab.run_record import RunPaths, RunStatus, read_summary, record_failure
 
 log = logging.getLogger("train")
 register_configs()
@@ -39,7 +39,7 @@ def resumed_run_dir(resume: object) -> str | None:
 
 def config_of_run(run_dir: Path, resume: object) -> Config:
     """The saved, validated config of the run being resumed (so it continues as it started)."""
-    saved = run_dir / "config.yaml"
+    saved = RunPaths(run_dir).config
     if not saved.is_file():
         raise ConfigError(f"config error: resume={resume}: {saved} not found; is {run_dir} a run directory?")
     cfg = load_saved_config(OmegaConf.load(saved))
@@ -48,10 +48,8 @@ def config_of_run(run_dir: Path, resume: object) -> Config:
 
 
 def original_overrides(run_dir: Path) -> list[str] | None:
-    try:
-        return json.loads((run_dir / "summary.json").read_text()).get("overrides")
-    except (OSError, ValueError):
-        return None
+    summary = read_summary(run_dir)
+    return summary.get("overrides") if summary is not None else None
 
 
 def quiet_other_ranks(argv: list[str]) -> list[str]:
@@ -91,8 +89,6 @@ def main(raw: DictConfig) -> float | None:
         run_dir = raw.get("run_dir") or hydra_cfg.runtime.output_dir
         message = one_line(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
         if not isinstance(error, LockedError):  # never write into a folder another process trains in
-            from detlab.engine.trainer import record_failure
-
             record_failure(run_dir, message, list(hydra_cfg.overrides.task))
         if isinstance(error, UserError) and not debug_requested():
             log.error("run %s failed: %s; the sweep goes on", run_dir, message)
@@ -131,7 +127,7 @@ def run(raw: DictConfig, hydra_cfg, multirun: bool) -> float | None:
     finally:
         distributed.shutdown()
     log.info("status: %s; run directory: %s", summary["status"], run_dir)
-    if summary["status"] != "completed" and not multirun:
+    if summary["status"] != RunStatus.COMPLETED and not multirun:
         log.warning("run ended with status %s: %s", summary["status"], summary["message"])
     value = summary.get("final", {}).get(cfg.train.objective)  # what a sweeper (Optuna) optimises
     return float(value) if value is not None else None

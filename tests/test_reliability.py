@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from detlab.config import ConfigError, compose_config
+from detlab.engine.callbacks import Callback
 from detlab.runtime.checkpoint import CheckpointError, all_finite, load_checkpoint, load_weights, save_checkpoint
 from detlab.runtime.fileio import LockedError, exclusive_lock
 from detlab.model import build_model
@@ -142,7 +143,8 @@ def completed_run(tmp_path, synthetic_root, tiny_config):
 
 @pytest.mark.slow
 def test_a_failed_resume_never_overwrites_a_completed_run(completed_run, synthetic_root, tiny_config):
-    from detlab.engine.trainer import RunExistsError, train
+    from detlab.engine.run_state import RunExistsError
+    from detlab.engine.trainer import train
 
     record = (completed_run / "summary.json").read_bytes()
     metrics = (completed_run / "metrics.csv").read_bytes()
@@ -182,22 +184,25 @@ def test_resume_removes_temporaries_of_an_interrupted_write(completed_run, synth
     assert not stale.exists()
 
 
-@pytest.mark.slow
-def test_non_finite_weights_never_replace_last_pt(tmp_path, synthetic_root, tiny_config, monkeypatch):
-    import detlab.engine.trainer as trainer_module
+class PoisonAfterEpochTrained(Callback):
+    """NaN weights after the last step of epoch ``epoch``, before it is validated and checkpointed."""
 
-    real_validate = trainer_module.validate
-    calls = {"n": 0}
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
 
-    def validate_then_poison(model, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
+    def on_step_end(self, trainer, step, record, signals) -> None:
+        if step == self.epoch * trainer.steps_per_epoch - 1:
             with torch.no_grad():
-                next(model.parameters()).fill_(float("nan"))
-        return real_validate(model, *args, **kwargs)
+                next(trainer.model.parameters()).fill_(float("nan"))
 
-    monkeypatch.setattr(trainer_module, "validate", validate_then_poison)
-    summary = trainer_module.train(tiny_config(synthetic_root, "train.epochs=2"), tmp_path / "run")
+
+@pytest.mark.slow
+def test_non_finite_weights_never_replace_last_pt(tmp_path, synthetic_root, tiny_config):
+    from detlab.engine.loggers import default_callbacks
+    from detlab.engine.trainer import train
+
+    cfg = tiny_config(synthetic_root, "train.epochs=2")
+    summary = train(cfg, tmp_path / "run", callbacks=[*default_callbacks(cfg), PoisonAfterEpochTrained(epoch=2)])
     assert "the weights are not finite; last.pt keeps the last finite ones" in summary["message"]
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert checkpoint["epoch"] == 1 and all_finite(checkpoint["model"])

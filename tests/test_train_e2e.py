@@ -10,9 +10,10 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import detlab.engine.trainer as trainer_module
-from detlab.run_record import METRIC_COLUMNS
+from detlab.engine.callbacks import Callback
+from detlab.engine.loggers import default_callbacks
 from detlab.engine.trainer import train
+from detlab.run_record import METRIC_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -56,24 +57,27 @@ def test_one_epoch_run_writes_every_file_and_tensorboard_tag(synthetic_root, tin
     assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(hparams)
 
 
-def test_resumed_run_reproduces_the_uninterrupted_run(synthetic_root, tiny_config, tmp_path, monkeypatch):
+class InterruptAfterEpochTrained(Callback):
+    """Ctrl-C after the last step of epoch ``epoch``, before its validation and checkpoint: like a kill mid-run."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_step_end(self, trainer, step, record, signals) -> None:
+        if step == self.epoch * trainer.steps_per_epoch - 1:
+            raise KeyboardInterrupt
+
+
+def test_resumed_run_reproduces_the_uninterrupted_run(synthetic_root, tiny_config, tmp_path):
     overrides = ("train.epochs=2",)
     straight = train(tiny_config(synthetic_root, *overrides), tmp_path / "straight")
 
-    real_validate = trainer_module.validate
-    calls = {"n": 0}
-
-    def validate_then_die(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:  # epoch 2 trained, not yet checkpointed: like a kill mid-run
-            raise KeyboardInterrupt
-        return real_validate(*args, **kwargs)
-
-    monkeypatch.setattr(trainer_module, "validate", validate_then_die)
+    cfg = tiny_config(synthetic_root, *overrides)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(synthetic_root, *overrides), tmp_path / "killed")
-    assert json.loads((tmp_path / "killed" / "summary.json").read_text())["status"] == "stopped"
-    monkeypatch.setattr(trainer_module, "validate", real_validate)
+        train(cfg, tmp_path / "killed", callbacks=[*default_callbacks(cfg), InterruptAfterEpochTrained(epoch=2)])
+    killed = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert killed["status"] == "stopped" and killed["epochs"] == 1 and killed["step"] == 4
+    assert torch.load(tmp_path / "killed" / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
 
     resumed = train(tiny_config(synthetic_root, *overrides, "resume=true"), tmp_path / "killed")
     assert resumed["status"] == "completed" and resumed["epochs"] == 2

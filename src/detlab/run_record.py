@@ -21,12 +21,18 @@ from __future__ import annotations
 import csv
 import enum
 import json
+import logging
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
-from detlab.runtime.fileio import write_csv, write_json
+from omegaconf import OmegaConf
+
+from detlab.runtime.fileio import atomic_write_text, exclusive_lock, remove_stale_temporaries, write_csv, write_json
+
+log = logging.getLogger(__name__)
 
 
 class RunStatus(str, enum.Enum):
@@ -124,6 +130,18 @@ class RunPaths:
         return self.root / "plots"
 
     @property
+    def train_samples(self) -> Path:
+        return self.plots / "train_samples.jpg"
+
+    @property
+    def curves(self) -> Path:
+        return self.plots / "curves.png"
+
+    @property
+    def pr_curve(self) -> Path:
+        return self.plots / "pr_curve.png"
+
+    @property
     def hydra(self) -> Path:
         return self.root / ".hydra"
 
@@ -134,6 +152,19 @@ class RunPaths:
     def is_run(self) -> bool:
         """Whether the folder holds (or held the start of) a run."""
         return self.summary.is_file() or self.metrics.is_file() or (self.hydra / "overrides.yaml").is_file()
+
+
+@contextmanager
+def locked_run_folder(run_dir: Path | str) -> Iterator[RunPaths]:
+    """Create the run folder and hold its lock while inside (a second process training into it fails
+    at once with ``LockedError``); temporary files an interrupted write left there are removed."""
+    paths = RunPaths(Path(run_dir))
+    paths.root.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(paths.lock, f"run directory {paths.root}"):
+        for folder in (paths.root, paths.checkpoints):
+            for tmp in remove_stale_temporaries(folder):
+                log.info("removed %s, left by an interrupted write", tmp)
+        yield paths
 
 
 @dataclass
@@ -279,8 +310,18 @@ def test_headline(result: dict[str, Any]) -> dict[str, Any]:
     return headline
 
 
+def write_config(run_dir: Path | str, cfg: Any) -> None:
+    """``config.yaml``: the validated config (a ``detlab.config.Config``) the run trains with."""
+    atomic_write_text(RunPaths(Path(run_dir)).config, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
 def write_test(run_dir: Path | str, result: dict[str, Any]) -> None:
     write_json(RunPaths(Path(run_dir)).test, result)
+
+
+def clear_test(run_dir: Path | str) -> None:
+    """Remove ``test.json``: it scored an earlier state of the run (a resumed run is tested again)."""
+    RunPaths(Path(run_dir)).test.unlink(missing_ok=True)
 
 
 def read_test(run_dir: Path | str) -> Optional[dict[str, Any]]:

@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from detlab.config import Config
+from detlab.config import Config, ModelConfig
 from detlab.runtime.distributed import combined_grad_norm, combined_mean_std
 from detlab.engine.optim import build_optimizer
 from detlab.schedule import build_scheduler
 from detlab.loss import MultiBoxLoss, build_criterion
-from detlab.model import build_model
+from detlab.model import SSD, build_model
 
 
 @dataclass
@@ -40,12 +40,13 @@ class TrainingParts:
                           step, amp=self.amp, grad_clip_norm=grad_clip_norm, sample_gradients=sample_gradients)
 
 
-def build_training(cfg: Config, device: torch.device, total_steps: int, steps_per_epoch: int) -> TrainingParts:
-    """Model (on ``device``), criterion, optimiser, learning-rate schedule and gradient scaler, in
-    that order (the model's initialisation draws from the global RNG)."""
+def build_training(cfg: Config, device: torch.device, total_steps: int, steps_per_epoch: int,
+                   model_factory: Callable[[ModelConfig], SSD] = build_model) -> TrainingParts:
+    """Model (``model_factory(cfg.model)``, on ``device``), criterion, optimiser, learning-rate schedule
+    and gradient scaler, in that order (the model's initialisation draws from the global RNG)."""
     cuda = device.type == "cuda"
     amp = bool(cfg.train.amp) if cuda else bool(cfg.train.cpu_bf16)
-    model = build_model(cfg.model).to(device)
+    model = model_factory(cfg.model).to(device)
     criterion = build_criterion(cfg, model, total_steps)
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule, total_steps, steps_per_epoch)

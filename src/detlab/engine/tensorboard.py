@@ -21,13 +21,6 @@ def open_writer(run_dir: Path, resume_step: int | None) -> SummaryWriter:
     return SummaryWriter(log_dir=str(run_dir), purge_step=resume_step)
 
 
-class DiscardingWriter:
-    """The writer of a torchrun job's ranks other than 0: every ``SummaryWriter`` call does nothing."""
-
-    def __getattr__(self, name: str) -> Any:
-        return lambda *args, **kwargs: None
-
-
 def add_scalars(writer: SummaryWriter, values: Mapping[str, float], step: int) -> None:
     for tag, value in values.items():
         if value is not None and np.isfinite(value):

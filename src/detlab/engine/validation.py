@@ -1,11 +1,14 @@
 """Per-epoch validation: the prediction path of ``detlab.predict`` plus the val losses and drawings.
 
 Detection metrics (``detlab.metrics``) are computed in original image pixels on the same
-predictions ``evaluate.py`` makes, so the two agree by construction.
+predictions ``evaluate.py`` makes, so the two agree by construction. ``score_after_training`` is the
+run's one test on its last checkpoint (``eval.test_protocol``, through ``detlab.evaluation``).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -15,13 +18,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from detlab.config import EvalConfig
+from detlab.config import Config, EvalConfig
 from detlab.data.transforms import denormalize
 from detlab.engine.pictures import ErrorGallery
 from detlab.engine.tensorboard import draw_detections
 from detlab.loss import MultiBoxLoss
 from detlab.metrics import DetectionEvaluator
 from detlab.predict import BatchPrediction, predict_batches
+from detlab.run_record import RunPaths, read_test, write_test
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -129,3 +135,18 @@ def _draw(batch: BatchPrediction, score_threshold: float, limit: int) -> list[np
         drawn.append(draw_detections(rgb, target["boxes"].numpy(), pred["boxes"][keep].float().cpu().numpy(),
                                      pred["scores"][keep].float().cpu().numpy()))
     return drawn
+
+
+def score_after_training(paths: RunPaths, cfg: Config) -> None:
+    """``eval.test_protocol``: score the run's last.pt once into test.json (kept: a resumed run that
+    trains no further does not redo it; one that trains further removed it when it started)."""
+    protocol = cfg.eval.test_protocol
+    if not protocol or not paths.last.is_file() or paths.test.is_file():
+        return
+    from detlab.evaluation import test_after_training
+
+    t0 = time.time()
+    result = test_after_training(paths.last, protocol, cfg.train.device)
+    result["test_time_s"] = round(time.time() - t0, 3)
+    write_test(paths.root, result)
+    log.info("test (%s, eval.input_size=%s): %s", protocol, cfg.eval.input_size, json.dumps(read_test(paths.root)))

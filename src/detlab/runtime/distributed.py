@@ -110,6 +110,21 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def wrap_model(model: torch.nn.Module, device: torch.device, sync_batchnorm: bool,
+               batch_size: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """``(module, DistributedDataParallel over it)``: the module (its BatchNorm layers made
+    SyncBatchNorm on CUDA with ``sync_batchnorm``: the same parameter objects move into the new layers,
+    so an optimiser built before keeps them) for validation and checkpoints, the wrapper for the step."""
+    cuda = device.type == "cuda"
+    if cuda and sync_batchnorm:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+    log.info("DistributedDataParallel: %d processes, %d images per process and step (train.batch_size=%d)%s",
+             get_world_size(), batch_size // get_world_size(), batch_size,
+             "" if cuda and sync_batchnorm else "; BatchNorm statistics per process")
+    return model, wrapped
+
+
 def broadcast_object(value: Any, src: int = 0) -> Any:
     """``value`` as rank ``src`` has it (a picklable object); unchanged without a process group."""
     if not is_initialized():
