@@ -2,7 +2,7 @@
 
 ``tests/data/replay_frozen_backbone`` is a benchmark run recorded by the diagnosis before it became a
 package (``steps.json``: the per-step signals; ``metrics.csv``: the epoch rows; ``summary.json``: its
-findings). ``DETLAB_REPLAY_RUNS=<folder of run folders>`` (e.g. a ``scripts/bench_diagnosis.py`` output's
+findings). ``DETLAB_REPLAY_RUNS=<folder of run folders>`` (e.g. a ``benchmarks/diagnosis/bench_diagnosis.py`` output's
 ``runs``) replays those too.
 """
 

@@ -492,7 +492,7 @@ class Stuck(Detector):
     class Config(DetectorConfig):
         stop: bool = False  # end the run when it fires
         # Tuned on the diagnosis benchmark's own seeds: faulty runs (lr x0.001, x100) fell <= 0.8%, the
-        # slowest healthy run (lr 0.005) 3.7% (scripts/bench_diagnosis.py; README, "Diagnosis benchmark").
+        # slowest healthy run (lr 0.005) 3.7% (benchmarks/diagnosis/bench_diagnosis.py; README, "Diagnosis benchmark").
         min_drop: float = 0.02
         # The check spans at least this fraction of training: a short warm-up (lr still ramping) alone
         # is too little to call a run stuck (measured: it fired on default runs that later learned).

@@ -1,16 +1,16 @@
 """Fault-injection benchmark of the training diagnosis: does it name the failure, how early, how often
 does it cry wolf, what does it cost, and how do published rule-based tools do on the same runs?
 
-    python scripts/bench_diagnosis.py                           # 12 faults x 3 seeds + 20 healthy runs
-    python scripts/bench_diagnosis.py --seeds 1 --healthy 4 --epochs 3 --jobs 2    # a quick look
-    python scripts/bench_diagnosis.py --seed-offset 100         # fresh seeds (confirm after tuning)
+    python -m benchmarks.diagnosis.bench_diagnosis                           # 12 faults x 3 seeds + 20 healthy runs
+    python -m benchmarks.diagnosis.bench_diagnosis --seeds 1 --healthy 4 --epochs 3 --jobs 2    # a quick look
+    python -m benchmarks.diagnosis.bench_diagnosis --seed-offset 100         # fresh seeds (confirm after tuning)
 
 Each run is a short training run of the default dataset (``--epochs`` epochs) in its own process,
 ``--jobs`` at a time (``cores // jobs`` torch threads each). A fault is injected by config overrides
 or, where no config key expresses it (unnormalised input, label noise, xywh boxes, a frozen backbone,
-images without faces), by patching the data or the model inside that process: the product has no
-fault switches. Every run records its per-step signals (``steps.json``) beside its usual files, so
-the baselines of ``scripts/diagnosis_baselines.py`` (AUTOTRAINER, SageMaker Debugger, Lightning's
+images without faces), through the trainer's dataset and model factories (``benchmarks/diagnosis/
+faults.py``): the product has no fault switches, and nothing in it is patched. Every run records its per-step signals (``steps.json``) beside its usual files, so
+the baselines of ``benchmarks/diagnosis/baselines.py`` (AUTOTRAINER, SageMaker Debugger, Lightning's
 EarlyStopping) replay them at no training cost.
 
 Per fault class: the share of runs flagged (any finding), the share whose first finding is one of the
@@ -37,9 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
 
 # name -> (overrides, expected first detectors). Overrides starting with "inject:" are patches.
@@ -97,97 +95,24 @@ class RunSpec:
 
 
 # ------------------------------------------------------------------------------------ the worker
-def inject(name: str) -> None:
-    """Patch the data or the model of this process (the injected fault of a run)."""
-    import detlab.data.transforms as transforms
-    import detlab.engine.step as step_module
-    import detlab.engine.trainer as trainer_module
-
-    if name == "not_normalised":  # pixels 0..255 reach the network
-        transforms.IMAGENET_MEAN, transforms.IMAGENET_STD = (0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255)
-        return
-    if name == "frozen_backbone":
-        build_model = step_module.build_model
-
-        def frozen(cfg):
-            model = build_model(cfg)
-            for p in model.backbone.parameters():
-                p.requires_grad_(False)
-            return model
-
-        step_module.build_model = frozen
-        return
-    build_datasets = trainer_module.build_datasets
-
-    def with_bad_labels(cfg):
-        train_set, val_set = build_datasets(cfg)
-        return LabelFault(train_set, name), val_set
-
-    assert name in ("label_noise", "xywh_boxes", "most_images_empty"), name
-    trainer_module.build_datasets = with_bad_labels
-
-
-class LabelFault(torch.utils.data.Dataset):
-    """The training set with a label bug: 30% of the boxes shifted by up to half their size,
-    boxes as xywh where xyxy is expected, or 90% of the images stripped of their faces."""
-
-    def __init__(self, dataset: Any, fault: str) -> None:
-        self.dataset, self.fault = dataset, fault
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.dataset, name)
-
-    def __getitem__(self, index: int) -> Any:
-        item = self.dataset[index]
-        if item is None:
-            return item
-        image, target = item
-        boxes = target["boxes"]
-        g = torch.Generator().manual_seed(index)
-        if self.fault == "label_noise" and len(boxes):
-            size = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
-            noisy = torch.rand(len(boxes), generator=g) < 0.3
-            shift = (torch.rand(len(boxes), 2, generator=g) - 0.5) * size[:, :2]
-            boxes = torch.where(noisy[:, None], boxes + shift.repeat(1, 2), boxes)
-        elif self.fault == "xywh_boxes":
-            boxes = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)
-        elif self.fault == "most_images_empty" and torch.rand(1, generator=g).item() < 0.9:
-            boxes = boxes[:0]
-            target = {**target, "labels": target["labels"][:0]}
-        return image, {**target, "boxes": boxes}
-
-
 def worker(spec: RunSpec) -> None:
-    """One run in this process: compose, inject, train, and keep the per-step signals."""
+    """One run in this process: compose, train with the fault's data and model factories, and keep the
+    per-step signals (``steps.json``)."""
+    from benchmarks.diagnosis.faults import SignalRecorder, dataset_factory, model_factory
     from detlab.config import compose_config
-    from detlab.diagnosis import Diagnoser
+    from detlab.engine.loggers import default_callbacks
     from detlab.engine.trainer import train
-    from detlab.runtime.fileio import write_json
 
     overrides = [o for o in spec.overrides if not o.startswith("inject:")]
-    for o in spec.overrides:
-        if o.startswith("inject:"):
-            inject(o.split(":", 1)[1])
+    injected = [o.split(":", 1)[1] for o in spec.overrides if o.startswith("inject:")]
+    fault = injected[0] if injected else None
     cfg = compose_config(CONFIGS, overrides)
-    record: dict[str, Any] = {"total_steps": None, "steps": []}
-    init, observe_step = Diagnoser.__init__, Diagnoser.observe_step
-
-    def init_recording(self, cfg, stages, total_steps, *a, **kw):
-        record["total_steps"] = int(total_steps)
-        init(self, cfg, stages, total_steps, *a, **kw)
-
-    def recording(self, step, epoch, signals):
-        record["steps"].append({"step": int(step), "epoch": int(epoch), **{k: float(v) for k, v in signals.items()}})
-        return observe_step(self, step, epoch, signals)
-
-    Diagnoser.__init__, Diagnoser.observe_step = init_recording, recording
+    recorder = SignalRecorder(Path(spec.run_dir) / "steps.json")
     try:
-        train(cfg, Path(spec.run_dir), overrides)
+        train(cfg, Path(spec.run_dir), overrides, callbacks=[*default_callbacks(cfg), recorder],
+              dataset_factory=dataset_factory(fault), model_factory=model_factory(fault))
     finally:
-        write_json(Path(spec.run_dir) / "steps.json", record)
+        recorder.write()
         shutil.rmtree(Path(spec.run_dir) / "checkpoints", ignore_errors=True)  # the benchmark reads signals only
 
 
@@ -243,7 +168,7 @@ def launch(spec: RunSpec, threads: int) -> float:
     Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(Path(spec.run_dir) / "worker.log", "w") as log:
-        subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec.__dict__),
+        subprocess.run([sys.executable, "-m", "benchmarks.diagnosis.bench_diagnosis", "--worker", json.dumps(spec.__dict__),
                         f"--threads={threads}"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     return time.perf_counter() - t0
 
@@ -251,35 +176,22 @@ def launch(spec: RunSpec, threads: int) -> float:
 def replay_findings(run_dir: Path, steps: list[dict[str, float]], epochs: list[dict[str, float]], total: int,
                     diagnosis_overrides: list[str]) -> list[dict[str, Any]]:
     """The findings today's diagnosis (``configs/diagnosis`` with ``diagnosis_overrides``, ``diagnosis.*``
-    keys; the rest of the run's own config) gives on the run's recorded step and epoch signals, in the
-    training loop's order: no training, so thresholds are tuned on recorded runs."""
+    keys; the rest of the run's own config) gives on the run's recorded step and epoch signals
+    (``detlab.diagnosis.replay``): no training, so thresholds are tuned on recorded runs."""
     from omegaconf import OmegaConf
 
     from detlab.config import compose_config, load_saved_config
-    from detlab.diagnosis import Diagnoser
-    from detlab.schedule import stage_boundaries
+    from detlab.diagnosis.replay import replay_findings as replay
 
     cfg = load_saved_config(OmegaConf.load(run_dir / "config.yaml"))
     cfg.diagnosis = compose_config(CONFIGS, diagnosis_overrides).diagnosis
-    spe = max(1, total // cfg.train.epochs)
-    diagnoser = Diagnoser(cfg.diagnosis, stage_boundaries(cfg.stages, cfg.schedule, total, spe), total, spe,
-                          run_config=cfg)
-    by_epoch: dict[int, list[dict[str, float]]] = {}
-    for record in steps:
-        by_epoch.setdefault(int(record["epoch"]), []).append(record)
-    rows = {int(row["epoch"]): row for row in epochs}
-    for epoch in sorted(set(by_epoch) | set(rows)):
-        for record in by_epoch.get(epoch, []):
-            diagnoser.observe_step(int(record["step"]), epoch, record)
-        if epoch in rows:
-            diagnoser.observe_epoch(epoch, int(rows[epoch]["step"]), rows[epoch])
-    return [f.to_dict() for f in diagnoser.findings]
+    return [f.to_dict() for f in replay(cfg, steps, epochs, total)]
 
 
 def load_result(spec: RunSpec, diagnosis_overrides: Optional[list[str]] = None) -> dict[str, Any]:
     """The run's findings and signals, and the baselines' replay of them. With ``diagnosis_overrides``
     (a list, maybe empty) the findings come from replaying the recorded signals, not from the run."""
-    from diagnosis_baselines import replay_all
+    from benchmarks.diagnosis.baselines import replay_all
 
     from detlab.run_record import read_metrics
 

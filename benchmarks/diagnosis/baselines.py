@@ -1,8 +1,8 @@
 """Published rule-based training-failure detectors, replayed on a detlab run's recorded signals.
 
-    python scripts/diagnosis_baselines.py --self-test     # synthetic traces with known answers
+Their known answers on synthetic traces are tests: ``python -m pytest tests/test_diagnosis_baselines.py``.
 
-``scripts/bench_diagnosis.py`` compares detlab's diagnosis (``detlab.diagnosis``) with these tools by
+``benchmarks/diagnosis/bench_diagnosis.py`` compares detlab's diagnosis (``detlab.diagnosis``) with these tools by
 replaying what each training run recorded; nothing is retrained. Each baseline is a function
 ``name(steps, epochs, total_steps) -> Optional[Alarm]`` returning the FIRST alarm the tool would have
 raised (its step; for an epoch-level rule the epoch row's ``step``, i.e. optimiser steps done), or
@@ -59,10 +59,8 @@ and says so in its message. ``extrapolate=False`` replays the record strictly.
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import math
-import sys
 from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -490,137 +488,3 @@ def replay_all(steps: Sequence[Record], epochs: Sequence[Record], total_steps: i
                **kwargs: Any) -> dict[str, Optional[Alarm]]:
     """Every baseline's first alarm on one run (``kwargs``: ``steps_per_epoch``, ``extrapolate``)."""
     return {name: fn(steps, epochs, total_steps, **kwargs) for name, fn in BASELINES.items()}
-
-
-# ----------------------------------------------------------------------------------- self-test
-SPE, N_EPOCHS = 250, 8  # synthetic runs: 8 epochs of 250 steps (saved losses at 0, 500, 1000, 1500)
-TOTAL = SPE * N_EPOCHS
-
-
-def _synthetic(train: Sequence[float], val: Sequence[float], ap50: Sequence[float],
-               step_loss: Optional[Callable[[int, int], float]] = None,
-               stop_at: Optional[int] = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """A run whose step losses are the epoch's train loss (or ``step_loss(step, epoch)``), recorded up
-    to ``stop_at`` (a non-finite loss there ends it, as detlab does: no row for that epoch)."""
-    steps, epochs = [], []
-    for e in range(1, N_EPOCHS + 1):
-        for s in range((e - 1) * SPE, e * SPE):
-            if stop_at is not None and s > stop_at:
-                return steps, epochs
-            loss = step_loss(s, e) if step_loss else train[e - 1]
-            rec = {"step": s, "epoch": e, "loss_total": loss, "loss_cls": 0.7 * loss, "loss_box": 0.3 * loss,
-                   "lr": 0.01}
-            if math.isfinite(loss):
-                rec["grad_norm"] = 1.0 + 0.1 * loss
-            if s % 50 == 0 and math.isfinite(loss):
-                rec.update(grad_norm_cls=0.8, grad_norm_box=0.5)
-            steps.append(rec)
-            if stop_at is not None and s == stop_at:
-                return steps, epochs
-        epochs.append({"epoch": float(e), "step": float(e * SPE), "train/loss_total": train[e - 1],
-                       "train/loss_cls": 0.7 * train[e - 1], "train/loss_box": 0.3 * train[e - 1],
-                       "val/loss_total": val[e - 1], "val/loss_cls": 0.7 * val[e - 1],
-                       "val/loss_box": 0.3 * val[e - 1], "val/ap50": ap50[e - 1], "val/recall": ap50[e - 1],
-                       "val/precision": 0.8, "val/miou": 0.6, "val/fp": 10.0, "val/pred_per_image": 2.0})
-    return steps, epochs
-
-
-def _self_test() -> int:
-    falling = [2.0 * 0.8 ** k + 0.2 for k in range(N_EPOCHS)]
-
-    def blowing_up(s: int, e: int) -> float:  # x1.2 per step from step 1000 (epoch 5), inf from step 1130
-        return math.inf if s >= 1130 else falling[e - 1] * 1.2 ** max(0, s - 1000)
-
-    rising_ap = [0.30 + 0.08 * k for k in range(N_EPOCHS)]  # 0.30 .. 0.86
-    traces: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {
-        "healthy": _synthetic(falling, [1.05 * v for v in falling], rising_ap),
-        "flat": _synthetic([0.7] * N_EPOCHS, [0.75] * N_EPOCHS, [0.2] * N_EPOCHS),
-        "slow_rise": _synthetic([0.7 * 1.01 ** k for k in range(N_EPOCHS)],
-                                [0.75 * 0.95 ** k for k in range(N_EPOCHS)], rising_ap),
-        # loss explodes in epoch 5 (not a check epoch of AUTOTRAINER) and turns inf at step 1130
-        "exploding": _synthetic(falling, [1.05 * v for v in falling], rising_ap, stop_at=1130,
-                                step_loss=blowing_up),
-        # NaN loss at step 900, in epoch 4 (a check epoch of AUTOTRAINER)
-        "nan_epoch4": _synthetic(falling, [1.05 * v for v in falling], rising_ap, stop_at=900,
-                                 step_loss=lambda s, e: math.nan if s >= 900 else falling[e - 1]),
-        "finite_blowup": _synthetic(falling, [1.05 * v for v in falling[:3]] + [2e5] * 5, rising_ap),
-        # val loss follows train for 3 epochs, then rises while train keeps falling
-        "overfit": _synthetic(falling, [falling[0] * 1.02, falling[1] * 1.03, falling[2] * 1.05,
-                                        1.7, 1.8, 1.9, 2.0, 2.1], rising_ap),
-        "oscillating": _synthetic(falling, [1.05 * v for v in falling],
-                                  [0.75, 0.85, 0.72, 0.86, 0.71, 0.87, 0.73, 0.88]),
-    }
-    # (trace, baseline, kwargs, expected (rule, step, extrapolated) or None)
-    checks: list[tuple[str, str, dict[str, Any], Optional[tuple[str, int, bool]]]] = [
-        ("healthy", "sagemaker_loss_not_decreasing", {}, None),
-        ("healthy", "sagemaker_overfit", {}, None),
-        ("healthy", "lightning_early_stopping", {}, None),
-        ("healthy", "autotrainer", {}, None),
-        ("flat", "sagemaker_loss_not_decreasing", {}, ("loss_not_decreasing", 500, False)),
-        ("flat", "autotrainer", {}, ("slow_convergence", 1000, False)),
-        ("flat", "lightning_early_stopping", {}, ("patience", 1000, False)),
-        ("slow_rise", "sagemaker_loss_not_decreasing", {}, None),
-        ("slow_rise", "sagemaker_loss_not_decreasing", {"increase_threshold_percent": None},
-         ("loss_not_decreasing", 500, False)),
-        ("exploding", "lightning_early_stopping", {}, ("check_finite", 1250, True)),
-        ("exploding", "autotrainer", {}, ("exploding_gradient", 1750, True)),
-        ("exploding", "sagemaker_loss_not_decreasing", {}, ("loss_not_decreasing", 1500, True)),
-        ("exploding", "sagemaker_overfit", {}, None),
-        ("exploding", "lightning_early_stopping", {"extrapolate": False}, None),
-        ("exploding", "autotrainer", {"extrapolate": False}, None),
-        ("nan_epoch4", "autotrainer", {}, ("exploding_gradient", 1000, True)),
-        ("nan_epoch4", "lightning_early_stopping", {}, ("check_finite", 1000, True)),
-        ("finite_blowup", "autotrainer", {}, ("exploding_gradient", 1000, False)),
-        ("finite_blowup", "lightning_early_stopping", {}, ("divergence_threshold", 1000, False)),
-        ("overfit", "sagemaker_overfit", {}, ("overfit", 1000, False)),
-        ("overfit", "lightning_early_stopping", {}, ("patience", 1500, False)),
-        ("overfit", "autotrainer", {}, None),
-        ("overfit", "sagemaker_loss_not_decreasing", {}, None),
-        ("oscillating", "autotrainer", {}, ("oscillating_loss", 1000, False)),
-    ]
-    failures = 0
-    for trace, name, kwargs, expected in checks:
-        steps, epochs = traces[trace]
-        alarm = BASELINES[name](steps, epochs, TOTAL, **kwargs)
-        got = None if alarm is None else (alarm.rule, alarm.step, alarm.extrapolated)
-        ok = got == expected
-        failures += not ok
-        opts = "".join(f" {k}={v}" for k, v in kwargs.items())
-        want = "no alarm" if expected is None else f"{expected[0]} at step {expected[1]}" + (
-            " (extrapolated)" if expected[2] else "")
-        seen = "no alarm" if alarm is None else f"{alarm.rule}@{alarm.step}: {alarm.message}"
-        print(f"{'ok  ' if ok else 'FAIL'} {trace:13s} {name}{opts}: expect {want}; got {seen}")
-
-    # Robustness: garbage, missing keys, non-finite everywhere, empty runs never raise.
-    rng = np.random.default_rng(0)
-    junk = [math.nan, math.inf, -math.inf, None, "NaN", 0.0, -1.0, 1e308]
-    steps = [{"step": s, "epoch": 1 + s // 10, **{k: junk[int(rng.integers(len(junk)))] for k in _NAN_STEP_KEYS
-                                                  if rng.random() < 0.8}} for s in range(60)]
-    epochs = [{"epoch": e, "step": 10 * e, **{k: junk[int(rng.integers(len(junk)))]
-                                             for k in ("train/loss_total", "val/loss_total", "val/ap50")
-                                             if rng.random() < 0.8}} for e in range(1, 7)]
-    for label, args in (("junk", (steps, epochs, 60)), ("empty", ([], [], 0)), ("no_epochs", (steps, [], 100)),
-                        ("junk_nan_last", ([*steps, {"step": 60, "epoch": 7, "loss_total": math.nan}], epochs, 90))):
-        try:
-            replay_all(*args)
-            replay_all(*args, extrapolate=False)
-            print(f"ok   {label:13s} every baseline runs without raising")
-        except Exception as error:  # noqa: BLE001 - the point of the check
-            failures += 1
-            print(f"FAIL {label:13s} {type(error).__name__}: {error}")
-    print(f"{'all checks passed' if not failures else f'{failures} check(s) failed'}")
-    return 1 if failures else 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--self-test", action="store_true", help="run the baselines on synthetic traces")
-    args = parser.parse_args(argv)
-    if args.self_test:
-        return _self_test()
-    parser.print_help()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
