@@ -105,8 +105,9 @@ def retinaface_mnet025(threads: int) -> Detector:
 def detlab_detector(checkpoint: Path, threads: int, backend: str = "pytorch",
                     size: Optional[tuple[int, int]] = None) -> tuple[Detector, Config, str]:
     """The checkpoint's model at its recorded test size (``eval.input_size``) or at ``size`` (W, H),
-    batch of one, through the package's prediction path (``detlab.predict``), as evaluate.py runs it;
-    ``backend="onnxruntime"``: its network exported at ``size`` (``detlab.export``) run by ONNX Runtime."""
+    batch of one, through the package's prediction path (``detlab.prediction``), as evaluate.py runs it;
+    ``backend="onnxruntime"``: its network exported at ``size`` (``detlab.export``) run by ONNX Runtime
+    (``detlab.onnx_runtime``)."""
     import tempfile
     from dataclasses import replace
 
@@ -115,7 +116,7 @@ def detlab_detector(checkpoint: Path, threads: int, backend: str = "pytorch",
     from detlab.config import test_input_size
     from detlab.data.transforms import build_transforms
     from detlab.runtime.checkpoint import load_trained
-    from detlab.predict import ModelsBySize, OriginalSizeImages, predict_image
+    from detlab.prediction import ModelsBySize, OriginalSizeImages, predict_image
     from detlab.wider_eval import xyxy_to_submission
 
     torch.set_num_threads(threads)
@@ -123,7 +124,9 @@ def detlab_detector(checkpoint: Path, threads: int, backend: str = "pytorch",
     settings = replace(cfg.eval, score_floor=SCORE_FLOOR)
     size = size or test_input_size(cfg.eval.input_size)
     if backend == "onnxruntime":
-        from detlab.export import ExportConfig, OnnxModelsBySize, export_checkpoint, load_exported
+        from detlab.config import ExportConfig
+        from detlab.export import export_checkpoint
+        from detlab.onnx_runtime import OnnxModelsBySize, load_exported
 
         size = size if isinstance(size, tuple) else (cfg.model.input_width, cfg.model.input_height)
         with tempfile.TemporaryDirectory() as folder:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from detlab.errors import UserError
@@ -474,10 +474,79 @@ class Config:
     run_dir: Optional[str] = None  # None: Hydra's output directory
 
 
+# ----------------------------------------------------------------------- the other entry points
+@dataclass
+class EvaluateConfig:
+    """Schema of ``configs/evaluate.yaml`` (``evaluate.py``, ``detlab.evaluation``)."""
+
+    checkpoint: str = MISSING
+    dataset: Optional[DatasetConfig] = None  # null: the dataset the checkpoint was trained on
+    # The training config's ``eval`` group. Only the keys set on the command line override the
+    # checkpoint's values (``evaluate_checkpoint``'s ``eval_keys``).
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    split: str = "val"  # val | val_all (the whole official val file) | test
+    protocol: str = "detection"  # detection | wider (adds the official easy/medium/hard AP)
+    save_predictions: Optional[str] = None  # folder for the official submission layout
+    gt_dir: Optional[str] = None  # WIDER ground truth (.mat); null: <dataset root>/eval_tools/ground_truth
+    batch_size: int = 16
+    num_workers: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = False  # CUDA only
+    output_dir: Optional[str] = None  # null: Hydra's output directory
+
+
+@dataclass
+class PredictConfig:
+    """Schema of ``configs/predict.yaml`` (``predict.py``, ``detlab.predictor``)."""
+
+    checkpoint: str = MISSING  # train.py's .pt; with backend=onnx, export.py's .onnx
+    source: str = MISSING  # an image, a folder of images (searched recursively), or a video file
+    out: Optional[str] = None  # null: Hydra's output directory
+    # The training config's ``eval`` group: the keys set on the command line override the checkpoint's.
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    draw: bool = True  # write each image (or the video) with its boxes drawn
+    save_wider: bool = False  # also write the WIDER FACE submission layout into <out>/wider (images only)
+    backend: str = "torch"  # torch (PyTorch eager) | onnx (ONNX Runtime on the CPU, an export.py file)
+    device: str = "auto"  # auto | cpu | cuda (backend=torch)
+    amp: bool = False  # CUDA only
+
+
+@dataclass
+class ExportConfig:
+    """Schema of ``configs/export.yaml`` (``scripts/export.py``, ``detlab.export``)."""
+
+    checkpoint: str = MISSING
+    format: str = "onnx"  # onnx | torchscript
+    out: Optional[str] = None  # null: next to the checkpoint, <stem>.onnx or <stem>.torchscript.pt
+    input_size: Optional[list[int]] = None  # [W, H] fixed; null: dynamic H and W (TorchScript: the training size)
+    opset: int = 17
+    # false: PyTorch's TorchScript-based ONNX exporter (deprecated by PyTorch, 3 s here); true: its
+    # torch.export-based one (needs onnxscript, 32 s here). Both are checked the same way.
+    dynamo: bool = False
+    check: bool = True  # compare the export with eager PyTorch on random images before writing it
+
+
+def typed_entry_config(raw: Any, schema: type, error: type[Exception]) -> Any:
+    """An entry point's composed Hydra config as its typed ``schema`` object; a value of the wrong
+    type is one ``error`` naming the key."""
+    try:
+        run = OmegaConf.to_object(raw)
+    except OmegaConfBaseException as failure:
+        raise error(f"{getattr(failure, 'full_key', '?')}: {str(failure).splitlines()[0]}") from None
+    assert isinstance(run, schema)
+    return run
+
+
 def register_configs() -> None:
-    """Register the schemas so ``configs/**.yaml`` can name them in their defaults lists."""
+    """Register every schema with Hydra's ConfigStore, so ``configs/*.yaml`` can name them in their
+    defaults lists: the entry configs (``config_schema`` of train.py, ``evaluate_schema``,
+    ``predict_schema``, ``export_schema``) and the groups'. The entry points call it before Hydra
+    composes; nothing registers on import."""
     store = ConfigStore.instance()
     store.store(name="config_schema", node=Config)
+    store.store(name="evaluate_schema", node=EvaluateConfig)
+    store.store(name="predict_schema", node=PredictConfig)
+    store.store(name="export_schema", node=ExportConfig)
     store.store(group="dataset", name="dataset_schema", node=DatasetConfig)
     store.store(group="model", name="model_schema", node=ModelConfig)
     store.store(group="loss", name="loss_schema", node=LossConfig)

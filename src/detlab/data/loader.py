@@ -130,7 +130,7 @@ def collate_detection(batch: Sequence[Optional[tuple[torch.Tensor, dict[str, Any
     of only such items is an *empty batch*: images ``[0, 3, H_in, W_in]`` float32 when
     ``input_size`` ``(W_in, H_in)`` is given (``build_loader`` passes the dataset's), else
     ``[0, 3, 0, 0]``, and an empty target list. Callers skip a batch with ``images.shape[0] == 0``
-    (a model step on it would fail or average over nothing); ``detlab.predict.predict_batches`` does.
+    (a model step on it would fail or average over nothing); ``detlab.prediction.predict_batches`` does.
     """
     items = [item for item in batch if item is not None]
     if not items:
