@@ -3,7 +3,8 @@ evaluation (the tests' oracle, ``tests/oracles/wider_reference.py``), on a fixed
 a fixed seed, written in the submission layout (sorted by score, as the official MATLAB
 ``read_pred.m`` sorts) and read back by both loaders.
 
-Usage: ``python scripts/bench_eval.py [--root ../shared/widerface] [--seed 0] [--repeat 3]``
+Usage: ``python scripts/bench_eval.py [--root DIR] [--seed 0] [--repeat 3]`` (``--root``: by default
+``<paths.data_dir>/widerface``, ``DETLAB_DATA`` setting ``paths.data_dir``)
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from detlab.data.wider import default_widerface_root
 from detlab.errors import report_user_errors
+from detlab.paths import widerface_root
 from detlab.wider_eval import (
     evaluate_wider,
     load_predictions,
@@ -38,11 +39,11 @@ from oracles.wider_reference import (  # noqa: E402
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default=None, help="WIDER FACE root (default: $DETLAB_WIDERFACE or ../shared/widerface)")
+    parser.add_argument("--root", default=None, help="WIDER FACE root (default: <paths.data_dir>/widerface)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=3, help="timed runs of the detlab scorer (best kept)")
     args = parser.parse_args()
-    root = Path(args.root) if args.root else default_widerface_root()
+    root = Path(args.root) if args.root else widerface_root()
     gt_dir = root / "eval_tools" / "ground_truth"
     if not gt_dir.is_dir():
         print(f"no ground truth at {gt_dir}; nothing to benchmark")

@@ -12,7 +12,7 @@ the same machine load; ONNX Runtime runs the checkpoint exported at that fixed s
 first two of each block untimed: image by image, each backend's idle thread pool (ONNX Runtime's
 spinning threads, OpenMP's) would slow the other down. Printed: the median milliseconds per image, all of it
 and the network alone, and the ONNX Runtime speed-up. The images are real WIDER val images when
-``../shared/widerface`` is there (``--images`` of them, the decode not timed), else the synthetic set's.
+``<paths.data_dir>/widerface`` is there (``DETLAB_DATA``) (``--images`` of them, the decode not timed), else the synthetic set's.
 ``--out`` writes the rows as JSON.
 """
 
@@ -41,9 +41,10 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def bench_images(limit: int) -> tuple[list, str]:
     """RGB arrays of real WIDER val images (or the synthetic val set when WIDER is absent)."""
-    from detlab.data.wider import default_widerface_root, read_image_rgb
+    from detlab.data.wider import read_image_rgb
+    from detlab.paths import widerface_root
 
-    root = default_widerface_root() / "WIDER_val" / "images"
+    root = widerface_root() / "WIDER_val" / "images"
     if root.is_dir():
         paths = sorted(root.glob("*/*.jpg"))
         step = max(len(paths) // limit, 1)

@@ -6,7 +6,7 @@
     python scripts/bench_peers.py --checkpoint ... --fast-size 320x256   # + that size, PyTorch and ONNX Runtime
 
 The split is the checkpoint's own val split (its ``dataset`` config, e.g. ``+preset=wider_cpu``'s
-seeded 90/10 split of ../shared/widerface); without ``--checkpoint`` it is ``dataset=widerface`` with
+seeded 90/10 split of <paths.data_dir>/widerface); without ``--checkpoint`` it is ``dataset=widerface`` with
 the overrides given. Every detector sees the same images, is scored by the same official-protocol
 evaluator (``detlab.wider_eval``) and runs with the same number of CPU threads. Printed per detector:
 easy / medium / hard AP and the median milliseconds per image of the detector itself (pre-processing,
@@ -42,7 +42,6 @@ from detlab.errors import UserError, report_user_errors
 from detlab.runtime.fileio import atomic_write_text
 from detlab.wider_eval import evaluate_wider, load_wider_ground_truth
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SCORE_FLOOR = 0.02  # every detector keeps its candidates above this score (AP needs the low ones)
 
 Detector = Callable[[np.ndarray], np.ndarray]  # RGB uint8 [H, W, 3] -> [N, 5] x, y, w, h, score (pixels)
@@ -199,7 +198,7 @@ def main() -> None:
                     continue
                 detectors[f"detlab ({cfg.model.name}, {backend})"] = (detect, label)
     else:
-        cfg = compose_config(CONFIGS, ["dataset=widerface", *args.overrides])
+        cfg = compose_config(overrides=["dataset=widerface", *args.overrides])
     for name, factory, label in (("opencv_res10", opencv_res10, "300x300"),
                                  ("retinaface_mnet025", retinaface_mnet025, "original size")):
         if name in args.skip:

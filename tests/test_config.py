@@ -193,7 +193,17 @@ def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def test_python_config_is_the_default_run():
+PATH_VARIABLES = ("DETLAB_DATA", "DETLAB_PRETRAINED", "DETLAB_CACHE")
+
+
+@pytest.fixture
+def no_path_variables(monkeypatch):
+    """The paths group at its defaults: the tests' conftest sets DETLAB_DATA for the real-data tests."""
+    for variable in PATH_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+
+
+def test_python_config_is_the_default_run(no_path_variables):
     """``Config()`` built in Python is what a plain ``python train.py`` runs, key by key."""
     composed, built = _leaves(to_config(_compose())), _leaves(Config())
     assert composed.keys() == built.keys()
@@ -224,7 +234,45 @@ def test_group_options_other_than_the_default_state_only_what_they_change():
     ("predict", PredictConfig, {"checkpoint": "run/last.pt", "source": "photos"}),
     ("export", ExportConfig, {"checkpoint": "run/last.pt"}),
 ])
-def test_entry_configs_compose_to_their_schemas_defaults(entry, schema, required):
+def test_entry_configs_compose_to_their_schemas_defaults(entry, schema, required, no_path_variables):
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
         raw = compose(entry, overrides=[f"{key}={value}" for key, value in required.items()])
     assert OmegaConf.to_object(raw) == schema(**required)
+
+
+# ------------------------------------------------------------------------------------------ paths
+def test_paths_follow_the_environment_and_the_command_line(monkeypatch, tmp_path):
+    from detlab.paths import configured_paths, widerface_root
+
+    monkeypatch.setenv("DETLAB_DATA", "/data/faces")
+    monkeypatch.delenv("DETLAB_PRETRAINED", raising=False)
+    monkeypatch.setenv("DETLAB_CACHE", str(tmp_path))
+    wider = to_config(_compose("+preset=wider_cpu"))
+    assert wider.dataset.root == "/data/faces/widerface" == str(widerface_root())
+    assert wider.model.backbone_weights == "/data/faces/pretrained/mobilenet_v2-b0353104.pth"
+    assert to_config(_compose("dataset=widerface")).dataset.root == "/data/faces/widerface"
+    synthetic = to_config(_compose()).dataset
+    assert (synthetic.root, synthetic.cache_dir) == (f"{tmp_path}/synthetic", f"{tmp_path}/decoded")
+    monkeypatch.setenv("DETLAB_PRETRAINED", "/weights")
+    assert to_config(_compose("+preset=wider_cpu")).model.backbone_weights == "/weights/mobilenet_v2-b0353104.pth"
+    assert configured_paths().pretrained_dir == "/weights"
+    # the command line wins over the environment
+    assert to_config(_compose("dataset=widerface", "paths.data_dir=/elsewhere")).dataset.root == "/elsewhere/widerface"
+
+
+def test_paths_defaults_need_no_data_and_no_variables(no_path_variables):
+    from detlab.paths import PathsConfig, configured_paths, widerface_root
+
+    assert configured_paths() == PathsConfig() == to_config(_compose()).paths
+    assert widerface_root() == Path("data/widerface")
+    assert to_config(_compose()).dataset.root == ".cache/synthetic"  # the default run generates its data
+
+
+def test_the_config_folder_is_found_and_src_knows_no_data_location():
+    from detlab.paths import config_dir
+
+    assert config_dir() == Path(CONFIGS)  # a source checkout: configs/ beside src/
+    src = Path(CONFIGS).parent / "src" / "detlab"
+    mentions = [f"{path.relative_to(src.parent)}" for path in [*src.rglob("*.py"), *Path(CONFIGS).rglob("*.yaml")]
+                if "shared/" in path.read_text()]
+    assert mentions == []

@@ -2,7 +2,8 @@
 
 Hydra merges the YAML files onto these dataclasses, so an unknown key or a value of the wrong type
 fails when the run starts. ``validate`` then checks the values (ranges, enumerations) and names
-the offending key; ``train.py`` calls it before anything is built or written.
+the offending key; ``train.py`` calls it before anything is built or written. The ``paths`` group's
+schema, ``PathsConfig``, lives with the code that resolves it (``detlab.paths``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from detlab.errors import UserError
+from detlab.paths import PathsConfig, config_dir
 from detlab.run_record import METRIC_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -63,8 +65,9 @@ class SyntheticConfig:
 @dataclass
 class DatasetConfig:
     name: str = "synthetic"  # synthetic | widerface
-    # widerface: the folder holding WIDER_{train,val,test}/ and wider_face_split/.
-    # synthetic: the cache folder the generated dataset is written into (and re-used from).
+    # widerface: the folder holding WIDER_{train,val,test}/ and wider_face_split/
+    # (configs: ${paths.data_dir}/widerface). synthetic: the cache folder the generated dataset is
+    # written into and re-used from (configs: ${paths.cache_dir}/synthetic).
     root: str = ".cache/synthetic"
     split: SplitConfig = field(default_factory=SplitConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -78,17 +81,17 @@ class DatasetConfig:
     num_workers: int = 0
     # Decoded-image cache (detlab.data.cache): none | ram | disk. Each image is decoded once and kept
     # as uint8, its longer side at most cache_max_side pixels (null: as decoded). ram: the default
-    # synthetic set takes about 250 MB so (1,000 images at 320x256); dataset=widerface says none.
+    # synthetic set (1,000 images at 320x256) takes about 250 MB there; dataset=widerface says none.
     cache: str = "ram"
     cache_max_side: Optional[int] = None
-    cache_dir: str = ".cache/decoded"  # dataset.cache=disk only
+    cache_dir: str = ".cache/decoded"  # dataset.cache=disk only (configs: ${paths.cache_dir}/decoded)
 
 
 @dataclass
 class ModelConfig:
     name: str = "ssd_slim"  # ssd_slim | ssd_mobilenet_v2 | ssdlite | ssd_vgg16
-    # ssdlite only: mobilenet_v3_large (torchvision's SSDlite) or mobilenet_v2 (the offline
-    # ImageNet weights in ../shared/pretrained load into it).
+    # ssdlite only: mobilenet_v3_large (torchvision's SSDlite) or mobilenet_v2 (torchvision's ImageNet
+    # file mobilenet_v2-b0353104.pth, kept in paths.pretrained_dir for offline use, loads into it).
     backbone: str = "mobilenet_v3_large"
     # ssdlite + mobilenet_v3_large only: MobileNetV3's "reduced tail" (last stage halved). None follows
     # torchvision's SSDlite: reduced without pretrained weights, full with them (the ImageNet weights
@@ -479,6 +482,8 @@ class Config:
     # Resume: false, true (this run directory's checkpoints/last.pt), or a checkpoint path.
     resume: Any = False
     run_dir: Optional[str] = None  # None: Hydra's output directory
+    # Where data, pretrained weights and caches are (configs/paths/default.yaml: DETLAB_DATA, ...).
+    paths: PathsConfig = field(default_factory=PathsConfig)
 
 
 # ----------------------------------------------------------------------- the other entry points
@@ -488,6 +493,7 @@ class EvaluateConfig:
 
     checkpoint: str = MISSING
     dataset: Optional[DatasetConfig] = None  # null: the dataset the checkpoint was trained on
+    paths: PathsConfig = field(default_factory=PathsConfig)  # where dataset=widerface looks
     # The training config's ``eval`` group. Only the keys set on the command line override the
     # checkpoint's values (``evaluate_checkpoint``'s ``eval_keys``).
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -875,13 +881,15 @@ def load_saved_config(saved: Any) -> Config:
     return to_config(OmegaConf.create(container))
 
 
-def compose_config(config_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
-    """``configs/config.yaml`` composed with train.py-style ``overrides`` outside a Hydra app
-    (benchmark scripts), then typed and validated like train.py's."""
+def compose_config(configs: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> Config:
+    """train.py's ``config.yaml`` composed with train.py-style ``overrides`` outside a Hydra app
+    (scripts, tests), then typed and validated like train.py's. ``configs``: the config folder,
+    by default the installed one (``detlab.paths.config_dir()``)."""
     from hydra import compose, initialize_config_dir
 
     register_configs()
-    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
+    folder = Path(configs) if configs is not None else config_dir()
+    with initialize_config_dir(config_dir=str(folder.resolve()), version_base="1.3"):
         return to_config(compose("config", overrides=list(overrides)))
 
 
