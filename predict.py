@@ -6,7 +6,7 @@ x2, y2], "score": s}, ...]}`` in the image's pixels; a video's frames are ``<nam
 with ``save_wider=true``, the WIDER FACE submission layout under ``<out>/wider``. ``backend=onnx`` runs
 an ONNX file written by ``scripts/export.py`` in ONNX Runtime (``checkpoint=<file>.onnx``).
 Test size, threshold and NMS are the checkpoint's ``eval`` settings; ``eval.*`` keys on the command
-line override them, as for ``evaluate.py``. The work is done by ``detlab.inference``.
+line override them, as for ``evaluate.py``. The work is done by ``detlab.predictor``.
 
 Examples:
     python predict.py checkpoint=outputs/2026-11-23/20-00-00/checkpoints/best.pt source=photo.jpg out=preds
@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from detlab.config import register_configs
 from detlab.errors import report_user_errors
 from detlab.evaluation import eval_keys_of
-from detlab.inference import predict_images, to_predict_config
+from detlab.predictor import predict_images, to_predict_config
 
 register_configs()
 

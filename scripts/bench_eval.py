@@ -1,9 +1,10 @@
 """Benchmark: detlab's vectorised WIDER FACE scorer against a straightforward port of the official
-evaluation (``detlab.wider_reference``), on a fixed prediction set derived from the ground truth with
+evaluation (the tests' oracle, ``tests/oracles/wider_reference.py``), on a fixed prediction set derived from the ground truth with
 a fixed seed, written in the submission layout (sorted by score, as the official MATLAB
 ``read_pred.m`` sorts) and read back by both loaders.
 
-Usage: ``python scripts/bench_eval.py [--root ../shared/widerface] [--seed 0] [--repeat 3]``
+Usage: ``python scripts/bench_eval.py [--root DIR] [--seed 0] [--repeat 3]`` (``--root``: by default
+``<paths.data_dir>/widerface``, ``DETLAB_DATA`` setting ``paths.data_dir``)
 """
 
 from __future__ import annotations
@@ -16,15 +17,18 @@ from pathlib import Path
 
 import numpy as np
 
-from detlab.data.wider import default_widerface_root
 from detlab.errors import report_user_errors
+from detlab.paths import widerface_root
 from detlab.wider_eval import (
     evaluate_wider,
     load_predictions,
     load_wider_ground_truth,
     save_predictions,
 )
-from detlab.wider_reference import (
+
+# The port is the tests' oracle and ships with the tests, not with the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from oracles.wider_reference import (  # noqa: E402
     get_gt_boxes,
     get_preds,
     local_val_images,
@@ -35,11 +39,11 @@ from detlab.wider_reference import (
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default=None, help="WIDER FACE root (default: $DETLAB_WIDERFACE or ../shared/widerface)")
+    parser.add_argument("--root", default=None, help="WIDER FACE root (default: <paths.data_dir>/widerface)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=3, help="timed runs of the detlab scorer (best kept)")
     args = parser.parse_args()
-    root = Path(args.root) if args.root else default_widerface_root()
+    root = Path(args.root) if args.root else widerface_root()
     gt_dir = root / "eval_tools" / "ground_truth"
     if not gt_dir.is_dir():
         print(f"no ground truth at {gt_dir}; nothing to benchmark")

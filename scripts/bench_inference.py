@@ -5,14 +5,14 @@
         --checkpoint outputs/<ssdlite run>/checkpoints/last.pt --sizes 320x256 640x512 [--images 60]
 
 For every checkpoint, input size and thread count, both backends predict the same images through the
-package's one prediction path (``detlab.predict.predict_image``: resize and normalise, the network,
+package's one prediction path (``detlab.prediction.predict_image``: resize and normalise, the network,
 ``SSD.postprocess`` with the checkpoint's ``eval`` settings), interleaved image by image so both see
 the same machine load; ONNX Runtime runs the checkpoint exported at that fixed size by
-``detlab.export`` (parity-checked on export). The backends alternate in blocks of 12 images, the
+``detlab.export`` (parity-checked on export) and run by ``detlab.onnx_runtime``. The backends alternate in blocks of 12 images, the
 first two of each block untimed: image by image, each backend's idle thread pool (ONNX Runtime's
 spinning threads, OpenMP's) would slow the other down. Printed: the median milliseconds per image, all of it
 and the network alone, and the ONNX Runtime speed-up. The images are real WIDER val images when
-``../shared/widerface`` is there (``--images`` of them, the decode not timed), else the synthetic set's.
+``<paths.data_dir>/widerface`` is there (``DETLAB_DATA``) (``--images`` of them, the decode not timed), else the synthetic set's.
 ``--out`` writes the rows as JSON.
 """
 
@@ -41,9 +41,10 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def bench_images(limit: int) -> tuple[list, str]:
     """RGB arrays of real WIDER val images (or the synthetic val set when WIDER is absent)."""
-    from detlab.data.wider import default_widerface_root, read_image_rgb
+    from detlab.data.wider import read_image_rgb
+    from detlab.paths import widerface_root
 
-    root = default_widerface_root() / "WIDER_val" / "images"
+    root = widerface_root() / "WIDER_val" / "images"
     if root.is_dir():
         paths = sorted(root.glob("*/*.jpg"))
         step = max(len(paths) // limit, 1)
@@ -58,8 +59,10 @@ def bench_images(limit: int) -> tuple[list, str]:
 def time_pair(checkpoint: Path, size: tuple[int, int], threads: int, images: list, warmup: int,
               block: int = 12) -> dict:
     from detlab.runtime.checkpoint import load_trained
-    from detlab.export import ExportConfig, OnnxModelsBySize, export_checkpoint, load_exported
-    from detlab.predict import ModelsBySize, OriginalSizeImages, predict_image
+    from detlab.config import ExportConfig
+    from detlab.export import export_checkpoint
+    from detlab.onnx_runtime import OnnxModelsBySize, load_exported
+    from detlab.prediction import ModelsBySize, OriginalSizeImages, predict_image
 
     torch.set_num_threads(threads)
     cfg, state = load_trained(checkpoint)

@@ -24,8 +24,9 @@ from detlab.config import Config, SyntheticConfig
 from detlab.data import build_datasets, build_loader, ensure_synthetic_dataset
 from detlab.data.cache import DecodedImageCache
 from detlab.data.transforms import RandomFaceCrop
-from detlab.data.wider import default_widerface_root, read_image_rgb
+from detlab.data.wider import read_image_rgb
 from detlab.errors import report_user_errors
+from detlab.paths import widerface_root
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,7 +93,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=10, help="timed batches per configuration")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--widerface", type=Path, default=default_widerface_root())
+    parser.add_argument("--widerface", type=Path, default=widerface_root(),
+                        help="WIDER FACE root (default: <paths.data_dir>/widerface; DETLAB_DATA sets paths.data_dir)")
     parser.add_argument("--cache-max-side", type=int, default=1024, help="dataset.cache_max_side for the cached rows")
     parser.add_argument("--step-seconds", type=float, default=0.5, help="training step time to compare with")
     parser.add_argument("--torch-threads", type=int, default=1,

@@ -6,7 +6,7 @@
     python scripts/bench_peers.py --checkpoint ... --fast-size 320x256   # + that size, PyTorch and ONNX Runtime
 
 The split is the checkpoint's own val split (its ``dataset`` config, e.g. ``+preset=wider_cpu``'s
-seeded 90/10 split of ../shared/widerface); without ``--checkpoint`` it is ``dataset=widerface`` with
+seeded 90/10 split of <paths.data_dir>/widerface); without ``--checkpoint`` it is ``dataset=widerface`` with
 the overrides given. Every detector sees the same images, is scored by the same official-protocol
 evaluator (``detlab.wider_eval``) and runs with the same number of CPU threads. Printed per detector:
 easy / medium / hard AP and the median milliseconds per image of the detector itself (pre-processing,
@@ -42,7 +42,6 @@ from detlab.errors import UserError, report_user_errors
 from detlab.runtime.fileio import atomic_write_text
 from detlab.wider_eval import evaluate_wider, load_wider_ground_truth
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SCORE_FLOOR = 0.02  # every detector keeps its candidates above this score (AP needs the low ones)
 
 Detector = Callable[[np.ndarray], np.ndarray]  # RGB uint8 [H, W, 3] -> [N, 5] x, y, w, h, score (pixels)
@@ -105,8 +104,9 @@ def retinaface_mnet025(threads: int) -> Detector:
 def detlab_detector(checkpoint: Path, threads: int, backend: str = "pytorch",
                     size: Optional[tuple[int, int]] = None) -> tuple[Detector, Config, str]:
     """The checkpoint's model at its recorded test size (``eval.input_size``) or at ``size`` (W, H),
-    batch of one, through the package's prediction path (``detlab.predict``), as evaluate.py runs it;
-    ``backend="onnxruntime"``: its network exported at ``size`` (``detlab.export``) run by ONNX Runtime."""
+    batch of one, through the package's prediction path (``detlab.prediction``), as evaluate.py runs it;
+    ``backend="onnxruntime"``: its network exported at ``size`` (``detlab.export``) run by ONNX Runtime
+    (``detlab.onnx_runtime``)."""
     import tempfile
     from dataclasses import replace
 
@@ -115,7 +115,7 @@ def detlab_detector(checkpoint: Path, threads: int, backend: str = "pytorch",
     from detlab.config import test_input_size
     from detlab.data.transforms import build_transforms
     from detlab.runtime.checkpoint import load_trained
-    from detlab.predict import ModelsBySize, OriginalSizeImages, predict_image
+    from detlab.prediction import ModelsBySize, OriginalSizeImages, predict_image
     from detlab.wider_eval import xyxy_to_submission
 
     torch.set_num_threads(threads)
@@ -123,7 +123,9 @@ def detlab_detector(checkpoint: Path, threads: int, backend: str = "pytorch",
     settings = replace(cfg.eval, score_floor=SCORE_FLOOR)
     size = size or test_input_size(cfg.eval.input_size)
     if backend == "onnxruntime":
-        from detlab.export import ExportConfig, OnnxModelsBySize, export_checkpoint, load_exported
+        from detlab.config import ExportConfig
+        from detlab.export import export_checkpoint
+        from detlab.onnx_runtime import OnnxModelsBySize, load_exported
 
         size = size if isinstance(size, tuple) else (cfg.model.input_width, cfg.model.input_height)
         with tempfile.TemporaryDirectory() as folder:
@@ -196,7 +198,7 @@ def main() -> None:
                     continue
                 detectors[f"detlab ({cfg.model.name}, {backend})"] = (detect, label)
     else:
-        cfg = compose_config(CONFIGS, ["dataset=widerface", *args.overrides])
+        cfg = compose_config(overrides=["dataset=widerface", *args.overrides])
     for name, factory, label in (("opencv_res10", opencv_res10, "300x300"),
                                  ("retinaface_mnet025", retinaface_mnet025, "original size")):
         if name in args.skip:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -26,8 +25,6 @@ from detlab.engine.step import build_training
 from detlab.engine.validation import validate
 from detlab.errors import report_user_errors
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -37,7 +34,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.batch_size=16")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = compose_config(CONFIGS, args.overrides)
+    cfg = compose_config(overrides=args.overrides)
     device = torch.device("cpu")
     train_set, val_set = build_datasets(cfg)
     loader = build_loader(train_set, cfg.train.batch_size, shuffle=True, num_workers=args.workers,

@@ -1,7 +1,7 @@
 """Where a training step's time goes: decode, augment, matching, forward, loss, backward, optimiser, logging.
 
     python scripts/profile_step.py                                   # the default run (synthetic, ssd_slim)
-    python scripts/profile_step.py dataset=widerface dataset.root=../shared/widerface
+    python scripts/profile_step.py dataset=widerface              # <paths.data_dir>/widerface (DETLAB_DATA)
     python scripts/profile_step.py --bf16 dataset.cache=ram          # any train.py override
 
 Runs ``--steps`` real training steps of the config (its loader and augmentation, then the loop's
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -31,8 +30,6 @@ from detlab.diagnosis import Diagnoser
 from detlab.schedule import stage_boundaries
 from detlab.engine.step import build_training
 from detlab.errors import report_user_errors
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 class Timed:
@@ -76,7 +73,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="train.py overrides, e.g. dataset=widerface")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = compose_config(CONFIGS, [*args.overrides, f"train.cpu_bf16={str(args.bf16).lower()}"])
+    cfg = compose_config(overrides=[*args.overrides, f"train.cpu_bf16={str(args.bf16).lower()}"])
     torch.manual_seed(0)
     train_set, _ = build_datasets(cfg)
     decode = train_set.cache.decode = Timed(train_set.cache.decode)

@@ -1,4 +1,5 @@
-"""Shared test fixtures: tiny configs, the real WIDER folder, WIDER ground truth and fabricated runs."""
+"""Shared test fixtures: tiny configs, the real data (WIDER FACE, pretrained weights), WIDER ground truth
+and fabricated runs."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import csv
 import io
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -17,15 +19,21 @@ from scipy.io import savemat
 from detlab.run_record import METRIC_COLUMNS
 
 
-def find_widerface() -> Path | None:
-    """The real WIDER FACE folder (``detlab.data.wider.default_widerface_root``); None if absent."""
-    from detlab.data.wider import default_widerface_root
-
-    root = default_widerface_root()
-    return root if root.is_dir() else None
-
-
 REPO = Path(__file__).resolve().parents[1]
+
+# The real data of the tests is found as any run finds it, through paths.data_dir (DETLAB_DATA; the
+# pretrained weights under <paths.data_dir>/pretrained unless DETLAB_PRETRAINED says otherwise). Unless
+# the environment sets it, it is the shared folder beside the repository: ../shared/widerface,
+# ../shared/pretrained. Subprocesses (train.py, evaluate.py) inherit it. Tests skip when the data is absent.
+os.environ.setdefault("DETLAB_DATA", str(REPO.parent / "shared"))
+
+
+def find_widerface() -> Path | None:
+    """The real WIDER FACE folder (``<paths.data_dir>/widerface``); None if absent."""
+    from detlab.paths import widerface_root
+
+    root = widerface_root()
+    return root if root.is_dir() else None
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +53,7 @@ def compose_tiny_config(root: Path, *overrides: str):
         "train.epochs=1", "train.batch_size=8", "train.log_every=1", "eval.num_logged_images=2",
         "diagnosis.grad_norm_every=1",
     ]
-    return compose_config(REPO / "configs", [*base, *overrides])
+    return compose_config(overrides=[*base, *overrides])
 
 
 def tiny_sweep_overrides(tmp_path: Path, sweep_dir: Path, epochs: int = 2) -> list[str]:
@@ -67,8 +75,22 @@ def widerface_root() -> Path:
     """The real WIDER FACE folder (official layout); skips the test when it is absent."""
     root = find_widerface()
     if root is None:
-        pytest.skip("WIDER FACE not found (../shared/widerface or $DETLAB_WIDERFACE)")
+        from detlab.paths import widerface_root as expected
+
+        pytest.skip(f"WIDER FACE not found in {expected()} (set DETLAB_DATA to the folder holding widerface/)")
     return root
+
+
+@pytest.fixture
+def mobilenet_v2_weights() -> Path:
+    """torchvision's ImageNet MobileNetV2 file in ``paths.pretrained_dir``; skips the test when it is absent."""
+    from detlab.model.backbones import MOBILENET_V2_FILE
+    from detlab.paths import configured_paths
+
+    path = Path(configured_paths().pretrained_dir).expanduser() / MOBILENET_V2_FILE
+    if not path.is_file():
+        pytest.skip(f"{path} not found (set DETLAB_PRETRAINED, or DETLAB_DATA to the folder holding pretrained/)")
+    return path
 
 
 def write_ground_truth(folder: Path, events: dict[str, dict[str, tuple[list, dict[str, list[int]]]]]) -> Path:

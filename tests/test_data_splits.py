@@ -19,6 +19,7 @@ from detlab.data import (
     build_loader,
     split_records,
 )
+from detlab.data.loader import MissingDatasetError
 from detlab.data.splits import resolve_split
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,6 +152,37 @@ def test_bad_annotation_file_stops_before_training(tmp_path, annotation, expecte
     assert info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and len(err.splitlines()) == 1 and "wider_face_val_bbx_gt.txt" in err
+
+
+def test_missing_widerface_is_one_line_naming_the_folder_and_what_belongs_there(tmp_path):
+    root = tmp_path / "data" / "widerface"
+    cfg = Config()
+    cfg.dataset.name, cfg.dataset.root, cfg.dataset.split.mode = "widerface", str(root), "random"  # as dataset=widerface
+    layout = ("; WIDER FACE (http://shuoyang1213.me/WIDERFACE/) in its official layout belongs there: "
+              "WIDER_{train,val,test}/images/<event>/<name>.jpg, wider_face_split/wider_face_{train,val}_bbx_gt.txt")
+    fix = "set paths.data_dir or DETLAB_DATA (the folder holding widerface/), or dataset.root"
+    for step, missing in (("nothing", "no such folder"), ("root", "no wider_face_split/ there"),
+                          ("annotations", "no WIDER_val/images there")):
+        if step == "root":
+            root.mkdir(parents=True)
+        if step == "annotations":  # the annotations without the images
+            (root / "wider_face_split").mkdir()
+            (root / "wider_face_split" / "wider_face_val_bbx_gt.txt").write_text("0--P/a.jpg\n0\n0 0 0 0 0 0 0 0 0 0\n"
+                                                                               "0--P/b.jpg\n0\n0 0 0 0 0 0 0 0 0 0\n")
+        with pytest.raises(MissingDatasetError) as info:
+            build_datasets(cfg)
+        message = str(info.value)
+        assert message.startswith(f"dataset.root={root}: {missing}{layout}") and message.endswith(fix), message
+        assert "\n" not in message
+
+
+def test_train_py_without_wider_data_says_where_it_looked(tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", "dataset=widerface", f"paths.data_dir={tmp_path}",
+                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"dataset.root={tmp_path / 'widerface'}: no such folder;" in lines[0]
+    assert "DETLAB_DATA" in lines[0]
 
 
 def test_official_split_without_train_file_names_the_fix(widerface_root):

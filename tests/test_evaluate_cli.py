@@ -12,10 +12,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from detlab.config import Config
+from detlab.config import Config, EvaluateConfig
 from detlab.data import build_datasets, build_loader
 from detlab.runtime.checkpoint import CheckpointError
-from detlab.evaluation import EvaluateConfig, EvaluationError, eval_keys_of, evaluate_checkpoint, format_table
+from detlab.evaluation import EvaluationError, eval_keys_of, evaluate_checkpoint, format_table
 from detlab.model import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,7 +157,7 @@ def test_longer_side_images_keep_aspect_and_pad(tmp_path):
     import numpy as np
 
     from detlab.data import parse_wider_annotations
-    from detlab.predict import OriginalSizeImages
+    from detlab.prediction import OriginalSizeImages
 
     folder = tmp_path / "images" / "0--P"
     folder.mkdir(parents=True)

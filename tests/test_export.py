@@ -1,4 +1,4 @@
-"""scripts/export.py (detlab.export) and predict.py backend=onnx: parity with PyTorch, the CLI, the errors."""
+"""scripts/export.py (detlab.export) and predict.py backend=onnx (detlab.onnx_runtime): parity with PyTorch, the CLI, the errors."""
 
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from detlab.config import Config, ModelConfig
+from detlab.config import Config, ExportConfig, ModelConfig, PredictConfig
 from detlab.data import build_datasets
-from detlab.export import ExportConfig, ExportError, export_checkpoint, load_exported
-from detlab.inference import PredictConfig, PredictError, load_predictor
+from detlab.export import ExportError, export_checkpoint
 from detlab.model import build_model
-from detlab.predict import OriginalSizeImages, predict_image
+from detlab.onnx_runtime import OnnxModelError, load_exported
+from detlab.prediction import OriginalSizeImages, predict_image
+from detlab.predictor import PredictError, load_predictor
 
 pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -138,7 +139,7 @@ def test_fixed_size_onnx_export_matches_pytorch_and_carries_the_config(checkpoin
     assert logits.shape[0] == 3 and np.allclose(logits[1:2], single, atol=1e-5)
 
     models, *_ = load_predictor(PredictConfig(checkpoint=result["out"], source=".", backend="onnx"))
-    with pytest.raises(ExportError, match=r"takes 160x128 images only.*eval.input_size=\[160,128\]"):
+    with pytest.raises(OnnxModelError, match=r"takes 160x128 images only.*eval.input_size=\[160,128\]"):
         models(320, 256)
 
 
@@ -228,7 +229,7 @@ def test_wrong_files_for_the_backend_fail_clearly(checkpoint, tmp_path):
         load_predictor(PredictConfig(checkpoint=str(path), source=".", backend="onnx"))
     with pytest.raises(PredictError, match="an ONNX export; add backend=onnx"):
         load_predictor(PredictConfig(checkpoint=str(not_onnx), source="."))
-    with pytest.raises(ExportError, match="not an ONNX model ONNX Runtime can read"):
+    with pytest.raises(OnnxModelError, match="not an ONNX model ONNX Runtime can read"):
         load_exported(not_onnx)
     with pytest.raises(PredictError, match="backend='tflite': expected one of torch, onnx"):
         load_predictor(PredictConfig(checkpoint=str(path), source=".", backend="tflite"))

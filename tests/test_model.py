@@ -1,8 +1,6 @@
 """Models: shapes, anchor counts, parameter counts, post-processing, backbone weights."""
 
-import os
 import urllib.error
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,20 +10,6 @@ from torch import nn
 from detlab.config import ModelConfig
 from detlab.model import BackboneWeightsError, architecture_config, build_model, generate_anchors
 from detlab.model.backbones import load_backbone_weights
-
-MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"
-
-
-def find_pretrained() -> Path | None:
-    """``$DETLAB_PRETRAINED`` (the file or its folder), else ``../shared/pretrained`` beside the repository."""
-    env = os.environ.get("DETLAB_PRETRAINED")
-    candidates = [Path(env)] if env else [Path(__file__).resolve().parents[2] / "shared" / "pretrained", Path("/work/shared/pretrained")]
-    for path in candidates:
-        path = path / MOBILENET_V2_FILE if path.is_dir() else path
-        if path.is_file():
-            return path
-    return None
-
 
 def n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
@@ -176,10 +160,8 @@ def test_postprocess_random_outputs_within_image(slim):
 # Backbone weights
 
 
-def test_shared_mobilenet_v2_weights_load():
-    path = find_pretrained()
-    if path is None:
-        pytest.skip("../shared/pretrained/mobilenet_v2-b0353104.pth not found (set DETLAB_PRETRAINED)")
+def test_shared_mobilenet_v2_weights_load(mobilenet_v2_weights):
+    path = mobilenet_v2_weights
     state = torch.load(path, map_location="cpu", weights_only=True)
     model = build_model(ModelConfig(name="ssdlite", backbone="mobilenet_v2", backbone_weights=str(path)))
     stem = model.backbone.stages[0][0]
@@ -209,9 +191,15 @@ def test_local_weights_ignore_classifier_and_accept_features_only(tmp_path):
     torch.testing.assert_close(target.features[0][0].weight, state["features.0.0.weight"])
 
 
-def test_missing_weights_file_is_a_clear_error():
-    with pytest.raises(BackboneWeightsError, match="not found"):
+def test_missing_weights_file_names_the_file_that_belongs_there():
+    with pytest.raises(BackboneWeightsError) as err:
         build_model(ModelConfig(name="ssdlite", backbone="mobilenet_v2", backbone_weights="/nonexistent/w.pth"))
+    message = str(err.value)
+    assert message.startswith("model.backbone_weights=/nonexistent/w.pth: no such file;") and "\n" not in message
+    assert "torchvision's mobilenet_v2-b0353104.pth (https://download.pytorch.org/models/" in message
+    assert "paths.pretrained_dir (DETLAB_PRETRAINED" in message
+    with pytest.raises(BackboneWeightsError, match="torchvision has no ImageNet weights for this backbone"):
+        build_model(ModelConfig(backbone_weights="/nonexistent/slim.pth"))  # ssd_slim
 
 
 @pytest.mark.parametrize("backbone", ["mobilenet_v3_large", "mobilenet_v2"])
@@ -263,10 +251,8 @@ def test_ssd_mobilenet_v2_taps_anchors_and_heads():
         build_model(ModelConfig(name="ssd_mobilenet_v2", feature_strides=[8, 16, 32], min_sizes=[[10], [32], [64]]))
 
 
-def test_ssd_mobilenet_v2_loads_the_imagenet_file():
-    path = find_pretrained()
-    if path is None:
-        pytest.skip("../shared/pretrained/mobilenet_v2-b0353104.pth not found (set DETLAB_PRETRAINED)")
+def test_ssd_mobilenet_v2_loads_the_imagenet_file(mobilenet_v2_weights):
+    path = mobilenet_v2_weights
     state = torch.load(path, map_location="cpu", weights_only=True)
     model = build_model(ModelConfig(name="ssd_mobilenet_v2", backbone_weights=str(path)))
     torch.testing.assert_close(model.backbone.stages[0][0][0].weight, state["features.0.0.weight"])

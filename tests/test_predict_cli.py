@@ -1,4 +1,4 @@
-"""predict.py (and detlab.inference behind it): an untrained ssd_slim checkpoint on a few synthetic images."""
+"""predict.py (and detlab.predictor behind it): an untrained ssd_slim checkpoint on a few synthetic images."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from detlab.config import Config
+from detlab.config import Config, PredictConfig
 from detlab.data import build_datasets
-from detlab.inference import PredictConfig, PredictError, find_images, predict_images
 from detlab.model import build_model
+from detlab.predictor import PredictError, find_images, predict_images
 
 REPO = Path(__file__).resolve().parents[1]
 

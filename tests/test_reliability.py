@@ -89,7 +89,7 @@ def test_lock_refuses_a_second_holder_with_its_pid(tmp_path):
 @pytest.mark.parametrize("args, expected", [
     (["loss.box_weight=-1"], "error: config error: loss.box_weight=-1.0: must be >= 0"),
     (["+loss.box_wieght=0.5"], "did you mean loss.box_weight?"),
-    (["dataset=widerface", "dataset.root=/nonexistent/wider"], "dataset.root='/nonexistent/wider'"),
+    (["dataset=widerface", "dataset.root=/nonexistent/wider"], "dataset.root=/nonexistent/wider: no such folder; WIDER FACE"),
 ])
 def test_train_user_errors_are_one_line_and_exit_2(tmp_path, args, expected):
     proc = run_cli("train.py", f"run_dir={tmp_path / 'run'}", f"hydra.run.dir={tmp_path / 'h'}", *args)

@@ -157,7 +157,8 @@ def test_best_checkpoint_and_early_stop_follow_the_monitor(synthetic_root, tiny_
 
 
 def test_after_training_test_scores_last_checkpoint_as_evaluate_does(synthetic_root, tiny_config, tmp_path):
-    from detlab.evaluation import EvaluateConfig, evaluate_checkpoint
+    from detlab.config import EvaluateConfig
+    from detlab.evaluation import evaluate_checkpoint
 
     run_dir = tmp_path / "run"
     summary = train(tiny_config(synthetic_root, "eval.test_protocol=detection"), run_dir)

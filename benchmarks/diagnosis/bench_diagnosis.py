@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "configs"
 
 # name -> (overrides, expected first detectors). Overrides starting with "inject:" are patches.
 FAULTS: dict[str, tuple[list[str], set[str]]] = {
@@ -106,7 +105,7 @@ def worker(spec: RunSpec) -> None:
     overrides = [o for o in spec.overrides if not o.startswith("inject:")]
     injected = [o.split(":", 1)[1] for o in spec.overrides if o.startswith("inject:")]
     fault = injected[0] if injected else None
-    cfg = compose_config(CONFIGS, overrides)
+    cfg = compose_config(overrides=overrides)
     recorder = SignalRecorder(Path(spec.run_dir) / "steps.json")
     try:
         train(cfg, Path(spec.run_dir), overrides, callbacks=[*default_callbacks(cfg), recorder],
@@ -184,7 +183,7 @@ def replay_findings(run_dir: Path, steps: list[dict[str, float]], epochs: list[d
     from detlab.diagnosis.replay import replay_findings as replay
 
     cfg = load_saved_config(OmegaConf.load(run_dir / "config.yaml"))
-    cfg.diagnosis = compose_config(CONFIGS, diagnosis_overrides).diagnosis
+    cfg.diagnosis = compose_config(overrides=diagnosis_overrides).diagnosis
     return [f.to_dict() for f in replay(cfg, steps, epochs, total)]
 
 

@@ -2,7 +2,8 @@
 
 Hydra merges the YAML files onto these dataclasses, so an unknown key or a value of the wrong type
 fails when the run starts. ``validate`` then checks the values (ranges, enumerations) and names
-the offending key; ``train.py`` calls it before anything is built or written.
+the offending key; ``train.py`` calls it before anything is built or written. The ``paths`` group's
+schema, ``PathsConfig``, lives with the code that resolves it (``detlab.paths``).
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from detlab.config_compat import drop_retired_placeholders
 from detlab.diagnosis import DiagnosisConfig, config_problems
 from detlab.errors import UserError
+from detlab.paths import PathsConfig, config_dir
 from detlab.run_record import METRIC_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -65,8 +67,9 @@ class SyntheticConfig:
 @dataclass
 class DatasetConfig:
     name: str = "synthetic"  # synthetic | widerface
-    # widerface: the folder holding WIDER_{train,val,test}/ and wider_face_split/.
-    # synthetic: the cache folder the generated dataset is written into (and re-used from).
+    # widerface: the folder holding WIDER_{train,val,test}/ and wider_face_split/
+    # (configs: ${paths.data_dir}/widerface). synthetic: the cache folder the generated dataset is
+    # written into and re-used from (configs: ${paths.cache_dir}/synthetic).
     root: str = ".cache/synthetic"
     split: SplitConfig = field(default_factory=SplitConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -79,17 +82,18 @@ class DatasetConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     num_workers: int = 0
     # Decoded-image cache (detlab.data.cache): none | ram | disk. Each image is decoded once and kept
-    # as uint8, its longer side at most cache_max_side pixels (null: as decoded).
-    cache: str = "none"
+    # as uint8, its longer side at most cache_max_side pixels (null: as decoded). ram: the default
+    # synthetic set (1,000 images at 320x256) takes about 250 MB there; dataset=widerface says none.
+    cache: str = "ram"
     cache_max_side: Optional[int] = None
-    cache_dir: str = ".cache/decoded"  # dataset.cache=disk only
+    cache_dir: str = ".cache/decoded"  # dataset.cache=disk only (configs: ${paths.cache_dir}/decoded)
 
 
 @dataclass
 class ModelConfig:
     name: str = "ssd_slim"  # ssd_slim | ssd_mobilenet_v2 | ssdlite | ssd_vgg16
-    # ssdlite only: mobilenet_v3_large (torchvision's SSDlite) or mobilenet_v2 (the offline
-    # ImageNet weights in ../shared/pretrained load into it).
+    # ssdlite only: mobilenet_v3_large (torchvision's SSDlite) or mobilenet_v2 (torchvision's ImageNet
+    # file mobilenet_v2-b0353104.pth, kept in paths.pretrained_dir for offline use, loads into it).
     backbone: str = "mobilenet_v3_large"
     # ssdlite + mobilenet_v3_large only: MobileNetV3's "reduced tail" (last stage halved). None follows
     # torchvision's SSDlite: reduced without pretrained weights, full with them (the ImageNet weights
@@ -112,7 +116,10 @@ class ModelConfig:
         default_factory=lambda: [[10, 16, 24], [32, 48], [64, 96], [128, 192, 256]]
     )
     variances: list[float] = field(default_factory=lambda: [0.1, 0.2])
-    match_iou: float = 0.45
+    # Ultra-Light's and RetinaFace's matching threshold: a 12-px face overlaps its nearest 10/16-px
+    # anchors at IoU 0.35-0.45, so at SSD's 0.45-0.5 most small faces would have only their forced
+    # anchor. model=ssdlite and model=ssd_vgg16 (torchvision's default boxes) say 0.45.
+    match_iou: float = 0.35
     # Anchors whose best IoU is in [ignore_iou, match_iou) are neither face nor background (no loss,
     # never mined); null: every non-positive anchor is background (classic SSD).
     ignore_iou: Optional[float] = None
@@ -168,7 +175,10 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd | adamw
+    # sgd | adamw. AdamW learns the default dataset within 20 epochs from scratch on a CPU (SGD needs
+    # far more steps). lr 0.01: at 0.003 the default run's val AP50 was 0.02 after 6 epochs, at 0.01
+    # it was 0.24 (same seed).
+    name: str = "adamw"
     lr: float = 0.01
     momentum: float = 0.9  # sgd
     beta1: float = 0.9  # adamw
@@ -291,12 +301,84 @@ class Config:
     # Resume: false, true (this run directory's checkpoints/last.pt), or a checkpoint path.
     resume: Any = False
     run_dir: Optional[str] = None  # None: Hydra's output directory
+    # Where data, pretrained weights and caches are (configs/paths/default.yaml: DETLAB_DATA, ...).
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+# ----------------------------------------------------------------------- the other entry points
+@dataclass
+class EvaluateConfig:
+    """Schema of ``configs/evaluate.yaml`` (``evaluate.py``, ``detlab.evaluation``)."""
+
+    checkpoint: str = MISSING
+    dataset: Optional[DatasetConfig] = None  # null: the dataset the checkpoint was trained on
+    paths: PathsConfig = field(default_factory=PathsConfig)  # where dataset=widerface looks
+    # The training config's ``eval`` group. Only the keys set on the command line override the
+    # checkpoint's values (``evaluate_checkpoint``'s ``eval_keys``).
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    split: str = "val"  # val | val_all (the whole official val file) | test
+    protocol: str = "detection"  # detection | wider (adds the official easy/medium/hard AP)
+    save_predictions: Optional[str] = None  # folder for the official submission layout
+    gt_dir: Optional[str] = None  # WIDER ground truth (.mat); null: <dataset root>/eval_tools/ground_truth
+    batch_size: int = 16
+    num_workers: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = False  # CUDA only
+    output_dir: Optional[str] = None  # null: Hydra's output directory
+
+
+@dataclass
+class PredictConfig:
+    """Schema of ``configs/predict.yaml`` (``predict.py``, ``detlab.predictor``)."""
+
+    checkpoint: str = MISSING  # train.py's .pt; with backend=onnx, export.py's .onnx
+    source: str = MISSING  # an image, a folder of images (searched recursively), or a video file
+    out: Optional[str] = None  # null: Hydra's output directory
+    # The training config's ``eval`` group: the keys set on the command line override the checkpoint's.
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    draw: bool = True  # write each image (or the video) with its boxes drawn
+    save_wider: bool = False  # also write the WIDER FACE submission layout into <out>/wider (images only)
+    backend: str = "torch"  # torch (PyTorch eager) | onnx (ONNX Runtime on the CPU, an export.py file)
+    device: str = "auto"  # auto | cpu | cuda (backend=torch)
+    amp: bool = False  # CUDA only
+
+
+@dataclass
+class ExportConfig:
+    """Schema of ``configs/export.yaml`` (``scripts/export.py``, ``detlab.export``)."""
+
+    checkpoint: str = MISSING
+    format: str = "onnx"  # onnx | torchscript
+    out: Optional[str] = None  # null: next to the checkpoint, <stem>.onnx or <stem>.torchscript.pt
+    input_size: Optional[list[int]] = None  # [W, H] fixed; null: dynamic H and W (TorchScript: the training size)
+    opset: int = 17
+    # false: PyTorch's TorchScript-based ONNX exporter (deprecated by PyTorch, 3 s here); true: its
+    # torch.export-based one (needs onnxscript, 32 s here). Both are checked the same way.
+    dynamo: bool = False
+    check: bool = True  # compare the export with eager PyTorch on random images before writing it
+
+
+def typed_entry_config(raw: Any, schema: type, error: type[Exception]) -> Any:
+    """An entry point's composed Hydra config as its typed ``schema`` object; a value of the wrong
+    type is one ``error`` naming the key."""
+    try:
+        run = OmegaConf.to_object(raw)
+    except OmegaConfBaseException as failure:
+        raise error(f"{getattr(failure, 'full_key', '?')}: {str(failure).splitlines()[0]}") from None
+    assert isinstance(run, schema)
+    return run
 
 
 def register_configs() -> None:
-    """Register the schemas so ``configs/**.yaml`` can name them in their defaults lists."""
+    """Register every schema with Hydra's ConfigStore, so ``configs/*.yaml`` can name them in their
+    defaults lists: the entry configs (``config_schema`` of train.py, ``evaluate_schema``,
+    ``predict_schema``, ``export_schema``) and the groups'. The entry points call it before Hydra
+    composes; nothing registers on import."""
     store = ConfigStore.instance()
     store.store(name="config_schema", node=Config)
+    store.store(name="evaluate_schema", node=EvaluateConfig)
+    store.store(name="predict_schema", node=PredictConfig)
+    store.store(name="export_schema", node=ExportConfig)
     store.store(group="dataset", name="dataset_schema", node=DatasetConfig)
     store.store(group="model", name="model_schema", node=ModelConfig)
     store.store(group="loss", name="loss_schema", node=LossConfig)
@@ -494,13 +576,15 @@ def load_saved_config(saved: Any) -> Config:
     return to_config(OmegaConf.create(container))
 
 
-def compose_config(config_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
-    """``configs/config.yaml`` composed with train.py-style ``overrides`` outside a Hydra app
-    (benchmark scripts), then typed and validated like train.py's."""
+def compose_config(configs: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> Config:
+    """train.py's ``config.yaml`` composed with train.py-style ``overrides`` outside a Hydra app
+    (scripts, tests), then typed and validated like train.py's. ``configs``: the config folder,
+    by default the installed one (``detlab.paths.config_dir()``)."""
     from hydra import compose, initialize_config_dir
 
     register_configs()
-    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
+    folder = Path(configs) if configs is not None else config_dir()
+    with initialize_config_dir(config_dir=str(folder.resolve()), version_base="1.3"):
         return to_config(compose("config", overrides=list(overrides)))
 
 

@@ -1,7 +1,7 @@
 """Score a trained checkpoint: the library behind ``evaluate.py``.
 
 ``evaluate_checkpoint(run, eval_overrides)`` rebuilds the checkpoint's model, predicts through
-``detlab.predict`` (the path the per-epoch validation takes) and scores with ``detlab.metrics`` and,
+``detlab.prediction`` (the path the per-epoch validation takes) and scores with ``detlab.metrics`` and,
 with ``protocol=wider``, the official WIDER FACE easy/medium/hard AP (``detlab.wider_eval``).
 Settings are the checkpoint's own training config; only the ``eval.*`` keys given on the command
 line (``eval_keys``) and ``dataset`` replace them, so the numbers match the run's validation
@@ -10,12 +10,10 @@ unless asked otherwise.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import OmegaConf
 
 from detlab.config import (
     INVALID_SIZE,
@@ -23,36 +21,15 @@ from detlab.config import (
     ConfigError,
     DatasetConfig,
     EvalConfig,
+    EvaluateConfig,
     test_input_size,
     to_config,
+    typed_entry_config,
 )
 from detlab.errors import UserError
 
 SPLITS = ("val", "val_all", "test")
 PROTOCOLS = ("detection", "wider")
-
-
-@dataclass
-class EvaluateConfig:
-    """Schema of ``configs/evaluate.yaml``."""
-
-    checkpoint: str = MISSING
-    dataset: Optional[DatasetConfig] = None  # null: the dataset the checkpoint was trained on
-    # The training config's ``eval`` group. Only the keys set on the command line override the
-    # checkpoint's values (``evaluate_checkpoint``'s ``eval_keys``).
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    split: str = "val"  # val | val_all (the whole official val file) | test
-    protocol: str = "detection"  # detection | wider (adds the official easy/medium/hard AP)
-    save_predictions: Optional[str] = None  # folder for the official submission layout
-    gt_dir: Optional[str] = None  # WIDER ground truth (.mat); null: <dataset root>/eval_tools/ground_truth
-    batch_size: int = 16
-    num_workers: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    amp: bool = False  # CUDA only
-    output_dir: Optional[str] = None  # null: Hydra's output directory
-
-
-ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
 
 
 class EvaluationError(UserError, ValueError):
@@ -62,19 +39,6 @@ class EvaluationError(UserError, ValueError):
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise EvaluationError(message)
-
-
-def typed_entry_config(raw: Any, schema: type, error: type[Exception]) -> Any:
-    """An entry point's composed Hydra config as its typed ``schema`` object; a value of the wrong
-    type is one ``error`` naming the key."""
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        run = OmegaConf.to_object(raw)
-    except OmegaConfBaseException as failure:
-        raise error(f"{getattr(failure, 'full_key', '?')}: {str(failure).splitlines()[0]}") from None
-    assert isinstance(run, schema)
-    return run
 
 
 def to_evaluate_config(raw: Any) -> EvaluateConfig:
@@ -131,7 +95,7 @@ def evaluate_checkpoint(run: EvaluateConfig, eval_keys: Sequence[str] = ()) -> d
     from detlab.runtime.device import select_device
     from detlab.metrics import DetectionEvaluator
     from detlab.model import build_model
-    from detlab.predict import (
+    from detlab.prediction import (
         ModelsBySize,
         OriginalSizeImages,
         predict_dataset,

@@ -1,14 +1,14 @@
-"""Export a trained checkpoint to ONNX or TorchScript, and run an exported ONNX model.
+"""Export a trained checkpoint to ONNX or TorchScript: the library behind ``scripts/export.py``.
 
 The exported graph is the network: ``images [B, 3, H, W]`` (RGB, ImageNet-normalised, as
-``detlab.predict.OriginalSizeImages`` prepares them) -> ``cls_logits [B, A, C]`` and
+``detlab.prediction.OriginalSizeImages`` prepares them) -> ``cls_logits [B, A, C]`` and
 ``bbox_regression [B, A, 4]`` in the anchor order of ``detlab.model.anchors``. The batch is always
 dynamic; the input size is dynamic (``input_size: null``) or fixed (``input_size: [W, H]``).
 
 Post-processing is a documented step outside the graph, because the anchors depend on the input
 size: ``SSD.postprocess`` (softmax face score, SSD delta decoding against the anchors for that size
 with variances ``model.variances``, top-``pre_nms_top_k``, ``score_floor``, NMS at ``nms_iou``,
-``max_detections``). ``OnnxModelsBySize`` runs it behind ONNX Runtime, so ``predict.py backend=onnx``
+``max_detections``). ``detlab.onnx_runtime`` runs it behind ONNX Runtime, so ``predict.py backend=onnx``
 takes the same prediction path as PyTorch; only the network's forward differs.
 
 The ONNX file carries the training config (metadata ``detlab.config``), so it is all ``predict.py``
@@ -19,43 +19,22 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from detlab.config import Config, load_saved_config
+from detlab.config import ExportConfig, typed_entry_config
 from detlab.errors import UserError
-from detlab.predict import ModelsBySize
+from detlab.onnx_runtime import CONFIG_KEY, INPUT_NAME, OUTPUT_NAMES, onnx_session
 
 FORMATS = ("onnx", "torchscript")
-CONFIG_KEY = "detlab.config"
-INPUT_NAME, OUTPUT_NAMES = "images", ("cls_logits", "bbox_regression")
 # The largest difference to eager PyTorch an export may show on its check images (raw head outputs,
 # relative to their largest magnitude when that exceeds 1).
 PARITY_TOLERANCE = 1e-4
-
-
-@dataclass
-class ExportConfig:
-    """Schema of ``configs/export.yaml``."""
-
-    checkpoint: str = MISSING
-    format: str = "onnx"  # onnx | torchscript
-    out: Optional[str] = None  # null: next to the checkpoint, <stem>.onnx or <stem>.torchscript.pt
-    input_size: Optional[list[int]] = None  # [W, H] fixed; null: dynamic H and W (TorchScript: the training size)
-    opset: int = 17
-    # false: PyTorch's TorchScript-based ONNX exporter (deprecated by PyTorch, 3 s here); true: its
-    # torch.export-based one (needs onnxscript, 32 s here). Both are checked the same way.
-    dynamo: bool = False
-    check: bool = True  # compare the export with eager PyTorch on random images before writing it
-
-
-ConfigStore.instance().store(name="export_schema", node=ExportConfig)
 
 
 class ExportError(UserError, ValueError):
@@ -173,20 +152,6 @@ def _onnx_bytes(graph: RawHeads, example: Tensor, run: ExportConfig, config: dic
     return proto.SerializeToString()
 
 
-def onnx_session(model: bytes | str | Path, threads: Optional[int] = None) -> Any:
-    """An ONNX Runtime CPU session with ``threads`` intra-op threads (default: torch's thread count)."""
-    ort = _require("onnxruntime")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = int(threads or torch.get_num_threads())
-    options.inter_op_num_threads = 1
-    # After a run ONNX Runtime's idle threads spin for a while; here the post-processing (PyTorch) runs
-    # right after and competed with them: 16.5 -> 9.x ms per image for ssd_slim at 320x256, 2 threads
-    # (scripts/bench_inference.py).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
 def check_onnx(data: bytes, graph: nn.Module, sizes: Sequence[tuple[int, int]]) -> float:
     session = onnx_session(data)
     return _max_difference(lambda x: session.run(None, {INPUT_NAME: x.numpy()}), graph, sizes)
@@ -208,62 +173,8 @@ def _max_difference(run_exported: Any, graph: nn.Module, sizes: Sequence[tuple[i
     return worst
 
 
-def load_exported(path: Path | str, threads: Optional[int] = None) -> tuple[Config, Any]:
-    """``(training config, ONNX Runtime session)`` of a file written by ``export.py format=onnx``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"checkpoint={path}: no such file")
-    try:
-        session = onnx_session(path, threads)
-    except ExportError:
-        raise
-    except Exception as error:  # noqa: BLE001 - onnxruntime raises its own types for unreadable files
-        raise ExportError(f"checkpoint={path}: not an ONNX model ONNX Runtime can read ({str(error).splitlines()[0]})") from None
-    meta = session.get_modelmeta().custom_metadata_map
-    if CONFIG_KEY not in meta:
-        raise ExportError(f"checkpoint={path}: an ONNX model without detlab's config; export it with scripts/export.py")
-    return load_saved_config(json.loads(meta[CONFIG_KEY])), session
-
-
-class OnnxSSD(nn.Module):
-    """An SSD whose forward runs in ONNX Runtime; the anchors and ``postprocess`` are the SSD's."""
-
-    def __init__(self, session: Any, ssd: nn.Module) -> None:
-        super().__init__()
-        self.session = session
-        self.ssd = ssd
-
-    def forward(self, images: Tensor) -> dict[str, Tensor]:
-        cls_logits, bbox_regression = self.session.run(None, {INPUT_NAME: images.detach().cpu().float().numpy()})
-        return {"cls_logits": torch.from_numpy(cls_logits), "bbox_regression": torch.from_numpy(bbox_regression)}
-
-    def postprocess(self, *args: Any, **kwargs: Any) -> list[dict[str, Tensor]]:
-        return self.ssd.postprocess(*args, **kwargs)
-
-
-class OnnxModelsBySize(ModelsBySize):
-    """``ModelsBySize`` for an exported ONNX model: one session, an ``OnnxSSD`` per input size."""
-
-    def __init__(self, path: Path | str, session: Any, model_cfg: Any, cache_size: int = 32) -> None:
-        super().__init__(model_cfg, {}, torch.device("cpu"), cache_size)
-        self.path = Path(path)
-        self.session = session
-        shape = session.get_inputs()[0].shape  # [batch, 3, H, W]; dims are names where dynamic
-        self.fixed_size: Optional[Sequence[int]] = (shape[3], shape[2]) if all(isinstance(d, int) for d in shape[2:]) else None
-
-    def build(self, width: int, height: int) -> nn.Module:
-        from detlab.model import build_model
-
-        if self.fixed_size is not None and (width, height) != tuple(self.fixed_size):
-            w, h = self.fixed_size
-            raise ExportError(f"{self.path} takes {w}x{h} images only, this input is {width}x{height}: set "
-                              f"eval.input_size=[{w},{h}] or export with input_size=null (dynamic)")
-        return OnnxSSD(self.session, build_model(replace(self.model_cfg, input_width=width, input_height=height))).eval()
-
-
 def to_export_config(raw: Any) -> ExportConfig:
-    from detlab.evaluation import typed_entry_config
-
+    """Hydra's composed ``export.yaml`` as a typed ``ExportConfig`` (a wrong type: one clear error)."""
     return typed_entry_config(raw, ExportConfig, ExportError)
 
 

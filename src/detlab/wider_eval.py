@@ -370,14 +370,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("pred_dir", help="folder in the submission layout: <event>/<name>.txt")
     parser.add_argument("--gt", default=None,
                         help="folder with wider_face_val.mat and wider_{easy,medium,hard}_val.mat "
-                             "(default: $DETLAB_WIDERFACE/eval_tools/ground_truth or ../shared/widerface/...)")
+                             "(default: <paths.data_dir>/widerface/eval_tools/ground_truth; DETLAB_DATA sets paths.data_dir)")
     parser.add_argument("--images", choices=("predicted", "all"), default="predicted",
                         help="predicted: only images with a prediction file count (default); "
                              "all: every val image, a missing file meaning no predictions")
     args = parser.parse_args(argv)
-    from detlab.data.wider import default_widerface_root
+    from detlab.paths import widerface_root
 
-    gt_dir = Path(args.gt) if args.gt else default_widerface_root() / "eval_tools" / "ground_truth"
+    gt_dir = Path(args.gt) if args.gt else widerface_root() / "eval_tools" / "ground_truth"
     try:
         gt = load_wider_ground_truth(gt_dir)
         predictions = load_predictions(args.pred_dir)

@@ -25,6 +25,7 @@ import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from detlab.analysis._values import as_float, as_int
+from detlab.paths import config_dir
 from detlab.run_record import (
     FAILED_STATUSES,
     RunPaths,
@@ -42,10 +43,8 @@ _EXCLUDE_KEYS_PATH = "hydra.job.config.override_dirname.exclude_keys"
 
 def entry_config_path() -> Path:
     """The training entry config (``configs/config.yaml``), as composed for every run: where the
-    override keys that do not name a run are read from when a run folder has no Hydra record.
-
-    The only place that knows where the configs live relative to this package (a source checkout)."""
-    return Path(__file__).resolve().parents[3] / "configs" / "config.yaml"
+    override keys that do not name a run are read from when a run folder has no Hydra record."""
+    return config_dir() / "config.yaml"
 
 
 @dataclass

@@ -27,6 +27,7 @@ from detlab.data.wider import (
     filelist_file,
     find_missing_images,
     images_dir,
+    missing_layout_message,
     parse_wider_annotations,
     parse_wider_filelist,
     read_image_rgb,
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 
 class MissingDatasetError(UserError, FileNotFoundError):
-    """``dataset.root`` is not a folder."""
+    """``dataset.root`` is not a WIDER FACE folder: absent, or without its annotations or images folder."""
 
 
 def dataset_root(d: DatasetConfig) -> Path:
@@ -49,9 +50,18 @@ def dataset_root(d: DatasetConfig) -> Path:
     if d.name != "widerface":
         raise ValueError(f"dataset.name must be 'synthetic' or 'widerface', got {d.name!r}")
     if not root.is_dir():
-        raise MissingDatasetError(f"dataset.root={d.root!r} ({root}) is not a folder; expected WIDER FACE's "
-                                  f"official layout (WIDER_val/images/..., wider_face_split/...)")
+        raise MissingDatasetError(missing_layout_message(root, "no such folder"))
+    if not (root / "wider_face_split").is_dir():
+        raise MissingDatasetError(missing_layout_message(root, "no wider_face_split/ there"))
     return root
+
+
+def require_images_folders(root: Path, folders: Sequence[Path]) -> None:
+    """A missing images folder is one layout error, not every one of its images reported missing."""
+    for folder in folders:
+        if not folder.is_dir():
+            shown = folder.relative_to(root) if folder.is_relative_to(root) else folder
+            raise MissingDatasetError(missing_layout_message(root, f"no {shown.as_posix()} there"))
 
 
 def load_split(d: DatasetConfig) -> SplitRecords:
@@ -61,7 +71,8 @@ def load_split(d: DatasetConfig) -> SplitRecords:
     or the split ratios removed them all): PyTorch's sampler would fail later with a bare
     ``num_samples=0``.
     """
-    split = resolve_split(d, dataset_root(d))
+    root = dataset_root(d)
+    split = resolve_split(d, root)
     if not split.train:
         source = (f"split.mode=random of {d.split.source} with ratios {list(d.split.ratios)}"
                   if d.split.mode == "random" else "split.mode=official")
@@ -69,6 +80,8 @@ def load_split(d: DatasetConfig) -> SplitRecords:
             f"no training images left in {split.train_images} after dataset.{source}, "
             f"keep_empty={d.keep_empty}, min_face_size={d.min_face_size}, drop_invalid={d.drop_invalid}, "
             f"max_train_images={d.max_train_images}; expected at least one (relax these settings)")
+    if d.name == "widerface":
+        require_images_folders(root, [split.train_images, split.val_images])
     check_all_images_exist([(split.train, split.train_images), (split.val, split.val_images)])
     return split
 
@@ -117,6 +130,7 @@ def build_predict_dataset(cfg: Config, split: str = "test") -> WiderFaceDataset:
         records = parse_wider_annotations(annotation_file(root, split), drop_invalid=d.drop_invalid,
                                           min_face_size=d.min_face_size, keep_empty=True)
     folder = images_dir(root, split)
+    require_images_folders(root, [folder])
     check_all_images_exist([(records, folder)])
     size = (cfg.model.input_width, cfg.model.input_height)
     return WiderFaceDataset(records, folder, build_transforms(None, size, train=False), size, d.on_bad_image)
@@ -130,7 +144,7 @@ def collate_detection(batch: Sequence[Optional[tuple[torch.Tensor, dict[str, Any
     of only such items is an *empty batch*: images ``[0, 3, H_in, W_in]`` float32 when
     ``input_size`` ``(W_in, H_in)`` is given (``build_loader`` passes the dataset's), else
     ``[0, 3, 0, 0]``, and an empty target list. Callers skip a batch with ``images.shape[0] == 0``
-    (a model step on it would fail or average over nothing); ``detlab.predict.predict_batches`` does.
+    (a model step on it would fail or average over nothing); ``detlab.prediction.predict_batches`` does.
     """
     items = [item for item in batch if item is not None]
     if not items:

@@ -36,13 +36,9 @@ from detlab.errors import UserError
 
 log = logging.getLogger(__name__)
 
-def default_widerface_root() -> Path:
-    """Where the real WIDER FACE folder is looked for by scripts and tests: ``$DETLAB_WIDERFACE``,
-    else ``../shared/widerface`` beside the repository (it may not exist)."""
-    env = os.environ.get("DETLAB_WIDERFACE")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[3].parent / "shared" / "widerface"
+WIDERFACE_URL = "http://shuoyang1213.me/WIDERFACE/"
+WIDERFACE_LAYOUT = ("WIDER_{train,val,test}/images/<event>/<name>.jpg, "
+                    "wider_face_split/wider_face_{train,val}_bbx_gt.txt, wider_face_split/wider_face_test_filelist.txt")
 
 
 ATTRIBUTE_NAMES = ("blur", "expression", "illumination", "invalid", "occlusion", "pose")
@@ -105,6 +101,13 @@ class BadImageError(UserError, RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------- layout
+def missing_layout_message(root: Path, missing: str) -> str:
+    """One line for a WIDER FACE folder without (part of) its layout: what is missing under ``root``,
+    what belongs there and which settings say where it is."""
+    return (f"dataset.root={root}: {missing}; WIDER FACE ({WIDERFACE_URL}) in its official layout belongs there: "
+            f"{WIDERFACE_LAYOUT}; set paths.data_dir or DETLAB_DATA (the folder holding widerface/), or dataset.root")
+
+
 def annotation_file(root: Path, split: str) -> Path:
     return Path(root) / "wider_face_split" / f"wider_face_{split}_bbx_gt.txt"
 

@@ -1,4 +1,4 @@
-"""Per-epoch validation: the prediction path of ``detlab.predict`` plus the val losses and drawings.
+"""Per-epoch validation: the prediction path of ``detlab.prediction`` plus the val losses and drawings.
 
 Detection metrics (``detlab.metrics``) are computed in original image pixels on the same
 predictions ``evaluate.py`` makes, so the two agree by construction. ``score_after_training`` is the
@@ -24,7 +24,7 @@ from detlab.engine.pictures import ErrorGallery
 from detlab.engine.tensorboard import draw_detections
 from detlab.loss import MultiBoxLoss
 from detlab.metrics import DetectionEvaluator
-from detlab.predict import BatchPrediction, predict_batches
+from detlab.prediction import BatchPrediction, predict_batches
 from detlab.run_record import RunPaths, read_test, write_test
 
 log = logging.getLogger(__name__)

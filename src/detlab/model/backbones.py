@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from functools import partial
+from pathlib import PurePosixPath
 from typing import Callable, Optional
 
 import torch
@@ -42,7 +43,10 @@ from torchvision.models.detection.ssdlite import _extra_block, _normal_init
 
 from detlab.errors import UserError
 
-SHARED_MOBILENET_V2 = "../shared/pretrained/mobilenet_v2-b0353104.pth"
+# torchvision's ImageNet MobileNetV2 file (mobilenet_v2-b0353104.pth): the offline weights the configs
+# read from paths.pretrained_dir.
+MOBILENET_V2_FILE = PurePosixPath(MobileNet_V2_Weights.IMAGENET1K_V1.url).name
+OFFLINE_MOBILENET_V2 = f"model.backbone_weights='${{paths.pretrained_dir}}/{MOBILENET_V2_FILE}'"
 IGNORED_PREFIXES = ("classifier.", "fc.")
 
 
@@ -63,8 +67,7 @@ def _fetch_imagenet_state_dict(weights: WeightsEnum) -> dict[str, Tensor]:
             f"could not fetch the ImageNet weights {weights} from {weights.url} "
             f"({type(err).__name__}: {err}). The machine may be offline and the file is not in the "
             f"torch hub cache. Use a local state dict instead: model.backbone_weights=/path/to/file.pth "
-            f"(for example model=ssdlite model.backbone=mobilenet_v2 "
-            f"model.backbone_weights={SHARED_MOBILENET_V2})."
+            f"(for example model=ssdlite model.backbone=mobilenet_v2 {OFFLINE_MOBILENET_V2})."
         ) from err
 
 
@@ -146,12 +149,29 @@ def load_backbone_weights(
             raise BackboneWeightsError(
                 f"{model_name}: no ImageNet weights exist for this backbone. Use backbone_weights=none, a local "
                 f"state dict (model.backbone_weights=/path/to/file.pth), or model=ssdlite (optionally "
-                f"model.backbone=mobilenet_v2 model.backbone_weights={SHARED_MOBILENET_V2})."
+                f"model.backbone=mobilenet_v2 {OFFLINE_MOBILENET_V2})."
             )
         load_state_dict_checked(module, _fetch_imagenet_state_dict(imagenet), str(imagenet))
         return True
+    if not os.path.isfile(_resolve_path(weights)):
+        raise BackboneWeightsError(missing_weights_message(weights, imagenet))
     load_state_dict_checked(module, read_state_dict(weights), repr(weights))
     return True
+
+
+def missing_weights_message(weights: str, imagenet: Optional[WeightsEnum]) -> str:
+    """One line for a ``model.backbone_weights`` file that is not there: which file belongs there
+    (torchvision's ImageNet file for this backbone, by its own name) and where it is looked for."""
+    resolved = _resolve_path(weights)
+    where = f"model.backbone_weights={weights}" + (f" ({resolved})" if resolved != weights else "")
+    if imagenet is None:
+        return (f"{where}: no such file; torchvision has no ImageNet weights for this backbone: give a state dict "
+                f"of it, or model.backbone_weights=none to start from scratch")
+    name = PurePosixPath(imagenet.url).name
+    return (f"{where}: no such file; this backbone's ImageNet weights are torchvision's {name} ({imagenet.url}): "
+            f"put that file in paths.pretrained_dir (DETLAB_PRETRAINED, default <paths.data_dir>/pretrained; the "
+            f"presets read ${{paths.pretrained_dir}}/{name}), or set model.backbone_weights=imagenet to download it, "
+            f"or none to start from scratch")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 ``SSD`` is deliberately thin: a backbone returning feature maps, a head returning
 ``cls_logits [B, A, C]`` / ``bbox_regression [B, A, 4]``, fixed anchors ``[A, 4]`` (a buffer, in
 input pixels, for the model's fixed input size) and a ``BoxCoder``. The criterion
-(``detlab.loss.MultiBoxLoss``) matches and weighs; ``detlab.predict`` runs ``postprocess``.
+(``detlab.loss.MultiBoxLoss``) matches and weighs; ``detlab.prediction`` runs ``postprocess``.
 
 Head initialisation (documented because the study is about how training starts):
 

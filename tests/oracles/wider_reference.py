@@ -1,4 +1,7 @@
-"""A port of the official WIDER FACE evaluation, kept as an oracle for ``detlab.wider_eval``.
+"""A port of the official WIDER FACE evaluation, kept as the oracle for ``detlab.wider_eval``.
+
+It lives with the tests, outside the package (nothing in ``detlab`` imports it): the tests import it as
+``oracles.wider_reference``, ``scripts/bench_eval.py`` from ``tests/oracles``.
 
 The reference is the widely used WiderFace-Evaluation Python port (``evaluation.py``:
 ``get_gt_boxes``, ``read_pred_file``, ``get_preds``, ``norm_score``, ``image_eval``, ``img_pr_info``,

@@ -1,50 +1,27 @@
 """Run a trained checkpoint on your own images or a video: the library behind ``predict.py``.
 
 ``predict_images(run)`` reads an image, a folder of images or a video file, predicts through
-``detlab.predict`` (the path validation and ``evaluate.py`` take) at the checkpoint's test size
+``detlab.prediction`` (the path validation and ``evaluate.py`` take) at the checkpoint's test size
 (``eval.input_size``), and writes, into ``run.out``: each image with its boxes and scores drawn (a
 video: ``<name>.mp4`` with every frame drawn), ``predictions.json`` (per image, or per frame as
 ``<video name>/<frame index>``, the boxes scoring at least ``eval.score_threshold``), and with
 ``save_wider`` the WIDER FACE submission layout. Settings are the checkpoint's; ``eval.*`` keys on the
 command line override them. ``backend=onnx`` runs an ``export.py`` ONNX file in ONNX Runtime instead of
-PyTorch; the post-processing is the same code (``detlab.export``).
+PyTorch (``detlab.onnx_runtime``); the post-processing is the same code.
 """
 
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
-
-from detlab.config import EvalConfig, test_input_size
+from detlab.config import EvalConfig, PredictConfig, test_input_size, typed_entry_config
 from detlab.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 BACKENDS = ("torch", "onnx")
-
-
-@dataclass
-class PredictConfig:
-    """Schema of ``configs/predict.yaml``."""
-
-    checkpoint: str = MISSING  # train.py's .pt; with backend=onnx, export.py's .onnx
-    source: str = MISSING  # an image, a folder of images (searched recursively), or a video file
-    out: Optional[str] = None  # null: Hydra's output directory
-    # The training config's ``eval`` group: the keys set on the command line override the checkpoint's.
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    draw: bool = True  # write each image (or the video) with its boxes drawn
-    save_wider: bool = False  # also write the WIDER FACE submission layout into <out>/wider (images only)
-    backend: str = "torch"  # torch (PyTorch eager) | onnx (ONNX Runtime on the CPU, an export.py file)
-    device: str = "auto"  # auto | cpu | cuda (backend=torch)
-    amp: bool = False  # CUDA only
-
-
-ConfigStore.instance().store(name="predict_schema", node=PredictConfig)
 
 
 class PredictError(UserError, ValueError):
@@ -123,7 +100,7 @@ def load_predictor(run: PredictConfig, eval_keys: Sequence[str] = ()) -> tuple[A
     """``(models by input size, eval settings, device, training config)`` for ``run.backend``."""
     from detlab.runtime.device import select_device
     from detlab.evaluation import with_eval_overrides
-    from detlab.predict import ModelsBySize
+    from detlab.prediction import ModelsBySize
 
     if run.backend not in BACKENDS:
         raise PredictError(f"backend={run.backend!r}: expected one of {', '.join(BACKENDS)}")
@@ -131,7 +108,7 @@ def load_predictor(run: PredictConfig, eval_keys: Sequence[str] = ()) -> tuple[A
         raise PredictError(f"device={run.device!r}: expected auto, cpu or cuda")
     onnx_file = Path(run.checkpoint).suffix.lower() == ".onnx"
     if run.backend == "onnx":
-        from detlab.export import OnnxModelsBySize, load_exported
+        from detlab.onnx_runtime import OnnxModelsBySize, load_exported
 
         if run.device == "cuda":
             raise PredictError("device=cuda: backend=onnx runs on the CPU (ONNX Runtime); use backend=torch on a GPU")
@@ -159,7 +136,7 @@ def predict_images(run: PredictConfig, eval_keys: Sequence[str] = (), out_dir: O
 
     from detlab.data.wider import read_image_rgb
     from detlab.runtime.fileio import atomic_path, write_jpeg, write_json
-    from detlab.predict import OriginalSizeImages, predict_image
+    from detlab.prediction import OriginalSizeImages, predict_image
 
     video = is_video(run.source)
     if video and run.save_wider:
@@ -243,6 +220,4 @@ def draw_boxes(rgb: Any, boxes: Any, scores: Any) -> Any:
 
 def to_predict_config(raw: Any) -> PredictConfig:
     """Hydra's composed ``predict.yaml`` as a typed ``PredictConfig`` (a wrong type: one clear error)."""
-    from detlab.evaluation import typed_entry_config
-
     return typed_entry_config(raw, PredictConfig, PredictError)

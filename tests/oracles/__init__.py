@@ -1,0 +1,1 @@
+"""Reference implementations the tests check the package against (oracles), kept out of the package."""
