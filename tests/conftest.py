@@ -36,6 +36,32 @@ def find_widerface() -> Path | None:
     return root if root.is_dir() else None
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: Optional[pytest.Item]):
+    """A test that trains a run or starts a subprocess or process, in its body or in a fixture it is
+    the first to need, must be marked ``slow``, so that ``python -m pytest -m "not slow"`` stays a
+    quick loop: an unmarked one fails, naming what it did."""
+    if item.get_closest_marker("slow"):
+        yield
+        return
+    import multiprocessing.process
+    import subprocess
+
+    from detlab.engine.trainer import Trainer
+
+    def refuse(what: str):
+        def refused(*args: Any, **kwargs: Any) -> None:
+            pytest.fail(f"{item.nodeid} {what}: mark it @pytest.mark.slow", pytrace=False)
+
+        return refused
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess.Popen, "__init__", refuse("starts a subprocess"))
+        patch.setattr(multiprocessing.process.BaseProcess, "start", refuse("starts a process"))
+        patch.setattr(Trainer, "run", refuse("trains a run"))
+        yield
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """One tiny synthetic dataset folder for the session (generated on first use, then re-used)."""

@@ -145,6 +145,7 @@ def test_the_learning_curve_panel_is_the_same_in_curves_png_and_the_stage_run(tm
     assert right.get_ylim() == (0.0, 1.0)
 
 
+@pytest.mark.slow
 def test_curves_png_and_the_plot_run_script_write_the_end_of_run_figure(tmp_path, make_fake_run):
     run_dir = make_fake_run(tmp_path / "run", 1.0, epochs=1)
     png = learning_curves_png(load_run(run_dir).history, "one epoch")

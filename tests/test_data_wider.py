@@ -332,6 +332,7 @@ def test_corrupt_image_skipped_and_counted(tmp_path, caplog):
     assert images.shape == (1, 3, 24, 32) and len(targets) == 1 and targets[0]["image_id"] == 0
 
 
+@pytest.mark.slow
 def test_skip_counter_is_shared_with_loader_workers(tmp_path):
     from detlab.data import build_loader
 
@@ -397,6 +398,7 @@ def test_boxes_wholly_outside_are_dropped_counted_and_warned_once(tmp_path, capl
     assert dataset.records[0].num_faces == 7  # the records themselves are untouched
 
 
+@pytest.mark.slow
 def test_boxes_outside_counted_across_loader_workers(tmp_path):
     dataset = outside_dataset(tmp_path)
     batches = list(build_loader(dataset, batch_size=3, shuffle=False, num_workers=1, seed=0))
@@ -529,6 +531,7 @@ def truncated_dataset(tmp_path: Path, on_bad_image: str, count: int = 3, good: i
     return WiderFaceDataset(records, folder, build_transforms(None, (32, 24), train=False), (32, 24), on_bad_image)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_loader_over_truncated_images_skips_and_counts(tmp_path, num_workers):
     dataset = truncated_dataset(tmp_path, "skip")

@@ -74,15 +74,15 @@ def test_two_processes_train_like_one_with_the_same_global_batch(runs):
     for tag in ("train/grad_norm", "diagnosis/grad_norm_ratio_box_to_cls"):
         assert scalars(runs["two"], tag)[0] == pytest.approx(scalars(runs["one"], tag)[0], rel=0.01), tag
     # Both epochs: train and val losses within 0.5% (measured: at most 0.2%). Two epochs on 40 images
-    # teach no detection yet (AP50 about 0.002 in both), so the metrics are compared only loosely.
+    # teach no detection yet (AP50 about 0.002 in both, decided by a few near-tied scores), so the two
+    # runs' metrics are not compared; the next test checks that rank 0's validation scores exactly as
+    # one process does.
     history = {k: [line.split(",") for line in (runs[k] / "metrics.csv").read_text().splitlines()] for k in runs}
     header = history["one"][0]
     for key in ("train/loss_total", "train/loss_cls", "train/loss_box", "val/loss_total", "val/loss_cls"):
         col = header.index(key)
         for row_one, row_two in zip(history["one"][1:], history["two"][1:]):
             assert float(row_two[col]) == pytest.approx(float(row_one[col]), rel=5e-3), key
-    ap50 = header.index("val/ap50")
-    assert float(history["two"][-1][ap50]) == pytest.approx(float(history["one"][-1][ap50]), abs=0.01)
 
 
 @pytest.mark.slow
@@ -96,6 +96,18 @@ def test_only_rank_zero_writes_and_a_resumed_run_replays_its_batches(runs):
     assert b["status"] == "completed" and b["epochs"] == 2
     for key in ("train/loss_total", "val/loss_total", "val/ap50"):
         assert b["final"][key] == pytest.approx(a["final"][key], rel=1e-6, abs=1e-9), key
+
+
+@pytest.mark.slow
+def test_rank_zero_validation_scores_as_one_process_does(runs):
+    from detlab.config import EvaluateConfig
+    from detlab.evaluation import evaluate_checkpoint
+
+    recorded = json.loads((runs["two"] / "summary.json").read_text())["final"]
+    rescored = evaluate_checkpoint(EvaluateConfig(checkpoint=str(runs["two"] / "checkpoints" / "last.pt"),
+                                                  device="cpu"))
+    for key in ("ap50", "tp", "fp", "fn", "miou"):
+        assert rescored[key] == pytest.approx(recorded[f"val/{key}"], rel=1e-6, abs=1e-9), key
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_refused(monkeypatch):

@@ -90,6 +90,7 @@ def test_eval_keys_given_override_the_checkpoints_and_the_rest_stay(checkpoint):
     assert result["settings"]["score_threshold"] == cfg.eval.score_threshold == 0.3  # the checkpoint's own
 
 
+@pytest.mark.slow
 def test_cli_wider_protocol_and_submission(checkpoint, tmp_path, write_wider_gt):
     path, cfg, _ = checkpoint
     _, val = build_datasets(cfg)
@@ -124,6 +125,7 @@ def test_cli_wider_protocol_and_submission(checkpoint, tmp_path, write_wider_gt)
     assert json.loads(alone.stdout.strip().splitlines()[-1])["wider"] == pytest.approx(result["wider"], abs=1e-12)
 
 
+@pytest.mark.slow
 def test_cli_rejects_unknown_keys_and_bad_values(checkpoint, tmp_path):
     path, _, _ = checkpoint
     unknown = subprocess.run([sys.executable, "evaluate.py", f"checkpoint={path}", "bogus_key=1",

@@ -182,6 +182,7 @@ def test_nothing_is_written_when_the_export_does_not_match(checkpoint, tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_cli_export_then_predict_backend_onnx_gives_pytorchs_json(checkpoint, tmp_path):
     path, photos = checkpoint
     proc = subprocess.run([sys.executable, "scripts/export.py", f"checkpoint={path}"], cwd=REPO,
@@ -208,6 +209,7 @@ def test_cli_export_then_predict_backend_onnx_gives_pytorchs_json(checkpoint, tm
         p.with_suffix(".jpg").name for p in photos.iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["format=tflite"], "format='tflite': expected one of onnx, torchscript"),
     (["input_size=[160]"], "input_size=[160]: expected null or [W, H]"),
@@ -221,6 +223,7 @@ def test_bad_export_arguments_are_one_line(checkpoint, tmp_path, args, message):
     assert not (tmp_path / "m.onnx").exists()
 
 
+@pytest.mark.slow
 def test_wrong_files_for_the_backend_fail_clearly(checkpoint, tmp_path):
     path, photos = checkpoint
     not_onnx = tmp_path / "fake.onnx"

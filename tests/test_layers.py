@@ -3,10 +3,11 @@ entry points; no cycles, function-level imports included (scripts/import_graph.p
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+
+from scripts import import_graph
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
@@ -14,16 +15,6 @@ SRC = REPO / "src"
 # The runtime layer may import only these (and the standard library, torch, ...).
 RUNTIME = ("detlab.runtime", "detlab.run_record", "detlab.errors")
 RUNTIME_MAY_IMPORT = (*RUNTIME, "detlab.config", "detlab.paths", "detlab")
-
-
-def _load_import_graph():
-    spec = importlib.util.spec_from_file_location("import_graph", REPO / "scripts" / "import_graph.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-import_graph = _load_import_graph()
 
 
 @pytest.fixture(scope="module")

@@ -71,6 +71,7 @@ def test_boxes_come_back_in_the_images_pixels(trained, tmp_path):
     assert drawn.shape == (256, 320, 3)
 
 
+@pytest.mark.slow
 def test_cli_writes_images_json_and_the_wider_layout_and_takes_eval_overrides(trained, tmp_path):
     path, _, photos, _ = trained
     image = sorted(photos.rglob("*.png"))[0]
@@ -88,6 +89,7 @@ def test_cli_writes_images_json_and_the_wider_layout_and_takes_eval_overrides(tr
     assert "predict:" in proc.stderr  # tqdm progress
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make_source, message", [
     (lambda root: root / "missing.jpg", "no such file or folder"),
     (lambda root: root / "empty", "no image"),
@@ -106,6 +108,7 @@ def test_bad_sources_are_one_clear_line(trained, tmp_path, make_source, message)
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_a_checkpoint_not_written_by_train_py_and_an_unreadable_image_fail_clearly(trained, tmp_path):
     _, _, photos, _ = trained
     foreign = tmp_path / "imagenet.pth"
@@ -125,6 +128,7 @@ def test_a_checkpoint_not_written_by_train_py_and_an_unreadable_image_fail_clear
     assert proc.returncode == 2 and len(errors) == 1 and "face.jpg" in errors[0]  # beside tqdm's progress
 
 
+@pytest.mark.slow
 def test_a_bad_eval_value_names_the_key_before_anything_is_written(trained, tmp_path):
     path, _, photos, _ = trained
     proc = subprocess.run([sys.executable, "predict.py", f"checkpoint={path}", f"source={photos}",
@@ -141,6 +145,7 @@ def _write_video(path: Path, frames: list[np.ndarray], fps: float = 5.0) -> None
     writer.release()
 
 
+@pytest.mark.slow
 def test_a_video_gives_a_drawn_video_and_an_entry_per_frame(trained, tmp_path):
     """Six frames (three images, twice): six JSON entries named <video>/<frame>, a drawn .mp4 of six
     frames at the video's size, and the same boxes on a frame and on its repeat (the codec's key frames
@@ -168,6 +173,7 @@ def test_a_video_gives_a_drawn_video_and_an_entry_per_frame(trained, tmp_path):
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporary file left
 
 
+@pytest.mark.slow
 def test_an_unreadable_video_and_save_wider_on_a_video_are_one_line(trained, tmp_path):
     path, _, _, _ = trained
     broken = tmp_path / "broken.mp4"

@@ -66,6 +66,7 @@ def test_all_finite():
     assert not all_finite({"a": torch.tensor([1.0, float("nan")])})
 
 
+@pytest.mark.slow
 def test_lock_refuses_a_second_holder_with_its_pid(tmp_path):
     lock = tmp_path / "run" / ".lock"
     holder = subprocess.Popen([sys.executable, "-c", (

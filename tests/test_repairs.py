@@ -164,6 +164,7 @@ def test_a_repaired_divergence_no_longer_stops_the_run_and_may_fire_again():
 
 
 # ------------------------------------------------------------------------ repairs in a real run
+@pytest.mark.slow
 def test_a_diverging_run_is_rolled_back_with_a_lower_lr_then_stops_when_the_rollbacks_are_spent(
         tiny_config, synthetic_root, tmp_path):
     import json
@@ -184,6 +185,7 @@ def test_a_diverging_run_is_rolled_back_with_a_lower_lr_then_stops_when_the_roll
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["repairs"] == repairs
 
 
+@pytest.mark.slow
 def test_a_non_finite_validation_loss_is_rolled_back_too(tiny_config, synthetic_root, tmp_path, monkeypatch):
     from detlab.diagnosis import Diagnoser, Finding
     from detlab.engine.trainer import train

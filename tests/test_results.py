@@ -95,6 +95,7 @@ def test_figures_draw_on_partial_sweeps_without_test_or_event_files(tmp_path, ma
     assert sweep_command(tmp_path / "s") is None  # a multirun.yaml without Hydra's overrides
 
 
+@pytest.mark.slow
 def test_results_page_script_fills_the_page_and_writes_the_figures(tmp_path, make_fake_sweep, make_fake_run):
     sweep = make_fake_sweep(tmp_path / "recipe", box_weights=(0.01, 1, 10), epochs_planned=3, diverge_at={},
                             fail=(), running={})
