@@ -25,7 +25,28 @@ MODEL_FAULTS = ("frozen_backbone",)
 INJECTED_FAULTS = DATA_FAULTS + MODEL_FAULTS
 
 
-class LabelFault(Dataset):
+class FaultyDataset(Dataset):
+    """A dataset whose items pass through ``corrupt``; everything else (records, collate_fn, ...) is
+    the wrapped dataset's."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index: int) -> Any:
+        item = self.dataset[index]
+        return item if item is None else self.corrupt(index, *item)
+
+    def corrupt(self, index: int, image: torch.Tensor, target: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        raise NotImplementedError
+
+
+class LabelFault(FaultyDataset):
     """The training set with a label bug: 30% of the boxes shifted by up to half their size (label
     noise), boxes as xywh where xyxy is expected, or 90% of the images stripped of their faces. The
     draw is seeded by the image index, so every epoch and every run sees the same bug."""
@@ -33,19 +54,10 @@ class LabelFault(Dataset):
     def __init__(self, dataset: Any, fault: str) -> None:
         if fault not in ("label_noise", "xywh_boxes", "most_images_empty"):
             raise ValueError(f"unknown label fault {fault!r}")
-        self.dataset, self.fault = dataset, fault
+        super().__init__(dataset)
+        self.fault = fault
 
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getattr__(self, name: str) -> Any:  # records, collate_fn, ...: the wrapped dataset's
-        return getattr(self.dataset, name)
-
-    def __getitem__(self, index: int) -> Any:
-        item = self.dataset[index]
-        if item is None:
-            return item
-        image, target = item
+    def corrupt(self, index: int, image: torch.Tensor, target: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         boxes = target["boxes"]
         g = torch.Generator().manual_seed(index)
         if self.fault == "label_noise" and len(boxes):
@@ -61,24 +73,11 @@ class LabelFault(Dataset):
         return image, {**target, "boxes": boxes}
 
 
-class Unnormalised(Dataset):
-    """Raw pixels (0..255) reach the network: the dataset's ImageNet normalisation undone and the
-    image scaled back to bytes' range, as when a pipeline forgets to normalise."""
+class Unnormalised(FaultyDataset):
+    """Raw pixels (0..255) reach the network: the dataset's ImageNet normalisation undone, as when a
+    pipeline forgets to normalise."""
 
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.dataset, name)
-
-    def __getitem__(self, index: int) -> Any:
-        item = self.dataset[index]
-        if item is None:
-            return item
-        image, target = item
+    def corrupt(self, index: int, image: torch.Tensor, target: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         return denormalize(image), target
 
 
