@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from detlab.run_record import RunPaths, RunStatus, read_metrics, read_summary
+
 REPO = Path(__file__).resolve().parents[2]
 
 # name -> (overrides, expected first detectors). Overrides starting with "inject:" are patches.
@@ -159,9 +161,8 @@ def plan(args: argparse.Namespace, out: Path) -> list[RunSpec]:
 def launch(spec: RunSpec, threads: int) -> float:
     """Run one spec in a fresh process (faults must not leak); returns its wall time in seconds."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    done = Path(spec.run_dir) / "steps.json"
-    summary = Path(spec.run_dir) / "summary.json"
-    if done.is_file() and summary.is_file() and json.loads(summary.read_text()).get("status") != "running":
+    summary = read_summary(spec.run_dir)
+    if (Path(spec.run_dir) / "steps.json").is_file() and summary and summary.get("status") != RunStatus.RUNNING:
         return 0.0  # recorded by an earlier, interrupted invocation: kept
     shutil.rmtree(spec.run_dir, ignore_errors=True)  # a run cut off mid-way starts again from scratch
     Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
@@ -182,7 +183,7 @@ def replay_findings(run_dir: Path, steps: list[dict[str, float]], epochs: list[d
     from detlab.config import compose_config, load_saved_config
     from detlab.diagnosis.replay import replay_findings as replay
 
-    cfg = load_saved_config(OmegaConf.load(run_dir / "config.yaml"))
+    cfg = load_saved_config(OmegaConf.load(RunPaths(run_dir).config))
     cfg.diagnosis = compose_config(overrides=diagnosis_overrides).diagnosis
     return [f.to_dict() for f in replay(cfg, steps, epochs, total)]
 
@@ -192,16 +193,14 @@ def load_result(spec: RunSpec, diagnosis_overrides: Optional[list[str]] = None) 
     (a list, maybe empty) the findings come from replaying the recorded signals, not from the run."""
     from benchmarks.diagnosis.baselines import replay_all
 
-    from detlab.run_record import read_metrics
-
     run_dir = Path(spec.run_dir)
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    summary = read_summary(run_dir) or {}
     record = json.loads((run_dir / "steps.json").read_text()) if (run_dir / "steps.json").is_file() else {}
     steps = record.get("steps", [])
-    epochs = read_metrics(run_dir / "metrics.csv") if (run_dir / "metrics.csv").is_file() else []
+    epochs = read_metrics(run_dir)
     total = max(1, int(record.get("total_steps") or 1))
     findings = summary.get("findings", [])
-    if diagnosis_overrides is not None and (run_dir / "config.yaml").is_file():
+    if diagnosis_overrides is not None and RunPaths(run_dir).config.is_file():
         findings = replay_findings(run_dir, steps, epochs, total, diagnosis_overrides)
     # Notes (under_confidence: the ranking is learnt, the threshold metrics lag) are not alarms.
     failures = [f for f in findings if f.get("failure", True)]
@@ -342,7 +341,7 @@ def rescue(results: list[dict[str, Any]], reference: Optional[dict[str, Any]]) -
 
 def _repairs_used(runs: list[dict[str, Any]]) -> list[str]:
     used = {x["repair"] for r in runs for x in r["repairs"]}
-    if any(r["status"] == "stopped" for r in runs):
+    if any(r["status"] == RunStatus.STOPPED for r in runs):
         used.add("stuck stop")
     return sorted(used)
 
