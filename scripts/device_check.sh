@@ -25,17 +25,18 @@ done
   train.amp=true train.dist_backend=nccl run_dir="$OUT/ddp" resume=true hydra.run.dir="$OUT/hydra_ddp2" 2>&1 \
   | grep -E "resumed from|status:" || true
 "$PY" - "$OUT" <<'PY'
-import json, sys
+import sys
 from pathlib import Path
+from detlab.run_record import RunStatus, read_summary
 out = Path(sys.argv[1])
 for name in ("amp_true", "amp_false", "ddp"):
-    s = json.loads((out / name / "summary.json").read_text())
+    s = read_summary(out / name)
     f = s["final"]
     print(f"{name}: status {s['status']}, device {s['device']}, processes {s.get('processes', 1)}, "
           f"epochs {s['epochs']}, wall {s['wall_time_s']:.0f} s, train loss {f.get('train/loss_total', float('nan')):.3f}, "
           f"val AP50 {f.get('val/ap50', float('nan')):.3f}, recall {f.get('val/recall', float('nan')):.3f}")
-    assert s["status"] == "completed", s.get("message")
-assert json.loads((out / "ddp" / "summary.json").read_text())["epochs"] == 4, "the torchrun resume did not continue"
+    assert s["status"] == RunStatus.COMPLETED, s.get("message")
+assert read_summary(out / "ddp")["epochs"] == 4, "the torchrun resume did not continue"
 PY
 "$PY" evaluate.py checkpoint="$OUT/amp_true/checkpoints/last.pt" device=cuda amp=true output_dir="$OUT/eval" \
   hydra.run.dir="$OUT/hydra_eval" | tail -n 3
