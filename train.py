@@ -21,8 +21,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from detlab.config import Config, ConfigError, load_saved_config, register_configs, to_config
-from detlab.errors import UserError, debug_requested, one_line, report_user_errors
+from detlab.config import Config, load_saved_config, register_configs, to_config
+from detlab.errors import ConfigError, UserError, debug_requested, one_line, report_user_errors
 from detlab.run_record import RunPaths, RunStatus, read_summary, record_failure
 
 log = logging.getLogger("train")

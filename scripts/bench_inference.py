@@ -58,7 +58,7 @@ def bench_images(limit: int) -> tuple[list, str]:
 
 def time_pair(checkpoint: Path, size: tuple[int, int], threads: int, images: list, warmup: int,
               block: int = 12) -> dict:
-    from detlab.runtime.checkpoint import load_trained
+    from detlab.trained import load_trained
     from detlab.config import ExportConfig
     from detlab.export import export_checkpoint
     from detlab.onnx_runtime import OnnxModelsBySize, load_exported

@@ -114,7 +114,7 @@ def detlab_detector(checkpoint: Path, threads: int, backend: str = "pytorch",
 
     from detlab.config import test_input_size
     from detlab.data.transforms import build_transforms
-    from detlab.runtime.checkpoint import load_trained
+    from detlab.trained import load_trained
     from detlab.prediction import ModelsBySize, OriginalSizeImages, predict_image
     from detlab.wider_eval import xyxy_to_submission
 

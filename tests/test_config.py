@@ -112,7 +112,8 @@ def test_test_input_size_forms():
 
 
 def test_bad_eval_input_size_and_cache_are_named():
-    from detlab.config import Config, ConfigError, validate
+    from detlab.config import Config, validate
+    from detlab.errors import ConfigError
 
     cfg = Config()
     cfg.eval.input_size = "huge"

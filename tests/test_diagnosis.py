@@ -14,7 +14,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from detlab.config import Config, ConfigError, validate
+from detlab.config import Config, validate
+from detlab.errors import ConfigError
 from detlab.diagnosis import (
     Alarm,
     Detector,

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from detlab.config import ConfigError
+from detlab.errors import ConfigError
 from detlab.runtime import distributed
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from detlab.config import ConfigError, compose_config
+from detlab.config import compose_config
+from detlab.errors import ConfigError
 from detlab.engine.callbacks import Callback
 from detlab.runtime.checkpoint import CheckpointError, all_finite, load_checkpoint, load_weights, save_checkpoint
 from detlab.runtime.fileio import LockedError, exclusive_lock

@@ -22,7 +22,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from detlab.config_compat import drop_retired_placeholders
 from detlab.diagnosis import DiagnosisConfig, config_problems
-from detlab.errors import UserError
+from detlab.errors import ConfigError, UserError
 from detlab.paths import PathsConfig, config_dir
 from detlab.run_record import METRIC_COLUMNS
 
@@ -387,10 +387,6 @@ def register_configs() -> None:
     store.store(group="eval", name="eval_schema", node=EvalConfig)
     store.store(group="diagnosis", name="diagnosis_schema", node=DiagnosisConfig)
     store.store(group="early_stopping", name="early_stopping_schema", node=EarlyStoppingConfig)
-
-
-class ConfigError(UserError, ValueError):
-    """A config value is out of range; the message names the key."""
 
 
 def _check(condition: bool, key: str, message: str, value: Any) -> None:

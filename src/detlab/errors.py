@@ -21,6 +21,10 @@ class UserError(Exception):
     """Base of the errors whose message tells the user what to fix (file, line, key, expected value)."""
 
 
+class ConfigError(UserError, ValueError):
+    """A config value is out of range; the message names the key."""
+
+
 def debug_requested() -> bool:
     """``DETLAB_DEBUG=1`` or ``HYDRA_FULL_ERROR=1``: show tracebacks of user errors too."""
     return any(os.environ.get(name, "") not in ("", "0") for name in ("DETLAB_DEBUG", "HYDRA_FULL_ERROR"))

@@ -91,7 +91,8 @@ def with_eval_overrides(trained: Config, values: EvalConfig, eval_keys: Sequence
 def evaluate_checkpoint(run: EvaluateConfig, eval_keys: Sequence[str] = ()) -> dict[str, Any]:
     """Predict and score; returns the result dict ``evaluate.py`` prints (see its docstring)."""
     from detlab.data import build_datasets, build_loader, build_predict_dataset
-    from detlab.runtime.checkpoint import load_trained, load_weights
+    from detlab.runtime.checkpoint import load_weights
+    from detlab.trained import load_trained
     from detlab.runtime.device import select_device
     from detlab.metrics import DetectionEvaluator
     from detlab.model import build_model

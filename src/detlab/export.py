@@ -83,7 +83,8 @@ def export_checkpoint(run: ExportConfig) -> dict[str, Any]:
     """Write ``run.checkpoint``'s network as ``run.format``; returns ``{"out", "format", "input_size",
     "max_difference"}`` (the check's largest difference to eager PyTorch, see ``_max_difference``; None
     without ``check``)."""
-    from detlab.runtime.checkpoint import load_trained, load_weights
+    from detlab.runtime.checkpoint import load_weights
+    from detlab.trained import load_trained
     from detlab.runtime.fileio import atomic_write_bytes
     from detlab.model import architecture_config, build_model
 

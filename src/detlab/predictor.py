@@ -119,7 +119,7 @@ def load_predictor(run: PredictConfig, eval_keys: Sequence[str] = ()) -> tuple[A
         device = select_device("cpu")
         models = OnnxModelsBySize(run.checkpoint, session, trained.model)
     else:
-        from detlab.runtime.checkpoint import load_trained
+        from detlab.trained import load_trained
 
         if onnx_file:
             raise PredictError(f"checkpoint={run.checkpoint}: an ONNX export; add backend=onnx to run it")

@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 
-from detlab.config import Config, load_saved_config
 from detlab.errors import UserError
 from detlab.runtime.fileio import atomic_write_bytes
 
@@ -92,16 +91,3 @@ def find_resume_checkpoint(resume: Any, run_dir: Path) -> Path | None:
     if not path.is_file():
         raise CheckpointError(f"resume={resume!r}: no checkpoint at {path}")
     return path
-
-
-def load_trained(path: str | Path) -> tuple[Config, dict[str, Any]]:
-    """``(training config, checkpoint)`` of a train.py checkpoint, on the CPU; keys of the saved config
-    that have moved since are moved (``detlab.config.load_saved_config``)."""
-    checkpoint = load_checkpoint(Path(path))
-    if not {"model", "config"} <= set(checkpoint):
-        raise CheckpointError(f"checkpoint {path}: expected a dict with 'model' and 'config' (written by train.py)")
-    try:
-        cfg = load_saved_config(checkpoint["config"])
-    except Exception as error:  # noqa: BLE001 - any schema mismatch is reported the same way
-        raise CheckpointError(f"checkpoint {path}: its config does not match the schema: {error}") from None
-    return cfg, checkpoint

@@ -26,7 +26,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from detlab.config import ConfigError
+from detlab.errors import ConfigError
 from detlab.errors import UserError
 
 log = logging.getLogger(__name__)
