@@ -22,7 +22,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from detlab.config_compat import drop_retired_placeholders
 from detlab.diagnosis import DiagnosisConfig, config_problems
-from detlab.errors import ConfigError, UserError
+from detlab.errors import ConfigError
 from detlab.paths import PathsConfig, config_dir
 from detlab.run_record import METRIC_COLUMNS
 
