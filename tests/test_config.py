@@ -271,3 +271,12 @@ def test_the_config_folder_is_found_and_src_knows_no_data_location():
     mentions = [f"{path.relative_to(src.parent)}" for path in [*src.rglob("*.py"), *Path(CONFIGS).rglob("*.yaml")]
                 if "shared/" in path.read_text()]
     assert mentions == []
+
+
+def test_preset_wider_is_the_cpu_recipe_on_the_official_splits():
+    from detlab.config import compose_config
+
+    full, cpu = compose_config(overrides=["+preset=wider"]), compose_config(overrides=["+preset=wider_cpu"])
+    assert (full.dataset.split.mode, cpu.dataset.split.mode) == ("official", "random")
+    full.dataset.split = cpu.dataset.split
+    assert full == cpu  # nothing else differs

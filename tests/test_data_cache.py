@@ -142,3 +142,29 @@ def test_boxes_outside_are_dropped_in_the_file_frame_with_a_downscaled_entry(tmp
     _, target = dataset[0]
     assert dataset.num_boxes_outside == 2
     torch.testing.assert_close(target["boxes"], torch.tensor([[399.0, 10, 400, 30]]), atol=1e-3, rtol=0)
+
+
+def test_ram_budget_keeps_what_fits_decodes_the_rest_and_says_so_once(tmp_path, caplog):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("a", "b", "c"):  # 30 x 40 x 3 = 3,600 bytes each once decoded
+        cv2.imwrite(str(folder / f"{name}.png"), np.full((30, 40, 3), 7, np.uint8))
+    decoder = CountingDecoder()
+    cache = DecodedImageCache("ram", None, None, decoder, max_bytes=2 * 3600)  # room for two
+    with caplog.at_level("WARNING", logger="detlab.data.cache"):
+        for _ in range(3):
+            for name in ("a", "b", "c"):
+                rgb, original = cache.get(folder / f"{name}.png")
+                assert rgb.shape == (30, 40, 3) and original == (30, 40)
+    # a and b decoded once and kept; c, past the budget, decoded on each of its 3 reads
+    assert decoder.calls == 2 + 3 and cache.bytes_kept == 7200 and cache.full
+    warnings = [r for r in caplog.records if "budget" in r.getMessage()]
+    assert len(warnings) == 1 and "after 2 images" in warnings[0].getMessage()
+
+
+def test_default_ram_budget_is_a_quarter_of_memory_shared_by_the_workers(monkeypatch):
+    monkeypatch.setattr(cache_module, "machine_memory_bytes", lambda: 16 * 2**30)
+    assert cache_module.default_ram_budget() == 4 * 2**30
+    assert cache_module.default_ram_budget(4) == 2**30
+    monkeypatch.setattr(cache_module, "machine_memory_bytes", lambda: 0)
+    assert cache_module.default_ram_budget() is None  # unknown memory: no bound

@@ -86,6 +86,10 @@ class DatasetConfig:
     # synthetic set (1,000 images at 320x256) takes about 250 MB there; dataset=widerface says none.
     cache: str = "ram"
     cache_max_side: Optional[int] = None
+    # dataset.cache=ram: the most bytes one process keeps (past it, images are decoded on every read,
+    # said once). Null: a quarter of the machine's memory over the processes holding a copy
+    # (detlab.data.cache.default_ram_budget).
+    cache_max_bytes: Optional[int] = None
     cache_dir: str = ".cache/decoded"  # dataset.cache=disk only (configs: ${paths.cache_dir}/decoded)
 
 
@@ -413,6 +417,8 @@ def validate(cfg: Config) -> None:
     _choice(d.cache, "dataset.cache", ("none", "ram", "disk"))
     _check(d.cache_max_side is None or d.cache_max_side >= 32, "dataset.cache_max_side",
            "must be >= 32 pixels or null", d.cache_max_side)
+    _check(d.cache_max_bytes is None or d.cache_max_bytes >= 0, "dataset.cache_max_bytes",
+           "must be >= 0 bytes or null (a quarter of the machine's memory)", d.cache_max_bytes)
     _check(d.synthetic.num_images >= 2, "dataset.synthetic.num_images", "must be >= 2", d.synthetic.num_images)
     _check(0 < d.synthetic.val_fraction < 1, "dataset.synthetic.val_fraction", "must be in (0, 1)",
            d.synthetic.val_fraction)

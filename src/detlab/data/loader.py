@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from detlab.config import Config, DatasetConfig
-from detlab.data.cache import DecodedImageCache
+from detlab.data.cache import DecodedImageCache, default_ram_budget
 from detlab.data.splits import SplitRecords, resolve_split
 from detlab.data.synthetic import ensure_synthetic_dataset
 from detlab.data.transforms import build_transforms
@@ -82,6 +82,13 @@ def load_split(d: DatasetConfig) -> SplitRecords:
             f"max_train_images={d.max_train_images}; expected at least one (relax these settings)")
     if d.name == "widerface":
         require_images_folders(root, [split.train_images, split.val_images])
+        if d.split.mode == "random":  # trains on part of one official split: say so, every run
+            log.info("dataset=widerface: dataset.split.mode=random: a seeded %s split of the official %s images "
+                     "(dataset.split.source); dataset.split.mode=official trains on WIDER_train and validates on "
+                     "WIDER_val", "/".join(f"{r:g}" for r in d.split.ratios), d.split.source)
+        else:
+            log.info("dataset=widerface: dataset.split.mode=official: WIDER_train for training, WIDER_val for "
+                     "validation")
     check_all_images_exist([(split.train, split.train_images), (split.val, split.val_images)])
     return split
 
@@ -99,7 +106,8 @@ def check_all_images_exist(groups: Sequence[tuple[Sequence[ImageRecord], Path]])
 
 def build_image_cache(d: DatasetConfig) -> DecodedImageCache:
     """The decoded-image cache the config asks for (``dataset.cache``, ``cache_max_side``, ``cache_dir``)."""
-    return DecodedImageCache(d.cache, d.cache_max_side, d.cache_dir, read_image_rgb)
+    budget = d.cache_max_bytes if d.cache_max_bytes is not None else default_ram_budget(max(d.num_workers, 1))
+    return DecodedImageCache(d.cache, d.cache_max_side, d.cache_dir, read_image_rgb, max_bytes=budget)
 
 
 def build_datasets(cfg: Config) -> tuple[WiderFaceDataset, WiderFaceDataset]:
@@ -107,10 +115,11 @@ def build_datasets(cfg: Config) -> tuple[WiderFaceDataset, WiderFaceDataset]:
     d = cfg.dataset
     split = load_split(d)
     size = (cfg.model.input_width, cfg.model.input_height)
+    cache = build_image_cache(d)  # one per process, so its memory budget covers both splits
     train = WiderFaceDataset(split.train, split.train_images, build_transforms(d.augment, size, train=True),
-                             size, d.on_bad_image, cache=build_image_cache(d))
+                             size, d.on_bad_image, cache=cache)
     val = WiderFaceDataset(split.val, split.val_images, build_transforms(None, size, train=False), size,
-                           d.on_bad_image, cache=build_image_cache(d))
+                           d.on_bad_image, cache=cache)
     log.info("dataset %s: %d train images (%d faces), %d val images (%d faces)", d.name, len(train),
              sum(r.num_faces for r in train.records), len(val), sum(r.num_faces for r in val.records))
     return train, val
