@@ -9,7 +9,7 @@ import logging
 
 import pytest
 
-from detlab.engine.loggers import epoch_line, summary_table
+from detlab.engine.loggers import ConsoleLogger, epoch_line, summary_table
 from detlab.engine.trainer import Trainer
 from detlab.run_record import RunStatus, RunSummary
 
@@ -77,6 +77,32 @@ def test_a_run_that_failed_before_its_first_epoch_says_so():
     ]
 
 
+def test_console_handlers_write_through_tqdm_while_training_and_are_restored():
+    """From on_train_start to on_train_end (or on_end, when a later on_train_start failed) a console
+    handler is swapped for one writing through tqdm, which clears the progress bars around each line."""
+    import sys
+    from types import SimpleNamespace
+
+    root = logging.getLogger()
+    console = logging.StreamHandler(sys.stderr)
+    root.addHandler(console)
+    try:
+        trainer = SimpleNamespace(paths=SimpleNamespace(root="/runs/x"))
+        for end in ("on_train_end", "on_end"):
+            logger = ConsoleLogger()
+            logger.on_train_start(trainer, None)
+            assert console not in root.handlers
+            assert any(type(h).__module__ == "tqdm.contrib.logging" for h in root.handlers)
+            if end == "on_end":
+                logger.on_end(trainer, RunSummary(status=RunStatus.FAILED, message="disk full"))
+            else:
+                logger.on_train_end(trainer)
+            assert console in root.handlers and not any(type(h).__module__ == "tqdm.contrib.logging"
+                                                        for h in root.handlers)
+    finally:
+        root.removeHandler(console)
+
+
 def _cells(line: str) -> list[str]:
     """The seven metric cells at the end of a table row."""
     return line.split()[-7:]
@@ -117,13 +143,13 @@ def test_a_tiny_run_prints_its_epochs_and_its_table(synthetic_root, tiny_config,
     assert table[0].startswith(f"run completed: 2/2 epochs, {summary['step']} steps, ")
     assert table[0].endswith(f"; best epoch {best['epoch']} (val/miou {best['val/miou']:.3g}, max)")
     assert table[1].split() == ["recall", "precision", "mIoU", "AP50", "TP", "FP", "FN"]
-    keys = ("recall", "precision", "miou", "ap50")
+    keys, counts = ("recall", "precision", "miou", "ap50"), ("tp", "fp", "fn")
     assert table[2].startswith("final (epoch 2)") and _cells(table[2]) == [
-        *(f"{float(last[f'val/{k}']):.3g}" for k in keys), *(str(int(float(last[f"val/{k}"]))) for k in ("tp", "fp", "fn"))]
+        *(f"{float(last[f'val/{k}']):.3g}" for k in keys), *(str(int(float(last[f"val/{k}"]))) for k in counts)]
     assert table[3].startswith(f"best (epoch {best['epoch']})") and _cells(table[3]) == [
-        *(f"{best[f'val/{k}']:.3g}" for k in keys), *(str(int(best[f"val/{k}"])) for k in ("tp", "fp", "fn"))]
+        *(f"{best[f'val/{k}']:.3g}" for k in keys), *(str(int(best[f"val/{k}"])) for k in counts)]
     assert table[4].startswith("test (epoch 2)") and _cells(table[4]) == [
-        *(f"{test[k]:.3g}" for k in keys), *(str(int(test[k])) for k in ("tp", "fp", "fn"))]
+        *(f"{test[k]:.3g}" for k in keys), *(str(int(test[k])) for k in counts)]
     assert table[5].startswith("test: checkpoints/last.pt") and "input size 160x128" in table[5]
     assert table[6] == f"findings ({len(findings)}):"
     for finding in findings:

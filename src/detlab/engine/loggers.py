@@ -196,12 +196,16 @@ class ConsoleLogger(Callback):
         log.info(epoch_line(row, trainer.cfg.train.epochs, trainer.state.findings))
 
     def on_train_end(self, trainer: Trainer) -> None:
+        self._restore_handlers()
+
+    def on_end(self, trainer: Trainer, summary: RunSummary) -> None:
+        self._restore_handlers()  # also when a later callback's on_train_start failed (no on_train_end then)
+        log.info(summary_table(summary, trainer.paths.root))
+
+    def _restore_handlers(self) -> None:
         if self._redirect is not None:
             redirect, self._redirect = self._redirect, None
             redirect.__exit__(None, None, None)
-
-    def on_end(self, trainer: Trainer, summary: RunSummary) -> None:
-        log.info(summary_table(summary, trainer.paths.root))
 
 
 # The columns of the console table: header, the metrics row key ("val/<key>" in a metrics row, "<key>"
