@@ -274,13 +274,13 @@ def summary_table(summary: RunSummary, run_dir: Path | str) -> str:
     with its remedy; the repairs; the run folder and the TensorBoard command."""
     best_by, best, final = summary.best_by or {}, summary.best or {}, summary.final or {}
     planned = summary.epochs_planned if summary.epochs_planned is not None else "?"
-    headline = (f"run {summary.status}: {summary.epochs}/{planned} epochs, {summary.step} steps, "
-                f"{_duration(summary.wall_time_s)}")
-    best_epoch = best_by.get("epoch") if best_by.get("epoch") is not None else best.get("epoch")
-    if best_epoch is not None:
-        headline += f"; best epoch {_count(best_epoch)}"
-        if best_by.get("monitor"):
-            headline += f" ({best_by['monitor']} {_number(best_by.get('value'))}, {best_by.get('mode', 'max')})"
+    steps = f"{summary.step} step" + ("" if summary.step == 1 else "s")
+    headline = f"run {summary.status}: {summary.epochs}/{planned} epochs, {steps}, {_duration(summary.wall_time_s)}"
+    if best:  # the row of the epoch early stopping chose (best.pt)
+        headline += f"; best epoch {_count(best.get('epoch'))}"
+        monitor = best_by.get("monitor")
+        if monitor:
+            headline += f" ({monitor} {_number(best.get(monitor, best_by.get('value')))}, {best_by.get('mode', 'max')})"
     lines = [headline]
     if summary.message:
         lines.append(f"message: {summary.message}")
