@@ -12,8 +12,8 @@ from torch.utils.data import Subset
 
 from detlab.data import build_datasets
 from detlab.engine.callbacks import Callback
-from detlab.engine.loggers import (MetricsCsv, ModelCheckpoint, Plots, RunRecordWriter, TensorBoardLogger,
-                                   default_callbacks)
+from detlab.engine.loggers import (ConsoleLogger, MetricsCsv, ModelCheckpoint, Plots, RunRecordWriter,
+                                   TensorBoardLogger, default_callbacks)
 from detlab.engine.trainer import Trainer
 from detlab.model import build_model
 from detlab.run_record import RunStatus, RunSummary
@@ -63,7 +63,8 @@ def test_default_callbacks_write_the_record_last():
     from detlab.config import Config
 
     callbacks = default_callbacks(Config())
-    assert [type(c) for c in callbacks] == [TensorBoardLogger, Plots, ModelCheckpoint, MetricsCsv, RunRecordWriter]
+    assert [type(c) for c in callbacks] == [TensorBoardLogger, Plots, ModelCheckpoint, MetricsCsv, ConsoleLogger,
+                                            RunRecordWriter]
 
 
 @pytest.mark.slow

@@ -8,16 +8,27 @@ video: ``<name>.mp4`` with every frame drawn), ``predictions.json`` (per image, 
 ``save_wider`` the WIDER FACE submission layout. Settings are the checkpoint's; ``eval.*`` keys on the
 command line override them. ``backend=onnx`` runs an ``export.py`` ONNX file in ONNX Runtime instead of
 PyTorch (``detlab.onnx_runtime``); the post-processing is the same code.
+
+``Detector`` is the same from Python: ``Detector.load(checkpoint or .onnx file)`` then
+``.predict(image)`` -> ``Detections(boxes, scores)``, the boxes ``predict.py`` writes for that image.
+``predict_images`` predicts through a ``Detector``, so there is one path from a file to its boxes.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from contextlib import ExitStack, contextmanager
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, Optional, Sequence
 
-from detlab.config import EvalConfig, PredictConfig, test_input_size, typed_entry_config
+from detlab.config import Config, EvalConfig, PredictConfig, test_input_size, typed_entry_config
 from detlab.errors import UserError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
@@ -130,25 +141,130 @@ def load_predictor(run: PredictConfig, eval_keys: Sequence[str] = ()) -> tuple[A
     return models, settings, device, trained
 
 
+class Detections(NamedTuple):
+    """One image's faces: ``boxes`` ``[K, 4]`` float32 ``x1, y1, x2, y2`` in the image's own pixels and
+    ``scores`` ``[K]`` float32, highest first; those scoring at least ``eval.score_threshold`` (what
+    ``predict.py`` draws and writes). ``boxes, scores = detections`` unpacks them."""
+
+    boxes: "np.ndarray"
+    scores: "np.ndarray"
+
+
+ImageInput = Any  # a path (str or os.PathLike), an RGB HxWx3 uint8 numpy array, or a PIL image
+
+
+class Detector:
+    """A trained face detector for your own images, from Python::
+
+        from detlab import Detector
+
+        detector = Detector.load("outputs/2026-11-23/20-00-00/checkpoints/best.pt")  # or export.py's .onnx
+        boxes, scores = detector.predict("photo.jpg")  # [K, 4] xyxy in the photo's pixels, [K]
+
+    ``predict`` gives the boxes ``predict.py`` writes for the same image: the same loading
+    (``load_predictor``), test size (``eval.input_size``), prediction path (``detlab.prediction``) and
+    threshold. (Not to be confused with ``detlab.diagnosis.Detector``, a failure-pattern detector.)
+    """
+
+    def __init__(self, models: Any, settings: EvalConfig, device: "torch.device", config: Config,
+                 backend: str = "torch", amp: bool = False, checkpoint: str = "") -> None:
+        from detlab.prediction import OriginalSizeImages
+
+        self.models, self.settings, self.device, self.config = models, settings, device, config
+        self.backend, self.amp, self.checkpoint = backend, amp, checkpoint
+        size = test_input_size(settings.input_size)
+        self.input_size = (config.model.input_width, config.model.input_height) if size is None else size
+        self._prepare = OriginalSizeImages([], Path("/"), long_side=self.input_size if isinstance(self.input_size, int)
+                                           else None,
+                                           size=self.input_size if isinstance(self.input_size, tuple) else None).prepare
+
+    @classmethod
+    def load(cls, checkpoint: Path | str, device: str = "auto", amp: bool = False, **eval_settings: Any) -> "Detector":
+        """A train.py checkpoint (``.pt``, run in PyTorch on ``device``: auto, cpu or cuda) or an ONNX file
+        written by ``scripts/export.py`` (``.onnx``, run in ONNX Runtime on the CPU). The settings are the
+        checkpoint's ``eval`` group; keyword arguments override them as ``eval.KEY=...`` does on
+        predict.py's command line, e.g. ``score_threshold=0.3``, ``input_size=960``, ``nms_iou=0.5``."""
+        known = {f.name for f in fields(EvalConfig)}
+        unknown = sorted(set(eval_settings) - known)
+        if unknown:
+            raise PredictError(f"Detector.load: unknown setting(s) {', '.join(unknown)}; expected eval keys: "
+                               f"{', '.join(sorted(known))}")
+        path = Path(checkpoint).expanduser()
+        backend = "onnx" if path.suffix.lower() == ".onnx" else "torch"
+        run = PredictConfig(checkpoint=str(path), source="", eval=EvalConfig(**eval_settings), backend=backend,
+                            device=device, amp=amp)
+        return cls.from_config(run, list(eval_settings))
+
+    @classmethod
+    def from_config(cls, run: PredictConfig, eval_keys: Sequence[str] = ()) -> "Detector":
+        """The detector of a predict.py config (``run.source`` is not read): ``run.eval``'s ``eval_keys``
+        override the checkpoint's settings."""
+        models, settings, device, trained = load_predictor(run, eval_keys)
+        return cls(models, settings, device, trained, backend=run.backend, amp=run.amp and device.type == "cuda",
+                   checkpoint=str(run.checkpoint))
+
+    def predict(self, image: ImageInput | Sequence[ImageInput]) -> Detections | list[Detections]:
+        """The faces of an image (a path, an RGB ``HxWx3`` uint8 array, a PIL image), scoring at least
+        ``eval.score_threshold``, boxes in the image's pixels; a list of images gives a list."""
+        if isinstance(image, (list, tuple)):
+            return [self.predict(one) for one in image]
+        boxes, scores = self.detect(to_rgb(image))
+        keep = scores >= self.settings.score_threshold
+        return Detections(boxes[keep].numpy(), scores[keep].numpy())
+
+    def detect(self, rgb: "np.ndarray") -> tuple["torch.Tensor", "torch.Tensor"]:
+        """Every detection of an RGB ``HxWx3`` uint8 image above ``eval.score_floor`` (what AP and the
+        WIDER layout take): ``(boxes [K, 4] in its pixels, scores [K])``, CPU tensors."""
+        from detlab.prediction import predict_image
+
+        return predict_image(self.models, *self._prepare(rgb), self.device, self.settings, self.amp)
+
+    def __repr__(self) -> str:
+        size = self.input_size
+        size = f"{size[0]}x{size[1]}" if isinstance(size, tuple) else size
+        return (f"Detector({self.checkpoint!r}, backend={self.backend}, device={self.device}, input_size={size}, "
+                f"score_threshold={self.settings.score_threshold})")
+
+
+def to_rgb(image: ImageInput) -> "np.ndarray":
+    """An image as a contiguous RGB ``HxWx3`` uint8 array: a path is read as predict.py reads it (EXIF
+    orientation applied), an array is taken as RGB, a PIL image is converted to RGB."""
+    import numpy as np
+
+    if isinstance(image, (str, os.PathLike)):
+        from detlab.data.wider import read_image_rgb
+
+        path = Path(image).expanduser()
+        if path.is_dir():
+            raise PredictError(f"{path}: a folder; Detector.predict takes one image (or a list of them); "
+                               f"predict.py source={path} predicts a whole folder")
+        return read_image_rgb(path)
+    pil = sys.modules.get("PIL.Image")  # a PIL image can only come from a program that imported PIL
+    if pil is not None and isinstance(image, pil.Image):
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
+            raise PredictError(f"an image array must be RGB, HxWx3, uint8; got shape {image.shape}, "
+                               f"dtype {image.dtype}")
+        return np.require(image, requirements=("C", "W"))  # a copy only when it is a view or read-only
+    raise PredictError(f"cannot predict on a {type(image).__name__}: expected a path, an RGB HxWx3 uint8 numpy "
+                       f"array or a PIL image")
+
+
 def predict_images(run: PredictConfig, eval_keys: Sequence[str] = (), out_dir: Optional[Path] = None) -> dict[str, Any]:
     """Predict every image (or video frame) of ``run.source``; returns ``{"out", "images", "faces", "settings"}``."""
     import cv2
 
     from detlab.data.wider import read_image_rgb
     from detlab.runtime.fileio import atomic_path, write_jpeg, write_json
-    from detlab.prediction import OriginalSizeImages, predict_image
 
     video = is_video(run.source)
     if video and run.save_wider:
         raise PredictError("save_wider=true: the WIDER submission layout is for images, not a video source")
     images = [] if video else find_images(run.source)
     frames = VideoFrames(Path(run.source).expanduser()) if video else None
-    models, settings, device, trained = load_predictor(run, eval_keys)
-    size = test_input_size(settings.input_size)
-    size = (trained.model.input_width, trained.model.input_height) if size is None else size
-    prepare = OriginalSizeImages([], Path("/"), long_side=size if isinstance(size, int) else None,
-                                 size=size if isinstance(size, tuple) else None).prepare
-    amp = run.amp and device.type == "cuda"
+    detector = Detector.from_config(run, eval_keys)
+    settings = detector.settings
 
     out = Path(out_dir or run.out or ".")
     root = Path(run.source).expanduser().resolve()
@@ -167,7 +283,7 @@ def predict_images(run: PredictConfig, eval_keys: Sequence[str] = (), out_dir: O
     with ExitStack() as stack:
         for name, rgb, path in tqdm(items, total=total, desc="predict", unit=unit, dynamic_ncols=True):
             rgb = read_image_rgb(path) if rgb is None else rgb
-            boxes, scores = predict_image(models, *prepare(rgb), device, settings, amp)
+            boxes, scores = detector.detect(rgb)
             keep = scores >= settings.score_threshold
             per_image[name] = [{"box": [round(float(v), 2) for v in box], "score": round(float(score), 5)}
                                for box, score in zip(boxes[keep].tolist(), scores[keep].tolist())]
@@ -199,7 +315,7 @@ def predict_images(run: PredictConfig, eval_keys: Sequence[str] = (), out_dir: O
     return {"out": str(out), "images": len(per_image), "faces": sum(len(v) for v in per_image.values()),
             "source": "video" if video else "images", "backend": run.backend,
             "settings": {"input_size": settings.input_size if settings.input_size is not None
-                         else [trained.model.input_width, trained.model.input_height],
+                         else list(detector.input_size),
                          **{k: getattr(settings, k) for k in ("score_threshold", "score_floor", "nms_iou",
                                                               "max_detections")}}}
 

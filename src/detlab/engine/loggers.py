@@ -6,6 +6,9 @@ installs unless its caller passes a list of its own.
 - ``Plots``: ``plots/`` (the training-sample grid at the start, learning and PR curves at the end);
 - ``ModelCheckpoint``: ``checkpoints/last.pt`` and ``best.pt``, which ``resume`` continues from;
 - ``MetricsCsv``: ``metrics.csv``;
+- ``ConsoleLogger``: the console: a line per epoch (losses, val metrics, findings so far) and, at the
+  end, the run's table (status, final / best / test metrics, findings with their remedies, where the
+  run folder is and how to open it in TensorBoard);
 - ``RunRecordWriter``: ``config.yaml`` and ``summary.json`` (what the sweep report, the results page
   and ``train.py resume=<run dir>`` read).
 
@@ -16,11 +19,16 @@ from __future__ import annotations
 
 import logging
 import math
+import shlex
 import time
+from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from detlab.config import Config
 from detlab.diagnosis import Finding
@@ -166,6 +174,156 @@ class MetricsCsv(Callback):
         write_metrics(trainer.paths.root, trainer.state.history)
 
 
+class ConsoleLogger(Callback):
+    """What ``python train.py`` prints besides the progress bars: one line per validated epoch
+    (``epoch_line``) and, when the run ends, its table (``summary_table``).
+
+    Both go through ``logging`` (logger ``detlab.engine.loggers``, level INFO): under ``train.py``
+    Hydra's handlers show them on the console and keep them in the run's ``train.log``. While the run
+    trains, the console handlers write through tqdm (``logging_redirect_tqdm``), which clears the bars
+    before a line and draws them again after it, so no line (the diagnosis's findings included) lands
+    inside a bar.
+    """
+
+    def __init__(self) -> None:
+        self._redirect: Optional[AbstractContextManager[Any]] = None
+
+    def on_train_start(self, trainer: Trainer, samples: Optional[np.ndarray]) -> None:
+        self._redirect = logging_redirect_tqdm(tqdm_class=tqdm)
+        self._redirect.__enter__()
+
+    def on_epoch_end(self, trainer: Trainer, row: dict[str, float]) -> None:
+        log.info(epoch_line(row, trainer.cfg.train.epochs, trainer.state.findings))
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        self._restore_handlers()
+
+    def on_end(self, trainer: Trainer, summary: RunSummary) -> None:
+        self._restore_handlers()  # also when a later callback's on_train_start failed (no on_train_end then)
+        log.info(summary_table(summary, trainer.paths.root))
+
+    def _restore_handlers(self) -> None:
+        if self._redirect is not None:
+            redirect, self._redirect = self._redirect, None
+            redirect.__exit__(None, None, None)
+
+
+# The columns of the console table: header, the metrics row key ("val/<key>" in a metrics row, "<key>"
+# in summary.json's test), and whether it is a count.
+CONSOLE_COLUMNS = (("recall", "recall", False), ("precision", "precision", False), ("mIoU", "miou", False),
+                   ("AP50", "ap50", False), ("TP", "tp", True), ("FP", "fp", True), ("FN", "fn", True))
+
+
+def _number(value: Any, digits: int = 3) -> str:
+    """A value with ``digits`` significant digits, as Ultralytics prints its metrics; '-' when absent."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return "-"
+    return f"{value:.{digits}g}"
+
+
+def _count(value: Any) -> str:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return "-"
+    return str(int(value)) if math.isfinite(value) else _number(value)
+
+
+def finding_names(findings: list[dict[str, Any]]) -> list[str]:
+    """The detectors that fired, each once, in the order they first fired."""
+    return list(dict.fromkeys(str(f.get("detector", "?")) for f in findings))
+
+
+def epoch_line(row: dict[str, Any], epochs: int, findings: list[dict[str, Any]]) -> str:
+    """The console line of a validated epoch: its train losses (mean over the epoch), its val metrics
+    and the findings so far, e.g. ``epoch 2/20  train loss cls 2.801 box 4.354 total 7.155 | val
+    recall 0.412 precision 0.533 mIoU 0.301 AP50 0.287 | findings 1: loss_imbalance``."""
+    losses = " ".join(f"{name} {_number(row.get(f'train/loss_{name}'), 4)}" for name in ("cls", "box", "total"))
+    metrics = " ".join(f"{header} {_number(row.get(f'val/{key}'))}" for header, key, count in CONSOLE_COLUMNS
+                       if not count)
+    names = finding_names(findings)
+    seen = f"findings {len(findings)}" + (f": {', '.join(names)}" if names else "")
+    return f"epoch {_count(row.get('epoch'))}/{epochs}  train loss {losses} | val {metrics} | {seen}"
+
+
+def _duration(seconds: Any) -> str:
+    try:
+        seconds = float(seconds)
+    except (TypeError, ValueError):
+        return "-"
+    if not math.isfinite(seconds) or seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d} min"
+
+
+def _input_size(size: Any) -> str:
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        return f"{size[0]}x{size[1]}"
+    if isinstance(size, int):
+        return f"longer side {size}"
+    return "the model's" if size is None else str(size)
+
+
+def summary_table(summary: RunSummary, run_dir: Path | str) -> str:
+    """The console table at a run's end, from its record (``summary.json``): the status and best
+    epoch; the final, best and after-training test metrics (header row, aligned columns); each finding
+    with its remedy; the repairs; the run folder and the TensorBoard command."""
+    best_by, best, final = summary.best_by or {}, summary.best or {}, summary.final or {}
+    planned = summary.epochs_planned if summary.epochs_planned is not None else "?"
+    steps = f"{summary.step} step" + ("" if summary.step == 1 else "s")
+    headline = f"run {summary.status}: {summary.epochs}/{planned} epochs, {steps}, {_duration(summary.wall_time_s)}"
+    if best:  # the row of the epoch early stopping chose (best.pt)
+        headline += f"; best epoch {_count(best.get('epoch'))}"
+        monitor = best_by.get("monitor")
+        if monitor:
+            headline += f" ({monitor} {_number(best.get(monitor, best_by.get('value')))}, {best_by.get('mode', 'max')})"
+    lines = [headline]
+    if summary.message:
+        lines.append(f"message: {summary.message}")
+
+    rows: list[tuple[str, dict[str, Any], str]] = []  # label, values, key prefix
+    if final:
+        rows.append((f"final (epoch {_count(final.get('epoch'))})", final, "val/"))
+    if best:
+        rows.append((f"best (epoch {_count(best.get('epoch'))})", best, "val/"))
+    test = summary.test
+    if test:
+        rows.append((f"test (epoch {_count(test.get('epoch'))})", test, ""))
+    if rows:
+        width = max(len(label) for label, _, _ in rows) + 2
+        lines.append(" " * width + "".join(f"{header:>11}" for header, _, _ in CONSOLE_COLUMNS))
+        for label, values, prefix in rows:
+            cells = [(_count if count else _number)(values.get(prefix + key)) for _, key, count in CONSOLE_COLUMNS]
+            lines.append(f"{label:<{width}}" + "".join(f"{cell:>11}" for cell in cells))
+    else:
+        lines.append("no validated epoch: no metrics")
+    if test:
+        wider = "".join(f", WIDER AP {key.removeprefix('wider_')} {_number(test[key])}"
+                        for key in ("wider_easy", "wider_medium", "wider_hard") if key in test)
+        lines.append(f"test: checkpoints/last.pt scored after training (eval.test_protocol), input size "
+                     f"{_input_size(test.get('input_size'))}{wider}; test.json")
+
+    findings = summary.findings or []
+    lines.append(f"findings ({len(findings)}):" if findings else "findings: none")
+    for finding in findings:
+        where = f"{finding.get('stage', '?')} stage, epoch {finding.get('epoch', '?')}, step {finding.get('step', '?')}"
+        kind = "" if finding.get("failure", True) else ", a note"
+        lines.append(f"  {finding.get('detector', '?')} ({where}{kind}): {finding.get('message', '')}")
+        if finding.get("remedy"):
+            lines.append(f"    remedy: {finding['remedy']}")
+    for repair in summary.repairs or []:
+        lines.append(f"repair: {repair.get('repair', '?')} at step {repair.get('step', '?')} "
+                     f"(epoch {repair.get('epoch', '?')}): {repair.get('message', '')}")
+    folder = shlex.quote(str(run_dir))
+    lines.append(f"run folder:  {run_dir}")
+    lines.append(f"TensorBoard: tensorboard --logdir {folder}")
+    return "\n".join(lines)
+
+
 class RunRecordWriter(Callback):
     """``config.yaml`` when training starts; ``summary.json`` then, after every epoch and at the end.
     Install it last, so each summary holds what the other callbacks noted."""
@@ -184,4 +342,4 @@ class RunRecordWriter(Callback):
 def default_callbacks(cfg: Config) -> list[Callback]:
     """The callbacks of a ``python train.py`` run, in the order they are called."""
     return [TensorBoardLogger(cfg.train.log_every), Plots(cfg.train.plots, cfg.eval.score_threshold),
-            ModelCheckpoint(), MetricsCsv(), RunRecordWriter()]
+            ModelCheckpoint(), MetricsCsv(), ConsoleLogger(), RunRecordWriter()]
