@@ -2,8 +2,9 @@
 
 ``tests/data/replay_frozen_backbone`` is a benchmark run recorded by the diagnosis before it became a
 package (``steps.json``: the per-step signals; ``metrics.csv``: the epoch rows; ``summary.json``: its
-findings). ``DETLAB_REPLAY_RUNS=<folder of run folders>`` (e.g. a ``benchmarks/diagnosis/bench_diagnosis.py`` output's
-``runs``) replays those too.
+findings). ``DETLAB_REPLAY_RUNS=<folder of run folders>`` (each with ``steps.json`` as ``SignalRecorder.write``
+leaves it, ``metrics.csv``, ``summary.json`` and ``config.yaml``) replays those too; the benchmark's own
+recordings are replayed by ``python -m benchmarks.diagnosis.bench_diagnosis --replay``.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ raised (its step; for an epoch-level rule the epoch row's ``step``, i.e. optimis
 
 - ``steps``: one dict per optimiser step (``step`` 0-based, ``epoch`` 1-based, ``loss_total``,
   ``loss_cls``, ``loss_box``, ``lr``, ``grad_norm`` (may be missing on a non-finite-loss step),
-  ``grad_norm_cls`` / ``grad_norm_box`` on sampled steps);
+  ``grad_norm_cls`` / ``grad_norm_box`` / ``grad_dead_share`` on sampled steps, and there the
+  benchmark recorder's ``grad_norm_first_layer`` / ``grad_norm_last_layer`` / ``grad_zero_share``);
 - ``epochs``: metrics.csv rows (``epoch``, ``step`` = steps done, ``train/loss_total``,
   ``val/loss_total``, ``val/ap50``, ...);
 - ``total_steps``: the planned optimiser steps.
@@ -46,6 +47,18 @@ open, the choice is named at the rule):
    ``src/lightning/pytorch/callbacks/early_stopping.py`` (``_evaluate_stopping_criteria``): defaults
    ``min_delta=0.0, patience=3, mode="min", check_finite=True``; ``divergence_threshold`` has no
    default and is set here to 10x the first finite validation loss of the run (see the function).
+4. The check every training framework ships: stop at a non-finite loss. torchvision's detection
+   reference (``references/detection/engine.py``, ``train_one_epoch``): ``if not
+   math.isfinite(loss_value): print(...); sys.exit(1)``, on every step's reduced total loss.
+
+Scaled to the run (``scaled_settings``, what ``benchmarks/diagnosis/bench_diagnosis.py`` replays; the
+spec's ``baselines.settings`` says the same in words): each tool gets the signals it records at the
+granularity its rules assume. SageMaker saves the loss every ``SAGEMAKER_SAVE_FRACTION`` of the run (its
+500-step default is that fraction of a 10,000-step job; at 500 a 375-step run keeps step 0 only), with
+``num_steps`` at most that interval, so consecutive saves are compared as at the defaults. Lightning
+counts its patience (3) in validations, one per epoch as detlab validates. AUTOTRAINER checks every 3
+epochs (its own period) and its gradient rules read the recorded gradient samples. torchvision's check
+runs on every step. The defaults of each function stay the tools' own (the tests check both).
 
 Runs that diverged. detlab ends a run at its first non-finite loss, so the record stops there and
 the epoch in progress never gets a metrics row. The tools replayed here were built for loops that
@@ -75,7 +88,7 @@ class Alarm:
     """The first alarm one baseline raises on a run."""
 
     baseline: str
-    rule: str  # names the bench maps to a diagnosis pattern (scripts/bench_diagnosis.py BASELINE_PATTERNS)
+    rule: str  # the spec maps "<baseline>.<rule>" to the fault classes it names (spec.yaml, baselines.rules)
     step: int  # optimiser step (per-step rules) or the epoch row's ``step`` = steps done (epoch rules)
     message: str
     extrapolated: bool = False  # the alarm lies past the recorded steps (see the module docstring)
@@ -185,10 +198,10 @@ def _finish(alarm: Optional[Alarm], trace: _Trace) -> Optional[Alarm]:
 # IssueMonitor parameters (AutoTrainer/utils/utils.py default_param; paper Sec. V) and the
 # LossHistory / loss_issue keyword defaults (AutoTrainer/utils/monitor.py).
 AUTOTRAINER_DEFAULTS: dict[str, float] = {
-    "beta_1": 1e-3,  # vanishing: |G_first| / |G_last| below this ...            (not evaluable here)
-    "beta_2": 1e-4,  # ... and |G_first| below this                                  (not evaluable here)
-    "beta_3": 70.0,  # exploding: |G_first| / |G_last| above this                 (not evaluable here)
-    "gamma": 0.7,  # dying ReLU: share of exactly-zero gradient entries            (not evaluable here)
+    "beta_1": 1e-3,  # vanishing: |G_first| / |G_last| below this ...   (grad_norm_first_layer / _last_layer)
+    "beta_2": 1e-4,  # ... and |G_first| below this
+    "beta_3": 70.0,  # exploding: |G_first| / |G_last| above this
+    "gamma": 0.7,  # dying ReLU: share of exactly-zero gradient entries   (grad_zero_share, else grad_dead_share)
     "zeta": 0.03,  # oscillating: local max - local min of accuracy >= zeta ...
     "eta": 0.2,  # ... in at least eta * (epochs so far) pairs
     "delta": 0.01,  # slow convergence: largest epoch-to-epoch accuracy rise below delta
@@ -224,6 +237,34 @@ def _at_ol_judge(acc: Sequence[float], zeta: float, eta: float) -> bool:
     return count >= eta * len(acc)
 
 
+def _at_gradient_issue(sample: Record, p: Mapping[str, float], feature: dict[str, Any],
+                       why: dict[str, str]) -> None:
+    """monitor.py ``gradient_issue`` on one recorded gradient sample: a NaN gradient, else the sticky
+    vanish / explode / died counts (the first reason of each is kept for the alarm's message)."""
+    step = _int(sample.get("step"), -1)
+    first, last = sample.get("grad_norm_first_layer"), sample.get("grad_norm_last_layer")
+    zero = sample.get("grad_zero_share", sample.get("grad_dead_share"))
+    values = [_f(v) for v in (first, last, zero) if v is not None]
+    if any(not _finite(v) for v in values):
+        feature["nan_gradient"] = True
+        return
+    if first is not None and last is not None:
+        g_first, g_last = _f(first), _f(last)
+        with np.errstate(all="ignore"):
+            rate = float(np.float64(g_first) / np.float64(g_last))  # x/0 = inf, 0/0 = nan (never compares)
+        if rate < p["beta_1"] and g_first < p["beta_2"]:
+            feature["vanish_gradient"] += 1
+            why.setdefault("vanish_gradient", f"step {step}: |G_first|/|G_last| = {rate:.3g} < beta_1={p['beta_1']:g} "
+                                              f"and |G_first| = {g_first:.3g} < beta_2={p['beta_2']:g}")
+        if rate > p["beta_3"]:
+            feature["explode_gradient"] += 1
+            why.setdefault("explode_gradient", f"step {step}: |G_first|/|G_last| = {rate:.3g} > beta_3={p['beta_3']:g}")
+    if zero is not None and _f(zero) >= p["gamma"]:
+        feature["died_relu"] += 1
+        which = "grad_zero_share" if "grad_zero_share" in sample else "grad_dead_share"
+        why.setdefault("died_relu", f"step {step}: {which} = {_f(zero):.3g} >= gamma={p['gamma']:g}")
+
+
 def autotrainer(steps: Sequence[Record], epochs: Sequence[Record], total_steps: int, *,
                 acc_key: str = "val/ap50", steps_per_epoch: Optional[int] = None, extrapolate: bool = True,
                 **params: float) -> Optional[Alarm]:
@@ -250,11 +291,17 @@ def autotrainer(steps: Sequence[Record], epochs: Sequence[Record], total_steps: 
     - accuracy: detlab records no accuracy; ``acc_key`` (default ``val/ap50``) stands for both the
       train accuracy (``history['acc']``, used by ``ol_judge``) and the val accuracy, since no
       train-set AP is recorded.
-    - vanishing gradient (|G_1|/|G_n| < beta_1 and |G_1| < beta_2), the layer-ratio part of exploding
-      gradient (|G_1|/|G_n| > beta_3) and dying ReLU (share of zero gradient entries >= gamma) need
-      per-layer gradients of the full model; detlab records only the total gradient norm and the
-      two loss terms' norms on the shared parameters, neither of which is a layer ratio, so these
-      symptoms are never raised here (their features stay 0, as for a model without the symptom).
+    - the gradient rules (``gradient_issue``, at every check, sticky counts): vanishing gradient
+      (|G_first|/|G_last| < beta_1 and |G_first| < beta_2), exploding gradient (|G_first|/|G_last| >
+      beta_3) and dying ReLU (share of zero gradient entries >= gamma) read the last gradient sample
+      at or before the check's epoch end: ``grad_norm_first_layer`` / ``grad_norm_last_layer`` (the
+      first and last trainable kernel's gradient norms, Keras's ``norm_kernel[0]`` / ``[-1]``) and
+      ``grad_zero_share`` (entries of the trainable weights' gradients that are 0), which the benchmark's
+      recorder adds on the steps that sample gradients. A record without them (a run recorded before)
+      falls back to detlab's ``grad_dead_share`` for dying ReLU (weights by count whose gradient is
+      absent or all zero, frozen weights included, which a Keras gradient list would not hold) and
+      leaves the ratio rules out. As in ``determine``, these issues are reported only while "not
+      converged" or "slow convergence" holds, ahead of slow convergence (priority 2).
     - the train loss per epoch is metrics.csv's ``train/loss_total`` (the epoch mean, as Keras's).
     """
     p = {**AUTOTRAINER_DEFAULTS, **params}
@@ -266,11 +313,16 @@ def autotrainer(steps: Sequence[Record], epochs: Sequence[Record], total_steps: 
     for s in tr.steps:
         last_of_epoch[_int(s.get("epoch"), -1)] = s
 
+    samples = [s for s in tr.steps if "grad_zero_share" in s or "grad_dead_share" in s
+               or "grad_norm_first_layer" in s]
+    sample_epochs = [_int(s.get("epoch"), -1) for s in samples]
+
     train_loss: list[float] = []
     val_loss: list[float] = []
     acc: list[float] = []
     feature = {"nan_loss": False, "nan_gradient": False, "not_converge": False, "sc_accuracy": False,
-               "unstable_loss": False}
+               "unstable_loss": False, "died_relu": 0, "explode_gradient": 0, "vanish_gradient": 0}
+    why_gradient: dict[str, str] = {}
     for row in tr.epochs:
         epoch = _int(row.get("epoch"), len(train_loss) + 1)
         if "train/loss_total" in row:
@@ -289,7 +341,10 @@ def autotrainer(steps: Sequence[Record], epochs: Sequence[Record], total_steps: 
                 grad = math.nan
             if grad is not None and not _finite(_f(grad)):
                 feature["nan_gradient"] = True
-        # loss_issue (ICSE era): NaN loss, then convergence symptoms past the judgment point
+        # gradient_issue: the layer rules on the last gradient sample at or before this check
+        at = bisect.bisect_right(sample_epochs, epoch) - 1
+        if at >= 0:
+            _at_gradient_issue(samples[at], p, feature, why_gradient)        # loss_issue (ICSE era): NaN loss, then convergence symptoms past the judgment point
         if (any(not _finite(v) for v in train_loss) or any(not _finite(v) for v in val_loss)
                 or (val_loss and val_loss[-1] >= p["large_loss"])):
             feature["nan_loss"] = True
@@ -307,8 +362,13 @@ def autotrainer(steps: Sequence[Record], epochs: Sequence[Record], total_steps: 
             why = "non-finite or >= 1e5 loss" if feature["nan_loss"] else "non-finite gradient norm"
             issues.append(("exploding_gradient", why))
         if feature["not_converge"] or feature["sc_accuracy"]:
-            # relu / explode (layer ratio) / vanish would be tried first here; they are not evaluable
-            if feature["sc_accuracy"]:
+            if feature["died_relu"] >= 1:
+                issues.append(("dying_relu", why_gradient["died_relu"]))
+            elif feature["explode_gradient"] >= 1:
+                issues.append(("exploding_gradient", why_gradient["explode_gradient"]))
+            elif feature["vanish_gradient"] >= 1:
+                issues.append(("vanishing_gradient", why_gradient["vanish_gradient"]))
+            elif feature["sc_accuracy"]:
                 why = f"largest epoch-to-epoch rise of {acc_key} {_at_max_delta(acc):.4g} < delta={p['delta']:g}"
                 issues.append(("slow_convergence", why))
         elif feature["unstable_loss"]:
@@ -474,17 +534,52 @@ def lightning_early_stopping(steps: Sequence[Record], epochs: Sequence[Record], 
     return None
 
 
+# ------------------------------------------------------------------- torchvision's non-finite check
+def torchvision_nonfinite_loss(steps: Sequence[Record], epochs: Sequence[Record], total_steps: int, *,
+                               steps_per_epoch: Optional[int] = None, extrapolate: bool = True) -> Optional[Alarm]:
+    """The first step whose total loss is not finite (torchvision's detection reference stops the run
+    there: ``if not math.isfinite(loss_value): sys.exit(1)``). A missing loss is not checked; nothing
+    is extrapolated (the check stops at the step it sees)."""
+    for s in sorted(steps, key=lambda r: _int(r.get("step"), 0)):
+        if "loss_total" not in s or s["loss_total"] is None:
+            continue
+        loss = _f(s["loss_total"])
+        if not _finite(loss):
+            return Alarm("torchvision_nonfinite_loss", "nonfinite_loss", _int(s.get("step"), 0),
+                         f"loss {loss} at step {_int(s.get('step'), 0)} is not finite")
+    return None
+
+
 # ------------------------------------------------------------------------------------ registry
-Baseline = Callable[[Sequence[Record], Sequence[Record], int], Optional[Alarm]]
+Baseline = Callable[..., Optional[Alarm]]
 BASELINES: dict[str, Baseline] = {
     "autotrainer": autotrainer,
     "sagemaker_loss_not_decreasing": sagemaker_loss_not_decreasing,
     "sagemaker_overfit": sagemaker_overfit,
     "lightning_early_stopping": lightning_early_stopping,
+    "torchvision_nonfinite_loss": torchvision_nonfinite_loss,
 }
 
+# SageMaker's losses collection saves every 500 steps; a job of 10,000 steps keeps 20 samples. Scaled: every
+# 5% of the run (the spec, baselines.settings).
+SAGEMAKER_SAVE_FRACTION = 0.05
 
-def replay_all(steps: Sequence[Record], epochs: Sequence[Record], total_steps: int,
+
+def scaled_settings(total_steps: int) -> dict[str, dict[str, Any]]:
+    """Each baseline's keyword arguments for a run of ``total_steps`` planned steps, at the granularity its
+    rules assume (module docstring): SageMaker's save interval as a fraction of the run and ``num_steps``
+    within it; Lightning's patience (3 validations), AUTOTRAINER's period (3 epochs) and torchvision's
+    per-step check are the tools' own, since detlab validates once an epoch."""
+    interval = max(1, int(round(SAGEMAKER_SAVE_FRACTION * max(int(total_steps), 1))))
+    return {"autotrainer": {}, "sagemaker_loss_not_decreasing": {"save_interval": interval,
+                                                                 "num_steps": min(10, interval)},
+            "sagemaker_overfit": {}, "lightning_early_stopping": {}, "torchvision_nonfinite_loss": {}}
+
+
+def replay_all(steps: Sequence[Record], epochs: Sequence[Record], total_steps: int, scaled: bool = False,
                **kwargs: Any) -> dict[str, Optional[Alarm]]:
-    """Every baseline's first alarm on one run (``kwargs``: ``steps_per_epoch``, ``extrapolate``)."""
-    return {name: fn(steps, epochs, total_steps, **kwargs) for name, fn in BASELINES.items()}
+    """Every baseline's first alarm on one run (``kwargs``: ``steps_per_epoch``, ``extrapolate``), at the
+    tools' defaults, or with ``scaled`` at ``scaled_settings(total_steps)``."""
+    settings = scaled_settings(total_steps) if scaled else {}
+    return {name: fn(steps, epochs, total_steps, **{**settings.get(name, {}), **kwargs})
+            for name, fn in BASELINES.items()}

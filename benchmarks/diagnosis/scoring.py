@@ -1,0 +1,378 @@
+"""The benchmark's scoring: outcome labels from the runs' records, then two scorings of every system.
+
+Ground truth from the outcome, beside the declared class (the spec's ``outcome``): a run *failed* when
+its final val AP50 is under ``failed_below`` (0.5) x the median of the reference healthy runs of its
+recipe in the same seed set, or it diverged; it is *healthy* at >= ``healthy_from`` (0.8) x that median;
+in between *neither*. A run that crashed is *error*, one without a final metric or a bar *unknown*.
+
+Two scorings, for detlab's diagnosis and for each baseline alike:
+
+- detection against the outcome: the share of failed runs (any kind) with an alarm (``flagged_rate``),
+  and of healthy runs (any kind, whatever was injected) with one (``false_alarm_rate``). For detlab an
+  alarm is any finding with ``failure: true``, which the trainer logs at WARNING; notes
+  (``failure: false``) are counted on their own (``notes``), and ``false_alarm_rate_with_notes`` counts
+  them as alarms too (the trainer logs them at WARNING as well);
+- the right first diagnosis against the declared class, on the fault runs that failed: the first alarm
+  is right when it is one of the class's expected detectors (detlab) or a rule the spec maps to the class
+  (a baseline). Classes that no detector (or rule) can name stay in the denominator
+  (``right_first_rate``); ``right_first_rate_nameable`` leaves them out.
+
+``median_detect_fraction``: the first alarm's step / the run's planned steps, median over the flagged
+failed runs.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+FAILED, HEALTHY, NEITHER, UNKNOWN, ERROR = "failed", "healthy", "neither", "unknown", "error"
+DETLAB = "detlab"
+
+
+@dataclass
+class RunResult:
+    """What the scoring reads of one run (from its recording)."""
+
+    name: str
+    kind: str  # fault | healthy | overhead
+    group: str  # the fault class or healthy group
+    recipe: str
+    seed_set: str
+    seed: int = 0
+    variant: str = ""
+    reference: bool = False
+    expected: list[str] = field(default_factory=list)
+    status: str = "completed"
+    final_metric: Optional[float] = None  # the outcome metric's last value (val/ap50)
+    final_train_loss: Optional[float] = None
+    total_steps: int = 1
+    # findings: {"detector", "step", "failure"} in the order the diagnosis found them
+    findings: list[dict[str, Any]] = field(default_factory=list)
+    # baselines: name -> {"rule", "step"} of its first alarm, or None
+    baselines: dict[str, Optional[dict[str, Any]]] = field(default_factory=dict)
+    wall_time_s: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class Alarm:
+    """A system's first alarm on a run: the detector (detlab) or rule (a baseline), and its step."""
+
+    name: str
+    step: int
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return value is not None and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+# ------------------------------------------------------------------------------------ outcome
+def reference_medians(results: Sequence[RunResult]) -> dict[tuple[str, str], float]:
+    """(recipe, seed set) -> the median final metric of its reference healthy runs that have one."""
+    values: dict[tuple[str, str], list[float]] = {}
+    for r in results:
+        if r.kind == "healthy" and r.reference and _finite(r.final_metric) and not _diverged(r):
+            values.setdefault((r.recipe, r.seed_set), []).append(float(r.final_metric))
+    return {key: statistics.median(v) for key, v in values.items()}
+
+
+def _diverged(r: RunResult) -> bool:
+    return r.status == "diverged" or (r.final_train_loss is not None and not _finite(r.final_train_loss))
+
+
+def outcome(r: RunResult, medians: Mapping[tuple[str, str], float], failed_below: float = 0.5,
+            healthy_from: float = 0.8, diverged_is_failed: bool = True) -> str:
+    """The run's outcome label (module docstring)."""
+    if r.status == "failed":
+        return ERROR
+    if diverged_is_failed and _diverged(r):
+        return FAILED
+    bar = medians.get((r.recipe, r.seed_set))
+    if bar is None or not _finite(r.final_metric):
+        return UNKNOWN
+    value = float(r.final_metric)
+    if value < failed_below * bar:
+        return FAILED
+    if value >= healthy_from * bar:
+        return HEALTHY
+    return NEITHER
+
+
+def outcome_labels(results: Sequence[RunResult], rule: Any = None) -> dict[str, str]:
+    """Every run's label; ``rule``: the spec's ``OutcomeRule`` (default 0.5 / 0.8, divergence fails)."""
+    medians = reference_medians(results)
+    kwargs = {} if rule is None else {"failed_below": rule.failed_below, "healthy_from": rule.healthy_from,
+                                      "diverged_is_failed": rule.diverged_is_failed}
+    return {r.name: outcome(r, medians, **kwargs) for r in results}
+
+
+# ------------------------------------------------------------------------------------ alarms
+def first_failure(findings: Sequence[Mapping[str, Any]]) -> Optional[Alarm]:
+    """The first finding with ``failure`` true (findings are in the order they were found)."""
+    for f in findings:
+        if f.get("failure", True):
+            return Alarm(str(f["detector"]), int(f["step"]))
+    return None
+
+
+def first_finding(findings: Sequence[Mapping[str, Any]]) -> Optional[Alarm]:
+    """The first finding, notes included (what the console shows at WARNING today)."""
+    return Alarm(str(findings[0]["detector"]), int(findings[0]["step"])) if findings else None
+
+
+def detlab_alarm(r: RunResult) -> Optional[Alarm]:
+    return first_failure(r.findings)
+
+
+def baseline_alarm(name: str) -> Callable[[RunResult], Optional[Alarm]]:
+    def pick(r: RunResult) -> Optional[Alarm]:
+        hit = r.baselines.get(name)
+        return None if hit is None else Alarm(str(hit["rule"]), int(hit["step"]))
+
+    return pick
+
+
+# ------------------------------------------------------------------------------------ scoring
+def score(results: Sequence[RunResult], labels: Mapping[str, str], alarm: Callable[[RunResult], Optional[Alarm]],
+          right: Callable[[RunResult, Alarm], bool], nameable: Callable[[RunResult], bool]) -> dict[str, Any]:
+    """Both scorings of one system (module docstring). ``right(run, alarm)``: the first alarm names the
+    run's declared class; ``nameable(run)``: the system has a detector or rule for the run's class."""
+    scored = [r for r in results if r.kind != "overhead"]
+    failed = [r for r in scored if labels.get(r.name) == FAILED]
+    healthy = [r for r in scored if labels.get(r.name) == HEALTHY]
+    declared = [r for r in failed if r.kind == "fault"]
+    hits = {r.name: alarm(r) for r in scored}
+    flagged = [r for r in failed if hits[r.name] is not None]
+    false_alarms = [r for r in healthy if hits[r.name] is not None]
+    right_runs = [r for r in declared if hits[r.name] is not None and right(r, hits[r.name])]
+    nameable_runs = [r for r in declared if nameable(r)]
+    fractions = [hits[r.name].step / max(r.total_steps, 1) for r in flagged]
+    per_class: dict[str, dict[str, Any]] = {}
+    for cls in sorted({r.group for r in scored if r.kind == "fault"}):
+        runs = [r for r in scored if r.kind == "fault" and r.group == cls]
+        cls_failed = [r for r in runs if labels.get(r.name) == FAILED]
+        per_class[cls] = {
+            "runs": len(runs), "failed": len(cls_failed),
+            "labels": {lab: sum(labels.get(r.name) == lab for r in runs) for lab in
+                       (FAILED, NEITHER, HEALTHY, UNKNOWN, ERROR) if any(labels.get(r.name) == lab for r in runs)},
+            "flagged": sum(hits[r.name] is not None for r in cls_failed),
+            "right": sum(r in right_runs for r in cls_failed),
+            "first": [None if hits[r.name] is None else f"{hits[r.name].name}@{hits[r.name].step}" for r in runs],
+            "false_alarms": sum(r in false_alarms for r in runs),
+        }
+    return {
+        "failed_runs": len(failed), "healthy_runs": len(healthy), "declared_failed_runs": len(declared),
+        "flagged": len(flagged), "false_alarms": len(false_alarms), "right_first": len(right_runs),
+        "flagged_rate": _rate(len(flagged), len(failed)),
+        "false_alarm_rate": _rate(len(false_alarms), len(healthy)),
+        "right_first_rate": _rate(len(right_runs), len(declared)),
+        "right_first_rate_nameable": _rate(sum(r in right_runs for r in nameable_runs), len(nameable_runs)),
+        "median_detect_fraction": statistics.median(fractions) if fractions else None,
+        "false_alarm_runs": [f"{r.name}: {hits[r.name].name}@{hits[r.name].step}" for r in false_alarms],
+        "per_class": per_class,
+    }
+
+
+def _rate(k: int, n: int) -> Optional[float]:
+    return k / n if n else None
+
+
+def notes(results: Sequence[RunResult], labels: Mapping[str, str]) -> dict[str, Any]:
+    """Findings with ``failure: false``: on how many healthy and failed runs, and which."""
+    scored = [r for r in results if r.kind != "overhead"]
+    healthy = [r for r in scored if labels.get(r.name) == HEALTHY]
+    failed = [r for r in scored if labels.get(r.name) == FAILED]
+    has = {r.name: [f["detector"] for f in r.findings if not f.get("failure", True)] for r in scored}
+    counts: dict[str, int] = {}
+    for r in scored:
+        for d in has[r.name]:
+            counts[d] = counts.get(d, 0) + 1
+    return {"healthy_with_notes": sum(bool(has[r.name]) for r in healthy), "healthy_runs": len(healthy),
+            "rate_on_healthy": _rate(sum(bool(has[r.name]) for r in healthy), len(healthy)),
+            "failed_with_notes": sum(bool(has[r.name]) for r in failed), "failed_runs": len(failed),
+            "rate_on_failed": _rate(sum(bool(has[r.name]) for r in failed), len(failed)),
+            "by_detector": dict(sorted(counts.items()))}
+
+
+def score_all(results: Sequence[RunResult], spec: Any) -> dict[str, Any]:
+    """Labels, detlab's and every baseline's scores, the notes, and the overhead, for one seed set's runs."""
+    labels = outcome_labels(results, spec.outcome)
+    faults = spec.faults
+
+    def detlab_right(r: RunResult, a: Alarm) -> bool:
+        return a.name in r.expected
+
+    out: dict[str, Any] = {
+        "labels": labels,
+        "reference_medians": {f"{recipe}/{seed_set}": v for (recipe, seed_set), v in reference_medians(results).items()},
+        DETLAB: score(results, labels, detlab_alarm, detlab_right, lambda r: bool(r.expected)),
+    }
+    with_notes = score(results, labels, lambda r: first_finding(r.findings), detlab_right, lambda r: bool(r.expected))
+    out[DETLAB]["false_alarm_rate_with_notes"] = with_notes["false_alarm_rate"]
+    out[DETLAB]["false_alarms_with_notes"] = with_notes["false_alarms"]
+    out["notes"] = notes(results, labels)
+    baselines = sorted({name for r in results for name in r.baselines})
+    out["baselines"] = {}
+    for name in baselines:
+        named = {cls for key, classes in spec.baseline_rules.items() if key.split(".", 1)[0] == name for cls in classes}
+
+        def right(r: RunResult, a: Alarm, name: str = name) -> bool:
+            return r.group in spec.rule_classes(name, a.name)
+
+        out["baselines"][name] = score(results, labels, baseline_alarm(name), right,
+                                       lambda r, named=named: r.group in named)
+    out["overhead"] = overhead(results)
+    out["classes_without_detector"] = sorted(c for c, f in faults.items() if not f.expected)
+    return out
+
+
+def overhead(results: Sequence[RunResult]) -> Optional[float]:
+    """Median wall time of the overhead runs with the diagnosis over those without, minus 1."""
+    on = [r.wall_time_s for r in results if r.kind == "overhead" and r.variant == "on" and _finite(r.wall_time_s)]
+    off = [r.wall_time_s for r in results if r.kind == "overhead" and r.variant == "off" and _finite(r.wall_time_s)]
+    if not on or not off:
+        return None
+    return statistics.median(on) / statistics.median(off) - 1.0
+
+
+# ------------------------------------------------------------------------------------ targets
+def targets(report: Mapping[str, Any], spec_targets: Mapping[str, Any]) -> dict[str, Any]:
+    """Each target of the spec with detlab's figure and whether it is met (None: no figure); and, per
+    baseline, whether detlab's recall is higher at equal or fewer false alarms."""
+    d = report[DETLAB]
+    figures = {"flagged_rate": d["flagged_rate"], "right_first_rate": d["right_first_rate"],
+               "false_alarm_rate": d["false_alarm_rate"], "median_detect_fraction": d["median_detect_fraction"],
+               "overhead": report.get("overhead")}
+    out: dict[str, Any] = {}
+    for key, value in figures.items():
+        bound = spec_targets.get(key)
+        if not isinstance(bound, Mapping):
+            continue
+        kind, limit = ("min", bound["min"]) if "min" in bound else ("max", bound["max"])
+        met = None if value is None else (value >= limit if kind == "min" else value <= limit)
+        entry = {"value": value, "target": limit, "kind": kind, "met": met}
+        if key == "false_alarm_rate":
+            enough = d["healthy_runs"] >= int(spec_targets.get("min_healthy_runs", 0))
+            entry["healthy_runs"] = d["healthy_runs"]
+            entry["met"] = None if met is None else (met and enough)
+        out[key] = entry
+    if spec_targets.get("beats_baselines"):
+        for name, b in report["baselines"].items():
+            figures_known = None not in (d["flagged_rate"], b["flagged_rate"], d["false_alarm_rate"], b["false_alarm_rate"])
+            met = (figures_known and d["flagged_rate"] > b["flagged_rate"]
+                   and d["false_alarm_rate"] <= b["false_alarm_rate"]) if figures_known else None
+            out[f"beats_{name}"] = {"value": (d["flagged_rate"], d["false_alarm_rate"]),
+                                    "target": (b["flagged_rate"], b["false_alarm_rate"]), "met": met}
+    return out
+
+
+# ------------------------------------------------------------------------------------ rescue
+def rescue(repaired: Sequence[RunResult], plain: Sequence[RunResult], spec: Any) -> Optional[dict[str, Any]]:
+    """With the repairs on (``repaired``) against the same runs without (``plain``, by name): the failed
+    plain runs whose repaired twin ended healthy, and the healthy runs' metric change."""
+    if not repaired or not plain:
+        return None
+    plain_labels, repaired_labels = outcome_labels(plain, spec.outcome), outcome_labels(repaired, spec.outcome)
+    twins = {r.name: r for r in plain}
+    failed = [r for r in repaired if r.name in twins and plain_labels[r.name] == FAILED and r.kind == "fault"]
+    rescued = [r for r in failed if repaired_labels[r.name] == HEALTHY]
+    changes = [(r.final_metric - twins[r.name].final_metric) / twins[r.name].final_metric for r in repaired
+               if r.kind == "healthy" and r.name in twins and plain_labels[r.name] == HEALTHY
+               and _finite(r.final_metric) and _finite(twins[r.name].final_metric) and twins[r.name].final_metric]
+    return {"failed_without_repairs": len(failed), "rescued": len(rescued),
+            "rescue_rate": _rate(len(rescued), len(failed)), "rescued_runs": [r.name for r in rescued],
+            "healthy_change_mean": statistics.fmean(changes) if changes else None,
+            "healthy_change_worst": min(changes) if changes else None}
+
+
+# ------------------------------------------------------------------------------------ markdown
+def markdown(report: Mapping[str, Any], spec: Any) -> str:
+    seed_set = report["seed_set"]
+    lines = [f"Diagnosis benchmark, spec v{spec.version} (sha256 {spec.sha256[:12]}), {seed_set} seeds "
+             f"{spec.seeds[seed_set]}: {report['runs']} runs recorded"
+             + (f", {len(report['stale'])} of another spec left out" if report.get("stale") else "")
+             + (f", findings {report['findings_source']}" if report.get("findings_source") else "") + ".", ""]
+    medians = report["scores"]["reference_medians"]
+    lines.append("Outcome bars (median final val AP50 of the reference healthy runs): "
+                 + (", ".join(f"{k} {v:.3f}" for k, v in sorted(medians.items())) or "none yet") + ".")
+    counts: dict[str, int] = {}
+    for lab in report["scores"]["labels"].values():
+        counts[lab] = counts.get(lab, 0) + 1
+    lines += [f"Outcomes: {', '.join(f'{k} {v}' for k, v in sorted(counts.items())) or 'none'}.", ""]
+    systems = {DETLAB: report["scores"][DETLAB], **report["scores"]["baselines"]}
+    lines += ["| system | flagged (failed runs) | right first (failed, declared) | right first (nameable) | "
+              "false alarms (healthy runs) | median detection (fraction of run) |", "|---|---|---|---|---|---|"]
+    for name, s in systems.items():
+        lines.append(f"| {name} | {_frac(s['flagged'], s['failed_runs'])} | "
+                     f"{_frac(s['right_first'], s['declared_failed_runs'])} | {_pct(s['right_first_rate_nameable'])} | "
+                     f"{_frac(s['false_alarms'], s['healthy_runs'])} | {_num(s['median_detect_fraction'])} |")
+    d = report["scores"][DETLAB]
+    n = report["scores"]["notes"]
+    lines += ["", f"Notes (findings with failure: false, not alarms): on {n['healthy_with_notes']} of "
+                  f"{n['healthy_runs']} healthy runs ({_pct(n['rate_on_healthy'])}), on {n['failed_with_notes']} of "
+                  f"{n['failed_runs']} failed runs ({_pct(n['rate_on_failed'])}); by detector: "
+                  f"{', '.join(f'{k} {v}' for k, v in n['by_detector'].items()) or 'none'}. Counted as alarms "
+                  f"(the console prints them at WARNING too), the false-alarm rate would be "
+                  f"{_pct(d['false_alarm_rate_with_notes'])}."]
+    lines += ["", "| fault class | expected | runs | failed | neither / healthy | detlab flagged | detlab right | "
+                  "detlab first (detector@step, each run) |", "|---|---|---|---|---|---|---|---|"]
+    for cls, c in d["per_class"].items():
+        labels = c["labels"]
+        lines.append(f"| {cls} | {', '.join(spec.faults[cls].expected) or 'none yet'} | {c['runs']} | {c['failed']} | "
+                     f"{labels.get(NEITHER, 0)} / {labels.get(HEALTHY, 0)} | {c['flagged']} | {c['right']} | "
+                     f"{', '.join(x or '-' for x in c['first'])} |")
+    lines += ["", f"False alarms ({d['false_alarms']} of {d['healthy_runs']} healthy runs): "
+                  f"{'; '.join(d['false_alarm_runs']) or 'none'}"]
+    if report.get("targets") is not None:
+        lines += ["", "| target | detlab | met |", "|---|---|---|"]
+        for key, t in report["targets"].items():
+            if key.startswith("beats_"):
+                (dr, df), (br, bf) = t["value"], t["target"]
+                lines.append(f"| beats {key[6:]}: higher recall at <= its false alarms | {_pct(dr)} / {_pct(df)} vs "
+                             f"{_pct(br)} / {_pct(bf)} | {_yes(t['met'])} |")
+            else:
+                sign = ">=" if t["kind"] == "min" else "<="
+                fmt = _num if key == "median_detect_fraction" else _pct
+                extra = f" over {t['healthy_runs']} healthy runs" if "healthy_runs" in t else ""
+                lines.append(f"| {key} {sign} {fmt(t['target'])} | {fmt(t['value'])}{extra} | {_yes(t['met'])} |")
+    else:
+        lines += ["", "Targets are judged on the confirm seeds only (spec rule 2)."]
+    lines += ["", f"Overhead against diagnosis.enabled=false: {_pct(report['scores']['overhead'])}."]
+    if report.get("bytes_per_step") is not None:
+        lines.append(f"Recordings: {report['recording_bytes']} bytes in all, {report['bytes_per_step']:.0f} bytes "
+                     "per recorded step.")
+    if report.get("replay_agreement"):
+        a = report["replay_agreement"]
+        lines.append(f"Replayed findings equal the runs' own on {a['same']} of {a['runs']} runs"
+                     + (f" (different: {', '.join(a['different'])})" if a["different"] else "") + ".")
+    res = report.get("rescue")
+    if res:
+        lines.append(f"Rescue (repairs on): {res['rescued']} of {res['failed_without_repairs']} failed runs ended "
+                     f"healthy ({_pct(res['rescue_rate'])}); healthy runs' AP50 change mean "
+                     f"{_signed(res['healthy_change_mean'])}, worst {_signed(res['healthy_change_worst'])}.")
+    return "\n".join(lines) + "\n"
+
+
+def _frac(k: int, n: int) -> str:
+    return "n/a" if not n else f"{100 * k / n:.0f}% ({k}/{n})"
+
+
+def _pct(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
+def _signed(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{100 * value:+.1f}%"
+
+
+def _num(value: Optional[float], digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _yes(met: Optional[bool]) -> str:
+    return "n/a" if met is None else ("yes" if met else "**missed**")

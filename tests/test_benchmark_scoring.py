@@ -1,0 +1,174 @@
+"""The diagnosis benchmark's scoring (benchmarks/diagnosis/scoring.py) with known answers: outcome labels
+from the runs' records, detection against the outcome, the right first diagnosis against the declared
+class, the notes on their own, the detection fraction, the baselines' rule-to-class map, the targets."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from benchmarks.diagnosis.scoring import (
+    ERROR,
+    FAILED,
+    HEALTHY,
+    NEITHER,
+    UNKNOWN,
+    RunResult,
+    first_failure,
+    outcome_labels,
+    overhead,
+    reference_medians,
+    rescue,
+    score_all,
+    targets,
+)
+from benchmarks.diagnosis.spec import FaultClass, OutcomeRule
+
+
+def run(name, kind="fault", group="g", ap=None, recipe="r", seed_set="tune", reference=False, status="completed",
+        expected=(), findings=(), baselines=None, total=100, loss=1.0, variant="", wall=None) -> RunResult:
+    return RunResult(name=name, kind=kind, group=group, recipe=recipe, seed_set=seed_set, variant=variant,
+                     reference=reference, expected=list(expected), status=status, final_metric=ap,
+                     final_train_loss=loss, total_steps=total,
+                     findings=[{"detector": d, "step": s, "failure": f} for d, s, f in findings],
+                     baselines=baselines or {}, wall_time_s=wall)
+
+
+def ref(name, ap, seed_set="tune", recipe="r"):
+    return run(name, kind="healthy", group="default", ap=ap, recipe=recipe, seed_set=seed_set, reference=True)
+
+
+# Reference APs 0.4, 0.5, 0.6: median 0.5, so failed < 0.25 <= neither < 0.4 <= healthy (exact in binary).
+REFS = [ref("h1", 0.4), ref("h2", 0.5), ref("h3", 0.6)]
+
+
+@pytest.mark.parametrize("result,label", [
+    (run("a", ap=0.2499), FAILED),
+    (run("b", ap=0.25), NEITHER),  # exactly half the median: not under it
+    (run("c", ap=0.3999), NEITHER),
+    (run("d", ap=0.4), HEALTHY),  # exactly 80%
+    (run("e", ap=0.55, status="diverged"), FAILED),  # diverged, whatever its last AP50
+    (run("f", ap=0.55, loss=math.nan), FAILED),  # a non-finite final training loss
+    (run("g", ap=0.55, status="failed"), ERROR),  # crashed
+    (run("h", ap=None), UNKNOWN),
+    (run("i", ap=math.nan), UNKNOWN),
+    (run("j", ap=0.9, recipe="other"), UNKNOWN),  # no reference runs of its recipe
+    (run("k", ap=0.9, seed_set="confirm"), UNKNOWN),  # the bar of its own seed set only
+    (run("l", ap=0.1, kind="healthy", group="lr"), FAILED),  # a healthy-declared run can fail
+])
+def test_outcome_labels(result, label):
+    labels = outcome_labels([*REFS, result], OutcomeRule())
+    assert labels[result.name] == label
+    assert labels["h1"] == labels["h2"] == labels["h3"] == HEALTHY
+
+
+def test_reference_medians_per_recipe_and_seed_set():
+    results = [*REFS, ref("c1", 0.5, "confirm"), ref("c2", 0.7, "confirm"), ref("w", 0.3, recipe="wider"),
+               run("x", kind="healthy", ap=0.1, reference=False), ref("nan", math.nan)]
+    assert reference_medians(results) == {("r", "tune"): 0.5, ("r", "confirm"): 0.6, ("wider", "tune"): 0.3}
+
+
+def test_first_failure_skips_notes():
+    findings = [{"detector": "under_confidence", "step": 5, "failure": False},
+                {"detector": "stuck", "step": 9, "failure": True}, {"detector": "divergence", "step": 9}]
+    assert first_failure(findings).name == "stuck" and first_failure(findings).step == 9
+    assert first_failure(findings[:1]) is None
+
+
+SPEC = SimpleNamespace(
+    outcome=OutcomeRule(),
+    faults={"slow": FaultClass("slow", "r", [], None, ["stuck"], "why", "r", 3),
+            "blowup": FaultClass("blowup", "r", [], None, ["divergence"], "why", "r", 3),
+            "noise": FaultClass("noise", "r", [], "label_noise", [], "none yet", "r", 3)},
+    baseline_rules={"tool.flat": ["slow"], "tool.nan": ["blowup"]},
+    targets={"flagged_rate": {"min": 0.95}, "right_first_rate": {"min": 0.85}, "false_alarm_rate": {"max": 0.03},
+             "min_healthy_runs": 4, "median_detect_fraction": {"max": 0.10}, "overhead": {"max": 0.03},
+             "beats_baselines": True},
+)
+SPEC.rule_classes = lambda baseline, rule: SPEC.baseline_rules.get(f"{baseline}.{rule}", [])
+
+# 3 references (healthy), 2 healthy variants, 6 fault runs: 5 failed, 1 healthy.
+RESULTS = [
+    *REFS,
+    run("lr", kind="healthy", group="lr", ap=0.85, findings=[("under_confidence", 90, False)],
+        baselines={"tool": {"rule": "flat", "step": 50}}),  # a note only: no false alarm; the tool's is one
+    run("b16", kind="healthy", group="b16", ap=0.74, findings=[("random_large_boxes", 25, True)]),  # a false alarm
+    run("slow1", group="slow", expected=["stuck"], ap=0.1, findings=[("stuck", 20, True)],
+        baselines={"tool": {"rule": "flat", "step": 40}}),  # right, at 0.2
+    run("slow2", group="slow", expected=["stuck"], ap=0.1, findings=[("avoidance", 50, True), ("stuck", 60, True)],
+        baselines={"tool": {"rule": "nan", "step": 90}}),  # flagged, wrong first (both)
+    run("blow1", group="blowup", expected=["divergence"], ap=0.9, status="diverged", total=200,
+        findings=[("divergence", 20, True)], baselines={"tool": {"rule": "nan", "step": 20}}),  # right, at 0.1
+    run("blow2", group="blowup", expected=["divergence"], ap=0.88, findings=[("divergence", 5, True)],
+        baselines={"tool": None}),  # healthy by outcome: its finding is a false alarm
+    run("noise1", group="noise", expected=[], ap=0.2, findings=[("under_confidence", 99, False)]),  # missed (a note)
+    run("noise2", group="noise", expected=[], ap=0.2, findings=[("stuck", 80, True)]),  # flagged, nothing is right
+    run("ovh", kind="overhead", group="overhead", ap=0.01, findings=[("stuck", 1, True)]),  # never scored
+]
+
+
+def test_detlab_scores_with_known_answers():
+    report = score_all(RESULTS, SPEC)
+    d = report["detlab"]
+    # failed: slow1, slow2, blow1, noise1, noise2 (5); healthy: h1-3, lr, b16, blow2 (6)
+    assert (d["failed_runs"], d["healthy_runs"], d["declared_failed_runs"]) == (5, 6, 5)
+    assert d["flagged"] == 4 and d["flagged_rate"] == pytest.approx(4 / 5)  # noise1 has a note only
+    assert d["false_alarms"] == 2 and d["false_alarm_rate"] == pytest.approx(2 / 6)  # b16, blow2
+    assert d["right_first"] == 2 and d["right_first_rate"] == pytest.approx(2 / 5)  # slow1, blow1
+    assert d["right_first_rate_nameable"] == pytest.approx(2 / 3)  # noise has no expected detector
+    # first failure's step / planned steps: slow1 20/100, slow2 50/100, blow1 20/200, noise2 80/100
+    assert d["median_detect_fraction"] == pytest.approx((0.2 + 0.5) / 2)
+    assert d["false_alarm_rate_with_notes"] == pytest.approx(3 / 6)  # lr's note counted too
+    assert d["per_class"]["slow"] == {"runs": 2, "failed": 2, "labels": {FAILED: 2}, "flagged": 2, "right": 1,
+                                      "first": ["stuck@20", "avoidance@50"], "false_alarms": 0}
+    assert d["per_class"]["blowup"]["labels"] == {FAILED: 1, HEALTHY: 1}
+    assert d["per_class"]["blowup"]["false_alarms"] == 1
+    notes = report["notes"]
+    assert (notes["healthy_with_notes"], notes["healthy_runs"], notes["failed_with_notes"]) == (1, 6, 1)
+    assert notes["by_detector"] == {"under_confidence": 2}
+    assert report["classes_without_detector"] == ["noise"]
+
+
+def test_a_baseline_is_right_when_the_spec_maps_its_rule_to_the_class():
+    b = score_all(RESULTS, SPEC)["baselines"]["tool"]
+    assert (b["flagged"], b["false_alarms"], b["right_first"]) == (3, 1, 2)  # right: slow1 (flat), blow1 (nan)
+    assert b["flagged_rate"] == pytest.approx(3 / 5) and b["false_alarm_rate"] == pytest.approx(1 / 6)
+    assert b["right_first_rate_nameable"] == pytest.approx(2 / 3)  # slow and blowup runs are nameable by it
+    assert b["median_detect_fraction"] == pytest.approx(0.4)  # 0.4, 0.9, 0.1
+
+
+def test_targets_and_the_baseline_comparison():
+    report = score_all(RESULTS, SPEC)
+    t = targets(report, SPEC.targets)
+    assert t["flagged_rate"] == {"value": pytest.approx(0.8), "target": 0.95, "kind": "min", "met": False}
+    assert t["median_detect_fraction"]["met"] is False
+    assert t["false_alarm_rate"]["healthy_runs"] == 6 and t["false_alarm_rate"]["met"] is False
+    assert t["overhead"]["met"] is None  # no overhead runs recorded
+    # detlab: 80% flagged at 33% false alarms; the tool: 60% at 17%: higher recall, but more false alarms
+    assert t["beats_tool"]["met"] is False
+
+
+def test_the_false_alarm_target_needs_enough_healthy_runs():
+    quiet = [r for r in RESULTS if r.name not in ("b16", "blow2")]
+    report = score_all(quiet, SPEC)
+    assert report["detlab"]["false_alarm_rate"] == 0.0 and report["detlab"]["healthy_runs"] == 4
+    assert targets(report, SPEC.targets)["false_alarm_rate"]["met"] is True
+    assert targets(report, {**SPEC.targets, "min_healthy_runs": 30})["false_alarm_rate"]["met"] is False
+
+
+def test_overhead_is_the_median_ratio_minus_one():
+    runs = [run(f"on{k}", kind="overhead", variant="on", wall=w) for k, w in enumerate([110.0, 100.0, 130.0])]
+    runs += [run(f"off{k}", kind="overhead", variant="off", wall=w) for k, w in enumerate([100.0, 90.0, 100.0])]
+    assert overhead(runs) == pytest.approx(110.0 / 100.0 - 1)
+    assert overhead(runs[:3]) is None
+
+
+def test_rescue_counts_failed_runs_that_end_healthy_with_the_repairs():
+    plain = [*REFS, run("f1", ap=0.1), run("f2", ap=0.2), run("ok", kind="healthy", group="lr", ap=0.9)]
+    repaired = [*REFS, run("f1", ap=0.85), run("f2", ap=0.3), run("ok", kind="healthy", group="lr", ap=0.81)]
+    r = rescue(repaired, plain, SPEC)
+    assert (r["failed_without_repairs"], r["rescued"], r["rescued_runs"]) == (2, 1, ["f1"])
+    # healthy runs' change: h1-h3 0%, ok -10%
+    assert r["healthy_change_worst"] == pytest.approx(-0.1) and r["healthy_change_mean"] == pytest.approx(-0.025)
