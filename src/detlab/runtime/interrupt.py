@@ -131,6 +131,7 @@ def exit_on_interrupt() -> Iterator[None]:
     try:
         yield
     except Interrupted as stop:
-        print(stop.message, file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+            print(stop.message, file=sys.stderr, flush=True)
         stop.hand_on()  # submitit's requeue exits here
         raise SystemExit(stop.exit_code) from None
