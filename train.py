@@ -5,7 +5,7 @@ Examples:
     python train.py loss.box_weight=0.05              # one of the paper's loss-weight pairs
     python train.py -m +experiment=box_weight_sweep   # the nine-run sweep
     python train.py -m +experiment=weight_search      # Optuna searches box weight and negative ratio
-    python train.py resume=outputs/2026-11-23/20-00-00  # continue a killed run
+    python train.py resume=outputs/2026-11-23/20-00-00  # continue an interrupted or killed run
     torchrun --nproc_per_node=2 train.py              # DistributedDataParallel over 2 processes
 """
 
@@ -23,7 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from detlab.config import Config, load_saved_config, register_configs, to_config
 from detlab.errors import ConfigError, UserError, debug_requested, one_line, report_user_errors
+from detlab.resume import resumed_config
 from detlab.run_record import RunPaths, RunStatus, read_summary, record_failure
+from detlab.runtime.interrupt import exit_on_interrupt
 
 log = logging.getLogger("train")
 register_configs()
@@ -52,6 +54,30 @@ def original_overrides(run_dir: Path) -> list[str] | None:
     return summary.get("overrides") if summary is not None else None
 
 
+def compose_here(overrides: list[str]) -> Config:
+    """train.py's config composed with ``overrides`` inside this Hydra app, typed and validated."""
+    from hydra import compose
+    from hydra.errors import HydraException
+
+    try:
+        return to_config(compose(config_name="config", overrides=overrides))
+    except HydraException as error:
+        raise ConfigError(f"config error: {one_line(error).removeprefix('error: ')}") from None
+
+
+def requeued_job(run_dir: Path, resume: object) -> bool:
+    """A submitit job started again after a preemption or its time limit (submitit requeues it with
+    the same overrides): it continues its run when the run folder's record says ``interrupted`` (this
+    process's signal handling wrote it), or SLURM counts a restart (the job was killed before it
+    could), and a checkpoint is there."""
+    if not os.environ.get("SUBMITIT_EXECUTOR") or resumed_run_dir(resume) or str(resume).lower() == "true":
+        return False
+    paths = RunPaths(run_dir)
+    summary = read_summary(run_dir) or {}
+    restarted = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+    return paths.last.is_file() and (summary.get("status") == RunStatus.INTERRUPTED or restarted)
+
+
 def quiet_other_ranks(argv: list[str]) -> list[str]:
     """Under torchrun, ranks other than 0 get no Hydra folder of their own (rank 0 chooses the run
     folder for all; the others log to the console) and show only errors."""
@@ -78,11 +104,15 @@ def main(raw: DictConfig) -> float | None:
                               "processes; sweep with python train.py -m (hydra/launcher=slurm for a cluster)")
     if hydra_cfg.mode != RunMode.MULTIRUN:
         # A user error (bad value, annotation, image, checkpoint, busy run folder) is one line on
-        # stderr and exit code 2; DETLAB_DEBUG=1 or HYDRA_FULL_ERROR=1 shows the traceback.
-        with report_user_errors():
+        # stderr and exit code 2; DETLAB_DEBUG=1 or HYDRA_FULL_ERROR=1 shows the traceback. A run
+        # ended by SIGINT / SIGTERM (checkpoint and record written) is one line and exit code 130 / 143.
+        with exit_on_interrupt(), report_user_errors():
             return run(raw, hydra_cfg, multirun=False)
     try:
-        return run(raw, hydra_cfg, multirun=True)
+        # An interrupted run ends the sweep (the process was asked to end) as it ends a single run; in a
+        # submitit job the signal then goes on to submitit, which requeues the job.
+        with exit_on_interrupt():
+            return run(raw, hydra_cfg, multirun=True)
     except Exception as error:  # noqa: BLE001 - in a sweep a failing run is a result, not a reason to stop
         from detlab.runtime.fileio import LockedError
 
@@ -102,12 +132,17 @@ def run(raw: DictConfig, hydra_cfg, multirun: bool) -> float | None:
     cfg = to_config(raw)  # before torch is imported (it takes seconds): a bad value fails at once
     overrides = list(hydra_cfg.overrides.task)
     run_dir = cfg.run_dir or resumed_run_dir(cfg.resume) or hydra_cfg.runtime.output_dir
-    if resumed_run_dir(cfg.resume):
-        cfg = config_of_run(Path(run_dir), cfg.resume)
-        overrides = original_overrides(Path(run_dir)) or overrides
-        ignored = [o for o in overrides if not o.startswith("resume=")]
-        if ignored:
-            log.warning("resuming %s with its own config; ignoring %s", run_dir, " ".join(ignored))
+    if multirun and requeued_job(Path(run_dir), cfg.resume):
+        log.info("requeued job: continuing the interrupted run in %s", run_dir)
+        cfg.resume = True
+    paths = RunPaths(Path(run_dir))
+    resuming = resumed_run_dir(cfg.resume) or (str(cfg.resume).lower() == "true" and paths.last.is_file()
+                                               and paths.config.is_file())
+    if resuming:  # the run's own config; only the overrides SAFE_ON_RESUME lists may change it
+        saved = config_of_run(Path(run_dir), cfg.resume)
+        original = original_overrides(Path(run_dir))
+        cfg, overrides = resumed_config(saved, compose_here, original or [], overrides, what=str(cfg.resume))
+        cfg.resume = saved.resume
     if cfg.train.torch_threads is None and multirun:
         cfg.train.torch_threads = threads_per_job(hydra_cfg)
     from detlab.runtime import distributed

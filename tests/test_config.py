@@ -92,6 +92,7 @@ def test_launcher_configs_compose(launcher, plugin):
         slurm = cfg.hydra.launcher
         assert "SlurmLauncher" in slurm._target_ and slurm.partition is None
         assert (slurm.timeout_min, slurm.cpus_per_task, slurm.gpus_per_node, slurm.mem_gb) == (240, 8, 1, 32)
+        assert slurm.max_num_timeout > 0  # a job that reaches its time limit is requeued and continues its run
 
 
 def test_presets_compose():

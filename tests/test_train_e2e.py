@@ -76,7 +76,7 @@ def test_resumed_run_reproduces_the_uninterrupted_run(synthetic_root, tiny_confi
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "killed", callbacks=[*default_callbacks(cfg), InterruptAfterEpochTrained(epoch=2)])
     killed = json.loads((tmp_path / "killed" / "summary.json").read_text())
-    assert killed["status"] == "stopped" and killed["epochs"] == 1 and killed["step"] == 4
+    assert killed["status"] == "interrupted" and killed["epochs"] == 1 and killed["step"] == 4
     assert torch.load(tmp_path / "killed" / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
 
     resumed = train(tiny_config(synthetic_root, *overrides, "resume=true"), tmp_path / "killed")

@@ -41,9 +41,12 @@ class RunStatus(str, enum.Enum):
 
     RUNNING = "running"  # written before the first step and at every epoch while training
     COMPLETED = "completed"  # trained every planned epoch
-    STOPPED = "stopped"  # ended early on purpose: early stopping, the diagnosis's stop, or the user
+    STOPPED = "stopped"  # ended early on purpose: early stopping or the diagnosis's stop
     DIVERGED = "diverged"  # a non-finite loss or the divergence detector ended it
     FAILED = "failed"  # an error ended it (the message says which)
+    # SIGINT/SIGTERM (Ctrl-C, kill, a cluster's preemption) ended it after a step, with checkpoints/last.pt
+    # saved there: resume=<run dir> continues it exactly
+    INTERRUPTED = "interrupted"
     UNKNOWN = "unknown"  # a reader's answer for an unreadable summary.json; never written
 
     def __str__(self) -> str:

@@ -34,6 +34,7 @@ from detlab.runtime.fileio import atomic_binary_writer
 STATUS_COLORS: dict[RunStatus, str] = {
     RunStatus.COMPLETED: "#1e1e1e", RunStatus.DIVERGED: "#c0392b", RunStatus.FAILED: "#c0392b",
     RunStatus.STOPPED: "#d35400", RunStatus.RUNNING: "#2471a3",
+    RunStatus.INTERRUPTED: "#7d3c98",  # to be resumed
 }
 UNKNOWN_COLOR = "#7f8c8d"
 FAILED_COLOR = STATUS_COLORS[RunStatus.FAILED]

@@ -41,9 +41,9 @@ CSV_COLUMNS = (
 TABLE_COLUMNS = [c for c in CSV_COLUMNS if c not in ("message", "path")]
 
 # The order of the counts line ("9 runs: 6 completed, 2 diverged, ..."): how runs ended, the one still
-# going last; a status run_record adds later follows.
-_COUNT_ORDER = (RunStatus.COMPLETED, RunStatus.DIVERGED, RunStatus.FAILED, RunStatus.STOPPED, RunStatus.RUNNING)
-_COUNT_ORDER += tuple(s for s in STATUSES if s not in _COUNT_ORDER)
+# going last, always counted; a status run_record adds later (interrupted) follows when a run has it.
+_ALWAYS_COUNTED = (RunStatus.COMPLETED, RunStatus.DIVERGED, RunStatus.FAILED, RunStatus.STOPPED, RunStatus.RUNNING)
+_COUNT_ORDER = _ALWAYS_COUNTED + tuple(s for s in STATUSES if s not in _ALWAYS_COUNTED)
 
 _FINAL_KEYS = {"ap50": "val/ap50", "tp": "val/tp", "fp": "val/fp", "fn": "val/fn",
                "precision": "val/precision", "recall": "val/recall", "fp_localisation": "val/fp_localisation",
@@ -124,9 +124,10 @@ def compact_findings(findings: Sequence[Mapping[str, Any]]) -> str:
 
 
 def count_statuses(runs: Sequence[RunResult]) -> dict[str, int]:
-    """``{"completed": n, "diverged": n, "failed": n, "stopped": n, "running": n[, "unknown": n]}``."""
+    """``{"completed": n, "diverged": n, "failed": n, "stopped": n, "running": n[, "interrupted": n][, "unknown": n]}``
+    (the first five always, a later status when a run has it)."""
     counts = Counter(run.status for run in runs)
-    return {**{str(s): counts.get(s, 0) for s in _COUNT_ORDER},
+    return {**{str(s): counts.get(s, 0) for s in _COUNT_ORDER if s in _ALWAYS_COUNTED or counts.get(s)},
             **{str(s): n for s, n in counts.items() if s not in _COUNT_ORDER}}
 
 

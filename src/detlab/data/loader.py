@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
 from detlab.config import Config, DatasetConfig
 from detlab.data.cache import DecodedImageCache, default_ram_budget
@@ -176,10 +176,34 @@ def seed_worker(worker_id: int) -> None:
     cv2.setNumThreads(0)
 
 
+class SkippingBatchSampler(BatchSampler):
+    """``BatchSampler`` whose next pass can leave out its first batches (``skip_next``) without
+    loading them: a run resumed mid-epoch continues the epoch's order where it stopped. The order
+    itself is the plain ``BatchSampler``'s, so every other pass is unchanged."""
+
+    def __init__(self, sampler: Sampler, batch_size: int, drop_last: bool) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.skip = 0
+
+    def skip_next(self, batches: int) -> None:
+        """The next pass starts at batch ``batches`` (0-based) of its order."""
+        self.skip = int(batches)
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        batches = super().__iter__()
+        for _ in range(skip):  # indices only: no image is read
+            if next(batches, None) is None:
+                return
+        yield from batches
+
+
 def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int,
-                 drop_last: bool = False, sampler: Optional[Sampler] = None) -> DataLoader:
+                 drop_last: bool = False, sampler: Optional[Sampler] = None, skippable: bool = False) -> DataLoader:
     """A repeatable DataLoader: the shuffle order and the workers' random streams follow ``seed``.
     A ``sampler`` (torchrun's ``DistributedSampler``) chooses the order instead of ``shuffle``.
+    ``skippable``: batches come from a ``SkippingBatchSampler`` (``loader.batch_sampler.skip_next``),
+    built as DataLoader builds its own, so the order is the same.
 
     With ``num_workers=0`` the augmentation draws from torch's global generator (seeded by the
     trainer's ``seed_everything``). Batches whose images were all skipped as bad are empty (see
@@ -187,11 +211,15 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: 
     """
     generator = torch.Generator()
     generator.manual_seed(seed)
+    batching: dict[str, Any] = {"batch_size": batch_size, "shuffle": shuffle and sampler is None, "sampler": sampler,
+                                "drop_last": drop_last}
+    if skippable:  # DataLoader's own choice of sampler, then a batch sampler that can skip
+        if sampler is None:
+            sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+        batching = {"batch_sampler": SkippingBatchSampler(sampler, batch_size, drop_last)}
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=shuffle and sampler is None,
-        sampler=sampler,
+        **batching,
         num_workers=num_workers,
         # A partial of a module-level function: picklable for worker processes.
         collate_fn=functools.partial(collate_detection, input_size=getattr(dataset, "input_size", None)),
@@ -199,5 +227,4 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: 
         worker_init_fn=seed_worker,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
-        drop_last=drop_last,
     )

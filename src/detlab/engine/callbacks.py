@@ -25,9 +25,10 @@ that validates and writes). In the order they come in a run:
                                                     it spends on pictures to
                                                     ``row["pictures_time_s"]``)
 ``on_checkpoint(trainer, name)``                    a checkpoint is due: ``"best"`` (a new best
-                                                    epoch), ``"last"`` (every epoch end, and when
-                                                    the run diverges); ``trainer.checkpoint()``
-                                                    holds what resume restores
+                                                    epoch), ``"last"`` (every epoch end, when the
+                                                    run diverges, and when a signal interrupts it
+                                                    mid-epoch); ``trainer.checkpoint()`` holds
+                                                    what resume restores
 ``on_epoch_end(trainer, row)``                      the epoch is recorded (history, best, findings,
                                                     repairs)
 ``on_train_end(trainer)``                           training stopped, also by an error; paired with

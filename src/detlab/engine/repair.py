@@ -72,5 +72,20 @@ class Rollback:
     def state_dict(self) -> dict[str, int]:
         return {"rollbacks": self.rollbacks}
 
+    def snapshot_state(self) -> Optional[dict[str, Any]]:
+        """The last good state as plain types (a checkpoint written mid-epoch holds it: the epoch-end
+        snapshot a resumed session would otherwise retake at a different point); None when off."""
+        if not self.enabled or self.snapshot is None:
+            return None
+        snap = self.snapshot
+        return {"epoch": snap.epoch, "step": snap.step, "model": snap.model, "optimizer": snap.optimizer,
+                "scaler": snap.scaler}
+
+    def load_snapshot(self, state: Optional[dict[str, Any]], device: torch.device) -> None:
+        if not self.enabled or state is None:
+            return
+        model = {k: v.to(device) for k, v in state["model"].items()}
+        self.snapshot = Snapshot(int(state["epoch"]), int(state["step"]), model, state["optimizer"], state["scaler"])
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rollbacks = int((state or {}).get("rollbacks", 0))

@@ -54,10 +54,11 @@ def resume_checkpoint(resume: Any, paths: RunPaths, previous: Optional[Mapping[s
                       device: torch.device) -> Optional[tuple[Path, dict[str, Any]]]:
     """The checkpoint this session continues from (``resume``: see ``find_resume_checkpoint``), or
     None for a fresh run. A fresh run never overwrites a folder whose record (``previous``) shows
-    trained epochs: ``RunExistsError``, or ``CheckpointError`` when resuming finds no checkpoint."""
+    trained epochs or steps (a run interrupted in its first epoch): ``RunExistsError``, or
+    ``CheckpointError`` when resuming finds no checkpoint."""
     path = find_resume_checkpoint(resume, paths.root)
     if path is None:
-        if previous is not None and int(previous.get("epochs") or 0) > 0:
+        if previous is not None and (int(previous.get("epochs") or 0) > 0 or int(previous.get("step") or 0) > 0):
             what = f"{paths.root} holds a run ({previous.get('status')}, {previous.get('epochs')} epochs)"
             if resume in (False, None) or str(resume).lower() in ("", "false"):
                 raise RunExistsError(f"{what}: resume=true continues it; to train anew, choose another "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
 import traceback
 from dataclasses import dataclass
@@ -36,9 +37,10 @@ from detlab.run_record import (LOSS_KEYS, RunPaths, RunStatus, RunSummary, clear
                                read_test)
 from detlab.runtime.checkpoint import load_weights
 from detlab.runtime.device import select_device
-from detlab.runtime.distributed import (any_rank, broadcast_object, get_rank, get_world_size, is_initialized,
-                                        is_main_process, wrap_model)
-from detlab.runtime.seeding import seed_everything
+from detlab.runtime.distributed import (all_gather_object, any_rank, broadcast_object, get_rank, get_world_size,
+                                        is_initialized, is_main_process, wrap_model)
+from detlab.runtime.interrupt import Interrupted, InterruptSignals, signal_name
+from detlab.runtime.seeding import rng_state, seed_everything, set_rng_state
 from detlab.schedule import stage_boundaries
 
 log = logging.getLogger(__name__)
@@ -47,14 +49,18 @@ __all__ = ["Trainer", "train", "DatasetFactory", "ModelFactory"]
 
 ModelFactory = Callable[[ModelConfig], SSD]
 
+# Under torchrun the ranks agree on an interruption (a 1-element all-reduce) every this many steps.
+INTERRUPT_CHECK_EVERY = 10
+
 
 @dataclass
 class EpochOutcome:
     """An epoch's mean train losses and, when the run must end, its status and why."""
 
     means: dict[str, float]
-    end: Optional[RunStatus] = None  # DIVERGED (ends before validating) or STOPPED
+    end: Optional[RunStatus] = None  # DIVERGED or INTERRUPTED (end before validating) or STOPPED
     message: str = ""
+    progress: Optional[dict[str, Any]] = None  # INTERRUPTED: where in the epoch (see Trainer.checkpoint)
 
 
 class Trainer:
@@ -88,6 +94,11 @@ class Trainer:
         self.device: Optional[torch.device] = None
         self.parts: Optional[TrainingParts] = None
         self._session_start = time.time()
+        # SIGINT / SIGTERM (and submitit's requeue signal) only note that they came while the run
+        # trains; the loop ends after the step in progress (see detlab.runtime.interrupt).
+        self.signals = InterruptSignals()
+        self._progress: Optional[dict[str, Any]] = None  # the epoch in progress, in a mid-epoch checkpoint
+        self._resumed_progress: Optional[dict[str, Any]] = None  # the same, read back by a resumed session
 
     def add_callback(self, callback: Callback) -> None:
         self.callbacks.append(callback)
@@ -132,7 +143,11 @@ class Trainer:
         for key, part in self._resumable().items():
             part.load_state_dict(ckpt[key])
         self.state = RunState(**ckpt["state"])
-        log.info("resumed from %s at epoch %d, step %d", path, self.state.epoch, self.state.step)
+        self._resumed_progress = ckpt.get("progress")
+        progress = self._resumed_progress
+        within = (f" (in epoch {progress['epoch']}, after batch {progress['batches']} of {self.steps_per_epoch})"
+                  if progress else "")
+        log.info("resumed from %s at epoch %d, step %d%s", path, self.state.epoch, self.state.step, within)
         return True
 
     def _resumable(self) -> dict[str, Any]:
@@ -148,16 +163,24 @@ class Trainer:
         The run directory is locked for the whole run: a second process training into it fails at
         once (``LockedError``). A failure before this session has opened the run's record (while
         building, or resuming from a missing or damaged checkpoint) leaves the files of an earlier
-        session, its ``summary.json`` included, as they were.
+        session, its ``summary.json`` included, as they were; so does a resume that finds nothing to
+        do (a completed run, already tested).
+
+        SIGINT or SIGTERM ends the step in progress; the run then writes ``checkpoints/last.pt`` (the
+        epoch's progress included: a resumed session continues the epoch where it stopped) and an
+        ``interrupted`` record, and raises ``Interrupted`` (a ``KeyboardInterrupt``; ``train.py``
+        turns it into one line and exit code 128 + the signal's number).
         """
-        if not self.is_main:  # the other ranks of a torchrun job write nothing; rank 0 holds the lock
-            return self._run_session()
-        with locked_run_folder(self.paths.root):
-            return self._run_session()
+        with self.signals:
+            if not self.is_main:  # the other ranks of a torchrun job write nothing; rank 0 holds the lock
+                return self._run_session()
+            with locked_run_folder(self.paths.root):
+                return self._run_session()
 
     def _run_session(self) -> dict[str, Any]:
         previous = read_summary(self.paths.root)
         record_open = previous is None  # whether this session may (re)write the run's record
+        trained = tested = False
         try:
             self._build()
             self.run_callbacks("on_build")
@@ -169,20 +192,53 @@ class Trainer:
                 log.info("run already complete (%d epochs); nothing to do", self.state.epoch)
                 self.status = RunStatus.COMPLETED
             else:
-                record_open = True
+                record_open = trained = True
                 self._train()
-            if self.is_main and self.status is not RunStatus.DIVERGED:  # also when an earlier session trained
-                score_after_training(self.paths, self.cfg)  # to the end but was stopped before its test
-        except KeyboardInterrupt:
-            self.status, self.message = RunStatus.STOPPED, "interrupted by the user (resume=true continues it)"
+            # Also when an earlier session trained to the end but was stopped before its test; not
+            # when a signal asks this one to end (the test can take minutes; a resume runs it).
+            if (self.is_main and self.status not in (RunStatus.DIVERGED, RunStatus.INTERRUPTED)
+                    and not self.signals.requested):
+                tested = score_after_training(self.paths, self.cfg)
+        except KeyboardInterrupt as interrupt:  # a second Ctrl-C, or one raised by a callback: no checkpoint
+            self.status, self.message = RunStatus.INTERRUPTED, (
+                f"interrupted (KeyboardInterrupt) at step {self.state.step}, without a checkpoint of its own: "
+                f"resume={self.paths.root} continues from the last epoch's end")
             self._end(record_open)
-            raise
+            raise Interrupted(signal.SIGINT, self.message) from interrupt
         except Exception as error:
             self.status, self.message = RunStatus.FAILED, f"{type(error).__name__}: {error}"
             self.traceback = traceback.format_exc(limit=8)
             self._end(record_open)
             raise
-        return self._end(record_open=True)
+        unchanged = (not trained and not tested and previous is not None
+                     and RunStatus.parse(previous.get("status")) is RunStatus.COMPLETED)
+        # Nothing happened: the record, metrics.csv and the checkpoints stay as they are, byte for byte.
+        summary = previous if unchanged else self._end(record_open=True)
+        if self.status is RunStatus.INTERRUPTED:
+            raise self.signals.interrupted(self.message)
+        if self.signals.requested:  # it came after the last step: the run ended as recorded
+            message = f"{signal_name(self.signals.signum)} came after the run ended ({self.status})"
+            test_due = self.cfg.eval.test_protocol and self.status is not RunStatus.DIVERGED
+            if test_due and not self.paths.test.is_file():
+                message += f"; the after-training test did not run: resume={self.paths.root} runs it"
+            raise self.signals.interrupted(message)
+        return summary
+
+    def _interrupt_due(self, within_epoch: bool) -> bool:
+        """Whether a signal asks the run to end: the handler's flag (no host sync). Under torchrun the
+        ranks decide together (any rank's signal), so all end at the same step; that takes a
+        collective, done every ``INTERRUPT_CHECK_EVERY`` steps within an epoch and at its end."""
+        if not is_initialized():
+            return self.signals.requested
+        if within_epoch and self.state.step % INTERRUPT_CHECK_EVERY:
+            return False
+        return any_rank(self.signals.requested, self.device)
+
+    def _interrupted_message(self, epoch: int, batches: Optional[int] = None) -> str:
+        where = (f"after epoch {epoch} (step {self.state.step})" if batches is None else
+                 f"after step {self.state.step} (epoch {epoch}, batch {batches} of {self.steps_per_epoch})")
+        return (f"interrupted by {signal_name(self.signals.signum or signal.SIGINT)} {where}; "
+                f"{self.paths.last.relative_to(self.paths.root)} saved: resume={self.paths.root} continues the run")
 
     def _end(self, record_open: bool) -> dict[str, Any]:
         summary = self.summary()
@@ -206,16 +262,28 @@ class Trainer:
         cfg = self.cfg
         epochs = tqdm(range(self.state.epoch + 1, cfg.train.epochs + 1), desc="epochs", unit="epoch",
                       initial=self.state.epoch, total=cfg.train.epochs, dynamic_ncols=True, disable=not self.is_main)
-        self._take_snapshot()
+        progress, self._resumed_progress = self._resumed_progress, None
+        if progress is not None and self.rollback.enabled:  # the snapshot of the epoch's start, not of now
+            self.rollback.load_snapshot(progress.get("rollback"), self.device)
+        else:
+            self._take_snapshot()
         for epoch in epochs:
-            self.data.start_epoch(cfg.train.seed, epoch, self.rank)
+            within = progress if progress is not None and progress["epoch"] == epoch else None
+            self.data.start_epoch(cfg.train.seed, epoch, self.rank, skip_batches=within["batches"] if within else 0)
+            if within is not None:  # the generators as they were when the earlier session stopped
+                self._restore_generators(within["rng"])
+            progress = None
             t0 = time.time()
-            outcome = self._train_epoch(epoch)
-            train_time = time.time() - t0
+            outcome = self._train_epoch(epoch, within)
+            train_time = time.time() - t0 + (within["train_time_s"] if within else 0.0)
             if outcome.end is RunStatus.DIVERGED:
                 self.status, self.message = outcome.end, outcome.message
                 self.run_callbacks("on_checkpoint", "last")
                 log.error("run diverged: %s", outcome.message)
+                return
+            if outcome.end is RunStatus.INTERRUPTED:
+                self._checkpoint_within_epoch({**outcome.progress, "train_time_s": train_time})
+                self.status, self.message = outcome.end, self._interrupted_message(epoch, outcome.progress["batches"])
                 return
             row, result = self._validate(epoch, outcome, train_time)
             self.state.epoch = epoch
@@ -240,47 +308,78 @@ class Trainer:
                 self.status, self.message = end, message
                 log.warning("stopping early: %s", message)
                 return
+            if epoch < cfg.train.epochs and self._interrupt_due(within_epoch=False):  # this epoch's last.pt is written
+                self.status, self.message = RunStatus.INTERRUPTED, self._interrupted_message(epoch)
+                return
         self.status, self.message = RunStatus.COMPLETED, ""
 
-    def _train_epoch(self, epoch: int) -> EpochOutcome:
+    def _checkpoint_within_epoch(self, progress: dict[str, Any]) -> None:
+        """``last.pt`` at an interruption mid-epoch: the state after the last step, and where the epoch
+        stood (``progress``: epoch, batches taken from the loader, the loss sums so far, every rank's
+        generators, the rollback's epoch-start snapshot), so a resumed session goes on exactly from there."""
+        rng = all_gather_object(rng_state())  # a collective: every rank takes part
+        self._progress = {**progress, "rng": rng, "rollback": self.rollback.snapshot_state()}
+        try:
+            self.run_callbacks("on_checkpoint", "last")
+        finally:
+            self._progress = None
+
+    def _restore_generators(self, states: list[dict[str, Any]]) -> None:
+        if len(states) != self.world_size:
+            log.warning("resumed mid-epoch with %d processes instead of %d: the epoch goes on in the same order, "
+                        "with other augmentation draws", self.world_size, len(states))
+            return
+        set_rng_state(states[self.rank])
+
+    def _train_epoch(self, epoch: int, resumed: Optional[dict[str, Any]] = None) -> EpochOutcome:
+        """One epoch's steps; ``resumed``: the progress of an earlier session that stopped within it (the
+        loader already leaves out the batches it took)."""
         cfg = self.cfg
         self.parts.model.train()
-        sums, seen = dict.fromkeys(LOSS_KEYS, 0.0), 0
+        sums, seen, taken = dict.fromkeys(LOSS_KEYS, 0.0), 0, 0
+        if resumed is not None:
+            sums, seen, taken = dict(resumed["sums"]), int(resumed["seen"]), int(resumed["batches"])
         bar = tqdm(self.data.train_loader, desc=f"epoch {epoch}/{cfg.train.epochs}", unit="batch", leave=False,
-                   dynamic_ncols=True, disable=not self.is_main)
-        for images, targets in bar:
+                   dynamic_ncols=True, disable=not self.is_main, initial=taken)
+        for batch, (images, targets) in enumerate(bar, start=taken + 1):
             # Every image of the batch was unreadable (only dataset.on_bad_image=skip leaves such a
             # batch); under torchrun all ranks skip the step together.
             empty = images.shape[0] == 0
-            if any_rank(empty, self.device) if cfg.dataset.on_bad_image == "skip" else empty:
-                continue
-            step = self.state.step
-            images = images.to(self.device, non_blocking=True)
-            gt_boxes = [t["boxes"].to(self.device, non_blocking=True) for t in targets]
-            sample = self.samples_gradients and step % cfg.diagnosis.grad_norm_every == 0
-            record = self.parts.step(images, gt_boxes, step, grad_clip_norm=cfg.optim.grad_clip_norm,
-                                     sample_gradients=sample)
-            signals = record.signals()
-            if record.updated:
-                self.state.step += 1
-                for key in LOSS_KEYS:
-                    sums[key] += signals[key]
-                seen += 1
-                self.state.add_to_stage(self.stages.stage(step), signals)
-            self.run_callbacks("on_step_end", step, record, signals)
-            findings = self.diagnoser.observe_step(step, epoch, signals)
-            self._report(findings)
-            repaired = self._repair_divergence(findings, step, epoch)
-            if not record.updated:  # a divergence finding too: repaired, or the run ends before the bad update
-                if repaired:
-                    continue
-                return EpochOutcome(self._means(sums, seen), RunStatus.DIVERGED,
-                                    f"non-finite loss at step {step} (epoch {epoch}): "
-                                    f"loss_cls={record.loss_cls}, loss_box={record.loss_box}")
-            bar.set_postfix(loss=f"{record.loss_total:.3f}", cls=f"{record.loss_cls:.3f}", box=f"{record.loss_box:.3f}")
-            end, message = self._stop_decision()
-            if end is not None:
-                return EpochOutcome(self._means(sums, seen), end, message)
+            if not (any_rank(empty, self.device) if cfg.dataset.on_bad_image == "skip" else empty):
+                step = self.state.step
+                images = images.to(self.device, non_blocking=True)
+                gt_boxes = [t["boxes"].to(self.device, non_blocking=True) for t in targets]
+                sample = self.samples_gradients and step % cfg.diagnosis.grad_norm_every == 0
+                record = self.parts.step(images, gt_boxes, step, grad_clip_norm=cfg.optim.grad_clip_norm,
+                                         sample_gradients=sample)
+                signals = record.signals()
+                if record.updated:
+                    self.state.step += 1
+                    for key in LOSS_KEYS:
+                        sums[key] += signals[key]
+                    seen += 1
+                    self.state.add_to_stage(self.stages.stage(step), signals)
+                self.run_callbacks("on_step_end", step, record, signals)
+                findings = self.diagnoser.observe_step(step, epoch, signals)
+                self._report(findings)
+                repaired = self._repair_divergence(findings, step, epoch)
+                # A divergence finding too: repaired (the run goes on), or it ends before the bad update.
+                if not record.updated and not repaired:
+                    return EpochOutcome(self._means(sums, seen), RunStatus.DIVERGED,
+                                        f"non-finite loss at step {step} (epoch {epoch}): "
+                                        f"loss_cls={record.loss_cls}, loss_box={record.loss_box}")
+                if record.updated:
+                    bar.set_postfix(loss=f"{record.loss_total:.3f}", cls=f"{record.loss_cls:.3f}",
+                                    box=f"{record.loss_box:.3f}")
+                    end, message = self._stop_decision()
+                    if end is not None:
+                        return EpochOutcome(self._means(sums, seen), end, message)
+            # A signal ends the run after the step in progress (a flag the handler set: no host sync
+            # of its own); `batch` batches of the epoch are taken, and the generators stand where the
+            # next batch would start drawing.
+            if self._interrupt_due(within_epoch=True):
+                return EpochOutcome(self._means(sums, seen), RunStatus.INTERRUPTED,
+                                    progress={"epoch": epoch, "batches": batch, "sums": dict(sums), "seen": seen})
         if seen == 0:
             skipped = getattr(self.data.train_set, "num_skipped", 0)
             raise BadImageError(f"epoch {epoch}: no readable training image: all {skipped} were skipped as "
@@ -343,12 +442,18 @@ class Trainer:
 
     # --------------------------------------------------------------------------- the run's record
     def checkpoint(self) -> dict[str, Any]:
-        """What ``checkpoints/*.pt`` hold: the weights, the config, and all a resume restores."""
-        return {"model": self.model.state_dict(), "criterion": self.parts.criterion.state_dict(),
-                **{key: part.state_dict() for key, part in self._resumable().items()},
-                "state": {**self.state.to_dict(), "elapsed_s": self._elapsed()},
-                "config": OmegaConf.to_container(OmegaConf.structured(self.cfg)),
-                "epoch": self.state.epoch, "step": self.state.step}
+        """What ``checkpoints/*.pt`` hold: the weights, the config, and all a resume restores. ``epoch``:
+        the epochs completed; a run interrupted mid-epoch adds ``progress`` (where the epoch in
+        progress stood: epoch, batches taken, loss sums, the generators' states, see
+        ``_checkpoint_within_epoch``), and its resumed session continues that epoch exactly."""
+        checkpoint = {"model": self.model.state_dict(), "criterion": self.parts.criterion.state_dict(),
+                      **{key: part.state_dict() for key, part in self._resumable().items()},
+                      "state": {**self.state.to_dict(), "elapsed_s": self._elapsed()},
+                      "config": OmegaConf.to_container(OmegaConf.structured(self.cfg)),
+                      "epoch": self.state.epoch, "step": self.state.step}
+        if self._progress is not None:
+            checkpoint["progress"] = self._progress
+        return checkpoint
 
     def summary(self) -> RunSummary:
         """The run's record as it stands (``summary.json``)."""

@@ -25,14 +25,17 @@ class TrainingData:
     val_loader: DataLoader
     sampler: Optional[DistributedSampler]  # torchrun only
 
-    def start_epoch(self, seed: int, epoch: int, rank: int) -> None:
-        """Re-seed the global generators (augmentation) and the shuffle order for ``epoch``."""
+    def start_epoch(self, seed: int, epoch: int, rank: int, skip_batches: int = 0) -> None:
+        """Re-seed the global generators (augmentation) and the shuffle order for ``epoch``;
+        ``skip_batches``: the epoch's pass starts after its first batches (a run resumed mid-epoch;
+        the caller then puts back the generators' states of the moment it stopped)."""
         seed = epoch_seed(seed, epoch, rank)
         seed_everything(seed)
         if self.train_loader.generator is not None:
             self.train_loader.generator.manual_seed(seed)
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
+        self.train_loader.batch_sampler.skip_next(skip_batches)
 
 
 def build_training_data(cfg: Config, dataset_factory: DatasetFactory, world_size: int, rank: int) -> TrainingData:
@@ -58,6 +61,7 @@ def build_training_data(cfg: Config, dataset_factory: DatasetFactory, world_size
                                      seed=cfg.train.seed, drop_last=True)
     workers, seed = cfg.dataset.num_workers, cfg.train.seed
     train_loader = build_loader(train_set, cfg.train.batch_size // world_size, shuffle=True, num_workers=workers,
-                                seed=seed, drop_last=len(train_set) > cfg.train.batch_size, sampler=sampler)
+                                seed=seed, drop_last=len(train_set) > cfg.train.batch_size, sampler=sampler,
+                                skippable=True)
     val_loader = build_loader(val_set, cfg.train.batch_size, shuffle=False, num_workers=workers, seed=seed)
     return TrainingData(train_set, val_set, train_loader, val_loader, sampler)

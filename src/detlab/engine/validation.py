@@ -137,12 +137,13 @@ def _draw(batch: BatchPrediction, score_threshold: float, limit: int) -> list[np
     return drawn
 
 
-def score_after_training(paths: RunPaths, cfg: Config) -> None:
+def score_after_training(paths: RunPaths, cfg: Config) -> bool:
     """``eval.test_protocol``: score the run's last.pt once into test.json (kept: a resumed run that
-    trains no further does not redo it; one that trains further removed it when it started)."""
+    trains no further does not redo it; one that trains further removed it when it started).
+    Returns whether it scored."""
     protocol = cfg.eval.test_protocol
     if not protocol or not paths.last.is_file() or paths.test.is_file():
-        return
+        return False
     from detlab.evaluation import test_after_training
 
     t0 = time.time()
@@ -150,3 +151,4 @@ def score_after_training(paths: RunPaths, cfg: Config) -> None:
     result["test_time_s"] = round(time.time() - t0, 3)
     write_test(paths.root, result)
     log.info("test (%s, eval.input_size=%s): %s", protocol, cfg.eval.input_size, json.dumps(read_test(paths.root)))
+    return True

@@ -134,6 +134,16 @@ def broadcast_object(value: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def all_gather_object(value: Any) -> list[Any]:
+    """Every rank's ``value`` (a picklable object), in rank order, on every rank; ``[value]`` without
+    a process group."""
+    if not is_initialized():
+        return [value]
+    gathered: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Element-wise sum over the ranks (in place, also returned); unchanged without a process group."""
     if is_initialized():
