@@ -91,6 +91,7 @@ def test_overhead_pairs_run_on_the_confirm_seeds_only():
     assert all(f"diagnosis.enabled={'true' if r.variant == 'on' else 'false'}" in r.overrides for r in pairs)
 
 
+@pytest.mark.slow  # several seconds: kept out of the quick loop
 def test_every_run_composes_and_is_long_enough_for_the_baselines():
     """Each distinct config composes and validates; every run validates at least 6 times, so Lightning's
     patience (3 validations) can run out and AUTOTRAINER's first judged check (30% of the epochs) holds 2

@@ -98,6 +98,7 @@ def _assert_same_detections(expected, actual, atol: float = 1e-4) -> None:
         assert len(set(nearest.indices.tolist())) == len(scores)  # one to one
 
 
+@pytest.mark.slow  # several seconds: kept out of the quick loop
 def test_dynamic_onnx_export_matches_pytorch_on_real_wider_images(checkpoint, tmp_path, widerface_root):
     """Real WIDER val images of different aspect ratios at 320 px longer side (so several input sizes
     go through the one dynamic-size graph): the same boxes and scores as PyTorch, to 1e-4."""
@@ -143,6 +144,7 @@ def test_fixed_size_onnx_export_matches_pytorch_and_carries_the_config(checkpoin
         models(320, 256)
 
 
+@pytest.mark.slow  # several seconds: kept out of the quick loop
 def test_the_torch_export_based_exporter_gives_the_same_file_contract(checkpoint, tmp_path):
     pytest.importorskip("onnxscript")
     path, photos = checkpoint

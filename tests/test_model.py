@@ -113,6 +113,7 @@ def test_ssdlite_mobilenet_v2_shapes():
     assert out["cls_logits"].shape == (2, 2574, 2)
 
 
+@pytest.mark.slow  # several seconds: kept out of the quick loop
 def test_ssd_vgg16_300():
     model = build_model(ModelConfig(name="ssd_vgg16", input_width=300, input_height=300, batch_norm=False))
     assert model.anchors.shape == (8732, 4)
