@@ -82,6 +82,33 @@ def compose_tiny_config(root: Path, *overrides: str):
     return compose_config(overrides=[*base, *overrides])
 
 
+def tiny_predict_config(root: Path, num_images: int = 12):
+    """The prediction tests' config: ``num_images`` synthetic images in ``root/synthetic`` (a quarter
+    of them val), a 160x128 ssd_slim."""
+    from detlab.config import Config
+
+    cfg = Config()
+    cfg.dataset.root = str(root / "synthetic")
+    cfg.dataset.synthetic.num_images = num_images
+    cfg.dataset.synthetic.val_fraction = 0.25
+    cfg.model.input_width, cfg.model.input_height = 160, 128
+    return cfg
+
+
+def save_untrained_checkpoint(cfg, path: Path):
+    """A train.py-shaped checkpoint of a freshly built (seed 0) model of ``cfg``; returns the model."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from detlab.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    torch.save({"model": model.state_dict(), "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+                "epoch": 1, "step": 2}, path)
+    return model
+
+
 def tiny_sweep_overrides(tmp_path: Path, sweep_dir: Path, epochs: int = 2) -> list[str]:
     """``train.py -m`` overrides for a tiny sweep (20 synthetic images at 160x128, batch 8) into ``sweep_dir``."""
     return [f"dataset.root={tmp_path / 'synthetic'}", "dataset.synthetic.num_images=20",

@@ -12,15 +12,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
-from omegaconf import OmegaConf
 
 from detlab import Detections, Detector
-from detlab.config import Config, PredictConfig
+from detlab.config import PredictConfig
 from detlab.data import build_datasets
 from detlab.errors import UserError
-from detlab.model import build_model
 from detlab.predictor import PredictError, predict_images
+
+from conftest import save_untrained_checkpoint, tiny_predict_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,16 +29,10 @@ def checkpoint(tmp_path_factory):
     """An untrained ssd_slim checkpoint (160x128 input, ``eval.score_threshold=0.3``) and a folder of
     three synthetic val images at their own size (320x256: boxes are mapped back from the input size)."""
     root = tmp_path_factory.mktemp("detector")
-    cfg = Config()
-    cfg.dataset.root = str(root / "synthetic")
-    cfg.dataset.synthetic.num_images = 12
-    cfg.dataset.synthetic.val_fraction = 0.25
-    cfg.model.input_width, cfg.model.input_height = 160, 128
+    cfg = tiny_predict_config(root)
     cfg.eval.score_threshold = 0.3
-    torch.manual_seed(0)
     path = root / "last.pt"
-    torch.save({"model": build_model(cfg.model).state_dict(),
-                "config": OmegaConf.to_container(OmegaConf.structured(cfg)), "epoch": 1, "step": 2}, path)
+    save_untrained_checkpoint(cfg, path)
     _, val = build_datasets(cfg)
     photos = root / "photos"
     photos.mkdir()

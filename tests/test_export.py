@@ -14,13 +14,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from detlab.config import Config, ExportConfig, ModelConfig, PredictConfig
+from detlab.config import ExportConfig, ModelConfig, PredictConfig
 from detlab.data import build_datasets
 from detlab.export import ExportError, export_checkpoint
 from detlab.model import build_model
 from detlab.onnx_runtime import OnnxModelError, load_exported
 from detlab.prediction import OriginalSizeImages, predict_image
 from detlab.predictor import PredictError, load_predictor
+
+from conftest import tiny_predict_config
 
 pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -39,11 +41,7 @@ def checkpoint(tmp_path_factory):
     from detlab.data.wider import read_image_rgb
 
     root = tmp_path_factory.mktemp("export")
-    cfg = Config()
-    cfg.dataset.root = str(root / "synthetic")
-    cfg.dataset.synthetic.num_images = 16
-    cfg.dataset.synthetic.val_fraction = 0.25
-    cfg.model.input_width, cfg.model.input_height = 160, 128
+    cfg = tiny_predict_config(root, num_images=16)
     _, val = build_datasets(cfg)
     photos = root / "photos"
     photos.mkdir()

@@ -11,12 +11,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from detlab.config import Config, PredictConfig
+from detlab.config import PredictConfig
 from detlab.data import build_datasets
-from detlab.model import build_model
 from detlab.predictor import PredictError, find_images, predict_images
+
+from conftest import save_untrained_checkpoint, tiny_predict_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,17 +26,10 @@ def trained(tmp_path_factory):
     """An untrained ssd_slim checkpoint (160x128 input) and a folder ``photos/nested`` of three synthetic
     val images at the input size, plus ``big/`` with the same images enlarged 2x by pixel repetition."""
     root = tmp_path_factory.mktemp("predict")
-    cfg = Config()
-    cfg.dataset.root = str(root / "synthetic")
-    cfg.dataset.synthetic.num_images = 12
-    cfg.dataset.synthetic.val_fraction = 0.25
-    cfg.model.input_width, cfg.model.input_height = 160, 128
+    cfg = tiny_predict_config(root)
     cfg.eval.score_threshold = 0.3
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
     path = root / "last.pt"
-    torch.save({"model": model.state_dict(), "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
-                "epoch": 1, "step": 2}, path)
+    save_untrained_checkpoint(cfg, path)
     _, val = build_datasets(cfg)
     small, big = root / "photos" / "nested", root / "big"
     small.mkdir(parents=True)
