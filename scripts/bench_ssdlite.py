@@ -24,7 +24,7 @@ import torchvision
 from detlab.config import LossConfig, ModelConfig
 from detlab.errors import report_user_errors
 from detlab.loss import MultiBoxLoss
-from detlab.model import assign_targets, build_model
+from detlab.model import build_model
 
 
 def random_faces(batch: int, width: int, height: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -38,14 +38,14 @@ def random_faces(batch: int, width: int, height: int, generator: torch.Generator
 
 
 def detlab_step(model, images, faces, device) -> Callable[[], None]:
-    criterion = MultiBoxLoss(LossConfig())
+    # The criterion matches the faces to the anchors itself (as in training), so matching is timed too.
+    criterion = MultiBoxLoss(LossConfig(), model.anchors, model.box_coder, model.cfg.match_iou)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     faces = [f.to(device) for f in faces]
 
     def step() -> None:
         out = model(images)
-        labels, box_targets = assign_targets(model.anchors, faces, model.box_coder, model.cfg.match_iou)
-        loss = criterion(out["cls_logits"], out["bbox_regression"], labels, box_targets)["loss_total"]
+        loss = criterion(out, faces, step=0).total
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
