@@ -80,7 +80,7 @@ class DatasetConfig:
     max_train_images: Optional[int] = None  # None: all
     max_val_images: Optional[int] = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    num_workers: int = 0
+    num_workers: Optional[int] = None  # data-loader workers; null: what suits the machine (0 up to 2 cores)
     # Decoded-image cache (detlab.data.cache): none | ram | disk. Each image is decoded once and kept
     # as uint8, its longer side at most cache_max_side pixels (null: as decoded). ram: the default
     # synthetic set (1,000 images at 320x256) takes about 250 MB there; dataset=widerface says none.
@@ -265,7 +265,7 @@ class EarlyStoppingConfig:
 
 @dataclass
 class TrainConfig:
-    # 15 epochs (375 steps on the default set) keep the default run under 6 minutes on 2 CPU cores.
+    # 15 epochs (375 steps on the default set) keep the default run at about 4 minutes on 2 CPU cores (docs/measured.md).
     epochs: int = 15
     batch_size: int = 32
     seed: int = 0
@@ -325,7 +325,7 @@ class EvaluateConfig:
     save_predictions: Optional[str] = None  # folder for the official submission layout
     gt_dir: Optional[str] = None  # WIDER ground truth (.mat); null: <dataset root>/eval_tools/ground_truth
     batch_size: int = 16
-    num_workers: int = 0
+    num_workers: Optional[int] = None  # null: what suits the machine (as dataset.num_workers)
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = False  # CUDA only
     output_dir: Optional[str] = None  # null: Hydra's output directory
@@ -413,7 +413,8 @@ def validate(cfg: Config) -> None:
     _check(len(ratios) in (2, 3) and all(r >= 0 for r in ratios) and 0 < sum(ratios) <= 1 + 1e-9,
            "dataset.split.ratios", "expected 2 or 3 non-negative shares summing to at most 1", ratios)
     _check(d.min_face_size >= 0, "dataset.min_face_size", "must be >= 0", d.min_face_size)
-    _check(d.num_workers >= 0, "dataset.num_workers", "must be >= 0", d.num_workers)
+    _check(d.num_workers is None or d.num_workers >= 0, "dataset.num_workers", "must be >= 0 or null (auto)",
+           d.num_workers)
     _choice(d.cache, "dataset.cache", ("none", "ram", "disk"))
     _check(d.cache_max_side is None or d.cache_max_side >= 32, "dataset.cache_max_side",
            "must be >= 32 pixels or null", d.cache_max_side)

@@ -27,6 +27,7 @@ from detlab.config import (
     typed_entry_config,
 )
 from detlab.errors import UserError
+from detlab.runtime.device import loader_workers
 
 SPLITS = ("val", "val_all", "test")
 PROTOCOLS = ("detection", "wider")
@@ -128,7 +129,8 @@ def evaluate_checkpoint(run: EvaluateConfig, eval_keys: Sequence[str] = ()) -> d
         model = build_model(cfg.model)
         load_weights(model, checkpoint["model"], f"checkpoint {run.checkpoint}")
         model.to(device)
-        loader = build_loader(dataset, run.batch_size, shuffle=False, num_workers=run.num_workers, seed=0)
+        loader = build_loader(dataset, run.batch_size, shuffle=False, num_workers=loader_workers(run.num_workers, run.device),
+                              seed=0)
         predictions = predict_dataset(model, loader, device, settings, amp)
 
     records = dataset.records

@@ -33,6 +33,7 @@ from detlab.data.wider import (
     read_image_rgb,
 )
 from detlab.errors import UserError
+from detlab.runtime.device import loader_workers
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def check_all_images_exist(groups: Sequence[tuple[Sequence[ImageRecord], Path]])
 
 def build_image_cache(d: DatasetConfig) -> DecodedImageCache:
     """The decoded-image cache the config asks for (``dataset.cache``, ``cache_max_side``, ``cache_dir``)."""
-    budget = d.cache_max_bytes if d.cache_max_bytes is not None else default_ram_budget(max(d.num_workers, 1))
+    budget = d.cache_max_bytes if d.cache_max_bytes is not None else default_ram_budget(max(loader_workers(d.num_workers), 1))
     return DecodedImageCache(d.cache, d.cache_max_side, d.cache_dir, read_image_rgb, max_bytes=budget)
 
 

@@ -3,6 +3,7 @@ torchrun) and the re-seeding at every epoch's start."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -11,10 +12,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from detlab.config import Config
 from detlab.data import build_loader
 from detlab.errors import UserError
+from detlab.runtime.device import available_cores, loader_workers
 from detlab.runtime.distributed import DistributedSetupError, is_initialized
 from detlab.runtime.seeding import epoch_seed, seed_everything
 
 DatasetFactory = Callable[[Config], tuple[Dataset, Dataset]]  # cfg -> (training set, validation set)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,7 +63,9 @@ def build_training_data(cfg: Config, dataset_factory: DatasetFactory, world_size
         # together are the global batch; set_epoch draws a new permutation per epoch.
         sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True,
                                      seed=cfg.train.seed, drop_last=True)
-    workers, seed = cfg.dataset.num_workers, cfg.train.seed
+    workers, seed = loader_workers(cfg.dataset.num_workers, cfg.train.device), cfg.train.seed
+    if cfg.dataset.num_workers is None:
+        log.info("data-loader workers: %d (dataset.num_workers=null: chosen for %d cores)", workers, available_cores())
     train_loader = build_loader(train_set, cfg.train.batch_size // world_size, shuffle=True, num_workers=workers,
                                 seed=seed, drop_last=len(train_set) > cfg.train.batch_size, sampler=sampler,
                                 skippable=True)
