@@ -89,9 +89,15 @@ def with_eval_overrides(trained: Config, values: EvalConfig, eval_keys: Sequence
         raise EvaluationError(str(error)) from None
 
 
-def evaluate_checkpoint(run: EvaluateConfig, eval_keys: Sequence[str] = ()) -> dict[str, Any]:
-    """Predict and score; returns the result dict ``evaluate.py`` prints (see its docstring)."""
+def evaluate_checkpoint(run: EvaluateConfig, eval_keys: Sequence[str] = ()) -> Optional[dict[str, Any]]:
+    """Predict and score; returns the result dict ``evaluate.py`` prints (see its docstring).
+
+    In a torchrun process group (the after-training test of a DistributedDataParallel run) a
+    collective: each rank predicts its share of the images (the batches, or the images at their own
+    size, of ``shard_positions``), rank 0 gathers them in order and scores them as one process does;
+    the other ranks return None."""
     from detlab.data import build_datasets, build_loader, build_predict_dataset
+    from detlab.runtime.distributed import gather_in_order, get_rank, get_world_size, is_initialized, shard_positions
     from detlab.runtime.checkpoint import load_weights
     from detlab.trained import load_trained
     from detlab.runtime.device import select_device
@@ -124,14 +130,18 @@ def evaluate_checkpoint(run: EvaluateConfig, eval_keys: Sequence[str] = ()) -> d
         long_side = test_size if isinstance(test_size, int) else None
         images = OriginalSizeImages(dataset.records, dataset.images_dir, long_side=long_side)
         predictions = predict_original_size(ModelsBySize(cfg.model, checkpoint["model"], device), images, device,
-                                            settings, amp)
+                                            settings, amp, indices=shard_positions(len(images)))
     else:
         model = build_model(cfg.model)
         load_weights(model, checkpoint["model"], f"checkpoint {run.checkpoint}")
         model.to(device)
+        shard = (get_rank(), get_world_size()) if is_initialized() else None
         loader = build_loader(dataset, run.batch_size, shuffle=False, num_workers=loader_workers(run.num_workers, run.device),
-                              seed=0)
+                              seed=0, shard=shard)
         predictions = predict_dataset(model, loader, device, settings, amp)
+    predictions = gather_in_order(predictions, key=lambda prediction: prediction[0])  # by image, on rank 0
+    if predictions is None:
+        return None
 
     records = dataset.records
     result: dict[str, Any] = {}
@@ -174,9 +184,10 @@ def wider_gt_dir(dataset_root: str, gt_dir: Optional[str] = None) -> Path:
     return Path(gt_dir).expanduser() if gt_dir else Path(dataset_root).expanduser() / "eval_tools" / "ground_truth"
 
 
-def test_after_training(checkpoint: Path | str, protocol: str, device: str = "auto") -> dict[str, Any]:
+def test_after_training(checkpoint: Path | str, protocol: str, device: str = "auto") -> Optional[dict[str, Any]]:
     """``eval.test_protocol``: score a run's checkpoint with its own config (``eval.input_size``)
-    on its val split, as ``python evaluate.py checkpoint=... protocol=...`` does."""
+    on its val split, as ``python evaluate.py checkpoint=... protocol=...`` does (under torchrun:
+    split over the ranks, the result on rank 0, None on the others)."""
     return evaluate_checkpoint(EvaluateConfig(checkpoint=str(checkpoint), protocol=protocol, device=device))
 
 

@@ -176,10 +176,12 @@ def predict_original_size(
     device: torch.device,
     settings: EvalConfig,
     amp: bool = False,
+    indices: Optional[Iterable[int]] = None,
 ) -> list[Prediction]:
-    """Each image at its own input size (``OriginalSizeImages``), batch of one, through ``models``."""
+    """Each image at its own input size (``OriginalSizeImages``), batch of one, through ``models``;
+    ``indices``: only those images (a process's share under torchrun), else all."""
     out: list[Prediction] = []
-    for index in range(len(dataset)):
+    for index in range(len(dataset)) if indices is None else indices:
         image, target = dataset[index]
         out.append((int(target["image_id"]), *predict_image(models, image, target, device, settings, amp)))
     return out

@@ -34,6 +34,7 @@ from detlab.data.wider import (
 )
 from detlab.errors import UserError
 from detlab.runtime.device import loader_workers
+from detlab.runtime.distributed import shard_positions
 
 log = logging.getLogger(__name__)
 
@@ -200,11 +201,14 @@ class SkippingBatchSampler(BatchSampler):
 
 
 def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int,
-                 drop_last: bool = False, sampler: Optional[Sampler] = None, skippable: bool = False) -> DataLoader:
+                 drop_last: bool = False, sampler: Optional[Sampler] = None, skippable: bool = False,
+                 shard: Optional[tuple[int, int]] = None) -> DataLoader:
     """A repeatable DataLoader: the shuffle order and the workers' random streams follow ``seed``.
     A ``sampler`` (torchrun's ``DistributedSampler``) chooses the order instead of ``shuffle``.
     ``skippable``: batches come from a ``SkippingBatchSampler`` (``loader.batch_sampler.skip_next``),
-    built as DataLoader builds its own, so the order is the same.
+    built as DataLoader builds its own, so the order is the same. ``shard=(rank, world_size)`` (a
+    sequential pass split over torchrun's processes: validation, the after-training test): this
+    rank's batches of the one-process pass (``ShardBatchSampler``).
 
     With ``num_workers=0`` the augmentation draws from torch's global generator (seeded by the
     trainer's ``seed_everything``). Batches whose images were all skipped as bad are empty (see
@@ -214,7 +218,11 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: 
     generator.manual_seed(seed)
     batching: dict[str, Any] = {"batch_size": batch_size, "shuffle": shuffle and sampler is None, "sampler": sampler,
                                 "drop_last": drop_last}
-    if skippable:  # DataLoader's own choice of sampler, then a batch sampler that can skip
+    if shard is not None:
+        if shuffle or sampler is not None or drop_last or skippable:
+            raise ValueError("shard: a sequential pass of every image, without shuffle, sampler, drop_last or skips")
+        batching = {"batch_sampler": ShardBatchSampler(SequentialSampler(dataset), batch_size, *shard)}
+    elif skippable:  # DataLoader's own choice of sampler, then a batch sampler that can skip
         if sampler is None:
             sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
         batching = {"batch_sampler": SkippingBatchSampler(sampler, batch_size, drop_last)}
@@ -229,3 +237,28 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: 
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
+
+
+class ShardBatchSampler(BatchSampler):
+    """Rank ``rank``'s share of a sequential pass split over ``world_size`` processes: batch ``i`` of
+    the plain ``BatchSampler``'s order (the batches one process makes, the last one partial) goes to
+    the rank whose ``shard_positions`` hold ``i``. Whole batches, not images, are split: a batch is
+    then exactly one process's, so its predictions and losses are the same numbers (the rounding of
+    a convolution may depend on the batch size), and nothing is padded or repeated."""
+
+    def __init__(self, sampler: Sampler, batch_size: int, rank: int, world_size: int) -> None:
+        super().__init__(sampler, batch_size, drop_last=False)
+        self.rank, self.world_size = rank, world_size
+
+    def positions(self) -> range:
+        """The positions, in the one-process pass, of this rank's batches."""
+        return shard_positions(super().__len__(), self.rank, self.world_size)
+
+    def __iter__(self):
+        mine = self.positions()
+        for position, batch in enumerate(super().__iter__()):  # indices only: no image is read
+            if position in mine:
+                yield batch
+
+    def __len__(self) -> int:
+        return len(self.positions())

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import heapq
 import io
-import itertools
 import math
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -80,17 +79,21 @@ def _bucket(boxes: torch.Tensor, size_edges: Sequence[float]) -> np.ndarray:
 class ErrorGallery:
     """The ``per_size`` highest-scoring false positives and the ``per_size`` largest missed faces of
     each size bucket over one validation pass, matched as ``detlab.metrics`` matches them (greedy, at
-    ``iou_threshold``, predictions scoring at least ``score_threshold``)."""
+    ``iou_threshold``, predictions scoring at least ``score_threshold``).
+
+    Equal keys rank by image (the target's ``image_id``, else the order of arrival), then by order
+    within the image, the earlier first, so the gallery of a pass split over processes, ``merge``d,
+    is the gallery of the whole pass."""
 
     def __init__(self, score_threshold: float, iou_threshold: float, size_edges: Sequence[float], per_size: int) -> None:
         self.score_threshold = score_threshold
         self.iou_threshold = iou_threshold
         self.size_edges = list(size_edges)
         self.per_size = per_size
-        # per kind and bucket: a min-heap of (rank key, tie-break, tile) keeping the per_size largest keys
-        self._heaps: dict[str, list[list[tuple[float, int, np.ndarray]]]] = {
+        # per kind and bucket: a min-heap of (rank key, -(image, index), tile) keeping the per_size best
+        self._heaps: dict[str, list[list[tuple[float, tuple[int, int], np.ndarray]]]] = {
             kind: [[] for _ in BUCKETS] for kind in ("false_positives", "missed_faces")}
-        self._counter = itertools.count()
+        self._arrivals = 0  # images seen: their order when targets carry no image_id
         self.totals = {kind: np.zeros(len(BUCKETS), dtype=np.int64) for kind in self._heaps}  # all, not just shown
 
     def update(self, images: torch.Tensor, targets: Sequence[Mapping[str, Any]],
@@ -98,6 +101,8 @@ class ErrorGallery:
         """A validation batch: the model's input images, their targets (``scale``), predictions and
         faces in original pixels."""
         for index, (target, pred, gt) in enumerate(zip(targets, predictions, gt_boxes)):
+            image = int(target["image_id"]) if "image_id" in target else self._arrivals
+            self._arrivals += 1
             keep = pred["scores"] >= self.score_threshold
             boxes, scores = pred["boxes"][keep], pred["scores"][keep]
             match = match_predictions(boxes, scores, gt, self.iou_threshold)
@@ -116,17 +121,35 @@ class ErrorGallery:
                 keys = kind_scores if kind_scores is not None else sizes.tolist()  # missed: largest first
                 buckets = _bucket(kind_boxes, self.size_edges)
                 self.totals[kind] += np.bincount(buckets, minlength=len(BUCKETS))
-                for box, bucket, key in zip(kind_boxes / scale, buckets, keys):
-                    heap = self._heaps[kind][bucket]
-                    if len(heap) < self.per_size or key > heap[0][0]:
+                for j, (box, bucket, key) in enumerate(zip(kind_boxes / scale, buckets, keys)):
+                    rank = (float(key), (-image, -j))  # equal keys: the earlier image, then box, ranks higher
+                    if self._wanted(kind, bucket, rank):
                         label = f"{key:.2f}" if kind_scores is not None else None
-                        tile = _tile(images[index], box, colour, label, context, context_colour)
-                        item = (float(key), next(self._counter), tile)
-                        (heapq.heappush if len(heap) < self.per_size else heapq.heapreplace)(heap, item)
+                        self._keep(kind, bucket, (*rank, _tile(images[index], box, colour, label, context,
+                                                              context_colour)))
+
+    def merge(self, other: "ErrorGallery") -> None:
+        """Add ``other``'s crops and totals: another process's share of the same pass (other images,
+        ``image_id``s of the same dataset). The result does not depend on how the pass was split."""
+        for kind, heaps in other._heaps.items():
+            self.totals[kind] += other.totals[kind]
+            for bucket, heap in enumerate(heaps):
+                for item in heap:
+                    if self._wanted(kind, bucket, item[:2]):
+                        self._keep(kind, bucket, item)
+
+    def _wanted(self, kind: str, bucket: int, rank: tuple[float, tuple[int, int]]) -> bool:
+        heap = self._heaps[kind][bucket]
+        return len(heap) < self.per_size or rank > heap[0][:2]
+
+    def _keep(self, kind: str, bucket: int, item: tuple[float, tuple[int, int], np.ndarray]) -> None:
+        heap = self._heaps[kind][bucket]
+        (heapq.heappush if len(heap) < self.per_size else heapq.heapreplace)(heap, item)
 
     def pictures(self) -> dict[str, np.ndarray]:
         """``{"false_positives", "missed_faces"}``: one row per size bucket, best first, label on the left."""
-        return {kind: _labelled_rows([(name, int(total), [tile for *_, tile in sorted(heap, reverse=True)])
+        return {kind: _labelled_rows([(name, int(total), [tile for *_, tile in sorted(heap, key=lambda i: i[:2],
+                                                                                       reverse=True)])
                                       for name, total, heap in zip(BUCKETS, self.totals[kind], heaps)], self.per_size)
                 for kind, heaps in self._heaps.items()}
 

@@ -37,8 +37,8 @@ from detlab.run_record import (LOSS_KEYS, RunPaths, RunStatus, RunSummary, clear
                                read_test)
 from detlab.runtime.checkpoint import load_weights
 from detlab.runtime.device import select_device
-from detlab.runtime.distributed import (all_gather_object, any_rank, broadcast_object, get_rank, get_world_size,
-                                        is_initialized, is_main_process, wrap_model)
+from detlab.runtime.distributed import (all_gather_object, any_rank, broadcast_buffers, broadcast_object, get_rank,
+                                        get_world_size, is_initialized, is_main_process, wrap_model)
 from detlab.runtime.interrupt import Interrupted, InterruptSignals, signal_name
 from detlab.runtime.seeding import rng_state, seed_everything, set_rng_state
 from detlab.schedule import stage_boundaries
@@ -70,7 +70,8 @@ class Trainer:
     ``add_callback`` adds one). ``dataset_factory(cfg) -> (train_set, val_set)`` and
     ``model_factory(cfg.model) -> SSD`` build the data and the network (a test or a benchmark injects
     a fault there). Under ``torchrun`` every rank builds a Trainer; the model steps as a
-    ``DistributedDataParallel`` and rank 0 alone validates and runs the callbacks.
+    ``DistributedDataParallel``, every rank validates its share of the val batches, and rank 0
+    scores the gathered whole and alone runs the callbacks.
     """
 
     def __init__(self, cfg: Config, run_dir: Path | str, overrides: Optional[list[str]] = None,
@@ -195,10 +196,10 @@ class Trainer:
                 record_open = trained = True
                 self._train()
             # Also when an earlier session trained to the end but was stopped before its test; not
-            # when a signal asks this one to end (the test can take minutes; a resume runs it).
-            if (self.is_main and self.status not in (RunStatus.DIVERGED, RunStatus.INTERRUPTED)
-                    and not self.signals.requested):
-                tested = score_after_training(self.paths, self.cfg)
+            # when a signal asks this one to end (the test can take minutes; a resume runs it). Under
+            # torchrun every rank takes part (its share of the images) and rank 0 decides.
+            tested = score_after_training(self.paths, self.cfg, wanted=(
+                self.status not in (RunStatus.DIVERGED, RunStatus.INTERRUPTED) and not self.signals.requested))
         except KeyboardInterrupt as interrupt:  # a second Ctrl-C, or one raised by a callback: no checkpoint
             self.status, self.message = RunStatus.INTERRUPTED, (
                 f"interrupted (KeyboardInterrupt) at step {self.state.step}, without a checkpoint of its own: "
@@ -388,23 +389,26 @@ class Trainer:
 
     def _validate(self, epoch: int, outcome: EpochOutcome,
                   train_time: float) -> tuple[dict[str, float], Optional[ValidationResult]]:
-        """The epoch's metrics row, and the validation result on the rank that validated.
+        """The epoch's metrics row, and the validation result on rank 0.
 
-        Under torchrun rank 0 validates the whole val split alone while the others wait; they receive
-        its row, so every rank's early stopping, diagnosis and repairs decide alike.
+        Under torchrun each rank validates its share of the val batches (with rank 0's BatchNorm
+        statistics, those its checkpoint holds) and rank 0 scores them all (``validate``); the
+        others receive its row, so every rank's early stopping, diagnosis and repairs decide alike.
         """
-        cfg, result, row = self.cfg, None, None
+        cfg, row = self.cfg, None
+        t0 = time.time()
+        broadcast_buffers(self.model)
+        every = cfg.eval.gallery_every
+        result = validate(self.model, self.data.val_loader, self.parts.criterion, cfg.eval, self.device,
+                          self.state.step, amp=self.parts.amp, num_images=cfg.eval.num_logged_images,
+                          gallery=every > 0 and (epoch % every == 0 or epoch == cfg.train.epochs))
+        log.debug("validation: %d images on rank %d", result.shard_images, self.rank)
         if self.is_main:
-            t0 = time.time()
-            every = cfg.eval.gallery_every
-            result = validate(self.model, self.data.val_loader, self.parts.criterion, cfg.eval, self.device,
-                              self.state.step, amp=self.parts.amp, num_images=cfg.eval.num_logged_images,
-                              gallery=every > 0 and (epoch % every == 0 or epoch == cfg.train.epochs))
             val_time = time.time() - t0
             row = {"epoch": epoch, "step": self.state.step, "lr": self.parts.optimizer.param_groups[0]["lr"],
                    **{f"train/{k}": v for k, v in outcome.means.items()}, **result.metrics,
                    "train_time_s": train_time, "val_time_s": val_time, "pictures_time_s": result.pictures_time_s}
-        return broadcast_object(row), result
+        return broadcast_object(row), result if self.is_main else None
 
     def _stop_decision(self) -> tuple[Optional[RunStatus], str]:
         """The diagnosis's stop (diverged or stuck), as a run status and message."""

@@ -1,5 +1,6 @@
-"""The data side of a training run: the two datasets, their loaders (a ``DistributedSampler`` under
-torchrun) and the re-seeding at every epoch's start."""
+"""The data side of a training run: the two datasets, their loaders (under torchrun a
+``DistributedSampler`` for training, each rank's share of the validation batches for validation)
+and the re-seeding at every epoch's start."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ class TrainingData:
 
 def build_training_data(cfg: Config, dataset_factory: DatasetFactory, world_size: int, rank: int) -> TrainingData:
     """``dataset_factory(cfg)``'s datasets and their loaders; each of ``world_size`` processes loads
-    ``train.batch_size / world_size`` images per step. ``eval.test_protocol=wider`` without WIDER's
+    ``train.batch_size / world_size`` images per step, and validates its share of the one-process
+    validation batches (``ShardBatchSampler``). ``eval.test_protocol=wider`` without WIDER's
     ground truth is an error here, before anything trains."""
     train_set, val_set = dataset_factory(cfg)
     if cfg.eval.test_protocol == "wider":  # the after-training test needs the official ground truth
@@ -69,5 +71,6 @@ def build_training_data(cfg: Config, dataset_factory: DatasetFactory, world_size
     train_loader = build_loader(train_set, cfg.train.batch_size // world_size, shuffle=True, num_workers=workers,
                                 seed=seed, drop_last=len(train_set) > cfg.train.batch_size, sampler=sampler,
                                 skippable=True)
-    val_loader = build_loader(val_set, cfg.train.batch_size, shuffle=False, num_workers=workers, seed=seed)
+    val_loader = build_loader(val_set, cfg.train.batch_size, shuffle=False, num_workers=workers, seed=seed,
+                              shard=(rank, world_size) if is_initialized() else None)
     return TrainingData(train_set, val_set, train_loader, val_loader, sampler)

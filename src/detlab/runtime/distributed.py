@@ -12,16 +12,22 @@ What is decided here, and documented in the README ("Scaling out"):
   learning rate and the schedule are those of a single-process run);
 - the training set is split by ``torch.utils.data.DistributedSampler`` seeded by ``train.seed`` and
   re-seeded every epoch (``set_epoch``), so a run resumed at an epoch boundary replays its batches;
-- rank 0 alone validates (on the whole val split) and writes every file; the other ranks receive
-  its metrics, so every rank takes the same early-stopping, diagnosis and repair decisions.
+- validation and the after-training test are split over the ranks: rank ``r`` of ``N`` predicts
+  batches ``r, r + N, r + 2N, ...`` of the one-process pass (``shard_positions``: no padding, so
+  no image counts twice), exactly the batches one process makes, so each batch's predictions and
+  losses are the same numbers; ``gather_in_order`` brings them to rank 0 in the one-process order,
+  and rank 0 scores the whole set once, with the one-process code: the metrics are identical;
+- rank 0 alone writes every file; the other ranks receive its metrics, so every rank takes the
+  same early-stopping, diagnosis and repair decisions.
 """
 
 from __future__ import annotations
 
 import datetime
+import itertools
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -30,6 +36,8 @@ from detlab.errors import ConfigError
 from detlab.errors import UserError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class DistributedSetupError(UserError, RuntimeError):
@@ -142,6 +150,56 @@ def all_gather_object(value: Any) -> list[Any]:
     gathered: list[Any] = [None] * get_world_size()
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def gather_object(value: Any, dst: int = 0) -> Optional[list[Any]]:
+    """Every rank's ``value`` (a picklable object), in rank order, on rank ``dst``; None on the other
+    ranks; ``[value]`` without a process group."""
+    if not is_initialized():
+        return [value]
+    gathered: Optional[list[Any]] = [None] * get_world_size() if get_rank() == dst else None
+    dist.gather_object(value, gathered, dst=dst)
+    return gathered
+
+
+def shard_positions(count: int, rank: Optional[int] = None, world_size: Optional[int] = None) -> range:
+    """The positions of ``0 .. count - 1`` that ``rank`` of ``world_size`` takes (default: this
+    process's): every ``world_size``-th, from ``rank`` on. The ranks' shards are disjoint and cover
+    every position once (no padding: ``DistributedSampler`` repeats items to even out the shards,
+    which would count them twice); their sizes differ by one at most; a rank past ``count`` takes none."""
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not one of {world_size} processes")
+    return range(rank, count, world_size)
+
+
+def merge_in_order(parts: Iterable[Iterable[T]], key: Callable[[T], Any]) -> list[T]:
+    """The ranks' shards as one list in the original order: sorted by ``key`` (an item's position
+    before the split); items of equal key keep the order of ``parts`` (rank order), then their own."""
+    return sorted(itertools.chain.from_iterable(parts), key=key)
+
+
+def gather_in_order(items: Sequence[T], key: Callable[[T], Any], dst: Optional[int] = 0) -> Optional[list[T]]:
+    """Every rank's ``items`` (its shard of a pass, picklable) put back in the order of the unsplit
+    pass (``merge_in_order`` by ``key``): on rank ``dst`` (None on the others), or with ``dst=None``
+    on every rank. Without a process group: ``items`` sorted by ``key``. A collective: every rank
+    calls it, an empty shard too."""
+    if not is_initialized():
+        return merge_in_order([items], key)
+    parts = all_gather_object(list(items)) if dst is None else gather_object(list(items), dst)
+    return None if parts is None else merge_in_order(parts, key)
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """``module``'s buffers (BatchNorm's running statistics) as rank ``src`` has them, on every rank.
+    DistributedDataParallel sends rank 0's buffers before each training forward, but that forward
+    then updates each rank's own from its own images; a validation split over the ranks must see
+    the statistics rank 0's checkpoint holds. No-op without a process group."""
+    if not is_initialized():
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=src)
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
