@@ -48,13 +48,16 @@ Sources:
   every training row also has validation values (one row per epoch: those two, a hand-made table
   of epochs) gives the step checks one training loss per epoch; otherwise rows with training values
   are steps and rows with validation values are the epochs' validations (epoch from the epoch column,
-  else counted). A total loss missing is the sum of the loss terms present; recall, precision, AP50
-  and mIoU above 1 are read as percentages. The stages of another training's curves are the first
-  10% (early) and the last 30% (late) of its steps: set ``stages.*`` to change them.
+  else counted: a step belongs to the first validation at or after it; epochs counted from 0 are
+  reported so). A total loss missing is the sum of the loss terms present; recall, precision, AP50
+  and mIoU above 1 are read as percentages. Another training's curves are judged with today's
+  thresholds, generic remedies, and stages of the first 10% (early) and the last 30% (late) of its
+  steps: set ``stages.*`` to change them.
 
 Signals recorded every ``k`` steps (TensorBoard at ``train.log_every``, a CSV logged every k
-iterations) are replayed as consecutive records: the detectors' step windows count records, and a
-finding is dated at the record's step.
+iterations) are replayed as consecutive records: the detectors' step windows count records, the
+stages are the training's (from the run's config), counted in records, and a finding is dated at
+the step of the record that showed it.
 
 This module reads files once and prepares the signals with numpy; the detectors' per-step loop is
 ``replay_findings``. It sits below the engine (it imports no ``detlab.engine`` module).
