@@ -11,12 +11,14 @@ evidence and remedy, and whether it should stop.
 - ``state``: detector states to plain types and back (checkpoints).
 - ``windows``: rolling windows and small statistics on floats.
 - ``replay`` (imported on its own): re-runs the detectors on a run's recorded signals.
+- ``offline`` (imported on its own): the diagnosis of a finished run folder, a CSV or TensorBoard
+  events from any training (``detlab diagnose``): curves in, a report out.
 
 Adding a detector: one ``@register_detector`` class in ``detectors`` and its block in
 ``configs/diagnosis/default.yaml``.
 """
 
-from detlab.diagnosis.detector import Alarm, Detector, DetectorConfig, Level, RunInfo, StopReason, Verdict, When
+from detlab.diagnosis.detector import Alarm, Detector, DetectorConfig, Level, Need, RunInfo, StopReason, Verdict, When
 from detlab.diagnosis.detectors import DIVERGENCE, Divergence
 from detlab.diagnosis.diagnoser import Diagnoser, DiagnosisStatus, Finding
 from detlab.diagnosis.registry import (
@@ -28,13 +30,14 @@ from detlab.diagnosis.registry import (
     register_detector,
     registered_detectors,
     step_level_detectors,
+    unmet_needs,
 )
 from detlab.diagnosis.schema import DiagnosisConfig
 from detlab.diagnosis.windows import is_finite_loss
 
 __all__ = [
     "DIVERGENCE", "Alarm", "ConfigProblem", "Detector", "DetectorConfig", "Diagnoser", "DiagnosisConfig",
-    "DiagnosisSettings", "DiagnosisStatus", "Divergence", "Finding", "Level", "RunInfo", "StopReason", "Verdict",
-    "When", "config_problems", "get_detector", "is_finite_loss", "list_detectors", "register_detector",
-    "registered_detectors", "step_level_detectors",
+    "DiagnosisSettings", "DiagnosisStatus", "Divergence", "Finding", "Level", "Need", "RunInfo", "StopReason",
+    "Verdict", "When", "config_problems", "get_detector", "is_finite_loss", "list_detectors", "register_detector",
+    "registered_detectors", "step_level_detectors", "unmet_needs",
 ]

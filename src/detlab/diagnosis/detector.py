@@ -10,6 +10,9 @@ A detector is a ``Detector`` subclass declaring
   when they judge a whole epoch (validation metrics);
 - ``remedy`` (generic), ``cause`` and ``advice`` (the overrides to try for a given run), ``stop_reason``
   (a finding may stop the run when its block's ``stop`` is set) and ``failure`` (False: a note);
+- ``needs``: the signals it cannot judge without (``Need``), so that a diagnosis of recorded curves
+  (``detlab.diagnosis.offline``) runs it only where they were recorded and says why it skipped it
+  otherwise; ``title``: its name in words (default: the name with spaces);
 - a ``State`` dataclass holding everything it remembers (what a checkpoint keeps), and
   ``check_step`` / ``check_epoch`` returning a ``Verdict``.
 
@@ -73,6 +76,18 @@ class RunInfo:
         return max(1, min(self.cfg.loss_window, self.first_part_end // 2))
 
 
+@dataclass(frozen=True)
+class Need:
+    """What a detector cannot judge without: any one of ``signals`` (step signal names as
+    ``check_step`` reads them, or metrics.csv columns as ``check_epoch`` reads them), said in words
+    by ``what``. ``model``: only the training loop can measure it (gradients, anchor matching, the
+    network's input), so a curve from another training never has it."""
+
+    signals: tuple[str, ...]
+    what: str
+    model: bool = False
+
+
 class When(NamedTuple):
     """Where a check runs: optimiser step, epoch and stage (an epoch check: steps done, stage of the last)."""
 
@@ -99,12 +114,14 @@ class Detector:
     """One failure pattern (see the module docstring). ``self.cfg`` is the detector's block."""
 
     name: ClassVar[str] = ""
+    title: ClassVar[str] = ""  # the name in words ("" at registration: the name with spaces)
     level: ClassVar[Level]
     Config: ClassVar[type[DetectorConfig]] = DetectorConfig
     remedy: ClassVar[str] = ""  # generic, naming the usual config keys
     cause: ClassVar[str] = "the likely cause"  # why it happens, said before a run's own overrides
     stop_reason: ClassVar[Optional[StopReason]] = None  # stop the run when fired and ``cfg.stop``
     failure: ClassVar[bool] = True  # False: its findings are notes on a run that learns, not failures
+    needs: ClassVar[tuple[Need, ...]] = ()  # all of them, each met by any one of its signals
 
     @dataclass
     class State:

@@ -26,6 +26,7 @@ from detlab.diagnosis.detector import (
     Detector,
     DetectorConfig,
     Level,
+    Need,
     StopReason,
     Verdict,
     When,
@@ -45,6 +46,12 @@ if TYPE_CHECKING:
     from detlab.config import Config as RunConfig
 
 DIVERGENCE = "divergence"
+
+# What the detectors need (``Detector.needs``), shared by several.
+TRAIN_LOSS = Need(("loss_total",), "the training loss")
+CLASS_LOSS = Need(("loss_cls", "train/loss_cls"), "the class loss")
+RECALL = Need(("val/recall",), "the validation recall")
+PRED_PER_IMAGE = Need(("val/pred_per_image",), "the predicted boxes per image")
 
 
 def missing_fixes(config: RunConfig, *fixes: str) -> list[str]:
@@ -79,6 +86,7 @@ class Divergence(Detector):
 
     name = DIVERGENCE
     level = Level.STEP
+    needs = (TRAIN_LOSS,)
     cause = "the updates are too large for the loss surface"
     remedy = ("lower optim.lr, keep learning-rate warm-up, clip gradients (optim.grad_clip_norm), "
               "lower the largest loss weight")
@@ -227,6 +235,7 @@ class UnnormalisedInput(_WindowMean):
 
     name = "unnormalised_input"
     signal = "input_std"
+    needs = (Need(("input_std",), "the statistics of the network's input", model=True),)
     cause = "the network's input is not normalised (raw 0-255 pixels, or normalised twice)"
     remedy = "normalise the images as the data pipeline does (ImageNet mean and std) before the model"
 
@@ -260,6 +269,7 @@ class UnmatchedFaces(_WindowMean):
 
     name = "unmatched_faces"
     signal = "face_coverage"
+    needs = (Need(("face_coverage",), "the anchors' matching of the training faces", model=True),)
     cause = ("most training faces have no anchor that fits them: the anchor sizes do not span the faces, or the "
              "boxes are not xyxy in input pixels (xywh, normalised, swapped)")
     remedy = ("check that the dataset gives boxes as xyxy in pixels and that model.min_sizes span the face sizes "
@@ -293,7 +303,9 @@ class EmptyImages(_ShareAbove):
     the annotations were lost."""
 
     name = "empty_images"
+    title = "images without faces"
     signal = "empty_image_share"
+    needs = (Need(("empty_image_share",), "the training batches' annotations", model=True),)
     what = "the training images have no face"
     cause = "most training images arrive without a face: the annotations were lost or not read (a data bug)"
     remedy = ("check the annotation file and the loader (python scripts/dataset_stats.py counts the faces per "
@@ -316,6 +328,7 @@ class DeadGradients(_ShareAbove):
 
     name = "dead_gradients"
     signal = "grad_dead_share"
+    needs = (Need(("grad_dead_share",), "the model's gradients", model=True),)
     what = "the weights got no gradient"
     unit = "samples"
     cause = "most weights receive no gradient: layers are frozen, or the loss no longer reaches them"
@@ -335,10 +348,12 @@ class Avoidance(Detector):
     collapse (< ``max_pred_per_image``) with recall near zero while ``loss_cls`` fell, and the ranking
     is near chance too (``val/ap50`` < ``max_ap50``). Before any validation, a step check sees its
     cause: the classification term counts so many background anchors per face that predicting
-    nothing is what its falling loss learns."""
+    nothing is what its falling loss learns. Curves without a predictions-per-image record (another
+    training's) are judged on recall and AP50 alone; a detlab run always records it."""
 
     name = "avoidance"
     level = Level.EPOCH
+    needs = (RECALL, CLASS_LOSS)
     cause = "background anchors outweigh the faces in the classification loss, so predicting nothing is cheapest"
     remedy = ("use hard negative mining (loss.neg_pos_ratio=3) so background anchors cannot swamp the "
               "classification loss, add learning-rate warm-up, raise loss.class_weight relative to "
@@ -401,6 +416,7 @@ class Avoidance(Detector):
         cfg, st = self.cfg, self.state
         if math.isnan(st.first_epoch_cls):
             st.first_epoch_cls = float(signals.get("train/loss_cls", math.nan))
+        counted = "val/pred_per_image" in signals  # absent: recall and AP50 judge alone
         ppi = float(signals.get("val/pred_per_image", math.nan))
         if math.isfinite(ppi) and (math.isnan(st.peak_pred_per_image) or ppi > st.peak_pred_per_image):
             st.peak_pred_per_image = ppi
@@ -414,15 +430,20 @@ class Avoidance(Detector):
         # A ranking still climbing out of chance is a run that learns, not one that avoids: measured,
         # healthy default runs read AP50 0.0006 then 0.03 in their first two epochs.
         rise, st.previous_ap50 = ap50 - st.previous_ap50, ap50
-        if not (when.stage != LATE and ppi < cfg.max_pred_per_image and recall < cfg.max_recall
+        collapsed = ppi < cfg.max_pred_per_image if counted else True
+        if not (when.stage != LATE and collapsed and recall < cfg.max_recall
                 and drop >= cfg.min_cls_drop and not ap50 >= cfg.max_ap50 and rise < cfg.min_ap50_rise):
             return False
         evidence = {"pred_per_image": ppi, "recall": recall, "ap50": ap50, "ap50_rise": rise, "loss_cls_first": cls_first,
                     "loss_cls_now": cls_now, "loss_cls_drop": drop, "peak_pred_per_image": st.peak_pred_per_image}
         if "val/mean_score" in signals:
             evidence["mean_score"] = float(signals["val/mean_score"])
+        if not counted:
+            del evidence["pred_per_image"], evidence["peak_pred_per_image"]
+            return Alarm(f"the model finds no face: recall {recall:.3g}, AP50 {ap50:.3g}, while the class loss "
+                         f"fell {100 * drop:.0f}%", evidence)
         return Alarm(f"the model predicts only background: {ppi:.3g} boxes per image, recall {recall:.3g}, "
-                     f"while loss_cls fell {100 * drop:.0f}%", evidence)
+                     f"while the class loss fell {100 * drop:.0f}%", evidence)
 
     def advice(self, config: RunConfig, alarm: Alarm) -> list[str]:
         lo = config.loss
@@ -439,7 +460,9 @@ class UnderConfidence(Detector):
     longer, read at a lower threshold) differs from avoidance's."""
 
     name = "under_confidence"
+    title = "under-confidence"
     level = Level.EPOCH
+    needs = (Need(("val/ap50",), "the validation AP50"), PRED_PER_IMAGE, RECALL)
     failure = False  # the ranking is learnt: a note on how to read the threshold metrics, not a failure
     cause = "the ranking is learnt but the scores are not yet confident; rebalancing or warm-up will not help"
     remedy = ("the model ranks faces (AP50 well above chance) but scores them low: train longer, or read "
@@ -483,6 +506,7 @@ class Stuck(Detector):
 
     name = "stuck"
     level = Level.STEP
+    needs = (TRAIN_LOSS,)
     cause = "the learning rate (or its warm-up) does not move the loss in the first part of training"
     remedy = ("add learning-rate warm-up (schedule.warmup=true) and check the learning rate; rebalance "
               "loss.class_weight / loss.box_weight")
@@ -544,6 +568,8 @@ class LossImbalance(Detector):
 
     name = "loss_imbalance"
     level = Level.STEP
+    needs = (Need(("grad_norm_cls",), "the gradient norms of the class and box terms", model=True),
+             Need(("grad_norm_box",), "the gradient norms of the class and box terms", model=True))
     cause = "one weighted loss term dominates the gradient on the shared backbone"
     remedy = ("raise loss.class_weight or lower loss.box_weight until the two gradient norms are within a few "
               "times of each other, or emphasise classification early with loss.adaptive_weights.enabled=true")
@@ -615,6 +641,8 @@ class RandomLargeBoxes(Detector):
 
     name = "random_large_boxes"
     level = Level.EPOCH
+    needs = (Need(("val/pred_large_share",), "the share of large predicted boxes"), PRED_PER_IMAGE,
+             Need(("val/precision",), "the validation precision"))
     cause = "boxes are regressed before the classifier knows faces"
     remedy = ("add learning-rate warm-up and emphasise classification early (lower box weight early, "
               "loss.adaptive_weights.enabled=true); check the anchor sizes match the faces")
@@ -656,10 +684,13 @@ class RandomLargeBoxes(Detector):
 class SmallFpExplosion(Detector):
     """In the mid stage, ``val/fp`` rose for ``rise_epochs`` epochs, most false positives are small
     background detections (the TIDE breakdown's ``val/small/fp_background``) and ``train/loss_cls``
-    stagnates."""
+    stagnates. Curves without the false positives' sizes (another training's: TP/FP counts only) are
+    judged on the rise and the class loss alone; a detlab run always records the sizes."""
 
     name = "small_fp_explosion"
+    title = "small false-positive explosion"
     level = Level.EPOCH
+    needs = (Need(("val/fp",), "the false-positive count"), CLASS_LOSS)
     cause = "the classifier fires on small background patches"
     remedy = ("strengthen hard negative mining (loss.neg_pos_ratio), tune (raise) the confidence threshold "
               "eval.score_threshold, raise loss.class_weight")
@@ -694,20 +725,25 @@ class SmallFpExplosion(Detector):
         growth = (fps[-1] - fps[0]) / max(fps[0], 1.0)
         # The TIDE breakdown says which small false positives are on background (not badly placed
         # or duplicate boxes on faces); without it, every small false positive counts.
+        sized = "val/small/fp_background" in signals or "val/fp_small_share" in signals
         if "val/small/fp_background" in signals and fps[-1] > 0:
             small_share = float(signals["val/small/fp_background"]) / fps[-1]
         else:
             small_share = float(signals.get("val/fp_small_share", math.nan))
         cls_drop = relative_drop(cls[0], cls[-1])
-        if not (strictly_increasing(fps) and growth >= cfg.min_growth and small_share >= cfg.small_share
-                and cls_drop < cfg.cls_stagnation):
+        if not (strictly_increasing(fps) and growth >= cfg.min_growth
+                and (small_share >= cfg.small_share or not sized) and cls_drop < cfg.cls_stagnation):
             return False
+        evidence = {"fp_start": fps[0], "fp_now": fps[-1], "fp_growth": growth, "fp_small_share": small_share,
+                    "loss_cls_start": cls[0], "loss_cls_now": cls[-1], "loss_cls_drop": cls_drop,
+                    "precision": float(signals.get("val/precision", math.nan)), "epochs": k}
+        if not sized:
+            del evidence["fp_small_share"]
+            return Alarm(f"false positives rose for {k} epochs ({fps[0]:.0f} -> {fps[-1]:.0f}) while the class "
+                         f"loss stagnates ({100 * cls_drop:.1f}% change); their sizes were not recorded", evidence)
         return Alarm(f"false positives rose for {k} epochs ({fps[0]:.0f} -> {fps[-1]:.0f}), "
-                     f"{100 * small_share:.0f}% of them small and on background, while loss_cls stagnates "
-                     f"({100 * cls_drop:.1f}% change)",
-                     {"fp_start": fps[0], "fp_now": fps[-1], "fp_growth": growth, "fp_small_share": small_share,
-                      "loss_cls_start": cls[0], "loss_cls_now": cls[-1], "loss_cls_drop": cls_drop,
-                      "precision": float(signals.get("val/precision", math.nan)), "epochs": k})
+                     f"{100 * small_share:.0f}% of them small and on background, while the class loss stagnates "
+                     f"({100 * cls_drop:.1f}% change)", evidence)
 
     def advice(self, config: RunConfig, alarm: Alarm) -> list[str]:
         lo = config.loss
@@ -726,6 +762,8 @@ class Overfitting(Detector):
 
     name = "overfitting"
     level = Level.EPOCH
+    needs = (Need(("train/loss_total", "loss_total"), "the training loss"),
+             Need(("val/loss_total", "val/miou"), "the validation loss or mIoU"))
     cause = "the model fits the training set at the expense of the val set"
     remedy = ("early stopping on val mIoU (early_stopping.patience; the best checkpoint is kept), "
               "stronger augmentation (dataset.augment.*), more weight decay or more data")
@@ -796,6 +834,8 @@ class ClassLossAtChance(Detector):
 
     name = "class_loss_at_chance"
     level = Level.STEP
+    needs = (Need(("loss_cls",), "the class loss"),
+             Need(("neg_per_pos",), "the hard negative mining's negatives per face", model=True))
     cause = ("the classifier does not separate the faces from the negatives it is trained on: with few mined "
              "negatives per face they are as face-like as the faces, and both are pushed to the same score")
     remedy = "mine more negatives per face (loss.neg_pos_ratio=3); check the learning rate"

@@ -3,16 +3,24 @@
 ``@register_detector`` on a ``Detector`` subclass is all the diagnosis needs to know about it: from
 the registered classes come the ``diagnosis`` config schema (``build_schema``: the shared settings
 and one block per detector, the detector's ``Config``), its validation (``config_problems``: each
-detector's ``checks``), the evaluation order (registration order) and the step/epoch split the
-sweep report uses (``step_level_detectors``).
+detector's ``checks``), the evaluation order (registration order), the step/epoch split the
+sweep report uses (``step_level_detectors``) and which recorded signals each one needs
+(``unmet_needs``: a diagnosis of curves skips a detector whose signals were not recorded).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
-from typing import Any, Iterator, NamedTuple, TypeVar
+from typing import Any, Collection, Iterator, NamedTuple, TypeVar
 
-from detlab.diagnosis.detector import Detector, DetectorConfig, Level, overrides_check_epoch, overrides_check_step
+from detlab.diagnosis.detector import (
+    Detector,
+    DetectorConfig,
+    Level,
+    Need,
+    overrides_check_epoch,
+    overrides_check_step,
+)
 
 D = TypeVar("D", bound=type[Detector])
 
@@ -50,7 +58,11 @@ def register_detector(cls: D) -> D:
     overrides = overrides_check_step if cls.level is Level.STEP else overrides_check_epoch
     if not overrides(cls):
         raise ValueError(f"{cls.__qualname__}: a {cls.level.value}-level detector overrides check_{cls.level.value}")
+    if not all(isinstance(need, Need) and need.signals for need in cls.needs):
+        raise ValueError(f"{cls.__qualname__}: needs is a tuple of Need, each naming at least one signal")
     cls.Config()  # every setting has a default
+    if "title" not in vars(cls) or not cls.title:
+        cls.title = name.replace("_", " ")
     _DETECTORS[name] = cls
     return cls
 
@@ -75,6 +87,11 @@ def registered_detectors() -> tuple[type[Detector], ...]:
 def step_level_detectors() -> frozenset[str]:
     """Detectors whose findings are dated by a step (``Level.STEP``); the others judge whole epochs."""
     return frozenset(name for name, cls in _DETECTORS.items() if cls.level is Level.STEP)
+
+
+def unmet_needs(cls: type[Detector], available: Collection[str]) -> tuple[Need, ...]:
+    """The ``needs`` of ``cls`` that none of the ``available`` signals meets (empty: it can run)."""
+    return tuple(need for need in cls.needs if not any(signal in available for signal in need.signals))
 
 
 def block_of(diagnosis: Any, cls: type[Detector]) -> DetectorConfig:

@@ -13,7 +13,7 @@ which sits above the config the package's schema feeds.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 from detlab.diagnosis.detectors import DIVERGENCE
 from detlab.diagnosis.diagnoser import Diagnoser, Finding
@@ -21,17 +21,22 @@ from detlab.schedule import stage_boundaries
 
 if TYPE_CHECKING:
     from detlab.config import Config
+    from detlab.schedule import StageBoundaries
 
 
 def replay_findings(config: Config, steps: Sequence[Mapping[str, Any]], epochs: Sequence[Mapping[str, Any]],
-                    total_steps: int) -> list[Finding]:
+                    total_steps: int, advice: bool = True, stages: Optional[StageBoundaries] = None) -> list[Finding]:
     """All findings of a run replayed: ``config`` is the run's (its ``diagnosis`` block decides),
     ``steps`` the per-step signals in order (``StepRecord.signals()`` with ``step`` and ``epoch``),
     ``epochs`` the per-epoch rows (metrics.csv: ``epoch``, ``step``, ``train/*``, ``val/*``) and
-    ``total_steps`` the run's planned length."""
+    ``total_steps`` the run's planned length. ``advice`` False: the remedies are the detectors'
+    generic ones, not overrides computed from ``config`` (curves another training wrote). ``stages``:
+    the stage boundaries in the replayed steps (default: from ``config``, as the training loop has them)."""
     steps_per_epoch = max(1, total_steps // config.train.epochs)
-    stages = stage_boundaries(config.stages, config.schedule, total_steps, steps_per_epoch)
-    diagnoser = Diagnoser(config.diagnosis, stages, total_steps, steps_per_epoch, run_config=config)
+    if stages is None:
+        stages = stage_boundaries(config.stages, config.schedule, total_steps, steps_per_epoch)
+    diagnoser = Diagnoser(config.diagnosis, stages, total_steps, steps_per_epoch,
+                          run_config=config if advice else None)
     divergence = config.diagnosis.divergence
     rollbacks_left = divergence.max_rollbacks if divergence.rollback else 0
 
