@@ -223,13 +223,13 @@ def test_detlab_evaluate_scores_a_checkpoint(checkpoint, tmp_path):
 def test_detlab_predict_writes_predictions(checkpoint, tmp_path):
     path, photos = checkpoint
     proc = detlab_command("predict", f"checkpoint={path}", f"source={photos}", f"out={tmp_path}",
-                          "eval.score_threshold=0.0", "eval.max_detections=3")
+                          "eval.score_threshold=0.0", "eval.max_detections=3", f"hydra.run.dir={tmp_path / 'h'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["images"] == 2 and result["faces"] == 6
     predictions = json.loads((tmp_path / "predictions.json").read_text())
     assert sorted(predictions) == sorted(p.name for p in photos.iterdir())
-    assert len(list((tmp_path / "images").iterdir())) == 2
+    assert len(list((tmp_path / "images").iterdir())) == 2 and (tmp_path / "h" / "predict.log").is_file()
 
 
 @pytest.mark.slow
