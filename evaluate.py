@@ -1,4 +1,5 @@
-"""Evaluate a checkpoint: ``python evaluate.py checkpoint=PATH [dataset=...] [split=val] [protocol=wider] [eval.KEY=...]``
+"""Evaluate a checkpoint: ``python evaluate.py checkpoint=PATH [dataset=...] [split=val] [protocol=wider] [eval.KEY=...]``,
+the same as ``detlab evaluate checkpoint=PATH ...``.
 
 Prints a human table and, as its last line, one JSON object (miou, mean_tp_iou, tp, fp, fn, precision,
 recall, f1, ap50, the per-size-bucket values ``small/...``, and ``wider: {easy, medium, hard}`` with
@@ -7,44 +8,18 @@ writes the official WIDER FACE submission layout.
 
 Settings are the checkpoint's own (its per-epoch validation gives the same numbers); ``eval.*`` keys
 on the command line (the training config's ``eval`` group) override them. The work is done by
-``detlab.evaluation``; this file only wires Hydra to it and prints.
+``detlab.evaluation``; the command is ``detlab.cli.evaluate.main``.
 
 Examples:
     python evaluate.py checkpoint=outputs/2026-11-23/20-00-00/checkpoints/best.pt
     python evaluate.py checkpoint=PATH dataset=widerface split=val protocol=wider save_predictions=preds
     python evaluate.py checkpoint=PATH eval.input_size=original eval.score_floor=0.02 eval.nms_iou=0.3
+    detlab evaluate checkpoint=PATH protocol=wider    # the installed command, same arguments
 """
 
-from __future__ import annotations
+import sys
 
-import json
-from pathlib import Path
-
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
-
-from detlab.config import register_configs
-from detlab.errors import report_user_errors
-from detlab.evaluation import eval_keys_of, evaluate_checkpoint, format_table, to_evaluate_config
-
-register_configs()
-
-
-@hydra.main(config_path="configs", config_name="evaluate", version_base="1.3")
-def main(raw: DictConfig) -> None:
-    from detlab.runtime.fileio import json_default, write_json
-
-    # A user error (bad argument, checkpoint, dataset) is one line on stderr and exit code 2;
-    # DETLAB_DEBUG=1 or HYDRA_FULL_ERROR=1 shows the traceback.
-    with report_user_errors():
-        run = to_evaluate_config(raw)
-        output_dir = Path(run.output_dir or HydraConfig.get().runtime.output_dir)
-        result = evaluate_checkpoint(run, eval_keys_of(HydraConfig.get().overrides.task))
-    write_json(output_dir / "metrics.json", result)
-    print(format_table(result))
-    print(json.dumps(result, default=json_default), flush=True)
-
+from detlab.cli.evaluate import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,8 +1,9 @@
 """Ships the repository's ``configs/`` inside the wheel as ``detlab/configs``.
 
-The configs stay at the top of the checkout, where Hydra users look for them and train.py reads them;
-a non-editable install (``pip install .``) has no checkout, so ``detlab.paths.config_dir()`` finds this
-copy instead. Everything else about the build is in pyproject.toml.
+The configs stay at the top of the checkout, where Hydra users look for them and the ``detlab`` command
+(``detlab.cli``, which train.py and the other scripts call) reads them; a non-editable install (``pip
+install .``) has no checkout, so ``detlab.paths.config_dir()`` finds this copy instead. The console
+script (``detlab = "detlab.cli:main"``) and everything else about the build are in pyproject.toml.
 """
 
 from pathlib import Path

@@ -203,11 +203,8 @@ def test_the_sweep_report_counts_and_colours_interrupted_runs(tmp_path, make_fak
 
 
 def test_a_requeued_submitit_job_continues_its_interrupted_run(tmp_path, monkeypatch, make_fake_run):
-    sys.path.insert(0, str(REPO))
-    try:
-        from train import requeued_job
-    finally:
-        sys.path.remove(str(REPO))
+    from detlab.cli.train import requeued_job
+
     run = make_fake_run(tmp_path / "run", 1.0, status="interrupted", epochs=1, epochs_planned=3)
     monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)

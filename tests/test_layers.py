@@ -1,5 +1,6 @@
 """Layers point down: runtime helpers below the maths, the maths below the engine, the engine below the
-entry points; no cycles, function-level imports included (scripts/import_graph.py prints the graph)."""
+entry points (``detlab.cli``, the ``detlab`` command, on top); no cycles, function-level imports
+included (scripts/import_graph.py prints the graph)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ SRC = REPO / "src"
 # (and the standard library, torch, ...): not even the config, which aggregates the plug-ins' schemas.
 RUNTIME = ("detlab.runtime", "detlab.run_record", "detlab.errors")
 RUNTIME_MAY_IMPORT = (*RUNTIME, "detlab")
+# The entry points: the top layer, which may import the engine and which nothing in the package imports.
+ENTRY_POINTS = ("detlab.cli",)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +36,13 @@ def test_no_import_cycles(graph):
 
 def test_only_the_engine_and_entry_points_import_the_engine(graph):
     upward = sorted((m, d) for m, deps in graph.items() for d in deps
-                    if _in(d, ("detlab.engine",)) and not _in(m, ("detlab.engine",)))
+                    if _in(d, ("detlab.engine",)) and not _in(m, ("detlab.engine", *ENTRY_POINTS)))
+    assert upward == []
+
+
+def test_nothing_imports_the_entry_points(graph):
+    upward = sorted((m, d) for m, deps in graph.items() for d in deps
+                    if _in(d, ENTRY_POINTS) and not _in(m, ENTRY_POINTS))
     assert upward == []
 
 

@@ -221,7 +221,7 @@ def test_partial_and_empty_sweeps(tmp_path):
 def test_script_prints_table_and_paths(tmp_path, capsys, make_fake_sweep):
     sweep = make_fake_sweep(tmp_path / "sweep", box_weights=(0.05, 1, 10), epochs_planned=3,
                             diverge_at={10: 1}, fail=(0.05,))
-    from detlab.analysis.sweep_report import main
+    from detlab.cli.report import main
 
     assert main([str(sweep), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out

@@ -5,7 +5,7 @@
 - ``tables``: the report's rows, CSV and Markdown, the results page's tables and generated blocks;
 - ``figures``: the Figure-5 grid, the learning-curve panel and the figures built on it, AP against the
   box weight;
-- ``sweep_report``: ``write_report`` and the ``scripts/sweep_report.py`` command.
+- ``sweep_report``: ``write_report`` (its command: ``detlab report``, in ``detlab.cli.report``).
 
     runs = load_sweep("multirun/2024-05-01/12-00-00")
     write_report("multirun/2024-05-01/12-00-00")  # report.md, report.csv, report.png

@@ -1,19 +1,18 @@
 """The sweep report: ``report.md``, ``report.csv`` and ``report.png`` (the Figure-5 grid) of a sweep
-folder, and its command (``scripts/sweep_report.py``). Works on a sweep that is still running.
+folder. Works on a sweep that is still running. Its command is ``detlab report`` (``detlab.cli.report``;
+``scripts/sweep_report.py``).
 
     paths = write_report("multirun/2024-05-01/12-00-00")  # report.md, report.csv, report.png
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from detlab.analysis.figures import plot_sweep_grid, save_png
 from detlab.analysis.runs import RunResult, load_sweep
-from detlab.analysis.tables import format_counts, markdown_table, report_csv, report_markdown, report_table
+from detlab.analysis.tables import format_counts, report_csv, report_markdown, report_table
 from detlab.runtime.fileio import atomic_write_text
 
 
@@ -32,26 +31,3 @@ def write_report(sweep_dir: Path | str, out_dir: Path | str | None = None,
     atomic_write_text(paths["csv"], report_csv(report_table(runs)))
     save_png(plot_sweep_grid(runs, title=f"{sweep_dir.name or sweep_dir}: {format_counts(runs)}"), paths["png"])
     return paths
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python scripts/sweep_report.py SWEEP_DIR [--out DIR]``: write the report and print its table."""
-    parser = argparse.ArgumentParser(prog="sweep_report.py",
-                                     description="Write the report of a sweep (report.md, report.csv, report.png) "
-                                                 "and print its table. Works on a sweep that is still running.")
-    parser.add_argument("sweep_dir", type=Path, help="the multirun folder holding one sub-folder per run")
-    parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: SWEEP_DIR)")
-    args = parser.parse_args(argv)
-    if not args.sweep_dir.is_dir():
-        print(f"error: sweep directory not found: {args.sweep_dir}", file=sys.stderr)
-        return 2
-
-    runs = load_sweep(args.sweep_dir)
-    paths = write_report(args.sweep_dir, args.out, runs=runs)
-    print(format_counts(runs))
-    print()
-    print(markdown_table(report_table(runs)) if runs else "(no run directories found yet)")
-    print()
-    for kind, path in paths.items():
-        print(f"{kind}: {path}")
-    return 0
