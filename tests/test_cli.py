@@ -30,10 +30,11 @@ HELP = {
     "predict": ("predict is powered by Hydra", "source: ???"),
     "export": ("export is powered by Hydra", "opset: 17"),
     "report": ("usage: detlab report", "sweep_dir"),
+    "diagnose": ("usage: detlab diagnose", "RUN_DIR_OR_FILE"),
 }
 # The top-level scripts that run the same commands.
 SCRIPTS = {"train": "train.py", "evaluate": "evaluate.py", "predict": "predict.py", "export": "scripts/export.py",
-           "report": "scripts/sweep_report.py"}
+           "report": "scripts/sweep_report.py", "diagnose": "scripts/diagnose.py"}
 HYDRA_COMMANDS = ("train", "evaluate", "predict", "export")
 
 
@@ -77,7 +78,9 @@ def test_the_scripts_run_the_same_commands(name, capsys, monkeypatch):
         runpy.run_path(str(REPO / SCRIPTS[name]), run_name="__main__")
     assert stop.value.code == 0
     out = capsys.readouterr().out
-    expected = [text.replace("usage: detlab report", "usage: sweep_report.py") for text in HELP[name]]
+    expected = [text.replace("usage: detlab report", "usage: sweep_report.py").replace("usage: detlab diagnose",
+                                                                                         "usage: diagnose.py")
+                for text in HELP[name]]
     assert all(text in out for text in expected), out[:2000]
 
 
@@ -88,12 +91,18 @@ def test_the_console_script_is_the_dispatcher():
     assert getattr(importlib.import_module(module), function) is detlab.cli.main
 
 
-def test_every_command_but_diagnose_is_a_module_with_main():
+def test_every_command_is_a_module_with_main():
     for name, (module, summary) in SUBCOMMANDS.items():
         assert summary and "\n" not in summary
-        if name != "diagnose":  # written elsewhere
-            assert callable(detlab.cli.subcommand(name))
-            assert module == f"detlab.cli.{name}"
+        assert callable(detlab.cli.subcommand(name))
+        assert module == f"detlab.cli.{name}"
+
+
+def test_diagnose_reads_a_recorded_run(capsys):
+    """``detlab diagnose`` on a recorded run (the frozen-backbone replay fixture) names its failure."""
+    assert detlab.cli.main(["diagnose", str(REPO / "tests" / "data" / "replay_frozen_backbone")]) == 0
+    out = capsys.readouterr().out
+    assert "dead" in out.lower() and "no failure found" not in out
 
 
 @pytest.mark.parametrize("name", HYDRA_COMMANDS)

@@ -23,9 +23,9 @@ from typing import Optional
 from detlab.errors import EXIT_USER_ERROR, UserError, debug_requested, one_line
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "detlab diagnose") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="detlab diagnose",
+        prog=prog,
         description="Re-read a finished run's recorded signals (or a CSV / TensorBoard file of losses and metrics "
                     "from any training) and report the training failures they show.")
     parser.add_argument("source", metavar="RUN_DIR_OR_FILE", type=Path,
@@ -39,8 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Optional[list[str]] = None, prog: str = "detlab diagnose") -> int:
+    try:
+        args = build_parser(prog).parse_args(argv)
+    except SystemExit as stop:  # --help (0) or a usage error (2, argparse's message printed)
+        return stop.code if isinstance(stop.code, int) else EXIT_USER_ERROR
     from detlab.diagnosis.offline import diagnose_path, format_report, report_json  # after --help: slow imports
 
     try:
