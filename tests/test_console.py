@@ -9,12 +9,15 @@ import logging
 
 import pytest
 
-from detlab.engine.loggers import ConsoleLogger, epoch_line, summary_table
+from detlab.engine.loggers import ConsoleLogger, epoch_line, findings_table, summary_table
 from detlab.engine.trainer import Trainer
 from detlab.run_record import RunStatus, RunSummary
 
-AVOIDANCE = {"detector": "avoidance", "stage": "early", "step": 40, "epoch": 2, "message": "almost no box is predicted",
-             "evidence": {"pred_per_image": 0.1}, "remedy": "lower eval.score_floor", "failure": True}
+AVOIDANCE = {"detector": "avoidance", "title": "avoidance (predicts only background)", "severity": "failure",
+             "failure": True, "stage": "early", "step": 40, "epoch": 2, "cause": "background outweighs the faces",
+             "message": "almost no box is predicted", "evidence": {"pred_per_image": 0.1},
+             "remedy": "mine hard negatives: loss.neg_pos_ratio=3 (now 0); check eval.score_threshold (now 0.5)"}
+# a record written before findings carried their words: the title and the cause come from the detector
 UNDER_CONFIDENCE = {"detector": "under_confidence", "stage": "late", "step": 230, "epoch": 12,
                     "message": "scores sit below the threshold", "evidence": {}, "remedy": "", "failure": False}
 
@@ -31,7 +34,7 @@ def test_the_epoch_line_shows_losses_metrics_and_the_findings_so_far():
                                        "precision 0.5 mIoU 0.301 AP50 0.287 | findings 0")
     again = {**AVOIDANCE, "step": 60}
     assert epoch_line(row, 20, [AVOIDANCE, again, UNDER_CONFIDENCE]).endswith(
-        "| findings 3: avoidance, under_confidence")
+        "| findings 3: avoidance (predicts only background), under-confidence (a note)")
     assert "recall nan" in epoch_line({**row, "val/recall": float("nan")}, 20, [])
 
 
@@ -55,9 +58,22 @@ def test_the_final_table_from_a_fabricated_record():
         "test: checkpoints/last.pt scored after training (eval.test_protocol), input size 320x256, "
         "WIDER AP easy 0.61, WIDER AP medium 0.52, WIDER AP hard 0.25; test.json",
         "findings (2):",
-        "  avoidance (early stage, epoch 2, step 40): almost no box is predicted",
-        "    remedy: lower eval.score_floor",
-        "  under_confidence (late stage, epoch 12, step 230, a note): scores sit below the threshold",
+        "  finding               when               cause                           evidence                            "
+        "what to do",
+        "  --------------------  -----------------  ------------------------------  ----------------------------------  "
+        "------------------------------------",
+        "  avoidance (predicts   epoch 2, step 40   background outweighs the faces  almost no box is predicted          "
+        "- mine hard negatives:",
+        "  only background)      (early stage)                                                                            "
+        "loss.neg_pos_ratio=3 (now 0)",
+        "                                                                                                               "
+        "- check eval.score_threshold (now",
+        "                                                                                                                 "
+        "0.5)",
+        "  under-confidence (a   epoch 12, step     the ranking is learnt but the   scores sit below the threshold      -",
+        "  note)                 230 (late stage)   scores are not yet confident;",
+        "                                           rebalancing the loss or a",
+        "                                           warm-up will not help",
         "repair: rollback at step 100 (epoch 5): back to epoch 4, lr x0.5",
         "run folder:  outputs/my run",
         "TensorBoard: tensorboard --logdir 'outputs/my run'",
@@ -136,7 +152,7 @@ def test_a_tiny_run_prints_its_epochs_and_its_table(synthetic_root, tiny_config,
                                f"box {float(row['train/loss_box']):.4g} total {float(row['train/loss_total']):.4g} |")
         assert (f"| val recall {float(row['val/recall']):.3g} precision {float(row['val/precision']):.3g} "
                 f"mIoU {float(row['val/miou']):.3g} AP50 {float(row['val/ap50']):.3g} |") in line
-        names = list(dict.fromkeys(f["detector"] for f in so_far))
+        names = list(dict.fromkeys(f["title"] for f in so_far))
         assert line.endswith(f"| findings {len(so_far)}" + (f": {', '.join(names)}" if names else ""))
 
     last, best, test = rows[-1], summary["best"], summary["test"]
@@ -152,7 +168,8 @@ def test_a_tiny_run_prints_its_epochs_and_its_table(synthetic_root, tiny_config,
         *(f"{test[k]:.3g}" for k in keys), *(str(int(test[k])) for k in counts)]
     assert table[5].startswith("test: checkpoints/last.pt") and "input size 160x128" in table[5]
     assert table[6] == f"findings ({len(findings)}):"
-    for finding in findings:
-        assert f"    remedy: {finding['remedy']}" in table
+    assert table[7].split() == ["finding", "when", "cause", "evidence", "what", "to", "do"]
+    assert table[7:-2] == findings_table(findings)  # the findings' words as summary.json holds them
+    assert all(f["title"] and f["cause"] and f["message"] and f["remedy"] for f in findings)
     assert table[-2:] == [f"run folder:  {run_dir}", f"TensorBoard: tensorboard --logdir {run_dir}"]
 

@@ -122,7 +122,8 @@ def test_findings_say_what_when_why_and_what_to_do(tmp_path):
     report = diagnose_path(blow_up_csv(tmp_path))
     (finding,) = report.findings
     assert finding.severity == "critical" and finding.stage == "mid"  # a detlab run stops on it; steps 10-69
-    assert finding.evidence.startswith("raw loss 1000 is") and finding.values["steps"] == 3
+    assert finding.evidence.startswith("the class plus box loss was 1000, ") and finding.values["steps"] == 3
+    assert "nan" not in finding.evidence  # no learning rate in the curves: none in the words
     assert finding.cause == get_detector("divergence").cause and "optim.lr" in finding.remedy
     text = format_report(report)
     assert "1. Divergence (failure, a detlab run stops on it; mid stage, epoch 1, step 62)" in text
@@ -276,7 +277,8 @@ def test_a_recorded_run_folder_gives_the_findings_its_summary_recorded():
     assert [s.detector for s in report.skipped] == ["class_loss_at_chance"]  # off in the config
     text = format_report(report)
     assert "The run itself recorded: dead gradients (epoch 1, step 10), avoidance (epoch 2, step 50)." in text
-    assert "For this run try: loss.adaptive_weights.enabled=true" in text  # advice from the run's config
+    # advice from the run's config: the override with its value now
+    assert "loss.adaptive_weights.enabled=true (now false)" in " ".join(text.split())
 
 
 def write_detlab_events(run_dir: Path, every: int = 1) -> None:

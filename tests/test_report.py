@@ -160,6 +160,29 @@ def test_report_md_marks_failed_runs(report):
     assert "avoidance@e1" in table["loss.box_weight=1"]
 
 
+def test_report_md_gives_each_finding_in_words_with_what_to_do_in_its_own_column(report, tmp_path, make_fake_run):
+    from detlab.analysis import findings_table
+    from detlab.diagnosis import get_detector
+
+    text = Path(report["md"]).read_text()
+    lines = text.splitlines()
+    start = lines.index("## Diagnosis findings")
+    assert lines[start + 2] == "| run | finding | when | cause | evidence | what to do |"
+    # records written before findings carried their words take the title and the cause from the detector
+    assert lines[start + 4] == (f"| `loss.box_weight=1` | avoidance | epoch 1, step 50 "
+                                f"(early stage) | {get_detector('avoidance').cause} | - | lower the score floor |")
+    assert lines[start + 5].startswith("| `loss.box_weight=10` | loss imbalance | epoch 1, step 20 (early stage) | ")
+    # a finding as the diagnosis records it now: its own words, a note marked as such
+    record = {"detector": "under_confidence", "title": "under-confidence", "severity": "note", "failure": False,
+              "stage": "late", "step": 90, "epoch": 9, "cause": "the scores are not yet confident",
+              "message": "AP50 was 0.3 | 0.02 boxes per image", "evidence": {"ap50": 0.3},
+              "remedy": "train longer: train.epochs=30 (now 15)"}
+    run = load_run(make_fake_run(tmp_path / "run", 1.0, epochs=2, findings=[record]))
+    assert findings_table([run], with_run=False).splitlines()[2] == (
+        "| under-confidence (a note) | epoch 9, step 90 (late stage) | the scores are not yet confident | "
+        "AP50 was 0.3 \\| 0.02 boxes per image | train longer: train.epochs=30 (now 15) |")
+
+
 def test_metrics_csv_tolerates_nan_empty_cells_bad_and_partial_lines(tmp_path):
     path = tmp_path / "metrics.csv"
     path.write_text("epoch,step,val/miou\n1,50,nan\n2,100,\nbroken\n3,150,inf\n4,20")

@@ -9,9 +9,9 @@ Two scorings, for detlab's diagnosis and for each baseline alike:
 
 - detection against the outcome: the share of failed runs (any kind) with an alarm (``flagged_rate``),
   and of healthy runs (any kind, whatever was injected) with one (``false_alarm_rate``). For detlab an
-  alarm is any finding with ``failure: true``, which the trainer logs at WARNING; notes
-  (``failure: false``) are counted on their own (``notes``), and ``false_alarm_rate_with_notes`` counts
-  them as alarms too (the trainer logs them at WARNING as well);
+  alarm is any finding with ``failure: true`` (``severity: failure``), which the trainer logs at WARNING;
+  notes (``failure: false``, ``severity: note``; logged at INFO) are counted on their own (``notes``), and
+  ``false_alarm_rate_with_notes`` counts them as alarms too;
 - the right first diagnosis against the declared class, on the fault runs that failed: the first alarm
   is right when it is one of the class's expected detectors (detlab) or a rule the spec maps to the class
   (a baseline). Classes that no detector (or rule) can name stay in the denominator
@@ -121,7 +121,7 @@ def first_failure(findings: Sequence[Mapping[str, Any]]) -> Optional[Alarm]:
 
 
 def first_finding(findings: Sequence[Mapping[str, Any]]) -> Optional[Alarm]:
-    """The first finding, notes included (what the console shows at WARNING today)."""
+    """The first finding, notes included."""
     return Alarm(str(findings[0]["detector"]), int(findings[0]["step"])) if findings else None
 
 
@@ -317,7 +317,7 @@ def markdown(report: Mapping[str, Any], spec: Any) -> str:
                   f"{n['healthy_runs']} healthy runs ({_pct(n['rate_on_healthy'])}), on {n['failed_with_notes']} of "
                   f"{n['failed_runs']} failed runs ({_pct(n['rate_on_failed'])}); by detector: "
                   f"{', '.join(f'{k} {v}' for k, v in n['by_detector'].items()) or 'none'}. Counted as alarms "
-                  f"(the console prints them at WARNING too), the false-alarm rate would be "
+                  f"(the console prints them at INFO, as notes), the false-alarm rate would be "
                   f"{_pct(d['false_alarm_rate_with_notes'])}."]
     lines += ["", "| fault class | expected | runs | failed | neither / healthy | detlab flagged | detlab right | "
                   "detlab first (detector@step, each run) |", "|---|---|---|---|---|---|---|---|"]

@@ -40,6 +40,12 @@ def _after_warmup(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, steps: 
     raise ValueError(f"unknown schedule.after_warmup: {cfg.after_warmup!r}")
 
 
+def warmup_end(cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int) -> int:
+    """The first step at the learning rate the warm-up ramps to (0 without a warm-up): the warm-up's
+    steps, clamped to the run as ``build_scheduler`` clamps them."""
+    return min(warmup_steps(cfg, steps_per_epoch), max(total_steps - 1, 0))
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int
 ) -> LRScheduler:
@@ -48,7 +54,7 @@ def build_scheduler(
     Stepped once per optimiser step. Built from ``torch.optim.lr_scheduler`` parts so its state
     dict round-trips through checkpoints.
     """
-    n_warm = min(warmup_steps(cfg, steps_per_epoch), max(total_steps - 1, 0))
+    n_warm = warmup_end(cfg, total_steps, steps_per_epoch)
     main = _after_warmup(optimizer, cfg, total_steps - n_warm)
     if n_warm == 0:
         return main
@@ -59,10 +65,13 @@ def build_scheduler(
 
 @dataclass(frozen=True)
 class StageBoundaries:
-    """Steps ``[0, early_end)`` are early, ``[early_end, late_start)`` mid, ``[late_start, total)`` late."""
+    """Steps ``[0, early_end)`` are early, ``[early_end, late_start)`` mid, ``[late_start, total)`` late.
+    ``warmup_end``: the first step after the learning-rate warm-up (0: none), which the diagnosis reads
+    (a warm-up's low rate is not judged as a stall)."""
 
     early_end: int
     late_start: int
+    warmup_end: int = 0
 
     def stage(self, step: int) -> str:
         if step < self.early_end:
@@ -75,14 +84,16 @@ class StageBoundaries:
 def stage_boundaries(
     stages: StageConfig, schedule: ScheduleConfig, total_steps: int, steps_per_epoch: int
 ) -> StageBoundaries:
-    """By default the early stage is the warm-up (10% of the steps without one); late is the last 30%."""
+    """By default the early stage is the warm-up (10% of the steps without one); late is the last 30%.
+    The warm-up's end comes with them."""
     if stages.early_end_fraction is not None:
         early_end = int(round(stages.early_end_fraction * total_steps))
     else:
         early_end = warmup_steps(schedule, steps_per_epoch) or int(round(0.1 * total_steps))
     late_start = int(round(stages.late_start_fraction * total_steps))
     early_end = max(1, min(early_end, late_start))
-    return StageBoundaries(early_end=early_end, late_start=max(early_end, late_start))
+    return StageBoundaries(early_end=early_end, late_start=max(early_end, late_start),
+                           warmup_end=warmup_end(schedule, total_steps, steps_per_epoch))
 
 
 def scale_learning_rate(optimizer: torch.optim.Optimizer, scheduler: LRScheduler, factor: float) -> None:

@@ -3,6 +3,7 @@ the page's generated blocks.
 
 - ``report_table`` / ``report_csv`` / ``markdown_table`` / ``report_markdown``: one row per run
   (``CSV_COLUMNS``), the sweep report's CSV and Markdown;
+- ``findings_table``: one row per finding (run, finding, when, cause, evidence, what to do), in words;
 - ``sweep_table``, ``remedy_table``, ``wall_times_table``, ``findings_list``: the results page's tables;
 - ``replace_blocks``: puts generated text between ``<!-- results:NAME -->`` and
   ``<!-- /results:NAME -->`` markers, leaving the hand-written text around them alone.
@@ -20,7 +21,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from detlab.analysis._values import as_float, as_int
 from detlab.analysis.runs import RunResult, by_box_weight, remedy_label, sweep_elapsed_s
-from detlab.diagnosis import step_level_detectors
+from detlab.diagnosis import FINDING_HEADER, finding_columns, finding_title, finding_when, step_level_detectors
 from detlab.run_record import FAILED_STATUSES, LOSS_KEYS, STAGES, STATUSES, TEST_KEYS, RunStatus
 
 
@@ -95,11 +96,6 @@ def status_markdown(status: str) -> str:
     if status in FAILED_STATUSES:
         return f"**{status.upper()}**"
     return status if status == RunStatus.COMPLETED else f"*{status}*"
-
-
-def finding_place(finding: Mapping[str, Any]) -> str:
-    """``stage early, epoch 1, step 50`` (the parts the finding has)."""
-    return ", ".join(f"{k} {finding[k]}" for k in ("stage", "epoch", "step") if finding.get(k) is not None)
 
 
 def compact_findings(findings: Sequence[Mapping[str, Any]]) -> str:
@@ -219,10 +215,9 @@ def run_notes(run: RunResult) -> str:
     text = f"- `{run.name}` ({run.weight_label}): {status_markdown(run.status)} at {', '.join(where)}"
     if run.message:
         text += f": {run.message.splitlines()[0]}"
-    if run.findings:
+    if run.findings:  # their cause, evidence and what to do: the findings' table
         for finding in run.findings:
-            detail = finding.get("message") or finding.get("remedy")
-            text += f"\n  - {finding.get('detector', '?')} ({finding_place(finding)})" + (f": {detail}" if detail else "")
+            text += f"\n  - {finding_title(finding)}: {finding_when(finding)}"
     else:
         text += "; no findings"
     for warning in run.warnings:
@@ -230,8 +225,17 @@ def run_notes(run: RunResult) -> str:
     return text
 
 
+def findings_table(runs: Sequence[RunResult], with_run: bool = True) -> str:
+    """Every finding of ``runs`` in words, one row each: (the run,) finding, when, cause, evidence and
+    what to do (summary.json's findings; an older record takes its title and cause from the detector)."""
+    header = (["run"] if with_run else []) + list(FINDING_HEADER)
+    rows = [([f"`{run.name}`"] if with_run else []) + list(finding_columns(finding))
+            for run in runs for finding in run.findings]
+    return _render(header, rows)
+
+
 def report_markdown(sweep_dir: Path | str, runs: Sequence[RunResult], figure_name: str = "report.png") -> str:
-    """``report.md``: the counts, the table, the grid, and each run's status and findings."""
+    """``report.md``: the counts, the table, the grid, the findings' table and each run's status."""
     rows = report_table(runs)
     parts = [
         "# Sweep report",
@@ -243,6 +247,10 @@ def report_markdown(sweep_dir: Path | str, runs: Sequence[RunResult], figure_nam
         markdown_table(rows, present_columns(rows)) if rows else "_No run directories found yet._",
         "",
         f"![curves per run]({figure_name})",
+        "",
+        "## Diagnosis findings",
+        "",
+        findings_table(runs) if any(run.findings for run in runs) else "_none_",
         "",
         "## Runs: status and diagnosis findings",
         "",
@@ -290,11 +298,10 @@ def remedy_table(runs: Sequence[RunResult], baseline: str = "none") -> str:
 
 
 def findings_list(run: RunResult) -> str:
-    """The run's findings, one line each with stage, epoch and the detector's message."""
+    """The run's findings as a table: finding, when, cause, evidence and what to do."""
     if not run.findings:
         return "_no findings_"
-    return "\n".join(f"- **{f.get('detector', '?')}** ({finding_place(f)}): {f.get('message', '')}"
-                     for f in run.findings)
+    return findings_table([run], with_run=False)
 
 
 def wall_times_table(groups: Sequence[tuple[str, Sequence[RunResult], Optional[str]]]) -> str:

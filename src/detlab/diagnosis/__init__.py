@@ -8,6 +8,8 @@ evidence and remedy, and whether it should stop.
 - ``detectors``: the built-in detectors, one small class each.
 - ``schema``: ``DiagnosisConfig``, the ``diagnosis`` config group's schema.
 - ``diagnoser``: ``Diagnoser`` (runs them on the training loop's signals), ``Finding``, ``DiagnosisStatus``.
+- ``presentation``: how a finding reads (finding, when, cause, evidence, what to do), for the console,
+  the sweep report and the results page.
 - ``state``: detector states to plain types and back (checkpoints).
 - ``windows``: rolling windows and small statistics on floats.
 - ``replay`` (imported on its own): re-runs the detectors on a run's recorded signals.
@@ -18,9 +20,28 @@ Adding a detector: one ``@register_detector`` class in ``detectors`` and its blo
 ``configs/diagnosis/default.yaml``.
 """
 
-from detlab.diagnosis.detector import Alarm, Detector, DetectorConfig, Level, Need, RunInfo, StopReason, Verdict, When
+from detlab.diagnosis.detector import (
+    Alarm,
+    Detector,
+    DetectorConfig,
+    Level,
+    Need,
+    RunInfo,
+    Severity,
+    StopReason,
+    Verdict,
+    When,
+)
 from detlab.diagnosis.detectors import DIVERGENCE, Divergence
 from detlab.diagnosis.diagnoser import Diagnoser, DiagnosisStatus, Finding
+from detlab.diagnosis.presentation import (
+    FINDING_HEADER,
+    finding_columns,
+    finding_line,
+    finding_title,
+    finding_when,
+    is_note,
+)
 from detlab.diagnosis.registry import (
     ConfigProblem,
     DiagnosisSettings,
@@ -36,8 +57,9 @@ from detlab.diagnosis.schema import DiagnosisConfig
 from detlab.diagnosis.windows import is_finite_loss
 
 __all__ = [
-    "DIVERGENCE", "Alarm", "ConfigProblem", "Detector", "DetectorConfig", "Diagnoser", "DiagnosisConfig",
-    "DiagnosisSettings", "DiagnosisStatus", "Divergence", "Finding", "Level", "Need", "RunInfo", "StopReason",
-    "Verdict", "When", "config_problems", "get_detector", "is_finite_loss", "list_detectors", "register_detector",
-    "registered_detectors", "step_level_detectors", "unmet_needs",
+    "DIVERGENCE", "FINDING_HEADER", "Alarm", "ConfigProblem", "Detector", "DetectorConfig", "Diagnoser",
+    "DiagnosisConfig", "DiagnosisSettings", "DiagnosisStatus", "Divergence", "Finding", "Level", "Need", "RunInfo",
+    "Severity", "StopReason", "Verdict", "When", "config_problems", "finding_columns", "finding_line",
+    "finding_title", "finding_when", "get_detector", "is_finite_loss", "is_note", "list_detectors",
+    "register_detector", "registered_detectors", "step_level_detectors", "unmet_needs",
 ]

@@ -8,11 +8,17 @@ A detector is a ``Detector`` subclass declaring
   ``enabled`` included), and ``checks``: its own validation of the block;
 - ``level``: ``Level.STEP`` when its findings are dated by the step (a per-step signal), ``Level.EPOCH``
   when they judge a whole epoch (validation metrics);
-- ``remedy`` (generic), ``cause`` and ``advice`` (the overrides to try for a given run), ``stop_reason``
-  (a finding may stop the run when its block's ``stop`` is set) and ``failure`` (False: a note);
+- ``severity``: ``Severity.FAILURE`` (a failure pattern: logged at WARNING, an alarm) or
+  ``Severity.NOTE`` (a note on a run that learns: logged at INFO);
+- what a person reads, in plain words and in one place, the class: ``title`` (its name in words;
+  default: the name with spaces), ``cause`` (why it happens), ``evidence_text`` (templates of what was
+  seen, filled with the evidence's numbers by ``describe``), ``remedy`` (what to do when the run's
+  config is unknown) and ``advice`` (what to do in this run: the overrides to try with their current
+  values, never one the run already has); ``stop_reason`` (a finding may stop the run when its block's
+  ``stop`` is set);
 - ``needs``: the signals it cannot judge without (``Need``), so that a diagnosis of recorded curves
   (``detlab.diagnosis.offline``) runs it only where they were recorded and says why it skipped it
-  otherwise; ``title``: its name in words (default: the name with spaces);
+  otherwise;
 - a ``State`` dataclass holding everything it remembers (what a checkpoint keeps), and
   ``check_step`` / ``check_epoch`` returning a ``Verdict``.
 
@@ -42,6 +48,14 @@ class Level(str, enum.Enum):
     EPOCH = "epoch"
 
 
+class Severity(str, enum.Enum):
+    """What a finding is: a failure pattern (an alarm, logged at WARNING) or a note on a run that learns
+    (logged at INFO; the diagnosis benchmark counts notes apart from the false alarms)."""
+
+    FAILURE = "failure"
+    NOTE = "note"
+
+
 class StopReason(str, enum.Enum):
     DIVERGED = "diverged"
     STUCK = "stuck"
@@ -56,7 +70,8 @@ class DetectorConfig:
 
 @dataclass(frozen=True)
 class RunInfo:
-    """What every detector may read: the diagnosis config, the stage boundaries and the run's length."""
+    """What every detector may read: the diagnosis config, the stage boundaries (with the end of the
+    learning-rate warm-up) and the run's length."""
 
     cfg: Any  # the ``diagnosis`` config, a ``DiagnosisConfig`` (built from the registry at import time)
     stages: StageBoundaries
@@ -98,12 +113,14 @@ class When(NamedTuple):
 
 @dataclass(frozen=True)
 class Alarm:
-    """A detector's verdict "the pattern holds now"; the first one of a run becomes its ``Finding``."""
+    """A detector's verdict "the pattern holds now"; the first one of a run becomes its ``Finding``.
+    Built-in detectors make it with ``Detector.alarm``, which words the evidence (``describe``)."""
 
-    message: str
+    message: str  # the evidence in plain words, with its numbers
     evidence: dict[str, float]
-    remedy: Optional[str] = None  # None: the detector's ``remedy``
+    remedy: Optional[str] = None  # None: the detector's ``remedy_for``
     stage: Optional[str] = None  # None: the stage of the check
+    kind: str = ""  # which of the detector's variants fired (its ``evidence_text`` key)
 
 
 # None: no verdict (the scalar keeps its value); False: the pattern does not hold now; Alarm: it does.
@@ -114,13 +131,16 @@ class Detector:
     """One failure pattern (see the module docstring). ``self.cfg`` is the detector's block."""
 
     name: ClassVar[str] = ""
-    title: ClassVar[str] = ""  # the name in words ("" at registration: the name with spaces)
     level: ClassVar[Level]
     Config: ClassVar[type[DetectorConfig]] = DetectorConfig
-    remedy: ClassVar[str] = ""  # generic, naming the usual config keys
-    cause: ClassVar[str] = "the likely cause"  # why it happens, said before a run's own overrides
+    severity: ClassVar[Severity] = Severity.FAILURE  # NOTE: its findings are notes on a run that learns
+    title: ClassVar[str] = ""  # the name in words ("" at registration: the name with spaces)
+    cause: ClassVar[str] = ""  # why the pattern happens, one sentence in plain words
+    # What was seen, in plain words: one template per variant (``Alarm.kind``; "" for a detector with
+    # one), filled with the evidence's numbers (``str.format``). No internal key names.
+    evidence_text: ClassVar[Mapping[str, str]] = {}
+    remedy: ClassVar[str] = ""  # what to do, without the run's config (the keys to change)
     stop_reason: ClassVar[Optional[StopReason]] = None  # stop the run when fired and ``cfg.stop``
-    failure: ClassVar[bool] = True  # False: its findings are notes on a run that learns, not failures
     needs: ClassVar[tuple[Need, ...]] = ()  # all of them, each met by any one of its signals
 
     @dataclass
@@ -152,21 +172,34 @@ class Detector:
         """Per epoch: train/* means and val/* metrics."""
         return None
 
+    @classmethod
+    def display_title(cls) -> str:
+        """The finding's name in plain words."""
+        return cls.title or cls.name.replace("_", " ")
+
+    def describe(self, evidence: Mapping[str, float], kind: str = "") -> str:
+        """The evidence in plain words: the ``evidence_text`` template of ``kind`` filled with its numbers."""
+        return self.evidence_text[kind].format(**evidence)
+
+    def alarm(self, evidence: Mapping[str, float], kind: str = "") -> Alarm:
+        """An ``Alarm`` whose message is ``describe(evidence, kind)``."""
+        return Alarm(self.describe(evidence, kind), {k: float(v) for k, v in evidence.items()}, kind=kind)
+
+    def cause_for(self, alarm: Alarm) -> str:
+        """Why the pattern happens (a detector with variants may say it per variant)."""
+        return self.cause
+
     def advice(self, config: RunConfig, alarm: Alarm) -> list[str]:
-        """The overrides to try next for this run (``key=value``), none of which it already has."""
+        """What to do in this run, one instruction each in plain words, with the override to try and its
+        current value (``raise the learning rate 10x: optim.lr=0.0001 (now 1e-05)``), never one the run
+        already has; computed from the run's config and the evidence."""
         return []
 
     def remedy_for(self, alarm: Alarm) -> str:
-        """Without the run's config: the generic remedy. With it: the cause and the concrete overrides
-        to try next, computed from that config and the evidence (never what the run already does)."""
+        """What to do: this run's ``advice`` (given the run's config), else the detector's own ``remedy``."""
         config = self.run.config
-        if config is None:
-            return alarm.remedy or self.remedy
-        overrides = self.advice(config, alarm)
-        if not overrides:
-            return (f"{self.cause}; this run already has the usual fixes for it: check the data and anchors, "
-                    "or train longer")
-        return f"{self.cause}; for this run try: {' '.join(overrides)}"
+        steps = self.advice(config, alarm) if config is not None else []
+        return "; ".join(steps) if steps else (alarm.remedy or self.remedy)
 
 
 def overrides_check_step(cls: type[Detector]) -> bool:

@@ -7,8 +7,9 @@ scalar (``Diagnoser.scalars``) follows whether the condition holds now, so a cle
 A repair re-arms a detector (``rearm``). Stages come from ``StageBoundaries``; an epoch finding takes
 the stage of the epoch's last step (``step - 1``, ``step`` = steps done).
 
-Remedies fit the run: given the run's config (``run_config``), a finding's remedy ends with the
-concrete overrides to try next (``Detector.advice``), never one the run already has.
+A finding says, in plain words, what was seen (its evidence with the numbers), why it happens and what
+to do; given the run's config (``run_config``), what to do is the concrete overrides to try next with
+their current values (``Detector.advice``), never one the run already has.
 
 Nothing is written here: the training loop owns the console, TensorBoard and files.
 """
@@ -22,12 +23,14 @@ from detlab.diagnosis.detector import (
     Alarm,
     Detector,
     RunInfo,
+    Severity,
     StopReason,
     Verdict,
     When,
     overrides_check_epoch,
     overrides_check_step,
 )
+from detlab.diagnosis.presentation import finding_line
 from detlab.diagnosis.registry import block_of, registered_detectors
 from detlab.diagnosis.state import load_state, state_to_plain
 
@@ -38,33 +41,45 @@ if TYPE_CHECKING:
 
 @dataclass
 class Finding:
-    """One detected failure pattern: where it fired, the numbers behind it and the remedy."""
+    """One detected pattern: where it fired, what was seen (``message``: the evidence in plain words;
+    ``evidence``: its numbers), why it happens (``cause``) and what to do (``remedy``)."""
 
     detector: str
     stage: str  # early | mid | late
     step: int
     epoch: int
-    message: str
+    message: str  # the evidence in plain words, with its numbers
     evidence: dict[str, float] = field(default_factory=dict)
-    remedy: str = ""
-    failure: bool = True  # False: a note on a run that learns (under_confidence), not a failure pattern
+    remedy: str = ""  # what to do
+    severity: Severity = Severity.FAILURE  # NOTE: a note on a run that learns (under_confidence)
+    cause: str = ""  # why it happens, in plain words
+    title: str = ""  # the finding's name in plain words
+
+    @property
+    def failure(self) -> bool:
+        """A failure pattern (an alarm), not a note."""
+        return self.severity is Severity.FAILURE
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain types for summary.json and checkpoints (non-finite evidence stays a float)."""
-        return {"detector": self.detector, "stage": self.stage, "step": int(self.step), "epoch": int(self.epoch),
-                "message": self.message, "evidence": {k: float(v) for k, v in self.evidence.items()},
-                "remedy": self.remedy, "failure": bool(self.failure)}
+        """Plain types for summary.json and checkpoints (non-finite evidence stays a float). ``severity``
+        ("failure" or "note") and ``failure`` (its boolean, what the diagnosis benchmark reads) both."""
+        return {"detector": self.detector, "title": self.title,
+                "severity": self.severity.value, "failure": self.failure, "stage": self.stage,
+                "step": int(self.step), "epoch": int(self.epoch), "cause": self.cause, "message": self.message,
+                "evidence": {k: float(v) for k, v in self.evidence.items()}, "remedy": self.remedy}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Finding:
+        """A ``to_dict`` record; one written before findings had a severity, a cause and a title reads its
+        severity from ``failure`` and leaves the words empty."""
+        severity = data.get("severity") or (Severity.FAILURE if data.get("failure", True) else Severity.NOTE)
         return cls(detector=data["detector"], stage=data["stage"], step=int(data["step"]), epoch=int(data["epoch"]),
                    message=data["message"], evidence=dict(data["evidence"]), remedy=data["remedy"],
-                   failure=bool(data["failure"]))
+                   severity=Severity(severity), cause=data.get("cause", ""), title=data.get("title", ""))
 
     def console_line(self) -> str:
-        evidence = ", ".join(f"{k}={v:.4g}" for k, v in self.evidence.items())
-        return (f"[diagnosis] {self.detector} ({self.stage} stage, epoch {self.epoch}, step {self.step}): "
-                f"{self.message} [{evidence}] -> remedy: {self.remedy}")
+        """One line: the finding, when, its cause, its evidence and what to do (no internal key names)."""
+        return finding_line(self.to_dict())
 
 
 @dataclass(frozen=True)
@@ -158,7 +173,8 @@ class Diagnoser:
             finding = Finding(detector=det.name, stage=verdict.stage or when.stage, step=when.step,
                               epoch=when.epoch, message=verdict.message,
                               evidence={k: float(v) for k, v in verdict.evidence.items()},
-                              remedy=det.remedy_for(verdict), failure=det.failure)
+                              remedy=det.remedy_for(verdict), severity=det.severity, cause=det.cause_for(verdict),
+                              title=det.display_title())
             self.findings.append(finding)
             new.append(finding)
         if new:

@@ -849,7 +849,8 @@ def _replay_axis(curves: Curves, config: Config, every: int) -> tuple[np.ndarray
     planned = max(curves.total_steps or 0, int(curves.steps[-1]) + 1)
     trained = stage_boundaries(config.stages, config.schedule, planned, max(1, planned // config.train.epochs))
     early = max(1, int(np.searchsorted(curves.steps, trained.early_end)))
-    stages = StageBoundaries(early, max(early, int(np.searchsorted(curves.steps, trained.late_start))))
+    stages = StageBoundaries(early, max(early, int(np.searchsorted(curves.steps, trained.late_start))),
+                             warmup_end=int(np.searchsorted(curves.steps, trained.warmup_end)))
     return np.arange(n, dtype=np.int64), max(1, n + max(0, after)), stages, rows
 
 
@@ -923,12 +924,11 @@ def _report_finding(finding: Finding, config: Config, curves: Curves, report_ste
         step = int(step) if step is not None and math.isfinite(step) else None
     else:
         step = report_steps.get(finding.step)
-    remedy = finding.remedy.removeprefix(f"{cls.cause}; ")
-    if remedy.startswith("this run already has the usual fixes"):  # no override to suggest: the usual remedy too
-        remedy = f"{remedy}. Usually: {cls.remedy}"
-    return ReportFinding(detector=finding.detector, title=cls.title, severity=severity, stage=finding.stage,
-                         epoch=finding.epoch - curves.epoch_offset, step=step, evidence=finding.message,
-                         cause=cls.cause, remedy=remedy[:1].upper() + remedy[1:], values=dict(finding.evidence))
+    remedy = finding.remedy
+    return ReportFinding(detector=finding.detector, title=finding.title or cls.title, severity=severity,
+                         stage=finding.stage, epoch=finding.epoch - curves.epoch_offset, step=step,
+                         evidence=finding.message, cause=finding.cause or cls.cause,
+                         remedy=remedy[:1].upper() + remedy[1:], values=dict(finding.evidence))
 
 
 # ------------------------------------------------------------------------------------- printing

@@ -18,6 +18,7 @@ from detlab.diagnosis.detector import (
     DetectorConfig,
     Level,
     Need,
+    Severity,
     overrides_check_epoch,
     overrides_check_step,
 )
@@ -60,6 +61,11 @@ def register_detector(cls: D) -> D:
         raise ValueError(f"{cls.__qualname__}: a {cls.level.value}-level detector overrides check_{cls.level.value}")
     if not all(isinstance(need, Need) and need.signals for need in cls.needs):
         raise ValueError(f"{cls.__qualname__}: needs is a tuple of Need, each naming at least one signal")
+    if not isinstance(getattr(cls, "severity", None), Severity):
+        raise ValueError(f"{cls.__qualname__}: declare severity = Severity.FAILURE or Severity.NOTE")
+    missing = [attr for attr in ("cause", "remedy", "evidence_text") if not getattr(cls, attr, None)]
+    if missing:
+        raise ValueError(f"{cls.__qualname__}: declare what a person reads, in plain words: {', '.join(missing)}")
     cls.Config()  # every setting has a default
     if "title" not in vars(cls) or not cls.title:
         cls.title = name.replace("_", " ")

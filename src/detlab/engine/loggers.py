@@ -7,8 +7,8 @@ installs unless its caller passes a list of its own.
 - ``ModelCheckpoint``: ``checkpoints/last.pt`` and ``best.pt``, which ``resume`` continues from;
 - ``MetricsCsv``: ``metrics.csv``;
 - ``ConsoleLogger``: the console: a line per epoch (losses, val metrics, findings so far) and, at the
-  end, the run's table (status, final / best / test metrics, findings with their remedies, where the
-  run folder is and how to open it in TensorBoard);
+  end, the run's table (status, final / best / test metrics, the findings' table: finding, when, cause,
+  evidence, what to do; where the run folder is and how to open it in TensorBoard);
 - ``RunRecordWriter``: ``config.yaml`` and ``summary.json`` (what the sweep report, the results page
   and ``train.py resume=<run dir>`` read).
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import shlex
+import textwrap
 import time
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from detlab.config import Config
-from detlab.diagnosis import Finding
+from detlab.diagnosis import FINDING_HEADER, Finding, finding_columns, finding_title
 from detlab.engine.callbacks import Callback
 from detlab.analysis import learning_curves_png
 from detlab.engine.pictures import pr_curve_png
@@ -114,7 +115,7 @@ class TensorBoardLogger(Callback):
             metrics["best_miou"] = state.best.get("val/miou", math.nan)
         metrics["diverged"] = float(trainer.status is RunStatus.DIVERGED)
         write_hparams(self.writer, trainer.hparams, metrics)
-        text = "\n".join(f"- {f['detector']} ({f['stage']}, step {f['step']}): {f['message']}"
+        text = "\n".join("- **{}**, {}: {} (cause: {}; what to do: {})".format(*finding_columns(f))
                          for f in state.findings) or "no findings"
         self.writer.add_text("diagnosis/summary", text, state.step)
         self.writer.close()
@@ -232,14 +233,14 @@ def _count(value: Any) -> str:
 
 
 def finding_names(findings: list[dict[str, Any]]) -> list[str]:
-    """The detectors that fired, each once, in the order they first fired."""
-    return list(dict.fromkeys(str(f.get("detector", "?")) for f in findings))
+    """The findings' names in words, each once, in the order they first fired."""
+    return list(dict.fromkeys(finding_title(f) for f in findings))
 
 
 def epoch_line(row: dict[str, Any], epochs: int, findings: list[dict[str, Any]]) -> str:
     """The console line of a validated epoch: its train losses (mean over the epoch), its val metrics
     and the findings so far, e.g. ``epoch 2/20  train loss cls 2.801 box 4.354 total 7.155 | val
-    recall 0.412 precision 0.533 mIoU 0.301 AP50 0.287 | findings 1: loss_imbalance``."""
+    recall 0.412 precision 0.533 mIoU 0.301 AP50 0.287 | findings 1: loss imbalance``."""
     losses = " ".join(f"{name} {_number(row.get(f'train/loss_{name}'), 4)}" for name in ("cls", "box", "total"))
     metrics = " ".join(f"{header} {_number(row.get(f'val/{key}'))}" for header, key, count in CONSOLE_COLUMNS
                        if not count)
@@ -268,10 +269,44 @@ def _input_size(size: Any) -> str:
     return "the model's" if size is None else str(size)
 
 
+# The findings' table: the widths of its columns (finding, when, cause, evidence, what to do), in characters.
+FINDING_WIDTHS = (20, 17, 30, 34, 36)
+
+
+def _cell_lines(text: str, width: int, items: bool = False) -> list[str]:
+    """``text`` wrapped to ``width`` (a config override or a path is never split, so it may run over);
+    ``items``: each "; "-separated part on lines of its own, marked "- " when there are several."""
+    parts = text.split("; ") if items else [text]
+    marker = "- " if len(parts) > 1 else ""
+    lines: list[str] = []
+    for part in parts:
+        lines += textwrap.wrap(part, width, initial_indent=marker, subsequent_indent=" " * len(marker),
+                               break_long_words=False, break_on_hyphens=False) or [""]
+    return lines
+
+
+def findings_table(findings: list[dict[str, Any]], widths: tuple[int, ...] = FINDING_WIDTHS) -> list[str]:
+    """The findings as a table with wrapped cells: finding, when, cause, evidence and what to do (each of
+    its instructions on lines of its own), from their records (summary.json's ``findings``)."""
+    def row(cells: list[list[str]]) -> list[str]:
+        height = max(len(cell) for cell in cells)
+        return ["  " + "  ".join(f"{(cell[i] if i < len(cell) else ''):<{width}}" for cell, width in zip(cells, widths)).rstrip()
+                for i in range(height)]
+
+    lines = row([[header] for header in FINDING_HEADER])
+    lines.append("  " + "  ".join("-" * width for width in widths))
+    for finding in findings:
+        columns = finding_columns(finding)
+        lines += row([_cell_lines(text, width, items=(i == len(columns) - 1))
+                      for i, (text, width) in enumerate(zip(columns, widths))])
+    return lines
+
+
 def summary_table(summary: RunSummary, run_dir: Path | str) -> str:
     """The console table at a run's end, from its record (``summary.json``): the status and best
-    epoch; the final, best and after-training test metrics (header row, aligned columns); each finding
-    with its remedy; the repairs; the run folder and the TensorBoard command."""
+    epoch; the final, best and after-training test metrics (header row, aligned columns); the findings'
+    table (finding, when, cause, evidence, what to do); the repairs; the run folder and the TensorBoard
+    command."""
     best_by, best, final = summary.best_by or {}, summary.best or {}, summary.final or {}
     planned = summary.epochs_planned if summary.epochs_planned is not None else "?"
     steps = f"{summary.step} step" + ("" if summary.step == 1 else "s")
@@ -309,12 +344,8 @@ def summary_table(summary: RunSummary, run_dir: Path | str) -> str:
 
     findings = summary.findings or []
     lines.append(f"findings ({len(findings)}):" if findings else "findings: none")
-    for finding in findings:
-        where = f"{finding.get('stage', '?')} stage, epoch {finding.get('epoch', '?')}, step {finding.get('step', '?')}"
-        kind = "" if finding.get("failure", True) else ", a note"
-        lines.append(f"  {finding.get('detector', '?')} ({where}{kind}): {finding.get('message', '')}")
-        if finding.get("remedy"):
-            lines.append(f"    remedy: {finding['remedy']}")
+    if findings:
+        lines += findings_table(findings)
     for repair in summary.repairs or []:
         lines.append(f"repair: {repair.get('repair', '?')} at step {repair.get('step', '?')} "
                      f"(epoch {repair.get('epoch', '?')}): {repair.get('message', '')}")

@@ -436,7 +436,8 @@ class Trainer:
 
     def _report(self, findings: list[Finding]) -> None:
         for finding in findings:
-            log.warning(finding.console_line())
+            # a failure pattern is a warning; a note on a run that learns is information
+            log.log(logging.WARNING if finding.failure else logging.INFO, finding.console_line())
             self.state.findings.append(finding.to_dict())
             self.run_callbacks("on_finding", finding)
 
