@@ -440,6 +440,30 @@ def test_flipped_annotations_are_counted_from_the_records(synthetic_root, tiny_c
     assert "in the training annotations are flipped" in found[0].message and "wider_face_train_bbx_gt.txt:" in found[0].message
 
 
+@pytest.mark.slow  # builds a run (data, model): seconds
+def test_an_unused_layer_added_by_a_model_factory_is_named(synthetic_root, tiny_config):
+    def with_an_unused_layer(model_cfg):
+        model = build_model(model_cfg)
+        model.extra = nn.Conv2d(3, 4, 1)  # never called by the forward
+        return model
+
+    report = preflight(built(tiny_config, synthetic_root, model_factory=with_an_unused_layer))
+    found = [f for f in report.findings if f.check == "unreached_parameters"]
+    assert len(found) == 1 and found[0].severity == WARNING and "extra.weight, extra.bias" in found[0].message
+
+
+@pytest.mark.slow  # generates the default 1,000-image set and builds the default run
+def test_the_default_config_gets_no_warning(tmp_path):
+    from detlab.engine.trainer import Trainer
+
+    trainer = Trainer(compose_config(overrides=[f"dataset.root={tmp_path}"]), tmp_path / "unused")
+    trainer._build()
+    report = preflight(trainer)
+    assert [f.line() for f in report.findings if f.severity != INFO] == []
+    assert {"anchor_coverage", "smallest_face", "empty_images", "input_statistics", "lr_schedule",
+            "first_loss"} == set(checks(report.findings))
+
+
 def test_real_wider_face_annotations_have_no_box_problem(widerface_root):
     from detlab.data.transforms import build_transforms
 
