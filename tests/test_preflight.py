@@ -337,6 +337,18 @@ def test_a_fatal_report_stops_with_one_line_naming_the_fix():
         "  note    lr_schedule: lr 0.01"]
 
 
+def test_the_end_of_run_table_counts_the_preflight_and_names_what_it_found():
+    from detlab.engine.loggers import summary_table
+    from detlab.run_record import RunStatus, RunSummary
+
+    preflight = {"mode": "on", "seconds": 1.234, "fatal": 1, "warnings": 1, "notes": 0, "findings": [
+        {"check": "first_loss", "severity": FATAL, "message": "m", "fix": "f", "evidence": {}},
+        {"check": "lr_schedule", "severity": WARNING, "message": "m", "fix": "f", "evidence": {}}]}
+    table = summary_table(RunSummary(status=RunStatus.FAILED, preflight=preflight), "/runs/x").splitlines()
+    assert table[-3] == "pre-flight: 1 fatal, 1 warning(s), 0 note(s) in 1.2 s: first_loss (fatal), lr_schedule (warning)"
+    assert not any("pre-flight" in line for line in summary_table(RunSummary(), "/runs/x").splitlines())
+
+
 # ----------------------------------------------------------------------------------- the config
 def test_the_preflight_key_takes_on_warn_off_and_names_them_otherwise():
     assert compose_config().diagnosis.preflight == "on"
