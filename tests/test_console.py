@@ -169,7 +169,8 @@ def test_a_tiny_run_prints_its_epochs_and_its_table(synthetic_root, tiny_config,
     assert table[5].startswith("test: checkpoints/last.pt") and "input size 160x128" in table[5]
     assert table[6] == f"findings ({len(findings)}):"
     assert table[7].split() == ["finding", "when", "cause", "evidence", "what", "to", "do"]
-    assert table[7:-2] == findings_table(findings)  # the findings' words as summary.json holds them
+    assert table[7:-3] == findings_table(findings)  # the findings' words as summary.json holds them
+    assert table[-3].startswith(f"pre-flight: 0 fatal, {summary['preflight']['warnings']} warning(s), ")
     assert all(f["title"] and f["cause"] and f["message"] and f["remedy"] for f in findings)
     assert table[-2:] == [f"run folder:  {run_dir}", f"TensorBoard: tensorboard --logdir {run_dir}"]
 

@@ -21,7 +21,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from detlab.config_compat import drop_retired_placeholders
-from detlab.diagnosis import DiagnosisConfig, config_problems
+from detlab.diagnosis import DiagnosisConfig, config_problems, preflight_mode
 from detlab.errors import ConfigError
 from detlab.paths import PathsConfig, config_dir
 from detlab.run_record import METRIC_COLUMNS
@@ -500,6 +500,7 @@ def validate(cfg: Config) -> None:
            "must be in (0, 1) or null", st.early_end_fraction)
     _check(0 < st.late_start_fraction < 1, "stages.late_start_fraction", "must be in (0, 1)",
            st.late_start_fraction)
+    cfg.diagnosis.preflight = preflight_mode(cfg.diagnosis.preflight)  # a YAML `off` arrives as "False"
     for problem in config_problems(cfg.diagnosis):  # each detector validates its own block
         _check(False, problem.key, problem.message, problem.value)
 

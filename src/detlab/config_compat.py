@@ -5,6 +5,8 @@ Until 2026-12-05 the schema kept six retired ``diagnosis`` keys as null placehol
 of nulls), so every config a run saved before then (checkpoints, run folders' ``config.yaml``) holds
 them, null. ``load_saved_config`` drops them before typing the config against today's schema. A key
 set to a value is from a config older than this month, which is no longer read: the schema names it.
+A key added since (``diagnosis.preflight``) needs no rule here: a saved config without it takes the
+schema's default when it is merged onto the schema.
 
 Delete this module and its call once no run saved before 2026-12-05 needs reading (from 2027-01).
 """

@@ -31,6 +31,7 @@ SAFE_ON_RESUME: dict[str, str] = {
     "train.sample_grid": "what plots/ shows",
     "eval.num_logged_images": "what TensorBoard shows",
     "eval.gallery_every": "what TensorBoard shows",
+    "diagnosis.preflight": "the pre-flight checks run when a run starts, never on a resume",
     "resume": "which run continues",
     "run_dir": "which run continues",
     "hydra": "Hydra's own settings (output folders, logging, launcher)",

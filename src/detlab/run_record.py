@@ -194,8 +194,11 @@ class RunSummary:
     processes: int = 1  # > 1: torchrun's DistributedDataParallel
     loss_rebalance: Optional[dict[str, Any]] = None  # only with loss.rebalance.enabled
     traceback: Optional[str] = None  # only for a failed run
+    # The pre-flight checks of the run's first session (detlab.engine.preflight): mode, seconds, counts,
+    # findings (check, severity, message, fix, evidence); absent with diagnosis.preflight=off.
+    preflight: Optional[dict[str, Any]] = None
 
-    _OPTIONAL = ("loss_rebalance", "traceback")
+    _OPTIONAL = ("loss_rebalance", "traceback", "preflight")
 
     def to_dict(self) -> dict[str, Any]:
         record = asdict(self)

@@ -63,6 +63,33 @@ def build_scheduler(
     return SequentialLR(optimizer, schedulers=[warm, main], milestones=[n_warm])
 
 
+def planned_learning_rates(cfg: ScheduleConfig, lr: float, total_steps: int, steps_per_epoch: int) -> list[float]:
+    """The learning rate of each of a run's ``total_steps`` optimiser steps, then the one after its
+    last step: ``build_scheduler``'s schedule, built and stepped on an optimiser of its own (one
+    scalar parameter), so the run's optimiser and scheduler are left as they are."""
+    parameter = torch.nn.Parameter(torch.zeros(()))
+    optimizer = torch.optim.SGD([parameter], lr=lr)
+    scheduler = build_scheduler(optimizer, cfg, total_steps, steps_per_epoch)
+    rates = []
+    for _ in range(total_steps):
+        rates.append(float(optimizer.param_groups[0]["lr"]))
+        optimizer.step()  # no gradient: changes nothing, and keeps the scheduler's order check quiet
+        scheduler.step()
+    rates.append(float(optimizer.param_groups[0]["lr"]))
+    return rates
+
+
+def expected_final_lr(cfg: ScheduleConfig, lr: float) -> tuple[float, str]:
+    """Where the schedule should end (the rate after the last step), and why in words."""
+    if cfg.after_warmup == "cosine":
+        return lr * cfg.min_lr_factor, f"cosine ends at optim.lr x schedule.min_lr_factor ({cfg.min_lr_factor:g})"
+    if cfg.after_warmup == "multistep":
+        count = len(cfg.milestones)
+        return lr * cfg.gamma ** count, (f"multistep ends at optim.lr x schedule.gamma ({cfg.gamma:g}) to the power of its "
+                                         f"{count} milestones")
+    return lr, "constant ends at optim.lr"
+
+
 @dataclass(frozen=True)
 class StageBoundaries:
     """Steps ``[0, early_end)`` are early, ``[early_end, late_start)`` mid, ``[late_start, total)`` late.

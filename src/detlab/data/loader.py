@@ -119,9 +119,9 @@ def build_datasets(cfg: Config) -> tuple[WiderFaceDataset, WiderFaceDataset]:
     size = (cfg.model.input_width, cfg.model.input_height)
     cache = build_image_cache(d)  # one per process, so its memory budget covers both splits
     train = WiderFaceDataset(split.train, split.train_images, build_transforms(d.augment, size, train=True),
-                             size, d.on_bad_image, cache=cache)
+                             size, d.on_bad_image, cache=cache, annotations=split.train_annotations)
     val = WiderFaceDataset(split.val, split.val_images, build_transforms(None, size, train=False), size,
-                           d.on_bad_image, cache=cache)
+                           d.on_bad_image, cache=cache, annotations=split.val_annotations)
     log.info("dataset %s: %d train images (%d faces), %d val images (%d faces)", d.name, len(train),
              sum(r.num_faces for r in train.records), len(val), sum(r.num_faces for r in val.records))
     return train, val

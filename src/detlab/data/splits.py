@@ -49,6 +49,8 @@ class SplitRecords:
     val: list[ImageRecord]
     val_images: Path
     test: Optional[list[ImageRecord]] = None  # the held-out third share of a random split
+    train_annotations: Optional[Path] = None  # the annotation files the records were parsed from
+    val_annotations: Optional[Path] = None
 
 
 def _parse(root: Path, split: str, d: DatasetConfig, hint: str = "") -> list[ImageRecord]:
@@ -70,12 +72,15 @@ def resolve_split(d: DatasetConfig, root: Path) -> SplitRecords:
         hint = (" -- with only one annotation file at hand use dataset.split.mode=random "
                 "dataset.split.source=val")
         train, val = _parse(root, "train", d, hint), _parse(root, "val", d, hint)
-        out = SplitRecords(train, images_dir(root, "train"), val, images_dir(root, "val"))
+        out = SplitRecords(train, images_dir(root, "train"), val, images_dir(root, "val"),
+                           train_annotations=annotation_file(root, "train"), val_annotations=annotation_file(root, "val"))
         shuffle = True
     elif s.mode == "random":
         parts = split_records(_parse(root, s.source, d), list(s.ratios), s.seed)
         folder = images_dir(root, s.source)
-        out = SplitRecords(parts[0], folder, parts[1], folder, parts[2] if len(parts) > 2 else None)
+        source = annotation_file(root, s.source)
+        out = SplitRecords(parts[0], folder, parts[1], folder, parts[2] if len(parts) > 2 else None,
+                           train_annotations=source, val_annotations=source)
         shuffle = False
     else:
         raise ValueError(f"dataset.split.mode must be 'official' or 'random', got {s.mode!r}")

@@ -433,6 +433,134 @@ def boxes_outside_image(boxes: np.ndarray, height: int, width: int) -> np.ndarra
     return (boxes[:, 2] <= 0) | (boxes[:, 3] <= 0) | (boxes[:, 0] >= width) | (boxes[:, 1] >= height)
 
 
+# ------------------------------------------------------------------------------------ box checks
+# What box_problems names, in its order of precedence (a box has at most one of them).
+BOX_PROBLEMS = ("not_finite", "normalised", "flipped", "zero_size", "outside_image", "past_edge")
+EXIF_ORIENTATION = 0x0112
+PAST_EDGE_PIXELS = 1.0  # a box may reach this far past its image's edge (rounding) before it counts
+
+
+def image_size(path: os.PathLike | str) -> Optional[tuple[int, int]]:
+    """``(width, height)`` of an image file as ``read_image_rgb`` decodes it (EXIF rotations by 90
+    degrees swap the two), from its header alone (Pillow reads no pixels); None when the header cannot
+    be read (the decoder then reports the file when the image is loaded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
+                width, height = height, width
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+        return None
+    return int(width), int(height)
+
+
+def box_problems(boxes: np.ndarray, image_sizes: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
+    """What is wrong with each ``xyxy`` pixel box, vectorised: ``{problem: [N] bool}`` for the problems
+    of ``BOX_PROBLEMS``; a box has at most one (the first that applies):
+
+    - ``not_finite``: a coordinate is NaN or infinite;
+    - ``normalised``: every coordinate in ``[0, 1]`` with a positive size: a fraction of the image,
+      not pixels;
+    - ``flipped``: ``x2 < x1`` or ``y2 < y1``;
+    - ``zero_size``: ``x2 == x1`` or ``y2 == y1``;
+    - with ``image_sizes`` (``[N, 2]`` width, height of each box's image): ``outside_image``, no overlap
+      with the image (``boxes_outside_image``), and ``past_edge``, reaching more than
+      ``PAST_EDGE_PIXELS`` past an edge.
+    """
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    x1, y1, x2, y2 = b.T
+    w, h = x2 - x1, y2 - y1
+    with np.errstate(invalid="ignore"):
+        not_finite = ~np.isfinite(b).all(axis=1)
+        ok = ~not_finite
+        normalised = ok & (b >= 0).all(axis=1) & (b <= 1).all(axis=1) & (w > 0) & (h > 0)
+        ok &= ~normalised
+        flipped = ok & ((w < 0) | (h < 0))
+        ok &= ~flipped
+        zero_size = ok & ((w == 0) | (h == 0))
+        ok &= ~zero_size
+        out = {"not_finite": not_finite, "normalised": normalised, "flipped": flipped, "zero_size": zero_size}
+        if image_sizes is not None:
+            sizes = np.asarray(image_sizes, dtype=np.float64).reshape(-1, 2)
+            width, height = sizes[:, 0], sizes[:, 1]
+            outside = ok & ((x2 <= 0) | (y2 <= 0) | (x1 >= width) | (y1 >= height))
+            edge = PAST_EDGE_PIXELS
+            past = ok & ~outside & ((x1 < -edge) | (y1 < -edge) | (x2 > width + edge) | (y2 > height + edge))
+            out.update(outside_image=outside, past_edge=past)
+    return out
+
+
+XYWH, XYXY_READ_AS_XYWH = "xywh", "xyxy_read_as_xywh"
+# The share of the boxes whose shape a format guess needs (see box_format_guess).
+FORMAT_GUESS_SHARE = 0.9
+
+
+def box_format_guess(boxes: np.ndarray, problems: dict[str, np.ndarray],
+                     image_sizes: Optional[np.ndarray] = None) -> Optional[str]:
+    """Whether the ``xyxy`` boxes look like another format, from their shapes as a whole:
+
+    - ``XYWH``: ``x y w h`` where ``x1 y1 x2 y2`` is expected. Faces are smaller than their distance to
+      the image's top-left corner, so most such boxes are flipped in *both* axes (``w < x`` and
+      ``h < y``); a flip in one axis is a swapped coordinate instead. With the image sizes, read as
+      ``x y w h`` nearly all of the flipped boxes must fit their image (boxes whose corners were
+      swapped do not).
+    - ``XYXY_READ_AS_XYWH``: an annotation file in ``x1 y1 x2 y2`` read as WIDER's ``x1 y1 w h``: every
+      box is then at least as wide as its ``x1`` and as tall as its ``y1`` (in WIDER FACE's val
+      annotations 0.8% are).
+
+    None when neither holds (or there are too few boxes to say).
+    """
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    flipped = problems["flipped"]
+    both = flipped & (b[:, 2] < b[:, 0]) & (b[:, 3] < b[:, 1])
+    usable = ~(problems["not_finite"] | problems["normalised"])
+    if flipped.sum() >= 5 and both.sum() >= 0.5 * flipped.sum() and flipped.sum() >= 0.3 * max(usable.sum(), 1):
+        if image_sizes is None:
+            return XYWH
+        sizes = np.asarray(image_sizes, dtype=np.float64).reshape(-1, 2)[flipped]
+        fb = b[flipped]
+        fits = (fb[:, 0] + fb[:, 2] <= sizes[:, 0] + PAST_EDGE_PIXELS) & (fb[:, 1] + fb[:, 3] <= sizes[:, 1] + PAST_EDGE_PIXELS)
+        if fits.mean() >= FORMAT_GUESS_SHARE:
+            return XYWH
+    valid = usable & ~flipped & ~problems["zero_size"]
+    if valid.sum() >= 20:
+        v = b[valid]
+        wide = (v[:, 2] - v[:, 0] >= v[:, 0]) & (v[:, 3] - v[:, 1] >= v[:, 1])
+        if wide.mean() >= FORMAT_GUESS_SHARE:
+            return XYXY_READ_AS_XYWH
+    return None
+
+
+def face_line(path: os.PathLike | str, image: str, box: Sequence[float]) -> Optional[int]:
+    """The 1-based line of ``image``'s face whose ``xyxy`` box is ``box`` in the annotation file
+    ``path`` (the image's path line when no face line matches); None when the file does not list the
+    image. Reads the file once: for the evidence of a finding, not per box."""
+    try:
+        lines = read_text_lines(path)
+    except UserError:
+        return None
+    target = np.asarray(box, dtype=np.float64)
+    for i, text in enumerate(lines):
+        if text.strip() != image:
+            continue
+        try:
+            count = int(lines[i + 1].strip())
+        except (IndexError, ValueError):
+            return i + 1
+        for k in range(count):
+            fields = lines[i + 2 + k].split()[:4] if i + 2 + k < len(lines) else []
+            try:
+                x, y, w, h = (float(v) for v in fields)
+            except ValueError:
+                continue
+            if np.allclose([x, y, x + w, y + h], target, atol=0.5):
+                return i + 3 + k
+        return i + 1
+    return None
+
+
 # ---------------------------------------------------------------------------------------- dataset
 Transform = Callable[[tv_tensors.Image, dict], tuple]
 
@@ -448,6 +576,9 @@ class WiderFaceDataset(Dataset):
     size) are dropped before the transform, with a warning naming the image the first time;
     ``num_boxes_outside`` / ``num_images_with_boxes_outside`` count them (across workers too). Boxes
     partly outside are clipped by the transforms.
+
+    ``annotations``: the annotation file the records were parsed from, when there is one (the
+    pre-flight checks name its lines).
     """
 
     def __init__(
@@ -458,6 +589,7 @@ class WiderFaceDataset(Dataset):
         input_size: tuple[int, int],
         on_bad_image: str = "error",
         cache: Optional[DecodedImageCache] = None,
+        annotations: Optional[Path] = None,
     ) -> None:
         if on_bad_image not in ("error", "skip"):
             raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
@@ -467,6 +599,7 @@ class WiderFaceDataset(Dataset):
         self.input_size = tuple(input_size)  # (W, H)
         self.on_bad_image = on_bad_image
         self.cache = cache if cache is not None else DecodedImageCache("none", None, None, read_image_rgb)
+        self.annotations = None if annotations is None else Path(annotations)  # the file the records came from
         # Shared memory, so skips counted inside DataLoader workers are visible to the caller.
         self._skipped = torch.zeros(len(self.records), dtype=torch.bool).share_memory_()
         # Per image, the number of its boxes found wholly outside it (-1: not decoded yet), shared likewise.
@@ -478,6 +611,12 @@ class WiderFaceDataset(Dataset):
     @property
     def num_skipped(self) -> int:
         return int(self._skipped.sum())
+
+    def image_sizes(self, indices: Sequence[int]) -> np.ndarray:
+        """``[len(indices), 2]`` float: the width and height of those records' image files, from their
+        headers (``image_size``); NaN where a header cannot be read."""
+        sizes = [image_size(self.images_dir / self.records[int(i)].path) for i in indices]
+        return np.asarray([s if s is not None else (np.nan, np.nan) for s in sizes], dtype=np.float64).reshape(-1, 2)
 
     @property
     def num_boxes_outside(self) -> int:

@@ -43,11 +43,13 @@ from detlab.diagnosis.presentation import (
     is_note,
 )
 from detlab.diagnosis.registry import (
+    PREFLIGHT_MODES,
     ConfigProblem,
     DiagnosisSettings,
     config_problems,
     get_detector,
     list_detectors,
+    preflight_mode,
     register_detector,
     registered_detectors,
     step_level_detectors,
@@ -57,9 +59,9 @@ from detlab.diagnosis.schema import DiagnosisConfig
 from detlab.diagnosis.windows import is_finite_loss
 
 __all__ = [
-    "DIVERGENCE", "FINDING_HEADER", "Alarm", "ConfigProblem", "Detector", "DetectorConfig", "Diagnoser",
-    "DiagnosisConfig", "DiagnosisSettings", "DiagnosisStatus", "Divergence", "Finding", "Level", "Need", "RunInfo",
-    "Severity", "StopReason", "Verdict", "When", "config_problems", "finding_columns", "finding_line",
-    "finding_title", "finding_when", "get_detector", "is_finite_loss", "is_note", "list_detectors",
+    "DIVERGENCE", "FINDING_HEADER", "PREFLIGHT_MODES", "Alarm", "ConfigProblem", "Detector", "DetectorConfig",
+    "Diagnoser", "DiagnosisConfig", "DiagnosisSettings", "DiagnosisStatus", "Divergence", "Finding", "Level", "Need",
+    "RunInfo", "Severity", "StopReason", "Verdict", "When", "config_problems", "finding_columns", "finding_line",
+    "finding_title", "finding_when", "get_detector", "is_finite_loss", "is_note", "list_detectors", "preflight_mode",
     "register_detector", "registered_detectors", "step_level_detectors", "unmet_needs",
 ]

@@ -43,6 +43,20 @@ class DiagnosisSettings:
     grad_norm_every: int = 5  # steps between gradient samples (loss-term norms on the backbone output, dead share)
     # Loss windows (steps) of stuck and avoidance: shrunk to half the first part of training when longer.
     loss_window: int = 50
+    # The pre-flight checks before the first optimiser step (detlab.engine.preflight): on (a fatal
+    # finding stops the run: exit 2), warn (report, never stop) or off. Not part of ``enabled``.
+    preflight: str = "on"
+
+
+PREFLIGHT_MODES = ("on", "warn", "off")
+
+
+def preflight_mode(value: Any) -> Any:
+    """``diagnosis.preflight`` as one of ``PREFLIGHT_MODES`` where it names one: YAML 1.1 reads an
+    unquoted ``on`` / ``off`` as a boolean, which the schema's string field then holds as ``"True"`` /
+    ``"False"``; those mean ``on`` / ``off``. Any other value is returned as it is (the validation names it)."""
+    text = str(value).strip().lower()
+    return {"true": "on", "false": "off"}.get(text, text if text in PREFLIGHT_MODES else value)
 
 
 def register_detector(cls: D) -> D:
@@ -128,7 +142,8 @@ def config_problems(diagnosis: Any) -> Iterator[ConfigProblem]:
     """Values of a ``diagnosis`` config out of their range: the shared settings', then each
     registered detector's ``checks`` of its block, in evaluation order."""
     shared = {"grad_norm_every": (diagnosis.grad_norm_every >= 1, "must be >= 1"),
-              "loss_window": (diagnosis.loss_window >= 1, "must be >= 1")}
+              "loss_window": (diagnosis.loss_window >= 1, "must be >= 1"),
+              "preflight": (diagnosis.preflight in PREFLIGHT_MODES, f"expected one of {', '.join(PREFLIGHT_MODES)}")}
     for key, (valid, message) in shared.items():
         if not valid:
             yield ConfigProblem(f"diagnosis.{key}", getattr(diagnosis, key), message)

@@ -9,6 +9,7 @@ that validates and writes). In the order they come in a run:
                                                     and diagnosis are built (before a resume loads
                                                     its checkpoint)
 ``on_train_start(trainer, samples)``                the run folder is open for this session,
+                                                    after the pre-flight checks (a fresh run's),
                                                     before the first step; ``samples``: the
                                                     augmented training-sample grid (RGB uint8) or
                                                     None (``train.sample_grid=0``, a resumed run)

@@ -349,6 +349,13 @@ def summary_table(summary: RunSummary, run_dir: Path | str) -> str:
     for repair in summary.repairs or []:
         lines.append(f"repair: {repair.get('repair', '?')} at step {repair.get('step', '?')} "
                      f"(epoch {repair.get('epoch', '?')}): {repair.get('message', '')}")
+    if summary.preflight:  # the checks before the first step (detlab.engine.preflight): counts, what they named
+        preflight = summary.preflight
+        named = [f"{f.get('check')} ({f.get('severity')})" for f in preflight.get("findings", [])
+                 if f.get("severity") in ("fatal", "warning")]
+        lines.append(f"pre-flight: {preflight.get('fatal', 0)} fatal, {preflight.get('warnings', 0)} warning(s), "
+                     f"{preflight.get('notes', 0)} note(s) in {_duration(preflight.get('seconds'))}"
+                     + (f": {', '.join(named)}" if named else ""))
     folder = shlex.quote(str(run_dir))
     lines.append(f"run folder:  {run_dir}")
     lines.append(f"TensorBoard: tensorboard --logdir {folder}")

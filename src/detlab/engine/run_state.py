@@ -34,6 +34,7 @@ class RunState:
     findings: list[dict[str, Any]] = field(default_factory=list)
     repairs: list[dict[str, Any]] = field(default_factory=list)  # what a repair did, and when
     elapsed_s: float = 0.0  # wall time of earlier sessions of this run
+    preflight: Optional[dict[str, Any]] = None  # the pre-flight report of the run's first session
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -27,6 +27,7 @@ from detlab.engine.callbacks import Callback
 from detlab.engine.early_stopping import EarlyStopping
 from detlab.engine.loggers import default_callbacks
 from detlab.engine.pictures import training_samples
+from detlab.engine.preflight import PreflightError, preflight_error, report_block, run_preflight
 from detlab.engine.repair import Rollback
 from detlab.engine.run_state import RunState, resume_checkpoint
 from detlab.engine.step import TrainingParts, build_training
@@ -134,6 +135,22 @@ class Trainer:
         # The gradient-norm samples feed the diagnosis and the rebalancing repair.
         self.samples_gradients = cfg.diagnosis.enabled or cfg.loss.rebalance.enabled
 
+    def _preflight(self) -> None:
+        """The pre-flight checks (``detlab.engine.preflight``) of a fresh run, after it is built and before
+        its first step, on rank 0 (the others wait for its report): logged as one block with its wall
+        time and kept in ``summary.json``'s ``preflight``. A fatal finding under ``diagnosis.preflight=on``
+        ends the run on every rank: ``PreflightError``, one line and exit code 2 from train.py."""
+        report = None
+        if self.is_main:
+            report = run_preflight(self.cfg, self.data.train_set, self.data.train_loader.collate_fn, self.model,
+                                   self.parts.criterion, self.device, self.parts.amp, self.total_steps,
+                                   self.steps_per_epoch).to_dict()
+            (log.warning if report["fatal"] or report["warnings"] else log.info)("%s", report_block(report))
+        report = broadcast_object(report)
+        self.state.preflight = report
+        if report["fatal"] and report["mode"] == "on":
+            raise preflight_error(report)
+
     def _resume(self, previous: Optional[dict[str, Any]]) -> bool:
         found = resume_checkpoint(self.cfg.resume, self.paths, previous, self.device)
         if found is None:
@@ -165,7 +182,9 @@ class Trainer:
         once (``LockedError``). A failure before this session has opened the run's record (while
         building, or resuming from a missing or damaged checkpoint) leaves the files of an earlier
         session, its ``summary.json`` included, as they were; so does a resume that finds nothing to
-        do (a completed run, already tested).
+        do (a completed run, already tested). A fresh run opens its record before its pre-flight
+        checks: a fatal finding (``PreflightError``) leaves a ``failed`` record that says why, and
+        nothing else (no config.yaml, checkpoint, metrics.csv or event file).
 
         SIGINT or SIGTERM ends the step in progress; the run then writes ``checkpoints/last.pt`` (the
         epoch's progress included: a resumed session continues the epoch where it stopped) and an
@@ -186,6 +205,11 @@ class Trainer:
             self._build()
             self.run_callbacks("on_build")
             self.resumed = self._resume(previous)
+            if not self.resumed and self.cfg.diagnosis.preflight != "off":
+                # A fresh run (resume_checkpoint refuses a folder with trained steps): its record is this
+                # session's from here, so a fatal finding is recorded with its reason.
+                record_open = True
+                self._preflight()
             if is_initialized():  # the step's model becomes a DistributedDataParallel over self.model
                 self.model, self.parts.model = wrap_model(self.model, self.device, self.cfg.train.sync_batchnorm,
                                                           self.cfg.train.batch_size)
@@ -208,7 +232,8 @@ class Trainer:
             raise Interrupted(signal.SIGINT, self.message) from interrupt
         except Exception as error:
             self.status, self.message = RunStatus.FAILED, f"{type(error).__name__}: {error}"
-            self.traceback = traceback.format_exc(limit=8)
+            # A pre-flight stop is a verdict on the config and data, not a bug: its message says it all.
+            self.traceback = None if isinstance(error, PreflightError) else traceback.format_exc(limit=8)
             self._end(record_open)
             raise
         unchanged = (not trained and not tested and previous is not None
@@ -475,7 +500,7 @@ class Trainer:
             wall_time_s=round(self._elapsed(), 3), device="" if self.device is None else str(self.device),
             processes=self.world_size,  # > 1: torchrun's DistributedDataParallel
             loss_rebalance=self.parts.criterion.rebalancer.state_dict() if rebalance else None,
-            traceback=self.traceback)
+            traceback=self.traceback, preflight=state.preflight)
 
     def _elapsed(self) -> float:
         return self.state.elapsed_s + (time.time() - self._session_start)
