@@ -109,6 +109,25 @@ def save_untrained_checkpoint(cfg, path: Path):
     return model
 
 
+def untrained_checkpoint_with_photos(root: Path, photos: int) -> tuple[Path, Path]:
+    """An untrained ssd_slim checkpoint of the prediction tests' config (160x128 input,
+    ``eval.score_threshold=0.3``) and a folder of ``photos`` synthetic val images at their own size."""
+    import shutil
+
+    from detlab.data import build_datasets
+
+    cfg = tiny_predict_config(root)
+    cfg.eval.score_threshold = 0.3
+    path = root / "last.pt"
+    save_untrained_checkpoint(cfg, path)
+    _, val = build_datasets(cfg)
+    folder = root / "photos"
+    folder.mkdir()
+    for record in val.records[:photos]:
+        shutil.copy(val.images_dir / record.path, folder / Path(record.path).name)
+    return path, folder
+
+
 def tiny_sweep_overrides(tmp_path: Path, sweep_dir: Path, epochs: int = 2) -> list[str]:
     """``train.py -m`` overrides for a tiny sweep (20 synthetic images at 160x128, batch 8) into ``sweep_dir``."""
     return [f"dataset.root={tmp_path / 'synthetic'}", "dataset.synthetic.num_images=20",

@@ -19,7 +19,7 @@ import pytest
 import detlab.cli
 from detlab.cli import SUBCOMMANDS
 
-from conftest import save_untrained_checkpoint, tiny_predict_config, tiny_sweep_overrides
+from conftest import tiny_sweep_overrides, untrained_checkpoint_with_photos
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -200,21 +200,7 @@ def test_detlab_train_user_errors_and_sigterm_keep_their_exit_codes(synthetic_ro
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> tuple[Path, Path]:
     """An untrained ssd_slim checkpoint (160x128) of a 12-image synthetic set, and a folder of two images."""
-    import shutil
-
-    from detlab.data import build_datasets
-
-    root = tmp_path_factory.mktemp("cli_checkpoint")
-    cfg = tiny_predict_config(root)
-    cfg.eval.score_threshold = 0.3
-    path = root / "last.pt"
-    save_untrained_checkpoint(cfg, path)
-    _, val = build_datasets(cfg)
-    photos = root / "photos"
-    photos.mkdir()
-    for record in val.records[:2]:
-        shutil.copy(val.images_dir / record.path, photos / Path(record.path).name)
-    return path, photos
+    return untrained_checkpoint_with_photos(tmp_path_factory.mktemp("cli_checkpoint"), photos=2)
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ boxes and scores predict.py writes for it (detlab.predictor, one prediction path
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +14,10 @@ import pytest
 
 from detlab import Detections, Detector
 from detlab.config import PredictConfig
-from detlab.data import build_datasets
 from detlab.errors import UserError
 from detlab.predictor import PredictError, predict_images
 
-from conftest import save_untrained_checkpoint, tiny_predict_config
+from conftest import untrained_checkpoint_with_photos
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,17 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 def checkpoint(tmp_path_factory):
     """An untrained ssd_slim checkpoint (160x128 input, ``eval.score_threshold=0.3``) and a folder of
     three synthetic val images at their own size (320x256: boxes are mapped back from the input size)."""
-    root = tmp_path_factory.mktemp("detector")
-    cfg = tiny_predict_config(root)
-    cfg.eval.score_threshold = 0.3
-    path = root / "last.pt"
-    save_untrained_checkpoint(cfg, path)
-    _, val = build_datasets(cfg)
-    photos = root / "photos"
-    photos.mkdir()
-    for record in val.records[:3]:
-        shutil.copy(val.images_dir / record.path, photos / Path(record.path).name)
-    return path, photos
+    return untrained_checkpoint_with_photos(tmp_path_factory.mktemp("detector"), photos=3)
 
 
 def assert_as_written(detections: Detections, entries: list[dict]) -> None:

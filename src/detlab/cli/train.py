@@ -167,7 +167,7 @@ def run(raw: DictConfig, hydra_cfg, multirun: bool) -> float | None:
         summary = train(cfg, run_dir, overrides)
     finally:
         distributed.shutdown()
-    log.info("status: %s; run directory: %s", summary["status"], run_dir)
+    log.debug("status: %s; run directory: %s", summary["status"], run_dir)  # the console table said both
     if summary["status"] != RunStatus.COMPLETED and not multirun:
         log.warning("run ended with status %s: %s", summary["status"], summary["message"])
     value = summary.get("final", {}).get(cfg.train.objective)  # what a sweeper (Optuna) optimises
