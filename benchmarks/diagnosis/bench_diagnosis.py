@@ -90,10 +90,9 @@ def worker(job: dict[str, Any]) -> None:
     run_dir = Path(job["run_dir"])
     shutil.rmtree(run_dir, ignore_errors=True)  # a run cut off mid-way starts again from scratch
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = compose_config(overrides=run.overrides)
     # The benchmark measures the diagnosis during training: the pre-flight checks report what they see of
     # the injected fault (summary.json's "preflight") but never stop the run before it trains.
-    cfg.diagnosis.preflight = "warn"
+    cfg = compose_config(overrides=[*run.overrides, "diagnosis.preflight=warn"])
     recorder = SignalRecorder()
 
     def record() -> None:
