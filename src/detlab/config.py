@@ -271,7 +271,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # CUDA: float16 autocast with a gradient scaler
-    # CPU: bfloat16 autocast (AVX-512 BF16 / AMX CPUs run it faster; see README, "Measured").
+    # CPU: bfloat16 autocast (AVX-512 BF16 / AMX CPUs run it faster; see docs/measured.md).
     cpu_bf16: bool = True
     deterministic: bool = False
     log_every: int = 10  # steps between TensorBoard scalar writes
@@ -283,7 +283,7 @@ class TrainConfig:
     # that ends before one validation returns nothing, a failed trial for Optuna).
     objective: str = "val/ap50"
     torch_threads: Optional[int] = None  # None: torch's default (under torchrun: the cores / processes per node)
-    # torchrun only (README, "Scaling out"): the process group's backend (auto: nccl on CUDA, gloo
+    # torchrun only (docs/scaling_out.md): the process group's backend (auto: nccl on CUDA, gloo
     # on the CPU), and SyncBatchNorm over the processes on CUDA (PyTorch has none on the CPU, where
     # each process normalises its own batch_size / world_size images).
     dist_backend: str = "auto"

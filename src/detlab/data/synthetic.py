@@ -40,7 +40,7 @@ JPEG_QUALITY = 90
 # Version 2 starts face widths at 10 px (the smallest anchor of ssd_slim at 320x256; a face is about
 # 1.25x taller than wide): version 1 drew widths from 5 px, and 39% of its val faces were under 16 px,
 # where a model trained for the default run's 500 steps found none (small-face AP 0.04, recall 0 at
-# epoch 7, against 0.38 recall on medium faces; see README, "The default run: a healthy reference").
+# epoch 7, against 0.38 recall on medium faces; see docs/training.md, "The default run: a healthy reference").
 EVENTS = (
     ("0--Crowd", 0.30, (8, 20), (10.0, 28.0)),
     ("1--Group", 0.30, (3, 8), (14.0, 56.0)),

@@ -613,7 +613,7 @@ class Stuck(Detector):
     class Config(DetectorConfig):
         stop: bool = False  # end the run when it fires
         # Tuned on the diagnosis benchmark's own seeds: faulty runs (lr x0.001, x100) fell <= 0.8%, the
-        # slowest healthy run (lr 0.005) 3.7% (benchmarks/diagnosis/bench_diagnosis.py; README, "Diagnosis benchmark").
+        # slowest healthy run (lr 0.005) 3.7% (the benchmark before its pre-registered spec).
         min_drop: float = 0.02
         # The check spans at least this fraction of training: a short warm-up (lr still ramping) alone
         # is too little to call a run stuck (measured: it fired on default runs that later learned).
@@ -1088,7 +1088,7 @@ class ClassLossAtChance(Detector):
     @dataclass
     class Config(DetectorConfig):
         # Off until its false-alarm rate is measured. Provisional thresholds: the default run (3:1 mining)
-        # reads 0.89 of chance at epoch 7 of 15, the 1:1 mining run of the README 1.00 for all 15 epochs.
+        # reads 0.89 of chance at epoch 7 of 15, the 1:1 mining run of docs/scaling_out.md 1.00 for all 15 epochs.
         enabled: bool = False
         window: int = 50  # steps
         margin: float = 0.03  # at chance: the window's mean loss is at least (1 - margin) x chance

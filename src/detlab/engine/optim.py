@@ -13,7 +13,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> t
     """SGD (the paper's optimiser) or AdamW.
 
     AdamW is offered because a from-scratch depthwise-separable SSD learns the face/background
-    split very slowly under SGD within a CPU budget of a few hundred steps (measured: see README).
+    split very slowly under SGD within a CPU budget of a few hundred steps (docs/training.md, "Optimiser").
     """
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,

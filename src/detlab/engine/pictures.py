@@ -12,7 +12,7 @@
   ``detlab.analysis.learning_curves_png``).
 
 Everything here works on what validation already has in memory (the batch's input images and the
-predictions), so the cost is the crops and the drawing (measured in the README, "Pictures").
+predictions), so the cost is the crops and the drawing (measured in docs/training.md, "Pictures").
 """
 
 from __future__ import annotations

@@ -396,7 +396,7 @@ class MobileNetV2FaceBackbone(StagedBackbone):
     the ImageNet classifier). The stride-64 extra layer is ssd_slim's: 1x1 conv to 64 channels, then a
     separable 3x3 stride-2 conv to 256. So the heads and anchors of ``ssd_slim`` fit unchanged, and the
     body can start from ImageNet weights (``model.backbone_weights``) that make faces separable from the
-    first steps (measured in README, "Train on real WIDER FACE").
+    first steps (measured in docs/real_wider.md, "How the recipe was chosen").
     """
 
     strides = (8, 16, 32, 64)

@@ -14,7 +14,7 @@ Rules (SSD, as in torchvision's ``SSDMatcher`` and the Ultra-Light detector):
    RetinaNet and Faster R-CNN): an anchor whose best IoU lies in ``[ignore_iou, iou_threshold)`` and
    that is not forced is labelled ``IGNORE`` (-1): neither a face nor background, so it is never mined
    as a hard negative: the anchors one stride beside a face (nearly the same pixels) stop counting
-   as its hardest "negatives". Measured in README: +4.6 easy AP on WIDER with a pretrained body,
+   as its hardest "negatives". Measured in docs/real_wider.md: +4.6 easy AP on WIDER with a pretrained body,
    no gain on the default run.
 
 The batch is handled by padding the ground truth to ``[B, N_max, 4]`` with a validity mask.

@@ -6,7 +6,7 @@
 as before, without a process group. The helpers below are no-ops without one, so callers need no
 branches of their own (DETR's ``util/misc.py`` works the same way).
 
-What is decided here, and documented in the README ("Scaling out"):
+What is decided here, and documented in docs/scaling_out.md:
 
 - each rank trains on ``train.batch_size / world_size`` images per step (the global batch, the
   learning rate and the schedule are those of a single-process run);
