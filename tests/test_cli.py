@@ -70,6 +70,7 @@ def test_each_commands_help_exits_0_and_shows_its_own_options(name, capsys):
     assert not any(text in out for text in others)
 
 
+@pytest.mark.slow  # a Hydra app each (about 3 s): the same help the dispatcher test reads
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_the_scripts_run_the_same_commands(name, capsys, monkeypatch):
     """``python train.py --help`` (and the other scripts) run the package's command."""
