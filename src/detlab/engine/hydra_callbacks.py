@@ -25,7 +25,7 @@ class SweepSummary(Callback):
             report = f"Report: {write_report(sweep_dir, runs=runs)['md']}"
         except Exception as error:  # the runs are done and recorded: a report that can't be drawn must not fail the sweep
             log.warning("sweep report not written: %s: %s", type(error).__name__, error)
-            report = f"Report: python scripts/sweep_report.py {sweep_dir}"
+            report = f"Report: detlab report {sweep_dir}"
         message = f"sweep finished: {format_counts(runs)}. {report}"
         log.info(message)
         print(message, flush=True)
