@@ -73,39 +73,44 @@ def test_a_frozen_backbone_leaves_most_weights_without_gradient():
 
 
 # --------------------------------------------------------------------------------- rebalancing
-def test_rebalancer_moves_an_out_of_band_ratio_to_the_band_edge_and_leaves_the_band_alone():
-    rb = LossRebalancer(RebalanceConfig(enabled=True, band=10.0, rate=1.0))
-    rb.observe(1.0, 5.0)  # ratio 5: inside [0.1, 10]
-    assert (rb.box_factor, rb.updates) == (1.0, 0)
-    rb.observe(1.0, 100.0)  # ratio 100: the box weight is scaled by 10 / 100
-    assert rb.box_factor == pytest.approx(0.1) and rb.updates == 1
-    half = LossRebalancer(RebalanceConfig(enabled=True, band=10.0, rate=0.5))
-    half.observe(1.0, 1e-4)  # ratio 1e-4 -> edge 0.1: factor (0.1 / 1e-4) ** 0.5
-    assert half.box_factor == pytest.approx(1000 ** 0.5)
+def test_rebalancer_engages_outside_the_band_and_steers_to_its_middle():
+    rb = LossRebalancer(RebalanceConfig(enabled=True, band=10.0, target=2.0, rate=1.0))
+    rb.observe(1.0, 5.0)  # ratio 5: inside [0.1, 10], never engaged: nothing changes
+    assert (rb.box_factor, rb.updates, rb.aim) == (1.0, 0, None)
+    rb.observe(1.0, 100.0)  # ratio 100: engaged box-heavy, the box weight scaled by 2 / 100
+    assert rb.box_factor == pytest.approx(0.02) and (rb.updates, rb.aim) == (1, 2.0)
+    rb.observe(1.0, 5.0)  # engaged: a ratio of 5 (inside the band) is still steered to 2
+    assert rb.box_factor == pytest.approx(0.02 * 2 / 5) and rb.updates == 2
+    half = LossRebalancer(RebalanceConfig(enabled=True, band=10.0, target=2.0, rate=0.5))
+    half.observe(1.0, 1e-4)  # ratio 1e-4: engaged class-heavy, aim 1/2: factor (0.5 / 1e-4) ** 0.5
+    assert half.box_factor == pytest.approx(5000 ** 0.5) and half.aim == 0.5
     capped = LossRebalancer(RebalanceConfig(enabled=True, rate=1.0, max_factor=100.0))
     capped.observe(1.0, 1e-9)
     assert capped.box_factor == 100.0
+    restored = LossRebalancer(RebalanceConfig(enabled=True))
+    restored.load_state_dict(rb.state_dict())
+    assert (restored.box_factor, restored.updates, restored.aim) == (rb.box_factor, 2, 2.0)
     off = LossRebalancer(RebalanceConfig(enabled=False))
     off.observe(1.0, 1e6)
     for bad in ((0.0, 1.0), (1.0, math.inf), (math.nan, 1.0)):
         rb.observe(*bad)
-    assert off.box_factor == 1.0 and rb.updates == 1
+    assert off.box_factor == 1.0 and rb.updates == 2
 
 
 def test_criterion_applies_the_rebalanced_box_weight_and_keeps_it_in_its_state():
     parts, cfg = tiny_parts(box_weight=100.0, rebalance=RebalanceConfig(enabled=True, rate=1.0))
     criterion = parts.criterion
-    criterion.observe_grad_norms(0, 1.0, 1000.0)  # ratio 1000 -> band edge 10: factor 0.01
-    assert criterion.weights(0) == pytest.approx((1.0, 1.0))
+    criterion.observe_grad_norms(0, 1.0, 1000.0)  # ratio 1000 -> aim 2: factor 0.002
+    assert criterion.weights(0) == pytest.approx((1.0, 0.2))
     parts2, _ = tiny_parts(box_weight=100.0, rebalance=RebalanceConfig(enabled=True))
     parts2.criterion.load_state_dict(criterion.state_dict())
-    assert parts2.criterion.weights(5) == pytest.approx((1.0, 1.0))
+    assert parts2.criterion.weights(5) == pytest.approx((1.0, 0.2))
     # a training step measures the ratio on the backbone's output and feeds it in
-    parts3, _ = tiny_parts(box_weight=1e4, rebalance=RebalanceConfig(enabled=True, rate=1.0))
+    parts3, _ = tiny_parts(box_weight=1e4, rebalance=RebalanceConfig(enabled=True, rate=1.0, min_factor=1e-5))
     images = torch.randn(2, 3, 64, 96)
     record = parts3.step(images, [torch.tensor([[10.0, 10.0, 30.0, 34.0]])] * 2, step=0, sample_gradients=True)
     ratio = record.grad_norm_box / record.grad_norm_cls
-    assert ratio > 10 and parts3.criterion.weights(1)[1] == pytest.approx(1e4 * 10 / ratio, rel=1e-6)
+    assert ratio > 10 and parts3.criterion.weights(1)[1] == pytest.approx(1e4 * 2 / ratio, rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- lr back-off

@@ -152,12 +152,14 @@ class AdaptiveWeightsConfig:
 class RebalanceConfig:
     """``loss.rebalance``: the GradNorm-like repair of an imbalanced weight pair (``detlab.loss.LossRebalancer``).
 
-    On the steps that sample the two terms' gradient norms (``diagnosis.grad_norm_every``), a ratio
-    ``g_box / g_cls`` outside ``[1 / band, band]`` scales the box weight by ``(edge / ratio) ** rate``.
+    On the steps that sample the two terms' gradient norms (``diagnosis.grad_norm_every``), once the ratio
+    ``g_box / g_cls`` has left ``[1 / band, band]``, the box weight is scaled by ``(aim / ratio) ** rate``:
+    ``aim`` is ``target`` for a box-heavy run, ``1 / target`` for a class-heavy one.
     """
 
     enabled: bool = False
     band: float = 10.0
+    target: float = 2.0  # the healthy middle the detector's advice names too (box-heavy 2, class-heavy 1/2)
     rate: float = 0.5
     min_factor: float = 1e-3
     max_factor: float = 1e3
@@ -449,6 +451,7 @@ def validate(cfg: Config) -> None:
     _check(lo.min_negatives >= 1, "loss.min_negatives", "must be >= 1", lo.min_negatives)
     rb = lo.rebalance
     _check(rb.band >= 1, "loss.rebalance.band", "must be >= 1", rb.band)
+    _check(1 <= rb.target <= rb.band, "loss.rebalance.target", "must be in [1, loss.rebalance.band]", rb.target)
     _check(0 < rb.rate <= 1, "loss.rebalance.rate", "must be in (0, 1]", rb.rate)
     _check(0 < rb.min_factor <= 1 <= rb.max_factor, "loss.rebalance.min_factor/max_factor",
            "need 0 < min_factor <= 1 <= max_factor", (rb.min_factor, rb.max_factor))

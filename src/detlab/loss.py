@@ -218,16 +218,20 @@ class LossRebalancer:
     """GradNorm-like repair of an imbalanced weight pair (``loss.rebalance``, off by default).
 
     Fed the gradient norms of the two weighted terms (on the backbone's output, the last shared
-    layer, as GradNorm measures them) on the steps that sample them, it multiplies the box weight
-    by ``(target / ratio) ** rate`` whenever the ratio ``g_box / g_cls`` leaves the band
-    ``[1 / band, band]`` (target: the nearest edge). Inside the band nothing changes, so a balanced
-    run trains exactly as without it. The factor stays within ``[min_factor, max_factor]``.
+    layer, as GradNorm measures them) on the steps that sample them. It engages once the ratio
+    ``g_box / g_cls`` leaves the band ``[1 / band, band]`` (``loss_imbalance``'s threshold), and from
+    then on multiplies the box weight by ``(aim / ratio) ** rate`` on every sampled step, ``aim`` being
+    ``target`` for a box-heavy run and ``1 / target`` for a class-heavy one: the middle of the healthy
+    range, not the band's edge, which is as lopsided as the detector allows (steering box weight 100
+    to the edge left its AP50 lower than before). A run whose ratio never leaves the band trains
+    exactly as without it. The factor stays within ``[min_factor, max_factor]``.
     """
 
     def __init__(self, cfg: RebalanceConfig) -> None:
         self.cfg = cfg
         self.box_factor = 1.0
         self.updates = 0
+        self.aim: Optional[float] = None  # the gradient ratio steered to, once engaged
 
     def observe(self, grad_norm_cls: float, grad_norm_box: float) -> None:
         if not self.cfg.enabled or not (grad_norm_cls > 0 and grad_norm_box > 0):
@@ -235,19 +239,23 @@ class LossRebalancer:
         if not (math.isfinite(grad_norm_cls) and math.isfinite(grad_norm_box)):
             return
         ratio = grad_norm_box / grad_norm_cls
-        target = min(max(ratio, 1.0 / self.cfg.band), self.cfg.band)
-        if target == ratio:
-            return
-        factor = self.box_factor * (target / ratio) ** self.cfg.rate
+        if self.aim is None:
+            if 1.0 / self.cfg.band <= ratio <= self.cfg.band:
+                return
+            self.aim = self.cfg.target if ratio > self.cfg.band else 1.0 / self.cfg.target
+        factor = self.box_factor * (self.aim / ratio) ** self.cfg.rate
         self.box_factor = min(max(factor, self.cfg.min_factor), self.cfg.max_factor)
         self.updates += 1
 
     def state_dict(self) -> dict[str, float]:
-        return {"box_factor": self.box_factor, "updates": self.updates}
+        return {"box_factor": self.box_factor, "updates": self.updates,
+                "aim": self.aim if self.aim is not None else 0.0}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.box_factor = float(state.get("box_factor", 1.0))
         self.updates = int(state.get("updates", 0))
+        aim = float(state.get("aim", 0.0))
+        self.aim = aim if aim > 0 else None
 
 
 class MultiBoxLoss(nn.Module):
