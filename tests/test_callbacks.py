@@ -12,7 +12,7 @@ from torch.utils.data import Subset
 
 from detlab.data import build_datasets
 from detlab.engine.callbacks import Callback
-from detlab.engine.loggers import (ConsoleLogger, MetricsCsv, ModelCheckpoint, Plots, RunRecordWriter,
+from detlab.engine.loggers import (ConsoleLogger, MetricsCsv, ModelCheckpoint, Plots, RunRecordWriter, SignalsLog,
                                    TensorBoardLogger, default_callbacks)
 from detlab.engine.trainer import Trainer
 from detlab.model import build_model
@@ -63,8 +63,8 @@ def test_default_callbacks_write_the_record_last():
     from detlab.config import Config
 
     callbacks = default_callbacks(Config())
-    assert [type(c) for c in callbacks] == [TensorBoardLogger, Plots, ModelCheckpoint, MetricsCsv, ConsoleLogger,
-                                            RunRecordWriter]
+    assert [type(c) for c in callbacks] == [TensorBoardLogger, Plots, ModelCheckpoint, MetricsCsv, SignalsLog,
+                                            ConsoleLogger, RunRecordWriter]
 
 
 @pytest.mark.slow

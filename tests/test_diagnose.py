@@ -28,7 +28,7 @@ from detlab.diagnosis.offline import (
     format_report,
     load_curves,
 )
-from detlab.run_record import METRIC_COLUMNS
+from detlab.run_record import METRIC_COLUMNS, read_signals
 
 DATA = Path(__file__).resolve().parent / "data"
 FROZEN = DATA / "replay_frozen_backbone"
@@ -343,7 +343,14 @@ def test_a_tiny_trained_run_gives_the_findings_it_recorded(synthetic_root, tiny_
                       "diagnosis.loss_imbalance.ratio=1.0001", "train.sample_grid=0", "train.plots=false")
     summary = train(cfg, tmp_path / "run", [])
     assert {"stuck", "loss_imbalance"} <= {f["detector"] for f in summary["findings"]}
-    report = diagnose_path(tmp_path / "run")  # no steps.json: the TensorBoard events (train.log_every=1)
+    signals = read_signals(tmp_path / "run")  # every step, once, in order
+    assert [row["step"] for row in signals["steps"]] == list(range(summary["step"]))
+    assert signals["total_steps"] == summary["step"]
+    report = diagnose_path(tmp_path / "run")
+    assert report.step_source == "signals.json.gz" and report.step_every == 1
+    assert [{k: getattr(f, k) for k in WHERE} for f in report.findings] == recorded(tmp_path / "run")
+    (tmp_path / "run" / "signals.json.gz").unlink()  # without it: the TensorBoard events (train.log_every=1)
+    report = diagnose_path(tmp_path / "run")
     assert [{k: getattr(f, k) for k in WHERE} for f in report.findings] == recorded(tmp_path / "run")
 
 

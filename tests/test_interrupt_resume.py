@@ -23,7 +23,7 @@ from detlab.engine.callbacks import Callback
 from detlab.engine.loggers import default_callbacks
 from detlab.errors import ConfigError
 from detlab.resume import SAFE_ON_RESUME, merge_overrides, override_key, resumed_config
-from detlab.run_record import METRIC_COLUMNS, RunStatus
+from detlab.run_record import RunStatus, read_signals
 from detlab.runtime.interrupt import Interrupted, InterruptSignals, exit_on_interrupt
 
 REPO = Path(__file__).resolve().parents[1]
@@ -290,6 +290,7 @@ def test_a_run_interrupted_by_sigterm_and_resumed_ends_as_the_uninterrupted_run(
     assert resumed["status"] == "completed" and resumed["step"] == record(straight)["step"] == 6
     assert metric_rows(run_dir) == metric_rows(straight)  # exactly: same batches, draws and updates
     assert resumed["stages"] == record(straight)["stages"]
+    assert read_signals(run_dir) == read_signals(straight)  # every step's signals once, as uninterrupted
 
 
 @pytest.mark.slow
@@ -318,7 +319,8 @@ def test_sigterm_to_train_py_exits_143_with_one_line_and_resume_finishes_the_run
 
 @pytest.mark.slow
 def test_a_refused_resume_and_a_resume_with_nothing_to_do_leave_the_run_as_it_was(straight, tmp_path):
-    files = [straight / "summary.json", straight / "metrics.csv", *sorted((straight / "checkpoints").iterdir())]
+    files = [straight / "summary.json", straight / "metrics.csv", straight / "signals.json.gz",
+             *sorted((straight / "checkpoints").iterdir())]
     before = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in files}
     refused = subprocess.run([sys.executable, "train.py", f"resume={straight}", "model=ssdlite",
                               f"hydra.run.dir={tmp_path / 'h'}"], cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -86,7 +86,7 @@ from detlab.diagnosis.replay import replay_findings
 from detlab.diagnosis.schema import DiagnosisConfig
 from detlab.errors import ConfigError, UserError
 from detlab.paths import config_dir
-from detlab.run_record import METRIC_COLUMNS, RunPaths, read_metrics, read_summary
+from detlab.run_record import METRIC_COLUMNS, RunPaths, read_metrics, read_signals, read_summary
 from detlab.schedule import StageBoundaries, stage_boundaries
 
 RUN_FOLDER, CSV_FILE, TENSORBOARD = "run folder", "CSV file", "TensorBoard events"
@@ -249,7 +249,15 @@ def _load_run_folder(root: Path) -> Curves:
     recorded = list(summary.get("findings") or []) if summary else None
     total = None
     recorder = root / "steps.json"
-    if recorder.is_file():
+    try:
+        signals = read_signals(root)
+    except (OSError, EOFError, ValueError) as error:
+        raise SourceError(f"{paths.signals}: unreadable ({error}); expected the per-step signals a run writes") from None
+    if signals is not None:  # every step, as the run's diagnosis saw it
+        total = int(signals["total_steps"]) if signals.get("total_steps") else None
+        curves = _curves_from_step_dicts(list(signals["steps"]))
+        curves.step_source = paths.signals.name
+    elif recorder.is_file():
         try:
             record = json.loads(recorder.read_text())
             steps = list(record["steps"])

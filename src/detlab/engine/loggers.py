@@ -6,6 +6,7 @@ installs unless its caller passes a list of its own.
 - ``Plots``: ``plots/`` (the training-sample grid at the start, learning and PR curves at the end);
 - ``ModelCheckpoint``: ``checkpoints/last.pt`` and ``best.pt``, which ``resume`` continues from;
 - ``MetricsCsv``: ``metrics.csv``;
+- ``SignalsLog``: ``signals.json.gz``, every step's diagnosis signals (``detlab diagnose`` replays them);
 - ``ConsoleLogger``: the console: a line per epoch (losses, val metrics, findings so far) and, at the
   end, the run's table (status, final / best / test metrics, the findings' table: finding, when, cause,
   evidence, what to do; where the run folder is and how to open it in TensorBoard);
@@ -39,7 +40,15 @@ from detlab.engine.pictures import pr_curve_png
 from detlab.engine.step import StepRecord
 from detlab.engine.tensorboard import add_pr_curve, add_scalars, open_writer, write_hparams
 from detlab.engine.validation import ValidationResult
-from detlab.run_record import RunStatus, RunSummary, write_config, write_metrics, write_summary
+from detlab.run_record import (
+    RunStatus,
+    RunSummary,
+    read_signals,
+    write_config,
+    write_metrics,
+    write_signals,
+    write_summary,
+)
 from detlab.runtime.checkpoint import all_finite, save_checkpoint
 from detlab.runtime.fileio import atomic_write_bytes, write_jpeg
 
@@ -173,6 +182,35 @@ class MetricsCsv(Callback):
 
     def on_epoch_end(self, trainer: Trainer, row: dict[str, float]) -> None:
         write_metrics(trainer.paths.root, trainer.state.history)
+
+
+class SignalsLog(Callback):
+    """``signals.json.gz``: every optimiser step's diagnosis signals (floats the diagnosis already has on
+    the host), written at each checkpoint and when the session ends. A resumed session keeps the steps
+    its checkpoint had done and appends its own."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = []
+        self.total_steps: Optional[int] = None
+
+    def on_build(self, trainer: Trainer) -> None:
+        self.total_steps = int(trainer.total_steps)
+
+    def on_train_start(self, trainer: Trainer, samples: Optional[np.ndarray]) -> None:
+        done = trainer.state.step
+        recorded = read_signals(trainer.paths.root) if done else None
+        self.steps = [row for row in (recorded or {}).get("steps", []) if row["step"] < done]
+
+    def on_step_end(self, trainer: Trainer, step: int, record: StepRecord, signals: dict[str, float]) -> None:
+        self.steps.append({"step": int(step), "epoch": trainer.state.epoch + 1, **signals})
+
+    def on_checkpoint(self, trainer: Trainer, name: str) -> None:
+        if name == "last":
+            write_signals(trainer.paths.root, self.total_steps, self.steps)
+
+    def on_end(self, trainer: Trainer, summary: RunSummary) -> None:
+        if self.steps:
+            write_signals(trainer.paths.root, self.total_steps, self.steps)
 
 
 class ConsoleLogger(Callback):
@@ -380,4 +418,4 @@ class RunRecordWriter(Callback):
 def default_callbacks(cfg: Config) -> list[Callback]:
     """The callbacks of a ``python train.py`` run, in the order they are called."""
     return [TensorBoardLogger(cfg.train.log_every), Plots(cfg.train.plots, cfg.eval.score_threshold),
-            ModelCheckpoint(), MetricsCsv(), ConsoleLogger(), RunRecordWriter()]
+            ModelCheckpoint(), MetricsCsv(), SignalsLog(), ConsoleLogger(), RunRecordWriter()]
