@@ -253,21 +253,25 @@ CONSOLE_COLUMNS = (("recall", "recall", False), ("precision", "precision", False
                    ("AP50", "ap50", False), ("TP", "tp", True), ("FP", "fp", True), ("FN", "fn", True))
 
 
+def _as_float(value: Any) -> Optional[float]:
+    """``value`` as a float; None when it is absent or not a number (the table then prints '-')."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _number(value: Any, digits: int = 3) -> str:
     """A value with ``digits`` significant digits, as Ultralytics prints its metrics; '-' when absent."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return "-"
-    return f"{value:.{digits}g}"
+    number = _as_float(value)
+    return "-" if number is None else f"{number:.{digits}g}"
 
 
 def _count(value: Any) -> str:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
+    number = _as_float(value)
+    if number is None:
         return "-"
-    return str(int(value)) if math.isfinite(value) else _number(value)
+    return str(int(number)) if math.isfinite(number) else _number(number)
 
 
 def finding_names(findings: list[dict[str, Any]]) -> list[str]:
@@ -287,10 +291,9 @@ def epoch_line(row: dict[str, Any], epochs: int, findings: list[dict[str, Any]])
     return f"epoch {_count(row.get('epoch'))}/{epochs}  train loss {losses} | val {metrics} | {seen}"
 
 
-def _duration(seconds: Any) -> str:
-    try:
-        seconds = float(seconds)
-    except (TypeError, ValueError):
+def _duration(value: Any) -> str:
+    seconds = _as_float(value)
+    if seconds is None:
         return "-"
     if not math.isfinite(seconds) or seconds < 60:
         return f"{seconds:.1f} s"
