@@ -706,10 +706,10 @@ def test_state_dict_round_trip_resumes_detection():
 
 def test_an_empty_state_or_a_detector_the_state_lacks_starts_fresh():
     flat = lambda s: {"loss_cls": 3.0, "loss_box": 1.0, "loss_total": 4.0, "lr": 0.01, "grad_norm": 1.0}  # noqa: E731
-    # fresh state (empty dict): at step 300 the stuck check runs on the resumed windows alone
+    # fresh state (empty dict): the stuck check watches from step 300 on, and decides two windows later
     fresh = make()
     fresh.load_state_dict({})
-    assert only(run(fresh, flat, None, 1, first_epoch=4), "stuck").step == 300
+    assert only(run(fresh, flat, None, 1, first_epoch=4), "stuck").step == 300 + 2 * fresh.run.loss_window - 1
     # a checkpoint written before a detector existed (or while it was off): that one starts fresh,
     # the others resume (stuck already decided, divergence's 20-step gradient history kept)
     first = make()
@@ -821,7 +821,6 @@ def test_yaml_matches_schema_defaults():
     ("divergence", {"min_history": 500}, "divergence.min_history"),
     ("stuck", {"min_fraction": 1.5}, "stuck.min_fraction"),
     ("unnormalised_input", {"max_std": 0.01}, "unnormalised_input.max_std"),
-    ("divergence", {"lr_backoff": 1.0}, "divergence.lr_backoff"),
     ("empty_images", {"max_share": -0.1}, "empty_images.max_share"),
 ])
 def test_validate_rejects_bad_diagnosis_values(block, change, key):
@@ -885,12 +884,12 @@ def test_imbalance_remedy_computes_the_box_weight_from_the_measured_ratio():
     # ratio 50 at box weight 10: the weight that brings it to 2 is 10 * 2 / 50 = 0.4
     assert finding.remedy == ("lower the box weight so the box term's gradient is about 2x the class term's: "
                               "loss.box_weight=0.4 (now 10); learn classification first and ramp the box weight up "
-                              "later: loss.adaptive_weights.enabled=true (now false); or let the run adjust the box "
-                              "weight while it trains: loss.rebalance.enabled=true (now false)")
+                              "later: loss.adaptive_weights.enabled=true (now false); or let the run repair it while "
+                              "it trains (the box weight steered): diagnosis.repair=true (now false)")
     assert finding.cause.startswith("the box term's gradient dominates the class term's")
     assert finding.message == ("the box loss's gradient on the shared backbone was 50x the class loss's (median of 3 "
                                "samples: 5 against 0.1)")
-    config.loss.adaptive_weights.enabled, config.loss.rebalance.enabled = True, True
+    config.loss.adaptive_weights.enabled, config.diagnosis.repair = True, True
     finding = only(run(make_for(config), grad_step(0.1, 5.0), None, 2), "loss_imbalance")
     assert finding.remedy == ("lower the box weight so the box term's gradient is about 2x the class term's: "
                               "loss.box_weight=0.4 (now 10)")

@@ -1,16 +1,22 @@
-"""The repairs (all off by default) and the label and gradient signals the new detectors read:
-rebalancing the loss weights, rolling back a divergence with a lower learning rate, re-arming a
-detector, face coverage and images without faces, dead gradients."""
+"""The repairs (``diagnosis.repair``, off by default) and the label and gradient signals the detectors read:
+rebalancing the loss weights, raising the learning rate of a stuck run, hard mining for a run that predicts
+nothing, rolling back a divergence with a lower learning rate, re-arming a detector, face coverage and
+images without faces, dead gradients."""
 
 import math
 
 import pytest
 import torch
 
-from detlab.config import RebalanceConfig, ScheduleConfig
-from detlab.diagnosis import DIVERGENCE, Diagnoser, DiagnosisConfig, Divergence
-from detlab.engine.repair import Rollback
-from detlab.schedule import StageBoundaries, build_scheduler, scale_learning_rate
+from omegaconf import OmegaConf
+
+from detlab.config import RebalanceConfig, ScheduleConfig, compose_config, load_saved_config
+from detlab.diagnosis import DIVERGENCE, Diagnoser, DiagnosisConfig, Finding
+from detlab.diagnosis.repairs import (Mining, RaiseLearningRate, Rebalance, Repairs, RepairTarget, Rollback,
+                                      scale_learning_rate)
+from detlab.engine.callbacks import Callback
+from detlab.errors import ConfigError
+from detlab.schedule import StageBoundaries, build_scheduler
 from detlab.engine.step import dead_gradient_share
 from detlab.loss import LossRebalancer
 from detlab.model import BoxCoder, generate_anchors
@@ -73,47 +79,63 @@ def test_a_frozen_backbone_leaves_most_weights_without_gradient():
 
 
 # --------------------------------------------------------------------------------- rebalancing
-def test_rebalancer_engages_outside_the_band_and_steers_to_its_middle():
-    rb = LossRebalancer(RebalanceConfig(enabled=True, band=10.0, target=2.0, rate=1.0))
-    rb.observe(1.0, 5.0)  # ratio 5: inside [0.1, 10], never engaged: nothing changes
+def test_rebalancer_steers_to_the_middle_once_engaged():
+    rb = LossRebalancer(RebalanceConfig(target=2.0, rate=1.0))
+    rb.observe(1.0, 100.0)  # not engaged (no finding yet): nothing changes
     assert (rb.box_factor, rb.updates, rb.aim) == (1.0, 0, None)
-    rb.observe(1.0, 100.0)  # ratio 100: engaged box-heavy, the box weight scaled by 2 / 100
-    assert rb.box_factor == pytest.approx(0.02) and (rb.updates, rb.aim) == (1, 2.0)
-    rb.observe(1.0, 5.0)  # engaged: a ratio of 5 (inside the band) is still steered to 2
+    assert rb.engage(box_heavy=True) == 2.0
+    rb.observe(1.0, 100.0)  # ratio 100: the box weight scaled by 2 / 100
+    assert rb.box_factor == pytest.approx(0.02) and rb.updates == 1
+    rb.observe(1.0, 5.0)  # a ratio of 5 (inside the detector's band) is still steered to 2
     assert rb.box_factor == pytest.approx(0.02 * 2 / 5) and rb.updates == 2
-    half = LossRebalancer(RebalanceConfig(enabled=True, band=10.0, target=2.0, rate=0.5))
-    half.observe(1.0, 1e-4)  # ratio 1e-4: engaged class-heavy, aim 1/2: factor (0.5 / 1e-4) ** 0.5
-    assert half.box_factor == pytest.approx(5000 ** 0.5) and half.aim == 0.5
-    capped = LossRebalancer(RebalanceConfig(enabled=True, rate=1.0, max_factor=100.0))
+    half = LossRebalancer(RebalanceConfig(target=2.0, rate=0.5))
+    assert half.engage(box_heavy=False) == 0.5
+    half.observe(1.0, 1e-4)  # class-heavy, aim 1/2: factor (0.5 / 1e-4) ** 0.5
+    assert half.box_factor == pytest.approx(5000 ** 0.5)
+    capped = LossRebalancer(RebalanceConfig(rate=1.0, max_factor=100.0))
+    capped.engage(box_heavy=False)
     capped.observe(1.0, 1e-9)
     assert capped.box_factor == 100.0
-    restored = LossRebalancer(RebalanceConfig(enabled=True))
+    restored = LossRebalancer(RebalanceConfig())
     restored.load_state_dict(rb.state_dict())
     assert (restored.box_factor, restored.updates, restored.aim) == (rb.box_factor, 2, 2.0)
-    off = LossRebalancer(RebalanceConfig(enabled=False))
-    off.observe(1.0, 1e6)
     for bad in ((0.0, 1.0), (1.0, math.inf), (math.nan, 1.0)):
         rb.observe(*bad)
-    assert off.box_factor == 1.0 and rb.updates == 2
+    assert rb.updates == 2
 
 
-def test_criterion_applies_the_rebalanced_box_weight_and_keeps_it_in_its_state():
-    parts, cfg = tiny_parts(box_weight=100.0, rebalance=RebalanceConfig(enabled=True, rate=1.0))
-    criterion = parts.criterion
+def imbalance(box_dominates: bool = True, ratio: float = 1000.0) -> Finding:
+    return Finding("loss_imbalance", "early", 10, 1, "box gradient 1000x", {"ratio_box_to_cls": ratio,
+                                                                             "box_dominates": float(box_dominates)})
+
+
+def target_of(parts) -> RepairTarget:
+    return RepairTarget(parts.model, parts.optimizer, parts.scheduler, parts.scaler, parts.criterion)
+
+
+def test_the_rebalance_repair_engages_the_criterion_which_keeps_its_weight_in_its_state():
+    parts, cfg = tiny_parts(box_weight=100.0, rebalance=RebalanceConfig(rate=1.0))
+    criterion, repair = parts.criterion, Rebalance(Rebalance.Config())
+    criterion.observe_grad_norms(0, 1.0, 1000.0)
+    assert criterion.weights(0) == pytest.approx((1.0, 100.0))  # not engaged: the configured weights
+    message = repair.apply(imbalance(), target_of(parts))
+    assert "2x the class term's (it was 1e+03x)" in message
+    assert repair.apply(imbalance(), target_of(parts)) is None  # engaged once
     criterion.observe_grad_norms(0, 1.0, 1000.0)  # ratio 1000 -> aim 2: factor 0.002
     assert criterion.weights(0) == pytest.approx((1.0, 0.2))
-    parts2, _ = tiny_parts(box_weight=100.0, rebalance=RebalanceConfig(enabled=True))
+    parts2, _ = tiny_parts(box_weight=100.0)
     parts2.criterion.load_state_dict(criterion.state_dict())
-    assert parts2.criterion.weights(5) == pytest.approx((1.0, 0.2))
-    # a training step measures the ratio on the backbone's output and feeds it in
-    parts3, _ = tiny_parts(box_weight=1e4, rebalance=RebalanceConfig(enabled=True, rate=1.0, min_factor=1e-5))
+    assert parts2.criterion.weights(5) == pytest.approx((1.0, 0.2)) and parts2.criterion.rebalancer.aim == 2.0
+    # engaged class-heavy, a training step measures the ratio on the backbone's output and feeds it in
+    parts3, _ = tiny_parts(box_weight=1e-4, rebalance=RebalanceConfig(rate=1.0, max_factor=1e6))
+    Rebalance(Rebalance.Config()).apply(imbalance(box_dominates=False, ratio=1e-4), target_of(parts3))
     images = torch.randn(2, 3, 64, 96)
     record = parts3.step(images, [torch.tensor([[10.0, 10.0, 30.0, 34.0]])] * 2, step=0, sample_gradients=True)
     ratio = record.grad_norm_box / record.grad_norm_cls
-    assert ratio > 10 and parts3.criterion.weights(1)[1] == pytest.approx(1e4 * 2 / ratio, rel=1e-6)
+    assert ratio < 0.1 and parts3.criterion.weights(1)[1] == pytest.approx(1e-4 * 0.5 / ratio, rel=1e-6)
 
 
-# ----------------------------------------------------------------------------- lr back-off
+# ----------------------------------------------------------------------------- the learning rate
 @pytest.mark.parametrize("schedule", [ScheduleConfig(warmup_steps=10), ScheduleConfig(warmup=False),
                                       ScheduleConfig(warmup_steps=10, after_warmup="multistep"),
                                       ScheduleConfig(warmup_steps=10, after_warmup="constant")])
@@ -136,22 +158,97 @@ def test_scale_learning_rate_scales_the_rest_of_the_schedule(schedule, at):
             s.step()
 
 
+def stuck(relative_drop: float) -> Finding:
+    return Finding("stuck", "early", 74, 3, "flat", {"relative_drop": relative_drop, "min_drop": 0.02})
+
+
+def test_raise_lr_raises_a_flat_run_lowers_a_rising_one_at_most_max_times():
+    parts, _ = tiny_parts()
+    lr = parts.optimizer.param_groups[0]["lr"]
+    repair = RaiseLearningRate(RaiseLearningRate.Config(factor=10.0, max_times=2))
+    assert "raised the learning rate 10x" in repair.apply(stuck(0.001), target_of(parts))
+    assert parts.optimizer.param_groups[0]["lr"] == pytest.approx(10 * lr)
+    assert "lowered the learning rate 10x" in repair.apply(stuck(-0.5), target_of(parts))  # the loss rose
+    assert parts.optimizer.param_groups[0]["lr"] == pytest.approx(lr)
+    assert repair.apply(stuck(0.0), target_of(parts)) is None and repair.times == 2
+
+
+def test_the_mining_repair_sets_hard_mining_and_the_loss_uses_it():
+    parts, _ = tiny_parts(neg_pos_ratio=0.0)  # every background anchor counts
+    images, faces = torch.randn(2, 3, 64, 96), [torch.tensor([[10.0, 10.0, 30.0, 34.0]])] * 2
+    with torch.no_grad():
+        outputs = parts.model(images)
+    all_negatives = int(parts.criterion(outputs, faces, 0).num_neg)
+    avoidance = Finding("avoidance", "early", 37, 2, "predicts nothing", {})
+    message = Mining(Mining.Config()).apply(avoidance, target_of(parts))
+    assert message == ("the class loss now mines 3 background anchors per face anchor (it counted every "
+                       "background anchor (no mining))")
+    terms = parts.criterion(outputs, faces, 0)
+    assert int(terms.num_neg) == max(3 * int(terms.num_pos), 2 * 16) < all_negatives
+    assert Mining(Mining.Config()).apply(avoidance, target_of(parts)) is None  # already 3:1
+    parts2, _ = tiny_parts(neg_pos_ratio=0.0)
+    parts2.criterion.load_state_dict(parts.criterion.state_dict())  # checkpoints keep it
+    assert parts2.criterion.neg_pos_ratio == 3.0
+
+
 def test_rollback_restores_the_last_good_state_with_a_lower_learning_rate():
     parts, _ = tiny_parts()
-    rollback = Rollback(Divergence.Config(rollback=True, lr_backoff=0.1, max_rollbacks=1))
-    assert not rollback.available  # nothing to roll back to yet
-    rollback.take(1, 25, parts.model, parts.optimizer, parts.scaler)
+    rollback = Rollback(Rollback.Config(lr_backoff=0.1, max_rollbacks=1))
+    divergence = Finding(DIVERGENCE, "early", 30, 2, "nan", {})
+    assert rollback.apply(divergence, target_of(parts)) is None  # nothing to roll back to yet
+    rollback.good_state(target_of(parts), 1, 25)
     good = {k: v.clone() for k, v in parts.model.state_dict().items()}
     with torch.no_grad():
         for p in parts.model.parameters():
             p.fill_(1e6)
     lr = parts.optimizer.param_groups[0]["lr"]
-    message = parts and rollback.restore(parts.model, parts.optimizer, parts.scheduler, parts.scaler)
+    message = rollback.apply(divergence, target_of(parts))
     assert all(torch.equal(good[k], v) for k, v in parts.model.state_dict().items())
     assert parts.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * lr)
     assert "epoch 1 (step 25)" in message and "rollback 1 of 1" in message
-    assert not rollback.available  # max_rollbacks spent
-    assert not Rollback(Divergence.Config()).enabled  # off by default
+    assert rollback.apply(divergence, target_of(parts)) is None  # max_rollbacks spent
+
+
+def test_the_switch_turns_on_the_enabled_repairs_and_a_finding_goes_to_the_first_that_acts():
+    assert Repairs(DiagnosisConfig()).names == []  # off by default
+    on = DiagnosisConfig(repair=True)
+    assert Repairs(on).names == ["rollback", "rebalance", "raise_lr", "mining"]
+    on.repairs.mining.enabled = False
+    assert Repairs(on).names == ["rollback", "rebalance", "raise_lr"]
+    assert Repairs(DiagnosisConfig(repair=True, enabled=False)).names == []  # no detectors, no findings
+    parts, _ = tiny_parts()
+    repairs = Repairs(DiagnosisConfig(repair=True))
+    done = repairs.respond([stuck(0.0), imbalance(), Finding("overfitting", "late", 90, 9, "", {})],
+                           target_of(parts), 74, 3)
+    assert [(r.repair, r.detector, r.step, rearm) for r, rearm in done] == [
+        ("raise_lr", "stuck", 74, True), ("rebalance", "loss_imbalance", 74, False)]
+    restored = Repairs(DiagnosisConfig(repair=True))
+    restored.load_state_dict(repairs.state_dict())
+    assert restored.get("raise_lr").times == 1
+    with pytest.raises(ConfigError, match=r"diagnosis.repairs.raise_lr.factor=0.5: must be > 1"):
+        compose_config(overrides=["diagnosis.repairs.raise_lr.factor=0.5"])
+
+
+def test_a_saved_config_of_before_the_switch_reads_as_it_trained():
+    container = OmegaConf.to_container(OmegaConf.structured(compose_config()))
+    del container["diagnosis"]["repair"], container["diagnosis"]["repairs"]
+    container["loss"]["rebalance"].update(enabled=True, band=10.0)
+    container["diagnosis"]["divergence"].update(rollback=False, lr_backoff=0.5, max_rollbacks=3)
+    cfg = load_saved_config(container)
+    assert cfg.diagnosis.repair
+    assert Repairs(cfg.diagnosis).names == ["rebalance"]
+    assert (cfg.diagnosis.repairs.rollback.lr_backoff, cfg.diagnosis.repairs.rollback.max_rollbacks) == (0.5, 3)
+
+
+def test_stuck_rearmed_by_a_repair_is_judged_again_two_windows_later():
+    cfg = DiagnosisConfig(loss_window=10)
+    diag = Diagnoser(cfg, StageBoundaries(10, 70), 100, 10)
+    flat = {"loss_cls": 1.0, "loss_box": 1.0, "loss_total": 2.0, "lr": 0.01}
+    fired = [f.step for step in range(20) for f in diag.observe_step(step, 1, flat)]
+    assert fired == [19]  # the first part of training: 20 steps
+    diag.rearm("stuck")
+    fired = [f.step for step in range(20, 100) for f in diag.observe_step(step, 1 + step // 10, flat)]
+    assert fired == [39]  # two fresh windows after the repair
 
 
 def test_a_repaired_divergence_no_longer_stops_the_run_and_may_fire_again():
@@ -177,8 +274,9 @@ def test_a_diverging_run_is_rolled_back_with_a_lower_lr_then_stops_when_the_roll
     from detlab.engine.trainer import train
 
     cfg = tiny_config(synthetic_root, "optim.name=sgd", "optim.lr=1e6", "schedule.warmup=false",
-                      "diagnosis.divergence.rollback=true", "diagnosis.divergence.max_rollbacks=1",
-                      "diagnosis.divergence.lr_backoff=0.1", "train.epochs=2")
+                      "diagnosis.repair=true", "diagnosis.repairs.rollback.max_rollbacks=1",
+                      "diagnosis.repairs.rollback.lr_backoff=0.1", "diagnosis.repairs.raise_lr.enabled=false",
+                      "train.epochs=2")
     summary = train(cfg, tmp_path / "run")
     repairs = summary["repairs"]
     assert len(repairs) == 1 and repairs[0]["repair"] == "rollback"
@@ -190,26 +288,41 @@ def test_a_diverging_run_is_rolled_back_with_a_lower_lr_then_stops_when_the_roll
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["repairs"] == repairs
 
 
+class OverflowingValidation(Callback):
+    """Sets epoch 1's validation loss to infinity, as weights that overflowed under AMP would."""
+
+    def on_validation_end(self, trainer, row, result) -> None:
+        if row["epoch"] == 1:
+            row["val/loss_total"] = math.inf
+
+
 @pytest.mark.slow
-def test_a_non_finite_validation_loss_is_rolled_back_too(tiny_config, synthetic_root, tmp_path, monkeypatch):
-    from detlab.diagnosis import Diagnoser, Finding
+def test_a_non_finite_validation_loss_is_rolled_back_too(tiny_config, synthetic_root, tmp_path):
     from detlab.engine.trainer import train
 
-    observe_epoch = Diagnoser.observe_epoch
-
-    def overflowing_first_epoch(self, epoch, step, signals):
-        if epoch == 1 and not self.fired("divergence"):  # as if the weights had overflowed under AMP
-            finding = Finding("divergence", "early", step, epoch, "validation loss is not finite",
-                              {"val_loss_total": math.inf})
-            self.findings.append(finding)
-            self._refresh_status()
-            return [finding]
-        return observe_epoch(self, epoch, step, signals)
-
-    monkeypatch.setattr(Diagnoser, "observe_epoch", overflowing_first_epoch)
-    cfg = tiny_config(synthetic_root, "diagnosis.divergence.rollback=true", "train.epochs=2")
-    summary = train(cfg, tmp_path / "run")
+    cfg = tiny_config(synthetic_root, "diagnosis.repair=true", "diagnosis.repairs.raise_lr.enabled=false",
+                      "train.epochs=2")
+    summary = train(cfg, tmp_path / "run", callbacks=[OverflowingValidation()])
     assert summary["status"] == "completed" and summary["epochs"] == 2
     assert [(r["repair"], r["epoch"]) for r in summary["repairs"]] == [("rollback", 1)]
-    without = train(tiny_config(synthetic_root, "train.epochs=2"), tmp_path / "off")
+    without = train(tiny_config(synthetic_root, "train.epochs=2"), tmp_path / "off", callbacks=[OverflowingValidation()])
     assert without["status"] == "diverged" and without["repairs"] == []
+
+
+@pytest.mark.slow
+def test_a_run_without_a_finding_trains_exactly_as_with_the_switch_off(tiny_config, synthetic_root, tmp_path):
+    """A repair acts only on a finding: the diagnosis benchmark reruns no healthy run without one."""
+    from detlab.engine.trainer import train
+
+    runs = {}
+    for switch in ("false", "true"):
+        # stuck off: a 4-step run is too short to learn, and the test is about a run without a finding
+        cfg = tiny_config(synthetic_root, f"diagnosis.repair={switch}", "train.epochs=2", "train.deterministic=true",
+                          "diagnosis.stuck.enabled=false")
+        summary = train(cfg, tmp_path / switch)
+        assert summary["findings"] == [] and summary["repairs"] == []
+        runs[switch] = (summary["final"], torch.load(tmp_path / switch / "checkpoints" / "last.pt", weights_only=True))
+    (final_off, ckpt_off), (final_on, ckpt_on) = runs["false"], runs["true"]
+    assert {k: v for k, v in final_off.items() if not k.endswith("time_s")} == \
+           {k: v for k, v in final_on.items() if not k.endswith("time_s")}
+    assert all(torch.equal(v, ckpt_on["model"][k]) for k, v in ckpt_off["model"].items())

@@ -45,7 +45,7 @@ def test_the_committed_run_has_a_step_and_an_epoch_finding():
 
 
 def test_a_divergence_that_a_rollback_repairs_may_fire_again():
-    """As in the training loop: with divergence.rollback on, a divergence finding re-arms the detector
+    """As in the training loop: with the rollback repair on, a divergence finding re-arms the detector
     while rollbacks are left; without it, one finding."""
     def steps(bad: set[int]) -> list[dict[str, float]]:
         return [{"step": s, "epoch": s // 10 + 1, "loss_cls": math.nan if s in bad else 1.0, "loss_box": 1.0,
@@ -53,9 +53,9 @@ def test_a_divergence_that_a_rollback_repairs_may_fire_again():
 
     config = Config()
     config.train.epochs = 3
-    config.diagnosis.divergence.rollback, config.diagnosis.divergence.max_rollbacks = True, 1
+    config.diagnosis.repair, config.diagnosis.repairs.rollback.max_rollbacks = True, 1
     config.diagnosis.stuck.enabled = False  # the flat loss is stuck too
     found = replay_findings(config, steps({3, 8, 15}), [], 30)
     assert [(f.detector, f.step) for f in found] == [("divergence", 3), ("divergence", 8)]  # one rollback, then none
-    config.diagnosis.divergence.rollback = False
+    config.diagnosis.repair = False
     assert [(f.detector, f.step) for f in replay_findings(config, steps({3, 8, 15}), [], 30)] == [("divergence", 3)]

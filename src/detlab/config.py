@@ -20,7 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from detlab.config_compat import drop_retired_placeholders
+from detlab.config_compat import drop_retired_placeholders, move_repair_keys
 from detlab.diagnosis import DiagnosisConfig, config_problems, preflight_mode
 from detlab.errors import ConfigError
 from detlab.paths import PathsConfig, config_dir
@@ -150,15 +150,12 @@ class AdaptiveWeightsConfig:
 
 @dataclass
 class RebalanceConfig:
-    """``loss.rebalance``: the GradNorm-like repair of an imbalanced weight pair (``detlab.loss.LossRebalancer``).
-
-    On the steps that sample the two terms' gradient norms (``diagnosis.grad_norm_every``), once the ratio
-    ``g_box / g_cls`` has left ``[1 / band, band]``, the box weight is scaled by ``(aim / ratio) ** rate``:
-    ``aim`` is ``target`` for a box-heavy run, ``1 / target`` for a class-heavy one.
+    """``loss.rebalance``: how the criterion steers an imbalanced weight pair once the rebalance repair
+    engages it (``diagnosis.repair``; ``detlab.loss.LossRebalancer``). On the steps that sample the two
+    terms' gradient norms (``diagnosis.grad_norm_every``) the box weight is scaled by ``(aim / ratio) **
+    rate``: ``aim`` is ``target`` for a box-heavy run, ``1 / target`` for a class-heavy one.
     """
 
-    enabled: bool = False
-    band: float = 10.0
     target: float = 2.0  # the healthy middle the detector's advice names too (box-heavy 2, class-heavy 1/2)
     rate: float = 0.5
     min_factor: float = 1e-3
@@ -450,8 +447,7 @@ def validate(cfg: Config) -> None:
     _check(lo.neg_pos_ratio >= 0, "loss.neg_pos_ratio", "must be >= 0 (0: all negatives)", lo.neg_pos_ratio)
     _check(lo.min_negatives >= 1, "loss.min_negatives", "must be >= 1", lo.min_negatives)
     rb = lo.rebalance
-    _check(rb.band >= 1, "loss.rebalance.band", "must be >= 1", rb.band)
-    _check(1 <= rb.target <= rb.band, "loss.rebalance.target", "must be in [1, loss.rebalance.band]", rb.target)
+    _check(rb.target >= 1, "loss.rebalance.target", "must be >= 1", rb.target)
     _check(0 < rb.rate <= 1, "loss.rebalance.rate", "must be in (0, 1]", rb.rate)
     _check(0 < rb.min_factor <= 1 <= rb.max_factor, "loss.rebalance.min_factor/max_factor",
            "need 0 < min_factor <= 1 <= max_factor", (rb.min_factor, rb.max_factor))
@@ -580,6 +576,7 @@ def load_saved_config(saved: Any) -> Config:
     container = OmegaConf.to_container(saved, resolve=True) if isinstance(saved, DictConfig) else saved
     container = copy.deepcopy(dict(container))
     drop_retired_placeholders(container)
+    move_repair_keys(container)
     return to_config(OmegaConf.create(container))
 
 

@@ -1,4 +1,4 @@
-"""The one compatibility rule for saved configs: what configs saved this month still hold.
+"""The compatibility rules for saved configs: what configs saved this month still hold.
 
 Until 2026-12-05 the schema kept six retired ``diagnosis`` keys as null placeholders (the moved
 ``stop_on_stuck``, ``stop_on_diverged``, ``early_stopping_*`` keys and the ``adaptive_weights`` block
@@ -7,6 +7,11 @@ them, null. ``load_saved_config`` drops them before typing the config against to
 set to a value is from a config older than this month, which is no longer read: the schema names it.
 A key added since (``diagnosis.preflight``) needs no rule here: a saved config without it takes the
 schema's default when it is merged onto the schema.
+
+Also until 2026-12-05 the repairs were switched on where their mechanics live: ``loss.rebalance.enabled``
+(with ``band``) and ``diagnosis.divergence.rollback`` (with ``lr_backoff`` and ``max_rollbacks``). They
+moved to ``diagnosis.repair`` and ``diagnosis.repairs.<name>``; ``move_repair_keys`` carries a saved
+config's values over, so the run reads as it trained (repairs that did not exist yet stay off).
 
 Delete this module and its call once no run saved before 2026-12-05 needs reading (from 2027-01).
 """
@@ -31,3 +36,25 @@ def drop_retired_placeholders(container: dict[str, Any]) -> None:
         value = diagnosis[key]
         if value is None or (isinstance(value, dict) and all(v is None for v in value.values())):
             del diagnosis[key]
+
+
+def move_repair_keys(container: dict[str, Any]) -> None:
+    """The repair switches a config saved before 2026-12-05 holds (a plain nested dict), moved in place to
+    ``diagnosis.repair`` and ``diagnosis.repairs``."""
+    rebalance = (container.get("loss") or {}).get("rebalance")
+    divergence = (container.get("diagnosis") or {}).get("divergence")
+    old_rebalance = isinstance(rebalance, dict) and "enabled" in rebalance
+    old_rollback = isinstance(divergence, dict) and "rollback" in divergence
+    if not (old_rebalance or old_rollback):
+        return
+    rebalance_on = bool(rebalance.pop("enabled")) if old_rebalance else False
+    if old_rebalance:
+        rebalance.pop("band", None)
+    rollback = {"enabled": bool(divergence.pop("rollback")) if old_rollback else False}
+    for key in ("lr_backoff", "max_rollbacks"):
+        if old_rollback and key in divergence:
+            rollback[key] = divergence.pop(key)
+    diagnosis = container.setdefault("diagnosis", {})
+    diagnosis["repair"] = rebalance_on or rollback["enabled"]
+    diagnosis["repairs"] = {"rollback": rollback, "rebalance": {"enabled": rebalance_on},
+                            "raise_lr": {"enabled": False}, "mining": {"enabled": False}}

@@ -198,13 +198,15 @@ class LossTerms:
 
 def multibox_terms(
     cls_logits: Tensor, bbox_regression: Tensor, labels: Tensor, box_targets: Tensor, cfg: LossConfig,
-    across_ranks: bool = False,
+    across_ranks: bool = False, neg_pos_ratio: Optional[float] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Unweighted ``(loss_cls, loss_box, num_pos, num_neg)`` for matched ``labels``/``box_targets``.
 
     ``across_ranks``: divided by the positives of all ranks' batches over the world size (see the
-    module docstring), so the ranks' mean is the global batch's loss."""
-    cls_sum, num_pos, num_neg = classification_loss(cls_logits, labels, cfg.neg_pos_ratio, cfg.min_negatives)
+    module docstring), so the ranks' mean is the global batch's loss. ``neg_pos_ratio``: the mining's
+    ratio when not ``cfg``'s (the mining repair's)."""
+    ratio = cfg.neg_pos_ratio if neg_pos_ratio is None else neg_pos_ratio
+    cls_sum, num_pos, num_neg = classification_loss(cls_logits, labels, ratio, cfg.min_negatives)
     box_sum = box_regression_loss(bbox_regression, box_targets, labels, cfg.box_loss, cfg.huber_delta)
     world_size = get_world_size() if across_ranks else 1
     if world_size > 1:
@@ -215,16 +217,16 @@ def multibox_terms(
 
 
 class LossRebalancer:
-    """GradNorm-like repair of an imbalanced weight pair (``loss.rebalance``, off by default).
+    """GradNorm-like steering of an imbalanced weight pair (``loss.rebalance``), engaged by the rebalance
+    repair (``detlab.diagnosis.repairs``) when ``loss_imbalance`` fires.
 
     Fed the gradient norms of the two weighted terms (on the backbone's output, the last shared
-    layer, as GradNorm measures them) on the steps that sample them. It engages once the ratio
-    ``g_box / g_cls`` leaves the band ``[1 / band, band]`` (``loss_imbalance``'s threshold), and from
-    then on multiplies the box weight by ``(aim / ratio) ** rate`` on every sampled step, ``aim`` being
-    ``target`` for a box-heavy run and ``1 / target`` for a class-heavy one: the middle of the healthy
-    range, not the band's edge, which is as lopsided as the detector allows (steering box weight 100
-    to the edge left its AP50 lower than before). A run whose ratio never leaves the band trains
-    exactly as without it. The factor stays within ``[min_factor, max_factor]``.
+    layer, as GradNorm measures them) on the steps that sample them. Once engaged, it multiplies the
+    box weight by ``(aim / ratio) ** rate`` on every sampled step, ``aim`` being ``target`` for a
+    box-heavy run and ``1 / target`` for a class-heavy one: the middle of the healthy range, not the
+    band's edge, which is as lopsided as the detector allows (steering box weight 100 to the edge
+    left its AP50 lower than before). Until then the weights are the configured ones. The factor stays
+    within ``[min_factor, max_factor]``.
     """
 
     def __init__(self, cfg: RebalanceConfig) -> None:
@@ -233,16 +235,17 @@ class LossRebalancer:
         self.updates = 0
         self.aim: Optional[float] = None  # the gradient ratio steered to, once engaged
 
+    def engage(self, box_heavy: bool) -> float:
+        """Start steering (a box-heavy run to ``target``, a class-heavy one to ``1 / target``); returns the aim."""
+        self.aim = self.cfg.target if box_heavy else 1.0 / self.cfg.target
+        return self.aim
+
     def observe(self, grad_norm_cls: float, grad_norm_box: float) -> None:
-        if not self.cfg.enabled or not (grad_norm_cls > 0 and grad_norm_box > 0):
+        if self.aim is None or not (grad_norm_cls > 0 and grad_norm_box > 0):
             return
         if not (math.isfinite(grad_norm_cls) and math.isfinite(grad_norm_box)):
             return
         ratio = grad_norm_box / grad_norm_cls
-        if self.aim is None:
-            if 1.0 / self.cfg.band <= ratio <= self.cfg.band:
-                return
-            self.aim = self.cfg.target if ratio > self.cfg.band else 1.0 / self.cfg.target
         factor = self.box_factor * (self.aim / ratio) ** self.cfg.rate
         self.box_factor = min(max(factor, self.cfg.min_factor), self.cfg.max_factor)
         self.updates += 1
@@ -279,6 +282,7 @@ class MultiBoxLoss(nn.Module):
         self.ignore_iou = ignore_iou
         self.schedule = LossWeightSchedule(cfg.adaptive_weights, cfg.class_weight, cfg.box_weight, total_steps)
         self.rebalancer = LossRebalancer(cfg.rebalance)
+        self.neg_pos_ratio = float(cfg.neg_pos_ratio)  # the mining repair may change it (kept in the state)
 
     def match(self, gt_boxes: Sequence[Tensor]) -> Assignment:
         """``labels [B, A]`` (1 face, 0 background, ``IGNORE``), encoded ``box_targets [B, A, 4]`` and
@@ -303,7 +307,7 @@ class MultiBoxLoss(nn.Module):
         labels, box_targets, covered = self.match(gt_boxes)
         loss_cls, loss_box, num_pos, num_neg = multibox_terms(
             outputs["cls_logits"].float(), outputs["bbox_regression"].float(), labels, box_targets, self.cfg,
-            across_ranks=across_ranks)
+            across_ranks=across_ranks, neg_pos_ratio=self.neg_pos_ratio)
         class_weight, box_weight = self.weights(step)
         weighted_cls = class_weight * loss_cls
         weighted_box = box_weight * loss_box
@@ -315,12 +319,15 @@ class MultiBoxLoss(nn.Module):
                          images_without_faces=sum(n == 0 for n in counts), batch_size=len(counts),
                          world_size=get_world_size() if across_ranks else 1)
 
-    def get_extra_state(self) -> dict[str, float]:
-        return self.rebalancer.state_dict()
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"rebalance": self.rebalancer.state_dict(), "neg_pos_ratio": self.neg_pos_ratio}
 
     def set_extra_state(self, state: Any) -> None:
-        if isinstance(state, Mapping):
-            self.rebalancer.load_state_dict(state)
+        if not isinstance(state, Mapping):
+            return
+        # a checkpoint written before the mining repair holds the rebalancer's state alone
+        self.rebalancer.load_state_dict(state.get("rebalance", state))
+        self.neg_pos_ratio = float(state.get("neg_pos_ratio", self.neg_pos_ratio))
 
 
 def build_criterion(cfg: Config, model: Any, total_steps: int = 1) -> MultiBoxLoss:

@@ -203,7 +203,7 @@ class RunSummary:
     wall_time_s: Optional[float] = None
     device: str = ""
     processes: int = 1  # > 1: torchrun's DistributedDataParallel
-    loss_rebalance: Optional[dict[str, Any]] = None  # only with loss.rebalance.enabled
+    loss_rebalance: Optional[dict[str, Any]] = None  # only once the rebalance repair engaged
     traceback: Optional[str] = None  # only for a failed run
     # The pre-flight checks of the run's first session (detlab.engine.preflight): mode, seconds, counts,
     # findings (check, severity, message, fix, evidence); absent with diagnosis.preflight=off.

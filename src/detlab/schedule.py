@@ -121,20 +121,3 @@ def stage_boundaries(
     early_end = max(1, min(early_end, late_start))
     return StageBoundaries(early_end=early_end, late_start=max(early_end, late_start),
                            warmup_end=warmup_end(schedule, total_steps, steps_per_epoch))
-
-
-def scale_learning_rate(optimizer: torch.optim.Optimizer, scheduler: LRScheduler, factor: float) -> None:
-    """Multiply the learning rate by ``factor`` now and for the rest of the schedule (the divergence
-    repair's back-off): the optimiser's current rates, and the base rates (and cosine floor) of the
-    scheduler and of the schedulers a ``SequentialLR`` chains, so every later step is ``factor``
-    times what it would have been."""
-    for group in optimizer.param_groups:
-        group["lr"] *= factor
-        if "initial_lr" in group:
-            group["initial_lr"] *= factor
-    for sched in (scheduler, *getattr(scheduler, "_schedulers", ())):
-        if hasattr(sched, "base_lrs"):
-            sched.base_lrs = [lr * factor for lr in sched.base_lrs]
-        if hasattr(sched, "eta_min"):
-            sched.eta_min *= factor
-        sched._last_lr = [lr * factor for lr in sched.get_last_lr()]  # what get_last_lr reports until the next step

@@ -6,7 +6,9 @@ evidence and remedy, and whether it should stop.
 - ``registry``: ``@register_detector``; from the registered classes come the config schema, its
   validation, the evaluation order and the step/epoch split (``step_level_detectors``).
 - ``detectors``: the built-in detectors, one small class each.
-- ``schema``: ``DiagnosisConfig``, the ``diagnosis`` config group's schema.
+- ``repairs``: what a run does about a finding while it trains (``diagnosis.repair``): ``@register_repair``,
+  the built-in repairs (rollback, rebalance, raise_lr, mining) and ``Repairs``, the set a run has on.
+- ``schema``: ``DiagnosisConfig``, the ``diagnosis`` config group's schema, and ``config_problems``.
 - ``diagnoser``: ``Diagnoser`` (runs them on the training loop's signals), ``Finding``, ``DiagnosisStatus``.
 - ``presentation``: how a finding reads (finding, when, cause, evidence, what to do), for the console,
   the sweep report and the results page.
@@ -17,7 +19,8 @@ evidence and remedy, and whether it should stop.
   events from any training (``detlab diagnose``): curves in, a report out.
 
 Adding a detector: one ``@register_detector`` class in ``detectors`` and its block in
-``configs/diagnosis/default.yaml``.
+``configs/diagnosis/default.yaml``; adding a repair: one ``@register_repair`` class in ``repairs`` and its
+block under ``repairs:`` there.
 """
 
 from detlab.diagnosis.detector import (
@@ -46,7 +49,6 @@ from detlab.diagnosis.registry import (
     PREFLIGHT_MODES,
     ConfigProblem,
     DiagnosisSettings,
-    config_problems,
     get_detector,
     list_detectors,
     preflight_mode,
@@ -55,12 +57,12 @@ from detlab.diagnosis.registry import (
     step_level_detectors,
     unmet_needs,
 )
-from detlab.diagnosis.schema import DiagnosisConfig
+from detlab.diagnosis.schema import DiagnosisConfig, RepairsConfig, config_problems
 from detlab.diagnosis.windows import is_finite_loss
 
 __all__ = [
     "DIVERGENCE", "FINDING_HEADER", "PREFLIGHT_MODES", "Alarm", "ConfigProblem", "Detector", "DetectorConfig",
-    "Diagnoser", "DiagnosisConfig", "DiagnosisSettings", "DiagnosisStatus", "Divergence", "Finding", "Level", "Need",
+    "Diagnoser", "DiagnosisConfig", "DiagnosisSettings", "DiagnosisStatus", "RepairsConfig", "Divergence", "Finding", "Level", "Need",
     "RunInfo", "Severity", "StopReason", "Verdict", "When", "config_problems", "finding_columns", "finding_line",
     "finding_title", "finding_when", "get_detector", "is_finite_loss", "is_note", "list_detectors", "preflight_mode",
     "register_detector", "registered_detectors", "step_level_detectors", "unmet_needs",

@@ -141,11 +141,6 @@ class Divergence(Detector):
         min_history: int = 20  # finite samples before the factor test starts
         patience: int = 3  # consecutive exploding steps
         nonfinite_grad_patience: int = 20  # consecutive non-finite grad norms (AMP overflows skip steps)
-        # Repair (off by default): roll back to the last good epoch's weights and multiply the learning
-        # rate by lr_backoff instead of stopping, at most max_rollbacks times (detlab.engine.repair).
-        rollback: bool = False
-        lr_backoff: float = 0.1
-        max_rollbacks: int = 2
 
     @staticmethod
     def checks(cfg: Divergence.Config) -> dict[str, tuple[bool, str]]:
@@ -153,9 +148,7 @@ class Divergence(Detector):
                 "window": _at_least(cfg.window, 1),
                 "min_history": (1 <= cfg.min_history <= cfg.window, f"must be in [1, window={cfg.window}]"),
                 "patience": _at_least(cfg.patience, 1),
-                "nonfinite_grad_patience": _at_least(cfg.nonfinite_grad_patience, 1),
-                "lr_backoff": (0 < cfg.lr_backoff < 1, "must be in (0, 1)"),
-                "max_rollbacks": _at_least(cfg.max_rollbacks, 0)}
+                "nonfinite_grad_patience": _at_least(cfg.nonfinite_grad_patience, 1)}
 
     def describe(self, evidence: Mapping[str, float], kind: str = "") -> str:
         text, lr = super().describe(evidence, kind), evidence.get("lr", math.nan)
@@ -634,6 +627,7 @@ class Stuck(Detector):
         recent: deque[float] = field(default_factory=deque)  # the last loss_window
         recent_lr: deque[float] = field(default_factory=deque)  # the learning rate of the last loss_window steps
         checked: bool = False
+        start: int = -1  # the first step watched (after a repair re-arms it: the step after the repair)
 
     def new_state(self) -> State:
         window = self.run.loss_window
@@ -650,7 +644,12 @@ class Stuck(Detector):
         return min(end, run.total_steps) - 1
 
     def check_step(self, when: When, signals: Mapping[str, Any]) -> Verdict:
-        st, decide = self.state, self.decision_step
+        st = self.state
+        if st.start < 0:
+            st.start = when.step
+        # two full windows after the first step watched (re-armed by a repair: after the repair), at most the last step
+        window = st.recent.maxlen or 1
+        decide = min(max(self.decision_step, st.start + 2 * window - 1), self.run.total_steps - 1)
         if is_finite_loss(signals.get("loss_total")):
             st.recent_lr.append(float(signals.get("lr", math.nan)))
         push_loss(signals.get("loss_total"), st.first, st.recent)
@@ -793,9 +792,9 @@ class LossImbalance(Detector):
             out.append(set_key("give the box term a weight", "loss.box_weight", 1, 0))
         if box_dominates:
             out += missing_fixes(config, "adaptive_weights")
-        if not lo.rebalance.enabled:
-            out.append(set_key("or let the run adjust the box weight while it trains", "loss.rebalance.enabled", True,
-                               False))
+        if not config.diagnosis.repair:
+            out.append(set_key("or let the run repair it while it trains (the box weight steered)", "diagnosis.repair",
+                               True, False))
         return out
 
 

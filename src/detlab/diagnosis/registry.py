@@ -2,7 +2,7 @@
 
 ``@register_detector`` on a ``Detector`` subclass is all the diagnosis needs to know about it: from
 the registered classes come the ``diagnosis`` config schema (``build_schema``: the shared settings
-and one block per detector, the detector's ``Config``), its validation (``config_problems``: each
+and one block per detector, the detector's ``Config``), its validation (``detector_problems``: each
 detector's ``checks``), the evaluation order (registration order), the step/epoch split the
 sweep report uses (``step_level_detectors``) and which recorded signals each one needs
 (``unmet_needs``: a diagnosis of curves skips a detector whose signals were not recorded).
@@ -11,7 +11,7 @@ sweep report uses (``step_level_detectors``) and which recorded signals each one
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
-from typing import Any, Collection, Iterator, NamedTuple, TypeVar
+from typing import Any, Collection, Iterator, NamedTuple, Sequence, TypeVar
 
 from detlab.diagnosis.detector import (
     Detector,
@@ -46,6 +46,10 @@ class DiagnosisSettings:
     # The pre-flight checks before the first optimiser step (detlab.engine.preflight): on (a fatal
     # finding stops the run: exit 2), warn (report, never stop) or off. Not part of ``enabled``.
     preflight: str = "on"
+    # The repairs (detlab.diagnosis.repairs): true turns on those whose diagnosis.repairs.<name> block says
+    # enabled (the ones the diagnosis benchmark showed to help). Not part of ``enabled``'s detectors, but
+    # a repair answers findings, so it needs them.
+    repair: bool = False
 
 
 PREFLIGHT_MODES = ("on", "warn", "off")
@@ -64,7 +68,7 @@ def register_detector(cls: D) -> D:
     name = cls.name
     if not name or not name.isidentifier():
         raise ValueError(f"{cls.__qualname__}: a detector's name names its config block: an identifier, not {name!r}")
-    if name in _DETECTORS or name in {f.name for f in fields(DiagnosisSettings)}:
+    if name in _DETECTORS or name in {f.name for f in fields(DiagnosisSettings)} | {"repairs"}:
         raise ValueError(f"{cls.__qualname__}: the name {name!r} is taken")
     if not isinstance(getattr(cls, "level", None), Level):
         raise ValueError(f"{cls.__qualname__}: declare level = Level.STEP or Level.EPOCH")
@@ -121,11 +125,13 @@ def block_of(diagnosis: Any, cls: type[Detector]) -> DetectorConfig:
     return block if block is not None else cls.Config()
 
 
-def build_schema(module: str) -> type[DiagnosisSettings]:
+def build_schema(module: str, extra: Sequence[tuple[str, type]] = ()) -> type[DiagnosisSettings]:
     """The ``diagnosis`` group's structured config, ``DiagnosisConfig``: ``DiagnosisSettings`` plus a
     ``<name>`` field per registered detector, typed as its ``Config`` (Hydra checks keys and types
-    against it). ``module`` is where it is bound (pickling finds it there)."""
+    against it), and the ``extra`` blocks (name, dataclass). ``module`` is where it is bound (pickling
+    finds it there)."""
     blocks = [(name, cls.Config, field(default_factory=cls.Config)) for name, cls in _DETECTORS.items()]
+    blocks += [(name, block, field(default_factory=block)) for name, block in extra]
     schema = make_dataclass("DiagnosisConfig", blocks, bases=(DiagnosisSettings,))
     schema.__module__ = module
     schema.__doc__ = "Failure-pattern detectors (``detlab.diagnosis``): one block per detector, named like it."
@@ -138,9 +144,10 @@ class ConfigProblem(NamedTuple):
     message: str  # what the value must be
 
 
-def config_problems(diagnosis: Any) -> Iterator[ConfigProblem]:
+def detector_problems(diagnosis: Any) -> Iterator[ConfigProblem]:
     """Values of a ``diagnosis`` config out of their range: the shared settings', then each
-    registered detector's ``checks`` of its block, in evaluation order."""
+    registered detector's ``checks`` of its block, in evaluation order (``detlab.diagnosis.schema``'s
+    ``config_problems`` adds the repairs')."""
     shared = {"grad_norm_every": (diagnosis.grad_norm_every >= 1, "must be >= 1"),
               "loss_window": (diagnosis.loss_window >= 1, "must be >= 1"),
               "preflight": (diagnosis.preflight in PREFLIGHT_MODES, f"expected one of {', '.join(PREFLIGHT_MODES)}")}

@@ -1,9 +1,9 @@
 """The findings the detectors give on a run's recorded signals, without training it again.
 
 The training loop (``detlab.engine.trainer``) calls, epoch by epoch, ``Diagnoser.observe_step`` with
-every step's signals and then ``Diagnoser.observe_epoch`` with the epoch's metrics row; with
-``diagnosis.divergence.rollback`` on, a divergence finding that a rollback repairs re-arms the
-detector. ``replay_findings`` makes the same calls in the same order on recorded signals, so the
+every step's signals and then ``Diagnoser.observe_epoch`` with the epoch's metrics row; with the
+rollback repair on (``diagnosis.repair``), a divergence finding that a rollback repairs re-arms the
+detector (the other repairs change the training itself, which a replay cannot). ``replay_findings`` makes the same calls in the same order on recorded signals, so the
 detectors can be checked (the same findings at the same steps) and their thresholds tuned on
 recorded runs: replace ``config.diagnosis`` and replay.
 
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 from detlab.diagnosis.detectors import DIVERGENCE
 from detlab.diagnosis.diagnoser import Diagnoser, Finding
+from detlab.diagnosis.repairs import Repairs, Rollback
 from detlab.schedule import stage_boundaries
 
 if TYPE_CHECKING:
@@ -37,8 +38,8 @@ def replay_findings(config: Config, steps: Sequence[Mapping[str, Any]], epochs: 
         stages = stage_boundaries(config.stages, config.schedule, total_steps, steps_per_epoch)
     diagnoser = Diagnoser(config.diagnosis, stages, total_steps, steps_per_epoch,
                           run_config=config if advice else None)
-    divergence = config.diagnosis.divergence
-    rollbacks_left = divergence.max_rollbacks if divergence.rollback else 0
+    rollback = Repairs(config.diagnosis).get(Rollback.name)
+    rollbacks_left = rollback.cfg.max_rollbacks if rollback is not None else 0
 
     def repair(new: list[Finding]) -> None:
         nonlocal rollbacks_left

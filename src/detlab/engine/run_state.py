@@ -14,7 +14,7 @@ from detlab.run_record import LOSS_KEYS, RunPaths
 from detlab.runtime.checkpoint import CheckpointError, find_resume_checkpoint, load_checkpoint
 
 # What a checkpoint must hold for a run to continue from it (Trainer.checkpoint writes them all).
-RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "state", "diagnoser", "criterion", "rollback",
+RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "state", "diagnoser", "criterion", "repairs",
                "early_stopping")
 
 

@@ -23,12 +23,12 @@ from tqdm.auto import tqdm
 from detlab.config import Config, ModelConfig, as_flat_dict
 from detlab.data import BadImageError, build_datasets
 from detlab.diagnosis import DIVERGENCE, Diagnoser, Finding, StopReason
+from detlab.diagnosis.repairs import Repairs, RepairTarget, Rollback
 from detlab.engine.callbacks import Callback
 from detlab.engine.early_stopping import EarlyStopping
 from detlab.engine.loggers import default_callbacks
 from detlab.engine.pictures import training_samples
 from detlab.engine.preflight import PreflightError, preflight_error, report_block, run_preflight
-from detlab.engine.repair import Rollback
 from detlab.engine.run_state import RunState, resume_checkpoint
 from detlab.engine.step import TrainingParts, build_training
 from detlab.engine.training_data import DatasetFactory, build_training_data
@@ -90,7 +90,7 @@ class Trainer:
         self.traceback: Optional[str] = None
         self.resumed = False
         self.early_stopping = EarlyStopping(cfg.early_stopping)
-        self.rollback = Rollback(cfg.diagnosis.divergence)
+        self.repairs = Repairs(cfg.diagnosis)  # those diagnosis.repair turns on
         self.world_size, self.rank, self.is_main = get_world_size(), get_rank(), is_main_process()
         # Built by _build; a run that fails before has neither in its summary.
         self.device: Optional[torch.device] = None
@@ -129,11 +129,11 @@ class Trainer:
         self.steps_per_epoch = len(self.data.train_loader)
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.parts = build_training(cfg, self.device, self.total_steps, self.steps_per_epoch, self.model_factory)
-        self.model = self.parts.model  # the module itself: validation, checkpoints and the rollback use it
+        self.model = self.parts.model  # the module itself: validation, checkpoints and the repairs use it
         self.stages = stage_boundaries(cfg.stages, cfg.schedule, self.total_steps, self.steps_per_epoch)
         self.diagnoser = Diagnoser(cfg.diagnosis, self.stages, self.total_steps, self.steps_per_epoch, run_config=cfg)
-        # The gradient-norm samples feed the diagnosis and the rebalancing repair.
-        self.samples_gradients = cfg.diagnosis.enabled or cfg.loss.rebalance.enabled
+        # The gradient-norm samples feed the diagnosis and, once the rebalance repair engages it, the criterion.
+        self.samples_gradients = cfg.diagnosis.enabled
 
     def _preflight(self) -> None:
         """The pre-flight checks (``detlab.engine.preflight``) of a fresh run, after it is built and before
@@ -172,7 +172,7 @@ class Trainer:
         """The parts a checkpoint holds the state_dict of (besides model and criterion), by key."""
         parts = self.parts
         return {"optimizer": parts.optimizer, "scheduler": parts.scheduler, "scaler": parts.scaler,
-                "diagnoser": self.diagnoser, "rollback": self.rollback, "early_stopping": self.early_stopping}
+                "diagnoser": self.diagnoser, "repairs": self.repairs, "early_stopping": self.early_stopping}
 
     # ---------------------------------------------------------------------------------- running
     def run(self) -> dict[str, Any]:
@@ -289,10 +289,11 @@ class Trainer:
         epochs = tqdm(range(self.state.epoch + 1, cfg.train.epochs + 1), desc="epochs", unit="epoch",
                       initial=self.state.epoch, total=cfg.train.epochs, dynamic_ncols=True, disable=not self.is_main)
         progress, self._resumed_progress = self._resumed_progress, None
-        if progress is not None and self.rollback.enabled:  # the snapshot of the epoch's start, not of now
-            self.rollback.load_snapshot(progress.get("rollback"), self.device)
+        rollback = self.repairs.get(Rollback.name)
+        if progress is not None and rollback is not None:  # the snapshot of the epoch's start, not of now
+            rollback.load_snapshot(progress.get("rollback"), self.device)
         else:
-            self._take_snapshot()
+            self._good_state()
         for epoch in epochs:
             within = progress if progress is not None and progress["epoch"] == epoch else None
             self.data.start_epoch(cfg.train.seed, epoch, self.rank, skip_batches=within["batches"] if within else 0)
@@ -321,9 +322,9 @@ class Trainer:
             findings = self.diagnoser.observe_epoch(epoch, self.state.step, row)
             self._report(findings)
             # A validation loss gone non-finite (weights overflowed) is repaired like a step's divergence.
-            repaired = self._repair_divergence(findings, self.state.step, epoch)
+            repaired = self._repair(findings, self.state.step, epoch)
             if not repaired and not self.diagnoser.status.stop and math.isfinite(row.get("val/loss_total", math.nan)):
-                self._take_snapshot()
+                self._good_state()
             self.run_callbacks("on_checkpoint", "last")
             self.run_callbacks("on_epoch_end", row)
             epochs.set_postfix(miou=f"{row.get('val/miou', 0.0):.3f}", recall=f"{row.get('val/recall', 0.0):.3f}")
@@ -344,7 +345,8 @@ class Trainer:
         stood (``progress``: epoch, batches taken from the loader, the loss sums so far, every rank's
         generators, the rollback's epoch-start snapshot), so a resumed session goes on exactly from there."""
         rng = all_gather_object(rng_state())  # a collective: every rank takes part
-        self._progress = {**progress, "rng": rng, "rollback": self.rollback.snapshot_state()}
+        rollback = self.repairs.get(Rollback.name)
+        self._progress = {**progress, "rng": rng, "rollback": rollback.snapshot_state() if rollback else None}
         try:
             self.run_callbacks("on_checkpoint", "last")
         finally:
@@ -388,7 +390,7 @@ class Trainer:
                 self.run_callbacks("on_step_end", step, record, signals)
                 findings = self.diagnoser.observe_step(step, epoch, signals)
                 self._report(findings)
-                repaired = self._repair_divergence(findings, step, epoch)
+                repaired = self._repair(findings, step, epoch)
                 # A divergence finding too: repaired (the run goes on), or it ends before the bad update.
                 if not record.updated and not repaired:
                     return EpochOutcome(self._means(sums, seen), RunStatus.DIVERGED,
@@ -442,22 +444,27 @@ class Trainer:
             return None, ""
         return (RunStatus.DIVERGED if status.reason is StopReason.DIVERGED else RunStatus.STOPPED), status.message
 
-    def _take_snapshot(self) -> None:
-        self.rollback.take(self.state.epoch, self.state.step, self.model, self.parts.optimizer, self.parts.scaler)
-
-    def _repair_divergence(self, findings: list[Finding], step: int, epoch: int) -> bool:
-        """With ``diagnosis.divergence.rollback``: a new divergence finding rolls the run back to its
-        last good state with a lower learning rate, and the diagnosis watches for divergence anew."""
-        if not any(f.detector == DIVERGENCE for f in findings) or not self.rollback.available:
-            return False
+    def _repair_target(self) -> RepairTarget:
         parts = self.parts
-        what = self.rollback.restore(self.model, parts.optimizer, parts.scheduler, parts.scaler)
-        self.diagnoser.rearm(DIVERGENCE)
-        repair = {"repair": "rollback", "step": step, "epoch": epoch, "message": what}
-        self.state.repairs.append(repair)
-        log.warning("[repair] divergence at step %d: %s", step, what)
-        self.run_callbacks("on_repair", repair)
-        return True
+        return RepairTarget(self.model, parts.optimizer, parts.scheduler, parts.scaler, parts.criterion)
+
+    def _good_state(self) -> None:
+        """The run stands at a good point (its start, or an epoch's end with finite weights): the rollback's copy."""
+        self.repairs.good_state(self._repair_target(), self.state.epoch, self.state.step)
+
+    def _repair(self, findings: list[Finding], step: int, epoch: int) -> bool:
+        """With ``diagnosis.repair``: the new findings to the repairs that answer them (each repair recorded,
+        logged and handed to the callbacks; the detector re-armed where the repair says so). True when a
+        divergence was repaired (the run goes on)."""
+        done = self.repairs.respond(findings, self._repair_target(), step, epoch) if self.repairs.repairs else []
+        for record, rearm in done:
+            if rearm:
+                self.diagnoser.rearm(record.detector)
+            repair = record.to_dict()
+            self.state.repairs.append(repair)
+            log.warning("[repair] %s at step %d: %s", record.detector.replace("_", " "), step, record.message)
+            self.run_callbacks("on_repair", repair)
+        return any(record.detector == DIVERGENCE for record, _ in done)
 
     def _report(self, findings: list[Finding]) -> None:
         for finding in findings:
@@ -488,7 +495,7 @@ class Trainer:
     def summary(self) -> RunSummary:
         """The run's record as it stands (``summary.json``)."""
         stopper, state = self.early_stopping, self.state
-        rebalance = self.parts is not None and self.cfg.loss.rebalance.enabled
+        rebalance = self.parts is not None and self.parts.criterion.rebalancer.aim is not None
         return RunSummary(
             status=self.status, message="; ".join(m for m in (self.message, *self.notes) if m),
             step=state.step, epochs=state.epoch, epochs_planned=self.cfg.train.epochs, hparams=self.hparams,

@@ -1,0 +1,379 @@
+"""Repairs: what a run does about a finding while it trains (``diagnosis.repair``, off by default).
+
+A repair answers the findings of some detectors (``answers``). When one fires and the repair can act,
+it changes the run (its learning rate, its loss, its weights) and returns what it did in words; the
+training loop records that in ``summary.json``'s ``repairs``, logs it, and re-arms the detector when
+the repair says so (``rearms``), so the pattern is judged again under the repaired run.
+
+``diagnosis.repair=true`` turns on the repairs whose block ``diagnosis.repairs.<name>`` says
+``enabled: true``: those that the diagnosis benchmark showed to help (benchmarks/diagnosis/repairs.yaml
+pre-registers that measurement). A run without a finding that a repair answers trains exactly as with
+the switch off: a repair acts only on a finding.
+
+Adding a repair: one ``@register_repair`` class here and its block in ``configs/diagnosis/default.yaml``.
+
+A repair acts on the training's parts (``RepairTarget``): the model, the optimiser, its scheduler, the
+gradient scaler and the criterion; nothing here imports the training loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field, is_dataclass, make_dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Optional, TypeVar
+
+import torch
+
+from detlab.diagnosis.detectors import Avoidance, ClassLossAtChance, Divergence, LossImbalance, Stuck
+
+if TYPE_CHECKING:
+    from torch.optim.lr_scheduler import LRScheduler
+
+    from detlab.diagnosis.diagnoser import Finding
+
+
+@dataclass
+class RepairConfig:
+    """What every repair's block has: ``enabled``, whether ``diagnosis.repair=true`` turns it on."""
+
+    enabled: bool = True
+
+
+@dataclass
+class RepairTarget:
+    """The parts of a training a repair may change."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler
+    scaler: torch.amp.GradScaler
+    criterion: Any  # detlab.loss.MultiBoxLoss: rebalancer, neg_pos_ratio
+
+
+class Repair:
+    """One repair: its ``name`` (its config block), the detectors it ``answers``, what it ``does`` in
+    words (the docs and the README list it), its ``Config`` and its ``apply``."""
+
+    name: ClassVar[str] = ""
+    answers: ClassVar[tuple[str, ...]] = ()
+    does: ClassVar[str] = ""
+    rearms: ClassVar[bool] = True  # after acting, the detector watches for its pattern anew
+
+    @dataclass
+    class Config(RepairConfig):
+        pass
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self.times = 0  # how often it acted in this run (kept in checkpoints)
+
+    @staticmethod
+    def checks(cfg: Any) -> dict[str, tuple[bool, str]]:
+        """``{setting: (valid, what it must be)}`` for the block's values."""
+        return {}
+
+    def apply(self, finding: Finding, target: RepairTarget) -> Optional[str]:
+        """Act on ``finding``; returns what was done in words, or None when the repair cannot act."""
+        raise NotImplementedError
+
+    def good_state(self, target: RepairTarget, epoch: int, step: int) -> None:
+        """The run stands at a good point (training starts, or an epoch ended finite and not diverged)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"times": self.times}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.times = int((state or {}).get("times", 0))
+
+
+R = TypeVar("R", bound=type[Repair])
+_REPAIRS: dict[str, type[Repair]] = {}
+
+
+def register_repair(cls: R) -> R:
+    """Class decorator: add a repair (see ``Repair``)."""
+    if not cls.name or not cls.name.isidentifier() or cls.name in _REPAIRS:
+        raise ValueError(f"{cls.__qualname__}: a repair's name is a new identifier, not {cls.name!r}")
+    if not cls.answers or not cls.does:
+        raise ValueError(f"{cls.__qualname__}: declare the detectors it answers and what it does in words")
+    if not (is_dataclass(cls.Config) and issubclass(cls.Config, RepairConfig)):
+        raise ValueError(f"{cls.__qualname__}: Config must be a dataclass deriving from RepairConfig")
+    cls.Config()  # every setting has a default
+    _REPAIRS[cls.name] = cls
+    return cls
+
+
+def registered_repairs() -> tuple[type[Repair], ...]:
+    return tuple(_REPAIRS.values())
+
+
+def answered_detectors() -> frozenset[str]:
+    """The detectors whose findings some registered repair answers."""
+    return frozenset(name for cls in _REPAIRS.values() for name in cls.answers)
+
+
+def repairs_schema(module: str) -> type:
+    """The ``diagnosis.repairs`` block: one field per registered repair, typed as its ``Config``."""
+    schema = make_dataclass("RepairsConfig", [(name, cls.Config, field(default_factory=cls.Config))
+                                              for name, cls in _REPAIRS.items()])
+    schema.__module__ = module
+    return schema
+
+
+def repair_problems(repairs: Any) -> Iterator[tuple[str, Any, str]]:
+    """``(key, value, what it must be)`` for each setting of a ``diagnosis.repairs`` block out of range."""
+    for name, cls in _REPAIRS.items():
+        block = getattr(repairs, name, None) or cls.Config()
+        for key, (valid, message) in cls.checks(block).items():
+            if not valid:
+                yield f"diagnosis.repairs.{name}.{key}", getattr(block, key), message
+
+
+# ------------------------------------------------------------------------------------ helpers
+def scale_learning_rate(optimizer: torch.optim.Optimizer, scheduler: LRScheduler, factor: float) -> None:
+    """Multiply the learning rate by ``factor`` now and for the rest of the schedule: the optimiser's
+    current rates, and the base rates (and cosine floor) of the scheduler and of the schedulers a
+    ``SequentialLR`` chains, so every later step is ``factor`` times what it would have been."""
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+        if "initial_lr" in group:
+            group["initial_lr"] *= factor
+    for sched in (scheduler, *getattr(scheduler, "_schedulers", ())):
+        if hasattr(sched, "base_lrs"):
+            sched.base_lrs = [lr * factor for lr in sched.base_lrs]
+        if hasattr(sched, "eta_min"):
+            sched.eta_min *= factor
+        sched._last_lr = [lr * factor for lr in sched.get_last_lr()]  # what get_last_lr reports until the next step
+
+
+def _lr(optimizer: torch.optim.Optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"])
+
+
+# ------------------------------------------------------------------------------------ repairs
+@dataclass
+class Snapshot:
+    epoch: int  # epochs completed when it was taken
+    step: int
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scaler: dict[str, Any]
+
+
+@register_repair
+class Rollback(Repair):
+    """A divergence (a non-finite loss, train or val, or a burst of the loss or the gradient) rolls the
+    run back to its last good state (weights, optimiser, gradient scaler: an in-memory copy taken when
+    training starts and at every epoch end with finite weights) and multiplies the learning rate by
+    ``lr_backoff`` for the rest of the run; the step counter, the schedule's position and the data
+    order go on. After ``max_rollbacks`` a divergence ends the run as without the repair."""
+
+    name = "rollback"
+    answers = (Divergence.name,)
+    does = "rolls back to the last good epoch and lowers the learning rate (x lr_backoff)"
+
+    @dataclass
+    class Config(RepairConfig):
+        lr_backoff: float = 0.1
+        max_rollbacks: int = 2
+
+    @staticmethod
+    def checks(cfg: Rollback.Config) -> dict[str, tuple[bool, str]]:
+        return {"lr_backoff": (0 < cfg.lr_backoff < 1, "must be in (0, 1)"),
+                "max_rollbacks": (cfg.max_rollbacks >= 0, "must be >= 0")}
+
+    def __init__(self, cfg: Rollback.Config) -> None:
+        super().__init__(cfg)
+        self.snapshot: Optional[Snapshot] = None
+
+    def good_state(self, target: RepairTarget, epoch: int, step: int) -> None:
+        weights = {k: v.detach().clone() for k, v in target.model.state_dict().items()}
+        if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
+            return
+        self.snapshot = Snapshot(epoch, step, weights, copy.deepcopy(target.optimizer.state_dict()),
+                                 copy.deepcopy(target.scaler.state_dict()))
+
+    def apply(self, finding: Finding, target: RepairTarget) -> Optional[str]:
+        if self.snapshot is None or self.times >= self.cfg.max_rollbacks:
+            return None
+        snap, optimizer = self.snapshot, target.optimizer
+        rates = [group["lr"] for group in optimizer.param_groups]
+        target.model.load_state_dict(snap.model)
+        optimizer.load_state_dict(copy.deepcopy(snap.optimizer))
+        for group, lr in zip(optimizer.param_groups, rates):  # the schedule's position is today's
+            group["lr"] = lr
+        target.scaler.load_state_dict(copy.deepcopy(snap.scaler))
+        scale_learning_rate(optimizer, target.scheduler, self.cfg.lr_backoff)
+        self.times += 1
+        return (f"rolled back to the weights of epoch {snap.epoch} (step {snap.step}) and multiplied the learning "
+                f"rate by {self.cfg.lr_backoff:g} (now {_lr(optimizer):.3g}); rollback {self.times} of "
+                f"{self.cfg.max_rollbacks}")
+
+    def snapshot_state(self) -> Optional[dict[str, Any]]:
+        """The last good state as plain types (a checkpoint written mid-epoch holds it: the epoch-start
+        snapshot a resumed session would otherwise retake at a different point)."""
+        snap = self.snapshot
+        if snap is None:
+            return None
+        return {"epoch": snap.epoch, "step": snap.step, "model": snap.model, "optimizer": snap.optimizer,
+                "scaler": snap.scaler}
+
+    def load_snapshot(self, state: Optional[dict[str, Any]], device: torch.device) -> None:
+        if state is None:
+            return
+        model = {k: v.to(device) for k, v in state["model"].items()}
+        self.snapshot = Snapshot(int(state["epoch"]), int(state["step"]), model, state["optimizer"], state["scaler"])
+
+
+@register_repair
+class Rebalance(Repair):
+    """A loss imbalance engages the criterion's rebalancing (``loss.rebalance``: the box weight steered,
+    on every gradient sample, until the box term's gradient is about ``loss.rebalance.target`` times the
+    class term's, or its inverse for a class-heavy run): the middle of the healthy band, not its edge.
+    Once engaged it steers to the end of the run; the detector is not re-armed."""
+
+    name = "rebalance"
+    answers = (LossImbalance.name,)
+    does = ("steers the box weight until the box term's gradient is about 2x the class term's (1/2 for a "
+            "class-heavy run)")
+    rearms = False
+
+    def apply(self, finding: Finding, target: RepairTarget) -> Optional[str]:
+        rebalancer = target.criterion.rebalancer
+        if rebalancer.aim is not None:
+            return None
+        box_heavy = finding.evidence.get("box_dominates", 1.0) > 0
+        aim = rebalancer.engage(box_heavy)
+        self.times += 1
+        ratio = finding.evidence.get("ratio_box_to_cls", math.nan)
+        return (f"the box weight is now steered so that the box term's gradient is {aim:.3g}x the class term's "
+                f"(it was {ratio:.3g}x)")
+
+
+@register_repair
+class RaiseLearningRate(Repair):
+    """A stuck run: a loss that stayed flat gets ``factor`` times the learning rate, a loss that rose
+    1 / ``factor`` times it, at most ``max_times`` times; the detector then judges the next windows anew."""
+
+    name = "raise_lr"
+    answers = (Stuck.name,)
+    does = "multiplies the learning rate by 10 when the loss stays flat (by 1/10 when it rose)"
+
+    @dataclass
+    class Config(RepairConfig):
+        factor: float = 10.0
+        max_times: int = 2
+
+    @staticmethod
+    def checks(cfg: RaiseLearningRate.Config) -> dict[str, tuple[bool, str]]:
+        return {"factor": (cfg.factor > 1, "must be > 1"), "max_times": (cfg.max_times >= 0, "must be >= 0")}
+
+    def apply(self, finding: Finding, target: RepairTarget) -> Optional[str]:
+        if self.times >= self.cfg.max_times:
+            return None
+        rose = finding.evidence.get("relative_drop", 0.0) < -finding.evidence.get("min_drop", 0.0)
+        factor = 1.0 / self.cfg.factor if rose else self.cfg.factor
+        before = _lr(target.optimizer)
+        scale_learning_rate(target.optimizer, target.scheduler, factor)
+        self.times += 1
+        return (f"{'lowered' if rose else 'raised'} the learning rate {self.cfg.factor:g}x for the rest of the run "
+                f"(from {before:.3g} to {_lr(target.optimizer):.3g}); change {self.times} of {self.cfg.max_times}")
+
+
+@register_repair
+class Mining(Repair):
+    """Predicting nothing, or a class loss at chance, under weaker or stronger mining than hard 3:1: the
+    class loss's negatives per positive become ``neg_pos_ratio`` (hard negative mining) for the rest of
+    the run. A run already at that ratio is left as it is."""
+
+    name = "mining"
+    answers = (Avoidance.name, ClassLossAtChance.name)
+    does = "sets hard negative mining to 3 background anchors per face anchor in the class loss"
+
+    @dataclass
+    class Config(RepairConfig):
+        neg_pos_ratio: float = 3.0
+
+    @staticmethod
+    def checks(cfg: Mining.Config) -> dict[str, tuple[bool, str]]:
+        return {"neg_pos_ratio": (cfg.neg_pos_ratio > 0, "must be > 0")}
+
+    def apply(self, finding: Finding, target: RepairTarget) -> Optional[str]:
+        criterion, ratio = target.criterion, float(self.cfg.neg_pos_ratio)
+        before = float(criterion.neg_pos_ratio)
+        if before == ratio:
+            return None
+        criterion.neg_pos_ratio = ratio
+        self.times += 1
+        was = "every background anchor (no mining)" if before == 0 else f"{before:g}:1"
+        return f"the class loss now mines {ratio:g} background anchors per face anchor (it counted {was})"
+
+
+# ------------------------------------------------------------------------------------ the set
+@dataclass
+class RepairRecord:
+    repair: str
+    step: int
+    epoch: int
+    message: str
+    detector: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Repairs:
+    """The repairs a run has on (``diagnosis.repair`` and each block's ``enabled``), in registration order."""
+
+    def __init__(self, diagnosis: Any) -> None:
+        blocks = getattr(diagnosis, "repairs", None)
+        on = bool(getattr(diagnosis, "repair", False)) and bool(getattr(diagnosis, "enabled", True))
+        self.repairs: list[Repair] = []
+        for cls in _REPAIRS.values():
+            block = getattr(blocks, cls.name, None) if blocks is not None else None
+            block = block if block is not None else cls.Config()
+            if on and block.enabled:
+                self.repairs.append(cls(block))
+
+    @property
+    def names(self) -> list[str]:
+        return [r.name for r in self.repairs]
+
+    def get(self, name: str) -> Optional[Repair]:
+        return next((r for r in self.repairs if r.name == name), None)
+
+    def good_state(self, target: RepairTarget, epoch: int, step: int) -> None:
+        for repair in self.repairs:
+            repair.good_state(target, epoch, step)
+
+    def respond(self, findings: list[Finding], target: RepairTarget, step: int,
+                epoch: int) -> list[tuple[RepairRecord, bool]]:
+        """Each new finding to the repairs that answer it, in order; returns what was done, with whether
+        the detector is to be re-armed. A finding is answered by the first repair that acts."""
+        done = []
+        for finding in findings:
+            for repair in self.repairs:
+                if finding.detector not in repair.answers:
+                    continue
+                message = repair.apply(finding, target)
+                if message is not None:
+                    done.append((RepairRecord(repair.name, step, epoch, message, finding.detector), repair.rearms))
+                    break
+        return done
+
+    def state_dict(self) -> dict[str, Any]:
+        return {r.name: r.state_dict() for r in self.repairs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for repair in self.repairs:
+            repair.load_state_dict((state or {}).get(repair.name, {}))
+
+
+def repair_names() -> tuple[str, ...]:
+    return tuple(_REPAIRS)
+
+
+__all__ = ["Rebalance", "RaiseLearningRate", "Mining", "Repair", "RepairConfig", "RepairRecord", "RepairTarget",
+           "Repairs", "Rollback", "answered_detectors", "register_repair", "registered_repairs", "repair_names",
+           "repair_problems", "repairs_schema", "scale_learning_rate"]
