@@ -21,6 +21,8 @@ from benchmarks.diagnosis.scoring import (
     overhead,
     reference_medians,
     rescue,
+    rescue_targets,
+    rescued,
     score_all,
     targets,
 )
@@ -165,10 +167,57 @@ def test_overhead_is_the_median_ratio_minus_one():
     assert overhead(runs[:3]) is None
 
 
-def test_rescue_counts_failed_runs_that_end_healthy_with_the_repairs():
-    plain = [*REFS, run("f1", ap=0.1), run("f2", ap=0.2), run("ok", kind="healthy", group="lr", ap=0.9)]
-    repaired = [*REFS, run("f1", ap=0.85), run("f2", ap=0.3), run("ok", kind="healthy", group="lr", ap=0.81)]
-    r = rescue(repaired, plain, SPEC)
-    assert (r["failed_without_repairs"], r["rescued"], r["rescued_runs"]) == (2, 1, ["f1"])
-    # healthy runs' change: h1-h3 0%, ok -10%
-    assert r["healthy_change_worst"] == pytest.approx(-0.1) and r["healthy_change_mean"] == pytest.approx(-0.025)
+REPAIRS = SimpleNamespace(rescuable={"a": "why", "b": "why", "c": "why"}, rescued_within=0.1,
+                          targets={"rescued_class_rate": {"min": 0.5}, "healthy_change_within_spread": True})
+
+
+@pytest.mark.parametrize("result,saved", [
+    (run("x", ap=0.45), True),  # exactly 90% of the median 0.5 (0.9 x 0.5 == 0.45 in binary)
+    (run("x", ap=0.4499), False),
+    (run("x", ap=0.9, status="failed"), False),  # a crashed run has no final AP50
+    (run("x", ap=math.nan), False),
+    (run("x", ap=0.9, recipe="other"), False),  # no bar for its recipe
+])
+def test_rescued_within_ten_percent_of_the_reference_median(result, saved):
+    assert rescued(result, reference_medians(REFS), 0.1) is saved
+
+
+def test_a_class_is_rescued_when_more_than_half_its_failed_runs_are():
+    plain = [*REFS, run("a1", group="a", ap=0.1), run("a2", group="a", ap=0.1), run("a3", group="a", ap=0.2),
+             run("b1", group="b", ap=0.1), run("b2", group="b", ap=0.0),
+             run("c1", group="c", ap=0.45), run("c2", group="c", ap=0.5),  # c never failed
+             run("a4", group="a", ap=0.1)]  # no repaired twin: not counted
+    repaired = [run("a1", group="a", ap=0.45), run("a2", group="a", ap=0.6), run("a3", group="a", ap=0.4499),
+                run("b1", group="b", ap=0.5), run("b2", group="b", ap=0.3),
+                run("c1", group="c", ap=0.9), run("c2", group="c", ap=0.9)]
+    r = rescue(repaired, plain, SPEC, REPAIRS)
+    a, b, c = r["classes"]["a"], r["classes"]["b"], r["classes"]["c"]
+    assert (a["runs"], a["failed"], a["rescued"], a["class_rescued"]) == (3, 3, 2, True)  # 2 of 3
+    assert a["rescued_runs"] == ["a1", "a2"] and a["ap50"][0] == [0.1, 0.45]
+    assert (b["failed"], b["rescued"], b["class_rescued"]) == (2, 1, False)  # 1 of 2 is not more than half
+    assert (c["failed"], c["rescued"], c["class_rescued"]) == (0, 0, False)
+    # c has no failed run: out of the denominator
+    assert (r["rescued_classes"], r["classes_with_failed_runs"], r["rescued_class_rate"]) == (1, 2, 0.5)
+    t = rescue_targets(r, REPAIRS.targets)
+    assert t["rescued_class_rate"] == {"value": 0.5, "target": 0.5, "kind": "min", "met": True}
+
+
+def test_the_healthy_groups_change_against_their_spread():
+    lr = [run("lr1", kind="healthy", group="lr", ap=0.5), run("lr2", kind="healthy", group="lr", ap=0.52)]
+    plain = [*REFS, *lr, run("b16", kind="healthy", group="b16", ap=0.5)]
+    # h2 re-run (+0.06 over 3 runs: +0.02, under the sd 0.1); lr1 re-run (+0.06 over 2: +0.03, over sd 0.014)
+    repaired = [ref("h2", 0.56), run("lr1", kind="healthy", group="lr", ap=0.56)]
+    h = rescue(repaired, plain, SPEC, REPAIRS)["healthy"]
+    assert h["default"]["mean_change"] == pytest.approx(0.02) and h["default"]["spread"] == pytest.approx(0.1)
+    assert (h["default"]["runs"], h["default"]["rerun"], h["default"]["within_spread"]) == (3, 1, True)
+    assert h["lr"]["mean_change"] == pytest.approx(0.03) and h["lr"]["spread"] == pytest.approx(0.02 ** 0.5 / 10)
+    assert h["lr"]["within_spread"] is False
+    # one run, not re-run: no spread, but no change either (identical by construction)
+    assert h["b16"] == {"runs": 1, "rerun": 0, "mean_change": 0.0, "spread": None, "within_spread": True}
+    r = rescue(repaired, plain, SPEC, REPAIRS)
+    assert r["healthy_change_within_spread"] is False
+    assert rescue_targets(r, REPAIRS.targets)["healthy_change_within_spread"]["met"] is False
+    # a change where the spread is unknown (one run) cannot be judged
+    r = rescue([run("b16", kind="healthy", group="b16", ap=0.6)], plain, SPEC, REPAIRS)
+    assert r["healthy"]["b16"]["within_spread"] is None and r["healthy_change_within_spread"] is None
+    assert r["healthy"]["lr"]["within_spread"] is True  # nothing of lr re-run: 0 change

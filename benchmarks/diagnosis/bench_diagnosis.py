@@ -7,6 +7,7 @@ what does it cost, and how do published rule-based tools do on the same runs?
     python -m benchmarks.diagnosis.bench_diagnosis --replay --seed-set tune        # score what is recorded
     python -m benchmarks.diagnosis.bench_diagnosis --replay --set diagnosis.stuck.min_drop=0.03   # tuning
     python -m benchmarks.diagnosis.bench_diagnosis --part 1/1 --gpu --seed-set tune               # the GPU-only classes
+    python -m benchmarks.diagnosis.bench_diagnosis --plan --repairs --seed-set confirm           # the repairs' runs
 
 The spec lists the fault classes (config overrides and/or an injection of ``faults.py``, through the
 trainer's dataset and model factories: nothing in the package is patched), the healthy runs, the run
@@ -27,8 +28,13 @@ the granularity their rules assume. Targets are judged for the confirm seeds onl
 
 ``--max-epochs E`` shortens every run to at most E epochs (a smoke test); its recordings go to
 ``outputs/bench_diagnosis/recordings-short`` unless ``--recordings`` says otherwise, and never meet targets.
-``--repairs`` trains with the repairs on (recordings ``v<version>-repairs``); ``--replay --repairs`` adds
-the rescue figures against the plain recordings.
+``--repairs`` trains with the repairs on (``repairs.yaml``'s switch appended; recordings
+``v<version>-repairs``) only the runs its pre-registration measures: the rescuable classes' runs and the
+healthy runs on which a repair may act (a finding a repair answers in the recording without repairs, or no
+such recording yet). That plan reads the recordings present when it is made, so record the runs without
+repairs first; a run it missed is listed by ``--replay --repairs`` (``not_recorded``), and ``--part 1/1``
+again trains only what is missing. ``--replay --repairs`` scores the runs against their twins without
+repairs: the rescued runs and classes, the healthy groups' AP50 change against their spread.
 """
 
 from __future__ import annotations
@@ -54,7 +60,8 @@ from benchmarks.diagnosis.recording import (
     recording_path,
     write_recording,
 )
-from benchmarks.diagnosis.scoring import RunResult, markdown, rescue, score_all, targets
+from benchmarks.diagnosis.repairs import REPAIR_ANSWERS, REPAIRS_PATH, Repairs, load_repairs, repair_plan
+from benchmarks.diagnosis.scoring import RunResult, markdown, rescue, rescue_targets, score_all, targets
 from benchmarks.diagnosis.spec import (
     OVERHEAD,
     SEED_SETS,
@@ -70,8 +77,6 @@ from benchmarks.diagnosis.spec import (
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "outputs" / "bench_diagnosis"
-# The repairs switched on by --repairs (all off by default in the product).
-REPAIRS = ["loss.rebalance.enabled=true", "diagnosis.divergence.rollback=true", "diagnosis.stuck.stop=true"]
 
 
 # ------------------------------------------------------------------------------------ the worker
@@ -118,9 +123,9 @@ def recordings_folder(args: argparse.Namespace, spec: Spec) -> tuple[Path, str]:
     return Path(root), f"{spec.version}{'-repairs' if args.repairs else ''}"
 
 
-def prepared(run: PlannedRun, args: argparse.Namespace) -> PlannedRun:
-    """The run as this invocation trains it: the repairs, the device and the shortening appended."""
-    extra = [*(REPAIRS if args.repairs else []), *([f"train.device={args.device}"] if args.device else [])]
+def prepared(run: PlannedRun, args: argparse.Namespace, repairs: Optional[Repairs] = None) -> PlannedRun:
+    """The run as this invocation trains it: the repairs' switch, the device and the shortening appended."""
+    extra = [*(repairs.switch if repairs else []), *([f"train.device={args.device}"] if args.device else [])]
     if args.max_epochs:
         extra.append(f"train.epochs={min(args.max_epochs, _epochs(run))}")
     return PlannedRun(**{**run.to_dict(), "overrides": [*run.overrides, *extra]})
@@ -180,10 +185,20 @@ def launch(run: PlannedRun, args: argparse.Namespace, spec: Spec, threads: int) 
     return seconds, what
 
 
-def train_part(args: argparse.Namespace, spec: Spec) -> int:
+def planned(args: argparse.Namespace, spec: Spec, seed_set: str, repairs: Optional[Repairs]) -> list[PlannedRun]:
+    """The runs of ``seed_set`` this invocation trains: the spec's, or with --repairs the reduced plan."""
+    if repairs is None:
+        return plan_runs(spec, seed_set, gpu=args.gpu)
+    root, _ = recordings_folder(args, spec)
+    plain = plain_detectors(root, spec, seed_set, benchmarked_diagnosis(spec), replay=not args.recorded_findings)
+    return repair_plan(spec, repairs, seed_set, plain, gpu=args.gpu)
+
+
+def train_part(args: argparse.Namespace, spec: Spec, repairs: Optional[Repairs] = None) -> int:
     k, n = parse_part(args.part)
-    mine = [prepared(r, args) for r in assign_parts(plan_runs(spec, args.seed_set, gpu=args.gpu), n)[k - 1]]
-    print(f"part {k}/{n} of the {args.seed_set} runs{' (GPU-only classes)' if args.gpu else ''}: {len(mine)} runs, "
+    mine = [prepared(r, args, repairs) for r in assign_parts(planned(args, spec, args.seed_set, repairs), n)[k - 1]]
+    print(f"part {k}/{n} of the {args.seed_set} runs{' (GPU-only classes)' if args.gpu else ''}"
+          f"{' with the repairs' if repairs else ''}: {len(mine)} runs, "
           f"about {estimated_minutes(mine):.0f} min alone on 2 cores", flush=True)
     cores = os.cpu_count() or 1
     threads = max(1, cores // args.jobs)
@@ -197,8 +212,10 @@ def train_part(args: argparse.Namespace, spec: Spec) -> int:
     return 0
 
 
-def print_plan(args: argparse.Namespace, spec: Spec) -> int:
+def print_plan(args: argparse.Namespace, spec: Spec, repairs: Optional[Repairs] = None) -> int:
     print(f"spec v{spec.version} ({spec.path}), sha256 {spec.sha256}")
+    if repairs is not None:
+        return print_repair_plan(args, spec, repairs)
     for seed_set in SEED_SETS:
         cpu = plan_runs(spec, seed_set, gpu=False)
         gpu = plan_runs(spec, seed_set, gpu=True)
@@ -217,21 +234,72 @@ def print_plan(args: argparse.Namespace, spec: Spec) -> int:
     return 0
 
 
+def print_repair_plan(args: argparse.Namespace, spec: Spec, repairs: Repairs) -> int:
+    root, _ = recordings_folder(args, spec)
+    print(f"repairs v{repairs.version} ({repairs.path}), sha256 {repairs.sha256}; switch {' '.join(repairs.switch)}")
+    print(f"healthy runs re-run when their recording without repairs ({root / f'v{spec.version}'}) has a finding of "
+          f"{', '.join(sorted(REPAIR_ANSWERS))}, or is not recorded yet")
+    plans = {}
+    for seed_set in SEED_SETS:
+        plain = plain_detectors(root, spec, seed_set, benchmarked_diagnosis(spec), replay=not args.recorded_findings)
+        runs = plans[seed_set] = repair_plan(spec, repairs, seed_set, plain, gpu=args.gpu)
+        healthy = [r for r in runs if r.kind == "healthy"]
+        left_out = sum(r.kind == "healthy" for r in plan_runs(spec, seed_set, gpu=args.gpu)) - len(healthy)
+        minutes = estimated_minutes(runs)
+        print(f"{seed_set} seeds {spec.seeds[seed_set]} with the repairs: {len(runs)} "
+              f"{'GPU-only' if args.gpu else 'CPU'} runs, about {minutes:.0f} min ({minutes / 60:.1f} h) alone on "
+              f"2 cores: {len(runs) - len(healthy)} fault runs of the {len(repairs.rescuable)} rescuable classes, "
+              f"{len(healthy)} healthy ({sum(r.name in plain for r in healthy)} with a finding a repair answers, "
+              f"{sum(r.name not in plain for r in healthy)} not recorded yet; {left_out} left out: no such finding)")
+    k, n = parse_part(args.part) if args.part else (1, 1)
+    for i, part in enumerate(assign_parts(plans[args.seed_set], n), 1):
+        if n > 1 and i != k and not args.all_parts:
+            continue
+        print(f"{args.seed_set} part {i}/{n}: {len(part)} runs, about {estimated_minutes(part):.1f} min")
+        for r in part:
+            print(f"  {r.name} ({r.minutes:g} min){' needs ' + ', '.join(r.requires) if r.requires else ''}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------ replay
-def result_of(rec: Recording, spec: Spec, diagnosis: Any, replay: bool) -> tuple[RunResult, Optional[bool]]:
-    """The scoring's view of one recording, and whether the replayed findings equal the run's own (None
-    when not replayed)."""
-    from benchmarks.diagnosis.baselines import replay_all
+def benchmarked_diagnosis(spec: Spec, extra: Optional[list[str]] = None) -> Any:
+    """The diagnosis the benchmark measures (the product's defaults with the spec's overrides), then ``extra``."""
+    from detlab.config import compose_config
+
+    return compose_config(overrides=[*spec.diagnosis_overrides, *(extra or [])]).diagnosis
+
+
+def findings_of(rec: Recording, diagnosis: Any, replay: bool) -> tuple[list[dict[str, Any]], Optional[bool]]:
+    """The run's findings ({"detector", "step", "failure"}): replayed with ``diagnosis`` (None: the run's own
+    block) or as recorded; and whether the replayed ones equal the run's own (None when not replayed)."""
     from detlab.diagnosis.replay import replay_findings
 
     live = [{"detector": f["detector"], "step": int(f["step"]), "failure": bool(f.get("failure", True))}
             for f in rec.summary.get("findings", [])]
-    findings, same = live, None
-    if replay:
-        cfg = rec.replay_config(diagnosis)
-        findings = [{"detector": f.detector, "step": f.step, "failure": f.failure}
-                    for f in replay_findings(cfg, rec.steps, rec.epochs, rec.total_steps)]
-        same = [(f["detector"], f["step"]) for f in findings] == [(f["detector"], f["step"]) for f in live]
+    if not replay:
+        return live, None
+    findings = [{"detector": f.detector, "step": f.step, "failure": f.failure}
+                for f in replay_findings(rec.replay_config(diagnosis), rec.steps, rec.epochs, rec.total_steps)]
+    return findings, [(f["detector"], f["step"]) for f in findings] == [(f["detector"], f["step"]) for f in live]
+
+
+def plain_detectors(root: Path, spec: Spec, seed_set: str, diagnosis: Any, replay: bool) -> dict[str, list[str]]:
+    """Run name -> the detectors of its findings, for the runs of ``seed_set`` recorded without repairs under
+    the current spec (a run recorded under another spec counts as not recorded)."""
+    out = {}
+    for path in list_recordings(root, spec.version):
+        rec = read_recording(path)
+        if rec.spec_sha256 == spec.sha256 and rec.run.get("seed_set") == seed_set:
+            out[rec.name] = [f["detector"] for f in findings_of(rec, diagnosis, replay)[0]]
+    return out
+
+
+def result_of(rec: Recording, spec: Spec, diagnosis: Any, replay: bool) -> tuple[RunResult, Optional[bool]]:
+    """The scoring's view of one recording, and whether the replayed findings equal the run's own (None
+    when not replayed)."""
+    from benchmarks.diagnosis.baselines import replay_all
+
+    findings, same = findings_of(rec, diagnosis, replay)
     alarms = replay_all(rec.steps, rec.epochs, rec.total_steps, scaled=True, steps_per_epoch=rec.steps_per_epoch)
     run = rec.run
     metric = rec.epochs[-1].get(spec.outcome.metric) if rec.epochs else None
@@ -265,13 +333,12 @@ def load_results(root: Path, version: str, spec: Spec, seed_set: str, diagnosis:
     return results, used, stale, different
 
 
-def score_recordings(args: argparse.Namespace, spec: Spec) -> int:
-    from detlab.config import compose_config
+def score_recordings(args: argparse.Namespace, spec: Spec, repairs: Optional[Repairs] = None) -> int:
     from detlab.runtime.fileio import atomic_write_text, write_json
 
-    # the benchmarked diagnosis (with --repairs: the repairs' diagnosis keys, as the runs had them), then --set
-    repairs = [o for o in REPAIRS if o.startswith("diagnosis.")] if args.repairs else []
-    diagnosis = compose_config(overrides=[*spec.diagnosis_overrides, *repairs, *args.set]).diagnosis
+    # the benchmarked diagnosis, then --set; with --repairs each run's own diagnosis block, as it trained with
+    # the switch on (the switch is the product's to define, so it is not composed here)
+    diagnosis = None if repairs else benchmarked_diagnosis(spec, args.set)
     replay = not args.recorded_findings
     root, version = recordings_folder(args, spec)
     results, used, stale, different = load_results(root, version, spec, args.seed_set, diagnosis, replay)
@@ -293,9 +360,18 @@ def score_recordings(args: argparse.Namespace, spec: Spec) -> int:
     }
     judged = args.seed_set == "confirm" and not shortened
     report["targets"] = targets(scores, spec.targets) if judged else None
-    if args.repairs:
-        plain, _, _, _ = load_results(root, str(spec.version), spec, args.seed_set, diagnosis, replay=False)
-        report["rescue"] = rescue(results, plain, spec)
+    if repairs:
+        # the twins' outcomes and bars only: their findings are not read, so they are not replayed
+        plain, _, _, _ = load_results(root, str(spec.version), spec, args.seed_set, None, replay=False)
+        res = rescue(results, plain, spec, repairs)
+        if res is not None:
+            recorded = {r.name for r in results}
+            res["not_recorded"] = [r.name for r in planned(args, spec, args.seed_set, repairs)
+                                   if r.name not in recorded]
+            res["targets"] = rescue_targets(res, repairs.targets) if judged else None
+        report["repairs"] = {"version": repairs.version, "sha256": repairs.sha256, "path": repairs.path,
+                             "switch": repairs.switch}
+        report["rescue"] = res
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"bench_diagnosis_{args.seed_set}{'_repairs' if args.repairs else ''}{'_short' if shortened else ''}"
     write_json(args.out / f"{name}.json", report)
@@ -308,6 +384,14 @@ def score_recordings(args: argparse.Namespace, spec: Spec) -> int:
             **{k: d[k] for k in keys}, "notes_rate_on_healthy": scores["notes"]["rate_on_healthy"],
             "overhead": scores["overhead"], "bytes_per_step": report["bytes_per_step"],
             "baselines": {n: {k: s[k] for k in keys} for n, s in scores["baselines"].items()}}
+    if repairs:
+        res = report["rescue"] or {}
+        last["repairs"] = {"version": repairs.version, "sha256": repairs.sha256,
+                           **{k: res.get(k) for k in ("rescued_classes", "classes_with_failed_runs",
+                                                      "rescued_class_rate", "healthy_change_within_spread")},
+                           "classes": {c: {k: v[k] for k in ("runs", "failed", "rescued", "class_rescued")}
+                                       for c, v in res.get("classes", {}).items()},
+                           "healthy": res.get("healthy"), "targets": res.get("targets")}
     print(json.dumps(last), flush=True)
     return 0
 
@@ -324,10 +408,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
     parser.add_argument("--device", default=None, help="train.device of every run (default: the config's, auto)")
     parser.add_argument("--max-epochs", type=int, default=None, help="shorten every run (a smoke test; never judged)")
-    parser.add_argument("--repairs", action="store_true", help=f"train / score with the repairs on ({' '.join(REPAIRS)})")
+    parser.add_argument("--repairs", action="store_true",
+                        help="train / score the runs that repairs.yaml measures, with its switch on")
+    parser.add_argument("--repairs-file", type=Path, default=REPAIRS_PATH, help=argparse.SUPPRESS)
     parser.add_argument("--set", nargs="*", default=[], help="diagnosis.* overrides for --replay (tuning)")
     parser.add_argument("--recorded-findings", action="store_true",
-                        help="with --replay: score the findings the runs recorded instead of replaying them")
+                        help="with --replay (and --repairs' plan): the findings the runs recorded instead of "
+                             "replaying them")
     parser.add_argument("--spec", type=Path, default=SPEC_PATH)
     parser.add_argument("--recordings", type=Path, default=None, help=f"recordings root (default {RECORDINGS})")
     parser.add_argument("--out", type=Path, default=OUT, help="reports and the runs' working folders")
@@ -346,14 +433,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"--set takes diagnosis.* overrides only, got {bad}")
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
+    if args.repairs and args.set:
+        parser.error("--set does not apply with --repairs (the repaired runs replay their own diagnosis block)")
     spec = load_spec(args.spec)
+    repairs = load_repairs(spec, args.repairs_file) if args.repairs else None
     if args.replay:
-        return score_recordings(args, spec)
+        return score_recordings(args, spec, repairs)
     if args.plan or not args.part:
         if not args.plan:
             print("nothing trained: --part K/N trains a slice, --replay scores the recordings\n")
-        return print_plan(args, spec)
-    return train_part(args, spec)
+        return print_plan(args, spec, repairs)
+    return train_part(args, spec, repairs)
 
 
 if __name__ == "__main__":

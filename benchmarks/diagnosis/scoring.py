@@ -272,22 +272,100 @@ def targets(report: Mapping[str, Any], spec_targets: Mapping[str, Any]) -> dict[
 
 
 # ------------------------------------------------------------------------------------ rescue
-def rescue(repaired: Sequence[RunResult], plain: Sequence[RunResult], spec: Any) -> Optional[dict[str, Any]]:
-    """With the repairs on (``repaired``) against the same runs without (``plain``, by name): the failed
-    plain runs whose repaired twin ended healthy, and the healthy runs' metric change."""
+def rescued(r: RunResult, medians: Mapping[tuple[str, str], float], within: float) -> bool:
+    """The repaired run ended with a final AP50 of at least (1 - ``within``) x its recipe's reference median
+    (repairs.yaml). A crashed run has no final AP50 to count."""
+    bar = medians.get((r.recipe, r.seed_set))
+    return (r.status != "failed" and bar is not None and _finite(r.final_metric)
+            and float(r.final_metric) >= (1.0 - within) * bar)
+
+
+def rescue(repaired: Sequence[RunResult], plain: Sequence[RunResult], spec: Any,
+           repairs: Any) -> Optional[dict[str, Any]]:
+    """The repairs' figures (repairs.yaml), each repaired run against its twin without repairs (``plain``,
+    by name); the outcome labels and the reference medians are the plain runs' (the benchmark's bars).
+
+    Per rescuable class: its failed plain runs, how many of their twins are rescued, and whether the class
+    is (more than half of at least one). Per healthy group: the mean final AP50 change over the group's
+    plain runs, a run not re-run counting 0 (it trains identically), against the seed-to-seed standard
+    deviation of the plain runs."""
     if not repaired or not plain:
         return None
-    plain_labels, repaired_labels = outcome_labels(plain, spec.outcome), outcome_labels(repaired, spec.outcome)
+    labels, medians = outcome_labels(plain, spec.outcome), reference_medians(plain)
     twins = {r.name: r for r in plain}
-    failed = [r for r in repaired if r.name in twins and plain_labels[r.name] == FAILED and r.kind == "fault"]
-    rescued = [r for r in failed if repaired_labels[r.name] == HEALTHY]
-    changes = [(r.final_metric - twins[r.name].final_metric) / twins[r.name].final_metric for r in repaired
-               if r.kind == "healthy" and r.name in twins and plain_labels[r.name] == HEALTHY
-               and _finite(r.final_metric) and _finite(twins[r.name].final_metric) and twins[r.name].final_metric]
-    return {"failed_without_repairs": len(failed), "rescued": len(rescued),
-            "rescue_rate": _rate(len(rescued), len(failed)), "rescued_runs": [r.name for r in rescued],
-            "healthy_change_mean": statistics.fmean(changes) if changes else None,
-            "healthy_change_worst": min(changes) if changes else None}
+    classes: dict[str, dict[str, Any]] = {}
+    for cls in repairs.rescuable:
+        runs = [r for r in repaired if r.kind == "fault" and r.group == cls and r.name in twins]
+        failed = [r for r in runs if labels[r.name] == FAILED]
+        saved = [r for r in failed if rescued(r, medians, repairs.rescued_within)]
+        classes[cls] = {"runs": len(runs), "failed": len(failed), "rescued": len(saved),
+                        "rescued_runs": [r.name for r in saved],
+                        "ap50": [[twins[r.name].final_metric, r.final_metric] for r in runs],
+                        "class_rescued": bool(failed) and len(saved) > len(failed) / 2}
+    judged = [c for c in classes.values() if c["failed"]]
+    by_name = {r.name: r for r in repaired}
+    groups: dict[str, dict[str, Any]] = {}
+    for group in sorted({r.group for r in plain if r.kind == "healthy"}):
+        values = {r.name: float(r.final_metric) for r in plain
+                  if r.kind == "healthy" and r.group == group and _finite(r.final_metric)}
+        changes = {n: float(by_name[n].final_metric) - v for n, v in values.items()
+                   if n in by_name and _finite(by_name[n].final_metric)}
+        change = sum(changes.values()) / len(values) if values else None
+        spread = statistics.stdev(values.values()) if len(values) >= 2 else None
+        within = True if change == 0 else None if change is None or spread is None else abs(change) <= spread
+        groups[group] = {"runs": len(values), "rerun": len(changes), "mean_change": change, "spread": spread,
+                         "within_spread": within}
+    return {"rescued_within": repairs.rescued_within, "classes": classes,
+            "rescued_classes": sum(c["class_rescued"] for c in judged), "classes_with_failed_runs": len(judged),
+            "rescued_class_rate": _rate(sum(c["class_rescued"] for c in judged), len(judged)),
+            "healthy": groups,
+            "healthy_change_within_spread": None if any(g["within_spread"] is None for g in groups.values())
+            else all(g["within_spread"] for g in groups.values())}
+
+
+def rescue_targets(res: Mapping[str, Any], repairs_targets: Mapping[str, Any]) -> dict[str, Any]:
+    """repairs.yaml's targets against ``rescue``'s figures (``met`` None: no figure)."""
+    out: dict[str, Any] = {}
+    bound = repairs_targets.get("rescued_class_rate")
+    if isinstance(bound, Mapping):
+        value = res["rescued_class_rate"]
+        out["rescued_class_rate"] = {"value": value, "target": bound["min"], "kind": "min",
+                                     "met": None if value is None else value >= bound["min"]}
+    if repairs_targets.get("healthy_change_within_spread"):
+        value = res["healthy_change_within_spread"]
+        out["healthy_change_within_spread"] = {"value": value, "target": True, "met": value}
+    return out
+
+
+def rescue_markdown(res: Mapping[str, Any]) -> list[str]:
+    lines = ["", f"Rescue with the repairs on (rescued: final val AP50 >= {1 - res['rescued_within']:g} x the "
+                 "reference median of the runs without):", "",
+             "| class | failed without | rescued | AP50 each run without -> with | rescued? |", "|---|---|---|---|---|"]
+    for cls, c in res["classes"].items():
+        pairs = ", ".join(f"{_num(a)}->{_num(b)}" for a, b in c["ap50"]) or "-"
+        verdict = _yes(c["class_rescued"]) if c["failed"] else "n/a (no failed run)"
+        lines.append(f"| {cls} | {c['failed']} of {c['runs']} | {c['rescued']} | {pairs} | {verdict} |")
+    lines += ["", f"Rescued classes: {res['rescued_classes']} of {res['classes_with_failed_runs']} with a failed run "
+                  f"({_pct(res['rescued_class_rate'])})."]
+    lines.append("Healthy groups, mean final AP50 change with the repairs (runs not re-run count 0) vs the "
+                 "seed-to-seed sd without: " + ("; ".join(
+                     f"{g} {_signed_num(h['mean_change'])} (sd {_num(h['spread'], 3)}, {h['rerun']} of {h['runs']} "
+                     f"re-run){'' if h['within_spread'] is not False else ' **outside**'}"
+                     for g, h in res["healthy"].items()) or "none") + ".")
+    if res.get("not_recorded"):
+        lines.append(f"Planned with the repairs but not recorded yet ({len(res['not_recorded'])}): "
+                     f"{', '.join(res['not_recorded'])}.")
+    if res.get("targets") is not None:
+        lines += ["", "| target | value | met |", "|---|---|---|"]
+        for key, t in res["targets"].items():
+            if key == "rescued_class_rate":
+                lines.append(f"| {key} >= {_pct(t['target'])} | {_pct(t['value'])} | {_yes(t['met'])} |")
+            else:
+                shown = "n/a" if t["value"] is None else ("every group" if t["value"] else "not every group")
+                lines.append(f"| {key} | {shown} | {_yes(t['met'])} |")
+    else:
+        lines += ["", "The repairs' targets are judged on the confirm seeds only."]
+    return lines
 
 
 # ------------------------------------------------------------------------------------ markdown
@@ -350,11 +428,8 @@ def markdown(report: Mapping[str, Any], spec: Any) -> str:
         a = report["replay_agreement"]
         lines.append(f"Replayed findings equal the runs' own on {a['same']} of {a['runs']} runs"
                      + (f" (different: {', '.join(a['different'])})" if a["different"] else "") + ".")
-    res = report.get("rescue")
-    if res:
-        lines.append(f"Rescue (repairs on): {res['rescued']} of {res['failed_without_repairs']} failed runs ended "
-                     f"healthy ({_pct(res['rescue_rate'])}); healthy runs' AP50 change mean "
-                     f"{_signed(res['healthy_change_mean'])}, worst {_signed(res['healthy_change_worst'])}.")
+    if report.get("rescue"):
+        lines += rescue_markdown(report["rescue"])
     return "\n".join(lines) + "\n"
 
 
@@ -366,8 +441,8 @@ def _pct(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{100 * value:.0f}%"
 
 
-def _signed(value: Optional[float]) -> str:
-    return "n/a" if value is None else f"{100 * value:+.1f}%"
+def _signed_num(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:+.3f}"
 
 
 def _num(value: Optional[float], digits: int = 2) -> str:
