@@ -40,6 +40,7 @@ repairs: the rescued runs and classes, the healthy groups' AP50 change against t
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import shutil
@@ -186,12 +187,17 @@ def launch(run: PlannedRun, args: argparse.Namespace, spec: Spec, threads: int) 
 
 
 def planned(args: argparse.Namespace, spec: Spec, seed_set: str, repairs: Optional[Repairs]) -> list[PlannedRun]:
-    """The runs of ``seed_set`` this invocation trains: the spec's, or with --repairs the reduced plan."""
+    """The runs of ``seed_set`` this invocation trains: the spec's, or with --repairs the reduced plan; with
+    --only, those whose name matches one of its patterns."""
     if repairs is None:
-        return plan_runs(spec, seed_set, gpu=args.gpu)
-    root, _ = recordings_folder(args, spec)
-    plain = plain_detectors(root, spec, seed_set, benchmarked_diagnosis(spec), replay=not args.recorded_findings)
-    return repair_plan(spec, repairs, seed_set, plain, gpu=args.gpu)
+        runs = plan_runs(spec, seed_set, gpu=args.gpu)
+    else:
+        root, _ = recordings_folder(args, spec)
+        plain = plain_detectors(root, spec, seed_set, benchmarked_diagnosis(spec), replay=not args.recorded_findings)
+        runs = repair_plan(spec, repairs, seed_set, plain, gpu=args.gpu)
+    if args.only:
+        runs = [r for r in runs if any(fnmatch.fnmatchcase(r.name, pattern) for pattern in args.only)]
+    return runs
 
 
 def train_part(args: argparse.Namespace, spec: Spec, repairs: Optional[Repairs] = None) -> int:
@@ -224,8 +230,7 @@ def print_plan(args: argparse.Namespace, spec: Spec, repairs: Optional[Repairs] 
               f"about {estimated_minutes(cpu) / 60:.1f} h alone on 2 cores; {len(gpu)} GPU-only runs")
     if args.part:
         k, n = parse_part(args.part)
-        runs = plan_runs(spec, args.seed_set, gpu=args.gpu)
-        for i, part in enumerate(assign_parts(runs, n), 1):
+        for i, part in enumerate(assign_parts(planned(args, spec, args.seed_set, None), n), 1):
             if k and n > 1 and i != k and not args.all_parts:
                 continue
             print(f"part {i}/{n}: {len(part)} runs, about {estimated_minutes(part):.1f} min")
@@ -252,7 +257,7 @@ def print_repair_plan(args: argparse.Namespace, spec: Spec, repairs: Repairs) ->
               f"{len(healthy)} healthy ({sum(r.name in plain for r in healthy)} with a finding a repair answers, "
               f"{sum(r.name not in plain for r in healthy)} not recorded yet; {left_out} left out: no such finding)")
     k, n = parse_part(args.part) if args.part else (1, 1)
-    for i, part in enumerate(assign_parts(plans[args.seed_set], n), 1):
+    for i, part in enumerate(assign_parts(planned(args, spec, args.seed_set, repairs), n), 1):
         if n > 1 and i != k and not args.all_parts:
             continue
         print(f"{args.seed_set} part {i}/{n}: {len(part)} runs, about {estimated_minutes(part):.1f} min")
@@ -401,6 +406,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--plan", action="store_true", help="list the spec's runs (with --part: that slicing)")
     mode.add_argument("--replay", action="store_true", help="train nothing: score the recordings of --seed-set")
+    parser.add_argument("--only", nargs="+", default=None, metavar="PATTERN",
+                        help="only the runs whose name matches a shell pattern (fault-*-s0); the parts slice what is left")
     parser.add_argument("--part", default=None, help="K/N: train the K-th of N deterministic slices of the runs")
     parser.add_argument("--all-parts", action="store_true", help="with --plan --part K/N: list every part")
     parser.add_argument("--seed-set", choices=SEED_SETS, default="tune")
