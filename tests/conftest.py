@@ -68,6 +68,15 @@ def synthetic_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("synthetic")
 
 
+def edited_copy(source: Path, folder: Path, old: str, new: str) -> Path:
+    """A copy of ``source`` in ``folder`` with the first ``old`` replaced by ``new`` (which must be there)."""
+    text = source.read_text()
+    assert old in text
+    path = folder / source.name
+    path.write_text(text.replace(old, new, 1))
+    return path
+
+
 def compose_tiny_config(root: Path, *overrides: str):
     """``configs/config.yaml`` as train.py composes it, shrunk to a 20-image 160x128 set, 1 epoch of
     batch 8, with ``overrides`` on top."""

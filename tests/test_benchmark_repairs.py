@@ -16,6 +16,7 @@ from benchmarks.diagnosis import bench_diagnosis
 from benchmarks.diagnosis.recording import build_record, recording_path, write_recording
 from benchmarks.diagnosis.repairs import REPAIR_ANSWERS, REPAIRS_PATH, RepairsError, load_repairs, repair_plan
 from benchmarks.diagnosis.spec import load_spec, plan_runs
+from conftest import edited_copy
 from detlab.run_record import read_metrics
 
 SPEC = load_spec()
@@ -37,14 +38,6 @@ def test_the_answered_detectors_are_registered_ones():
     assert REPAIR_ANSWERS <= {cls.name for cls in registered_detectors()}
 
 
-def _broken(tmp_path: Path, old: str, new: str) -> Path:
-    text = REPAIRS_PATH.read_text()
-    assert old in text
-    path = tmp_path / "repairs.yaml"
-    path.write_text(text.replace(old, new, 1))
-    return path
-
-
 @pytest.mark.parametrize("old,new,message", [
     ("  warmup_never_ends: a run stuck in its warm-up ends the warm-up\n", "",
      r"in neither rescuable nor not_rescuable: \['warmup_never_ends'\]"),
@@ -57,11 +50,11 @@ def _broken(tmp_path: Path, old: str, new: str) -> Path:
 ])
 def test_a_repairs_file_that_breaks_its_rules_is_refused(tmp_path, old, new, message):
     with pytest.raises(RepairsError, match=message):
-        load_repairs(SPEC, _broken(tmp_path, old, new))
+        load_repairs(SPEC, edited_copy(REPAIRS_PATH, tmp_path, old, new))
 
 
 def test_a_class_in_both_lists_is_refused(tmp_path):
-    path = _broken(tmp_path, "  lr_tiny: an lr", "  lr_x100: twice\n  lr_tiny: an lr")
+    path = edited_copy(REPAIRS_PATH, tmp_path, "  lr_tiny: an lr", "  lr_x100: twice\n  lr_tiny: an lr")
     with pytest.raises(RepairsError, match=r"both rescuable and not_rescuable: \['lr_x100'\]"):
         load_repairs(SPEC, path)
 

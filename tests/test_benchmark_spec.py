@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from pathlib import Path
 
 import pytest
+from conftest import edited_copy
 
 from benchmarks.diagnosis.spec import (
     SPEC_PATH,
@@ -125,14 +125,6 @@ def test_baseline_rules_name_classes_as_detlabs_detectors_do():
     assert SPEC.rule_classes("autotrainer", "no_such_rule") == []
 
 
-def _broken(tmp_path: Path, old: str, new: str) -> Path:
-    text = SPEC_PATH.read_text()
-    assert old in text
-    path = tmp_path / "spec.yaml"
-    path.write_text(text.replace(old, new, 1))
-    return path
-
-
 @pytest.mark.parametrize("old,new,message", [
     ("confirm: [3001,", "confirm: [5,", "apart"),
     ("expected: [overfitting]", "expected: [overfit]", "unknown expected detectors"),
@@ -143,7 +135,7 @@ def _broken(tmp_path: Path, old: str, new: str) -> Path:
 ])
 def test_a_spec_that_breaks_its_rules_is_refused(tmp_path, old, new, message):
     with pytest.raises(SpecError, match=message):
-        load_spec(_broken(tmp_path, old, new))
+        load_spec(edited_copy(SPEC_PATH, tmp_path, old, new))
 
 
 @pytest.mark.parametrize("n", [1, 3, 8, 40])
