@@ -2,7 +2,7 @@
 """Regenerate the figures and tables of docs/results.md from the experiment's run folders.
 
     python scripts/results_page.py --recipe multirun/wider_recipe --paper multirun/wider_paper \\
-        --remedies multirun/wider_remedies --stages outputs/wider_overfit
+        --remedies multirun/wider_remedies --repairs multirun/wider_repair --stages outputs/wider_overfit
 
 Each option takes sweep folders (every run folder under them) or run folders. The figures go to
 ``--figures`` (default docs/results/); the tables replace the ``<!-- results:NAME -->`` blocks of
@@ -26,6 +26,7 @@ from detlab.analysis import (
     plot_sweep_grid,
     remedy_label,
     remedy_table,
+    repair_table,
     replace_blocks,
     run_command,
     save_png,
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", type=Path, nargs="+", default=[], help="the sweep under +preset=wider_cpu")
     parser.add_argument("--paper", type=Path, nargs="+", default=[], help="the sweep under +preset=[wider_cpu,paper]")
     parser.add_argument("--remedies", type=Path, nargs="+", default=[], help="the remedy runs (+remedy=...)")
+    parser.add_argument("--repairs", type=Path, nargs="+", default=[],
+                        help="the paper's failing pairs trained with diagnosis.repair=true")
     parser.add_argument("--stages", type=Path, nargs="+", default=[], help="the run that shows the mid/late stages")
     parser.add_argument("--page", default="docs/results.md", help="the page whose blocks are replaced; - prints")
     parser.add_argument("--figures", type=Path, default=Path("docs/results"), help="where the PNGs go")
@@ -76,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         blocks["remedy_table"] = remedy_table(runs)
         # the baseline is another sweep's run: its time is in that sweep's row
         walls.append(("remedies", [r for r in runs if remedy_label(r) != "none"], _command(args.remedies, runs)))
+    if args.repairs:
+        runs = load_runs(args.repairs)
+        blocks["repair_table"] = repair_table(runs)
+        walls.append(("repairs", runs, _command(args.repairs, runs)))
     if args.stages:
         for index, run in enumerate(load_runs(args.stages)):
             save_png(plot_stage_run(run, title=f"{run.path.name}: {run.status}, {run.epochs} epochs"),

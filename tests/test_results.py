@@ -16,6 +16,7 @@ from detlab.analysis import (
     plot_stage_run,
     plot_sweep_grid,
     remedy_table,
+    repair_table,
     replace_blocks,
     smooth,
     step_series,
@@ -82,6 +83,23 @@ def test_remedy_table_puts_the_baseline_first_with_the_change_in_medium_ap(tmp_p
     assert [line.split(" | ")[0] for line in lines[2:]] == ["| none", "| adaptive_weights", "| no_warmup"]
     assert lines[2].split(" | ")[-2] == "-"
     assert lines[3].split(" | ")[-2] == "+5.0" and lines[4].split(" | ")[-2] == "-5.0"
+
+
+def test_repair_table_gives_each_pair_what_its_repairs_did_and_when(tmp_path, make_fake_run):
+    import json
+
+    runs = []
+    for box, repairs in ((10.0, [{"repair": "rebalance", "step": 15, "epoch": 1, "message": "steered"},
+                                 {"repair": "rollback", "step": 39, "epoch": 1, "message": "back"}]), (5.0, [])):
+        folder = make_fake_run(tmp_path / f"b{box:g}", box, epochs=2, test=WIDER_TEST)
+        summary = json.loads((folder / "summary.json").read_text())
+        (folder / "summary.json").write_text(json.dumps({**summary, "repairs": repairs}))
+        runs.append(load_run(folder))
+    lines = repair_table(runs).splitlines()
+    assert lines[0].startswith("| box weight | status |") and lines[0].endswith("| repairs | findings |")
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| 5", "| 10"]
+    assert lines[2].split(" | ")[-2] == "none"
+    assert lines[3].split(" | ")[-2] == "rebalance@s15; rollback@s39"
 
 
 def test_figures_draw_on_partial_sweeps_without_test_or_event_files(tmp_path, make_fake_sweep):

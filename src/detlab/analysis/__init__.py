@@ -49,6 +49,7 @@ from detlab.analysis.tables import (
     markdown_table,
     print_summary_counts,
     remedy_table,
+    repair_table,
     replace_blocks,
     report_csv,
     report_markdown,
@@ -63,7 +64,7 @@ __all__ = [
     "block_names", "by_box_weight", "compact_findings", "count_statuses", "draw_loss_panel", "entry_config_path",
     "find_run_dirs", "findings_list", "findings_table", "format_counts", "learning_curves_png", "load_run", "load_runs", "load_sweep",
     "markdown_table", "plot_ap_against_box_weight", "plot_learning_curves", "plot_stage_run", "plot_sweep_grid",
-    "print_summary_counts", "remedy_label", "remedy_table", "replace_blocks", "report_csv", "report_markdown",
+    "print_summary_counts", "remedy_label", "remedy_table", "repair_table", "replace_blocks", "report_csv", "report_markdown",
     "report_table", "run_command", "save_png", "smooth", "status_text", "step_series", "sweep_command",
     "sweep_table", "wall_times_table", "write_report",
 ]

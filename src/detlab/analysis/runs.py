@@ -68,6 +68,7 @@ class RunResult:
     stages: dict[str, dict[str, float]] = field(default_factory=dict)
     test: dict[str, Any] = field(default_factory=dict)  # the after-training test's headline (may be empty)
     findings: list[dict[str, Any]] = field(default_factory=list)
+    repairs: list[dict[str, Any]] = field(default_factory=list)  # what a repair did (diagnosis.repair)
     wall_time_s: Optional[float] = None
     warnings: list[str] = field(default_factory=list)  # what was tolerated while reading
     exclude_keys: frozenset[str] = frozenset()  # override keys that do not name the run (Hydra's exclude_keys)
@@ -162,6 +163,7 @@ def load_run(run_dir: Path | str) -> RunResult:
         stages={k: dict(v) for k, v in (summary.stages or {}).items() if isinstance(v, dict)},
         test=dict(summary.test or {}),
         findings=[f for f in summary.findings or [] if isinstance(f, dict)],
+        repairs=[r for r in summary.repairs or [] if isinstance(r, dict)],
         wall_time_s=as_float(summary.wall_time_s),
         warnings=warnings,
         exclude_keys=exclude_keys,

@@ -297,6 +297,20 @@ def remedy_table(runs: Sequence[RunResult], baseline: str = "none") -> str:
     return _render(header, rows)
 
 
+def compact_repairs(repairs: Sequence[Mapping[str, Any]]) -> str:
+    """``rebalance@s40; rollback@s39``: each repair at the step it acted, in order."""
+    return "; ".join(f"{r.get('repair', '?')}@s{as_int(r.get('step'))}" for r in repairs)
+
+
+def repair_table(runs: Sequence[RunResult]) -> str:
+    """One row per weight pair trained with the repairs on (``diagnosis.repair=true``): status, test quality,
+    what the repairs did and when, the findings."""
+    header = ["box weight", "status", *QUALITY_HEADER, "repairs", "findings"]
+    rows = [[format_value(r.box_weight), status_text(r), *quality_cells(r), compact_repairs(r.repairs) or "none",
+             compact_findings(r.findings) or "none"] for r in by_box_weight(runs)]
+    return _render(header, rows)
+
+
 def findings_list(run: RunResult) -> str:
     """The run's findings as a table: finding, when, cause, evidence and what to do."""
     if not run.findings:
