@@ -18,6 +18,7 @@ from pathlib import Path
 
 from detlab.analysis import (
     block_names,
+    page_blocks,
     findings_list,
     format_counts,
     load_runs,
@@ -43,6 +44,20 @@ def _command(paths: list[Path], runs: list) -> str | None:
     if commands:
         return " ; ".join(commands)
     return run_command(runs[0]) if len(runs) == 1 else None
+
+
+def merge_rows(old: str, new: str) -> str:
+    """The Markdown table ``new`` with the rows of ``old`` whose first cell ``new`` lacks, in ``old``'s
+    order (a group measured again replaces its row, in its place; a new group is added at the end)."""
+    old_rows = [line for line in old.strip().splitlines()[2:] if line.startswith("|")]
+    lines = new.strip().splitlines()
+    header, fresh = lines[:2], {_first_cell(line): line for line in lines[2:]}
+    rows = [fresh.pop(_first_cell(line), line) for line in old_rows]
+    return "\n".join([*header, *rows, *fresh.values()])
+
+
+def _first_cell(row: str) -> str:
+    return row.strip("|").split("|")[0].strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,12 +107,15 @@ def main(argv: list[str] | None = None) -> int:
             walls.append((f"stages run {index}", [run], run_command(run)))
     if walls:
         blocks["wall_times"] = wall_times_table(walls)
+    page = None if args.page == "-" else Path(args.page)
+    if "wall_times" in blocks and page is not None and page.is_file():
+        # the groups whose option was left out keep their rows, as their other blocks do
+        blocks["wall_times"] = merge_rows(page_blocks(page.read_text()).get("wall_times", ""), blocks["wall_times"])
 
     if args.page == "-":
         for name, body in blocks.items():
             print(f"<!-- results:{name} -->\n{body}\n<!-- /results:{name} -->\n")
         return 0
-    page = Path(args.page)
     if not page.is_file():
         raise UserError(f"--page {page}: not found (the page holds the <!-- results:NAME --> blocks to fill)")
     text, untouched = replace_blocks(page.read_text(), blocks)

@@ -113,6 +113,19 @@ def test_figures_draw_on_partial_sweeps_without_test_or_event_files(tmp_path, ma
     assert sweep_command(tmp_path / "s") is None  # a multirun.yaml without Hydra's overrides
 
 
+def test_wall_times_of_groups_measured_again_replace_their_rows_and_keep_the_others():
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from results_page import merge_rows
+    finally:
+        sys.path.pop(0)
+    old = "| what | runs |\n|---|---|\n| recipe sweep | 9 |\n| remedies | 5 |\n| stages run 0 | 1 |\n"
+    new = "| what | runs |\n|---|---|\n| remedies | 6 |\n| repairs | 2 |\n"
+    assert merge_rows(old, new).splitlines() == ["| what | runs |", "|---|---|", "| recipe sweep | 9 |",
+                                                 "| remedies | 6 |", "| stages run 0 | 1 |", "| repairs | 2 |"]
+    assert merge_rows("", new) == new.strip()
+
+
 @pytest.mark.slow
 def test_results_page_script_fills_the_page_and_writes_the_figures(tmp_path, make_fake_sweep, make_fake_run):
     sweep = make_fake_sweep(tmp_path / "recipe", box_weights=(0.01, 1, 10), epochs_planned=3, diverge_at={},

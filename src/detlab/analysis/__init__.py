@@ -41,6 +41,7 @@ from detlab.analysis.tables import (
     STEP_LEVEL_DETECTORS,
     TABLE_COLUMNS,
     block_names,
+    page_blocks,
     compact_findings,
     count_statuses,
     findings_list,
@@ -61,7 +62,7 @@ from detlab.analysis.tables import (
 
 __all__ = [
     "CSV_COLUMNS", "STATUS_COLORS", "STEP_LEVEL_DETECTORS", "TABLE_COLUMNS", "RunResult",
-    "block_names", "by_box_weight", "compact_findings", "count_statuses", "draw_loss_panel", "entry_config_path",
+    "block_names", "page_blocks", "by_box_weight", "compact_findings", "count_statuses", "draw_loss_panel", "entry_config_path",
     "find_run_dirs", "findings_list", "findings_table", "format_counts", "learning_curves_png", "load_run", "load_runs", "load_sweep",
     "markdown_table", "plot_ap_against_box_weight", "plot_learning_curves", "plot_stage_run", "plot_sweep_grid",
     "print_summary_counts", "remedy_label", "remedy_table", "repair_table", "replace_blocks", "report_csv", "report_markdown",

@@ -370,6 +370,11 @@ def replace_blocks(page: str, blocks: Mapping[str, str]) -> tuple[str, list[str]
     return _BLOCK.sub(substitute, page), untouched
 
 
+def page_blocks(page: str) -> dict[str, str]:
+    """The bodies of the page's ``<!-- results:NAME -->`` blocks, by name."""
+    return {match.group("name"): match.group("body") for match in _BLOCK.finditer(page)}
+
+
 def block_names(page: str) -> list[str]:
     """The names of the page's ``<!-- results:NAME -->`` blocks, in order."""
     return [match.group("name") for match in _BLOCK.finditer(page)]
