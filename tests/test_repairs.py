@@ -173,6 +173,22 @@ def test_raise_lr_raises_a_flat_run_lowers_a_rising_one_at_most_max_times():
     assert repair.apply(stuck(0.0), target_of(parts)) is None and repair.times == 2
 
 
+def test_raise_lr_leaves_a_run_alone_when_another_repair_changed_the_loss_inside_the_windows():
+    parts, _ = tiny_parts()
+    lr = parts.optimizer.param_groups[0]["lr"]
+    repairs = Repairs(DiagnosisConfig(repair=True))
+    rebalanced = repairs.respond([imbalance()], target_of(parts), 10, 1)
+    assert [r.repair for r, _ in rebalanced] == ["rebalance"]
+    flat = Finding("stuck", "early", 74, 3, "flat", {"relative_drop": 0.001, "min_drop": 0.02, "first_step": 0})
+    assert repairs.respond([flat], target_of(parts), 74, 3) == []  # the weighted loss changed at step 10
+    assert parts.optimizer.param_groups[0]["lr"] == lr
+    later = Finding("stuck", "mid", 160, 7, "flat", {"relative_drop": 0.001, "min_drop": 0.02, "first_step": 75})
+    assert [r.repair for r, _ in repairs.respond([later], target_of(parts), 160, 7)] == ["raise_lr"]
+    restored = Repairs(DiagnosisConfig(repair=True))
+    restored.load_state_dict(repairs.state_dict())  # checkpoints keep what was done
+    assert [(r.repair, r.step) for r in restored.records] == [("rebalance", 10), ("raise_lr", 160)]
+
+
 def test_the_mining_repair_sets_hard_mining_and_the_loss_uses_it():
     parts, _ = tiny_parts(neg_pos_ratio=0.0)  # every background anchor counts
     images, faces = torch.randn(2, 3, 64, 96), [torch.tensor([[10.0, 10.0, 30.0, 34.0]])] * 2

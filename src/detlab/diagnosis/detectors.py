@@ -665,7 +665,7 @@ class Stuck(Detector):
         lrs = [lr for lr in st.recent_lr if math.isfinite(lr)]
         evidence = {"loss_first_window": first, "loss_last_window": last, "relative_drop": drop,
                     "relative_rise": -drop, "min_drop": self.cfg.min_drop, "window_steps": st.recent.maxlen,
-                    "steps": when.step + 1, "warmup_steps": self.run.stages.warmup_end,
+                    "steps": when.step + 1, "first_step": st.start, "warmup_steps": self.run.stages.warmup_end,
                     "lr": float(signals.get("lr", math.nan)), "lr_window": mean(lrs) if lrs else math.nan}
         return self.alarm(evidence, "rose" if drop < -self.cfg.min_drop else "")
 

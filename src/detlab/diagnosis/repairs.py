@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field, is_dataclass, make_dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Optional, Sequence, TypeVar
 
 import torch
 
@@ -73,8 +73,9 @@ class Repair:
         """``{setting: (valid, what it must be)}`` for the block's values."""
         return {}
 
-    def apply(self, finding: Finding, target: RepairTarget) -> Optional[str]:
-        """Act on ``finding``; returns what was done in words, or None when the repair cannot act."""
+    def apply(self, finding: Finding, target: RepairTarget, earlier: Sequence[RepairRecord] = ()) -> Optional[str]:
+        """Act on ``finding`` (``earlier``: what the repairs did before in this run); returns what was done in
+        words, or None when the repair cannot act."""
         raise NotImplementedError
 
     def good_state(self, target: RepairTarget, epoch: int, step: int) -> None:
@@ -194,7 +195,7 @@ class Rollback(Repair):
         self.snapshot = Snapshot(epoch, step, weights, copy.deepcopy(target.optimizer.state_dict()),
                                  copy.deepcopy(target.scaler.state_dict()))
 
-    def apply(self, finding: Finding, target: RepairTarget) -> Optional[str]:
+    def apply(self, finding: Finding, target: RepairTarget, earlier: Sequence[RepairRecord] = ()) -> Optional[str]:
         if self.snapshot is None or self.times >= self.cfg.max_rollbacks:
             return None
         snap, optimizer = self.snapshot, target.optimizer
@@ -239,7 +240,7 @@ class Rebalance(Repair):
             "class-heavy run)")
     rearms = False
 
-    def apply(self, finding: Finding, target: RepairTarget) -> Optional[str]:
+    def apply(self, finding: Finding, target: RepairTarget, earlier: Sequence[RepairRecord] = ()) -> Optional[str]:
         rebalancer = target.criterion.rebalancer
         if rebalancer.aim is not None:
             return None
@@ -254,7 +255,9 @@ class Rebalance(Repair):
 @register_repair
 class RaiseLearningRate(Repair):
     """A stuck run: a loss that stayed flat gets ``factor`` times the learning rate, a loss that rose
-    1 / ``factor`` times it, at most ``max_times`` times; the detector then judges the next windows anew."""
+    1 / ``factor`` times it, at most ``max_times`` times; the detector then judges the next windows anew.
+    It leaves the run alone when another repair acted within the windows stuck compared (the loss then
+    changed for that repair's reason)."""
 
     name = "raise_lr"
     answers = (Stuck.name,)
@@ -269,8 +272,13 @@ class RaiseLearningRate(Repair):
     def checks(cfg: RaiseLearningRate.Config) -> dict[str, tuple[bool, str]]:
         return {"factor": (cfg.factor > 1, "must be > 1"), "max_times": (cfg.max_times >= 0, "must be >= 0")}
 
-    def apply(self, finding: Finding, target: RepairTarget) -> Optional[str]:
+    def apply(self, finding: Finding, target: RepairTarget, earlier: Sequence[RepairRecord] = ()) -> Optional[str]:
         if self.times >= self.cfg.max_times:
+            return None
+        # A repair inside the judged windows (a rebalanced loss weight, a rollback, new mining) changed what
+        # the loss measures, so its flat or rising total says nothing about the learning rate.
+        first = finding.evidence.get("first_step", 0.0)
+        if any(record.step >= first for record in earlier):
             return None
         rose = finding.evidence.get("relative_drop", 0.0) < -finding.evidence.get("min_drop", 0.0)
         factor = 1.0 / self.cfg.factor if rose else self.cfg.factor
@@ -299,7 +307,7 @@ class Mining(Repair):
     def checks(cfg: Mining.Config) -> dict[str, tuple[bool, str]]:
         return {"neg_pos_ratio": (cfg.neg_pos_ratio > 0, "must be > 0")}
 
-    def apply(self, finding: Finding, target: RepairTarget) -> Optional[str]:
+    def apply(self, finding: Finding, target: RepairTarget, earlier: Sequence[RepairRecord] = ()) -> Optional[str]:
         criterion, ratio = target.criterion, float(self.cfg.neg_pos_ratio)
         before = float(criterion.neg_pos_ratio)
         if before == ratio:
@@ -330,6 +338,7 @@ class Repairs:
         blocks = getattr(diagnosis, "repairs", None)
         on = bool(getattr(diagnosis, "repair", False)) and bool(getattr(diagnosis, "enabled", True))
         self.repairs: list[Repair] = []
+        self.records: list[RepairRecord] = []  # what the repairs did in this run, in order
         for cls in _REPAIRS.values():
             block = getattr(blocks, cls.name, None) if blocks is not None else None
             block = block if block is not None else cls.Config()
@@ -356,18 +365,22 @@ class Repairs:
             for repair in self.repairs:
                 if finding.detector not in repair.answers:
                     continue
-                message = repair.apply(finding, target)
+                message = repair.apply(finding, target, self.records)
                 if message is not None:
-                    done.append((RepairRecord(repair.name, step, epoch, message, finding.detector), repair.rearms))
+                    record = RepairRecord(repair.name, step, epoch, message, finding.detector)
+                    self.records.append(record)
+                    done.append((record, repair.rearms))
                     break
         return done
 
     def state_dict(self) -> dict[str, Any]:
-        return {r.name: r.state_dict() for r in self.repairs}
+        return {**{r.name: r.state_dict() for r in self.repairs}, "records": [r.to_dict() for r in self.records]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = state or {}
         for repair in self.repairs:
-            repair.load_state_dict((state or {}).get(repair.name, {}))
+            repair.load_state_dict(state.get(repair.name, {}))
+        self.records = [RepairRecord(**record) for record in state.get("records", [])]
 
 
 def repair_names() -> tuple[str, ...]:
