@@ -135,6 +135,23 @@ def test_the_rebalance_repair_engages_the_criterion_which_keeps_its_weight_in_it
     assert ratio < 0.1 and parts3.criterion.weights(1)[1] == pytest.approx(1e-4 * 0.5 / ratio, rel=1e-6)
 
 
+def test_under_adamw_the_rebalance_raises_the_lighter_term_instead_of_lowering_the_heavier():
+    parts, cfg = tiny_parts(box_weight=100.0, rebalance=RebalanceConfig(rate=1.0))
+    parts.optimizer = torch.optim.AdamW(parts.model.parameters(), lr=1e-3)
+    message = Rebalance(Rebalance.Config()).apply(imbalance(), target_of(parts))
+    assert message.startswith("the class weight is now raised")
+    parts.criterion.observe_grad_norms(0, 1.0, 1000.0)  # ratio 1000 -> aim 2: the ratio's factor 0.002
+    assert parts.criterion.weights(0) == pytest.approx((500.0, 100.0))  # the class weight x500, not the box /500
+    restored, _ = tiny_parts(box_weight=100.0)
+    restored.criterion.load_state_dict(parts.criterion.state_dict())
+    assert restored.criterion.weights(0) == pytest.approx((500.0, 100.0))
+    light, _ = tiny_parts(box_weight=1e-3, rebalance=RebalanceConfig(rate=1.0))  # class-heavy: the box raised
+    light.optimizer = torch.optim.AdamW(light.model.parameters(), lr=1e-3)
+    Rebalance(Rebalance.Config()).apply(imbalance(box_dominates=False, ratio=1e-3), target_of(light))
+    light.criterion.observe_grad_norms(0, 1.0, 1e-3)  # aim 1/2: factor 500 on the box weight
+    assert light.criterion.weights(0) == pytest.approx((1.0, 0.5))
+
+
 # ----------------------------------------------------------------------------- the learning rate
 @pytest.mark.parametrize("schedule", [ScheduleConfig(warmup_steps=10), ScheduleConfig(warmup=False),
                                       ScheduleConfig(warmup_steps=10, after_warmup="multistep"),

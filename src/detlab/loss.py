@@ -227,6 +227,12 @@ class LossRebalancer:
     band's edge, which is as lopsided as the detector allows (steering box weight 100 to the edge
     left its AP50 lower than before). Until then the weights are the configured ones. The factor stays
     within ``[min_factor, max_factor]``.
+
+    ``raise_lighter`` (``engage``): a factor below 1 divides the class weight instead of multiplying the
+    box weight (the same ratio, reached by raising the lighter term). Under an Adam-type optimiser a
+    term whose gradient shrinks mid-run keeps its old second-moment estimate for about 1 / (1 - beta2)
+    steps, so its updates shrink by the same factor for that long; a term whose gradient grows catches
+    up within a few steps.
     """
 
     def __init__(self, cfg: RebalanceConfig) -> None:
@@ -234,11 +240,19 @@ class LossRebalancer:
         self.box_factor = 1.0
         self.updates = 0
         self.aim: Optional[float] = None  # the gradient ratio steered to, once engaged
+        self.raise_lighter = False
 
-    def engage(self, box_heavy: bool) -> float:
+    def engage(self, box_heavy: bool, raise_lighter: bool = False) -> float:
         """Start steering (a box-heavy run to ``target``, a class-heavy one to ``1 / target``); returns the aim."""
         self.aim = self.cfg.target if box_heavy else 1.0 / self.cfg.target
+        self.raise_lighter = bool(raise_lighter)
         return self.aim
+
+    def factors(self) -> tuple[float, float]:
+        """(class, box) weight multipliers: the box factor, or its inverse on the class weight (``raise_lighter``)."""
+        if self.raise_lighter and self.box_factor < 1.0:
+            return 1.0 / self.box_factor, 1.0
+        return 1.0, self.box_factor
 
     def observe(self, grad_norm_cls: float, grad_norm_box: float) -> None:
         if self.aim is None or not (grad_norm_cls > 0 and grad_norm_box > 0):
@@ -252,13 +266,14 @@ class LossRebalancer:
 
     def state_dict(self) -> dict[str, float]:
         return {"box_factor": self.box_factor, "updates": self.updates,
-                "aim": self.aim if self.aim is not None else 0.0}
+                "aim": self.aim if self.aim is not None else 0.0, "raise_lighter": float(self.raise_lighter)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.box_factor = float(state.get("box_factor", 1.0))
         self.updates = int(state.get("updates", 0))
         aim = float(state.get("aim", 0.0))
         self.aim = aim if aim > 0 else None
+        self.raise_lighter = bool(state.get("raise_lighter", 0.0))
 
 
 class MultiBoxLoss(nn.Module):
@@ -290,9 +305,10 @@ class MultiBoxLoss(nn.Module):
         return match_anchors(self.anchors, list(gt_boxes), self.box_coder, self.match_iou, self.ignore_iou)
 
     def weights(self, step: int) -> tuple[float, float]:
-        """The class and box weights of ``step``: the schedule's, the box weight times the rebalancing factor."""
+        """The class and box weights of ``step``: the schedule's, times the rebalancing factors."""
         class_weight, box_weight = self.schedule.weights(step)
-        return class_weight, box_weight * self.rebalancer.box_factor
+        class_factor, box_factor = self.rebalancer.factors()
+        return class_weight * class_factor, box_weight * box_factor
 
     def observe_grad_norms(self, step: int, grad_norm_cls: float, grad_norm_box: float) -> None:
         """The two weighted terms' gradient norms measured at ``step`` (the rebalancing repair's input;

@@ -232,12 +232,15 @@ class Rebalance(Repair):
     """A loss imbalance engages the criterion's rebalancing (``loss.rebalance``: the box weight steered,
     on every gradient sample, until the box term's gradient is about ``loss.rebalance.target`` times the
     class term's, or its inverse for a class-heavy run): the middle of the healthy band, not its edge.
-    Once engaged it steers to the end of the run; the detector is not re-armed."""
+    Once engaged it steers to the end of the run; the detector is not re-armed. Under an optimiser that
+    scales each parameter's step by its gradient history (Adam, AdamW) the ratio is reached by raising the
+    lighter term's weight, never by lowering the heavier one (``LossRebalancer``: a term scaled down mid-run
+    keeps its old second-moment estimate and stalls for about 1 / (1 - beta2) steps)."""
 
     name = "rebalance"
     answers = (LossImbalance.name,)
-    does = ("steers the box weight until the box term's gradient is about 2x the class term's (1/2 for a "
-            "class-heavy run)")
+    does = ("steers the loss weights until the box term's gradient is about 2x the class term's (1/2 for a "
+            "class-heavy run); under Adam or AdamW by raising the lighter term")
     rearms = False
 
     def apply(self, finding: Finding, target: RepairTarget, earlier: Sequence[RepairRecord] = ()) -> Optional[str]:
@@ -245,11 +248,13 @@ class Rebalance(Repair):
         if rebalancer.aim is not None:
             return None
         box_heavy = finding.evidence.get("box_dominates", 1.0) > 0
-        aim = rebalancer.engage(box_heavy)
+        adaptive = isinstance(target.optimizer, (torch.optim.Adam, torch.optim.AdamW))
+        aim = rebalancer.engage(box_heavy, raise_lighter=adaptive)
         self.times += 1
         ratio = finding.evidence.get("ratio_box_to_cls", math.nan)
-        return (f"the box weight is now steered so that the box term's gradient is {aim:.3g}x the class term's "
-                f"(it was {ratio:.3g}x)")
+        what = ("the class weight is now raised (the optimiser adapts its steps: no term is scaled down)"
+                if adaptive and box_heavy else "the box weight is now steered")
+        return f"{what} so that the box term's gradient is {aim:.3g}x the class term's (it was {ratio:.3g}x)"
 
 
 @register_repair
