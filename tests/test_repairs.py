@@ -254,7 +254,8 @@ def test_the_switch_turns_on_the_enabled_repairs_and_a_finding_goes_to_the_first
     done = repairs.respond([stuck(0.0), imbalance(), Finding("overfitting", "late", 90, 9, "", {})],
                            target_of(parts), 74, 3)
     assert [(r.repair, r.detector, r.step, rearm) for r, rearm in done] == [
-        ("raise_lr", "stuck", 74, True), ("rebalance", "loss_imbalance", 74, False)]
+        ("raise_lr", "stuck", 74, ("stuck",)),  # judged again
+        ("rebalance", "loss_imbalance", 74, ("stuck",))]  # the imbalance is not re-armed; stuck's windows restart
     restored = Repairs(DiagnosisConfig(repair=True))
     restored.load_state_dict(repairs.state_dict())
     assert restored.get("raise_lr").times == 1

@@ -3,7 +3,8 @@
 A repair answers the findings of some detectors (``answers``). When one fires and the repair can act,
 it changes the run (its learning rate, its loss, its weights) and returns what it did in words; the
 training loop records that in ``summary.json``'s ``repairs``, logs it, and re-arms the detector when
-the repair says so (``rearms``), so the pattern is judged again under the repaired run.
+the repair says so (``rearms``), so the pattern is judged again under the repaired run, and restarts the
+detectors whose windows the repair made incomparable (``restarts``: a re-weighted loss for ``stuck``).
 
 ``diagnosis.repair=true`` turns on the repairs whose block ``diagnosis.repairs.<name>`` says
 ``enabled: true``: those that the diagnosis benchmark showed to help (benchmarks/diagnosis/repairs.yaml
@@ -59,6 +60,9 @@ class Repair:
     answers: ClassVar[tuple[str, ...]] = ()
     does: ClassVar[str] = ""
     rearms: ClassVar[bool] = True  # after acting, the detector watches for its pattern anew
+    # Detectors whose windows start afresh after it acts: it changed what they compare (the loss's weights
+    # or its negatives, the weights themselves), so a window before it says nothing about one after.
+    restarts: ClassVar[tuple[str, ...]] = ()
 
     @dataclass
     class Config(RepairConfig):
@@ -172,6 +176,7 @@ class Rollback(Repair):
 
     name = "rollback"
     answers = (Divergence.name,)
+    restarts = (Stuck.name,)
     does = "rolls back to the last good epoch and lowers the learning rate (x lr_backoff)"
 
     @dataclass
@@ -242,6 +247,7 @@ class Rebalance(Repair):
     does = ("steers the loss weights until the box term's gradient is about 2x the class term's (1/2 for a "
             "class-heavy run); under Adam or AdamW by raising the lighter term")
     rearms = False
+    restarts = (Stuck.name,)
 
     def apply(self, finding: Finding, target: RepairTarget, earlier: Sequence[RepairRecord] = ()) -> Optional[str]:
         rebalancer = target.criterion.rebalancer
@@ -302,6 +308,7 @@ class Mining(Repair):
 
     name = "mining"
     answers = (Avoidance.name, ClassLossAtChance.name)
+    restarts = (Stuck.name,)
     does = "sets hard negative mining to 3 background anchors per face anchor in the class loss"
 
     @dataclass
@@ -362,9 +369,10 @@ class Repairs:
             repair.good_state(target, epoch, step)
 
     def respond(self, findings: list[Finding], target: RepairTarget, step: int,
-                epoch: int) -> list[tuple[RepairRecord, bool]]:
-        """Each new finding to the repairs that answer it, in order; returns what was done, with whether
-        the detector is to be re-armed. A finding is answered by the first repair that acts."""
+                epoch: int) -> list[tuple[RepairRecord, tuple[str, ...]]]:
+        """Each new finding to the repairs that answer it, in order; returns what was done, with the
+        detectors to re-arm (the finding's, when the repair re-arms it, and those it restarts). A finding
+        is answered by the first repair that acts."""
         done = []
         for finding in findings:
             for repair in self.repairs:
@@ -374,7 +382,8 @@ class Repairs:
                 if message is not None:
                     record = RepairRecord(repair.name, step, epoch, message, finding.detector)
                     self.records.append(record)
-                    done.append((record, repair.rearms))
+                    rearm = ((finding.detector,) if repair.rearms else ()) + repair.restarts
+                    done.append((record, tuple(dict.fromkeys(rearm))))
                     break
         return done
 

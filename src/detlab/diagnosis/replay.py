@@ -45,7 +45,8 @@ def replay_findings(config: Config, steps: Sequence[Mapping[str, Any]], epochs: 
         nonlocal rollbacks_left
         if rollbacks_left > 0 and any(f.detector == DIVERGENCE for f in new):
             rollbacks_left -= 1
-            diagnoser.rearm(DIVERGENCE)
+            for detector in (DIVERGENCE, *Rollback.restarts):
+                diagnoser.rearm(detector)
 
     by_epoch: dict[int, list[Mapping[str, Any]]] = {}
     for signals in steps:

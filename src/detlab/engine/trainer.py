@@ -454,12 +454,12 @@ class Trainer:
 
     def _repair(self, findings: list[Finding], step: int, epoch: int) -> bool:
         """With ``diagnosis.repair``: the new findings to the repairs that answer them (each repair recorded,
-        logged and handed to the callbacks; the detector re-armed where the repair says so). True when a
+        logged and handed to the callbacks; the detectors it names re-armed). True when a
         divergence was repaired (the run goes on)."""
         done = self.repairs.respond(findings, self._repair_target(), step, epoch) if self.repairs.repairs else []
         for record, rearm in done:
-            if rearm:
-                self.diagnoser.rearm(record.detector)
+            for detector in rearm:
+                self.diagnoser.rearm(detector)
             repair = record.to_dict()
             self.state.repairs.append(repair)
             log.warning("[repair] %s at step %d: %s", record.detector.replace("_", " "), step, record.message)
