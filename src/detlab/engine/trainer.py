@@ -456,7 +456,9 @@ class Trainer:
         """With ``diagnosis.repair``: the new findings to the repairs that answer them (each repair recorded,
         logged and handed to the callbacks; the detectors it names re-armed). True when a
         divergence was repaired (the run goes on)."""
-        done = self.repairs.respond(findings, self._repair_target(), step, epoch) if self.repairs.repairs else []
+        if not (findings and self.repairs.repairs):
+            return False
+        done = self.repairs.respond(findings, self._repair_target(), step, epoch)
         for record, rearm in done:
             for detector in rearm:
                 self.diagnoser.rearm(detector)
