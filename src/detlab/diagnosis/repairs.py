@@ -397,10 +397,6 @@ class Repairs:
         self.records = [RepairRecord(**record) for record in state.get("records", [])]
 
 
-def repair_names() -> tuple[str, ...]:
-    return tuple(_REPAIRS)
-
-
 __all__ = ["Rebalance", "RaiseLearningRate", "Mining", "Repair", "RepairConfig", "RepairRecord", "RepairTarget",
-           "Repairs", "Rollback", "answered_detectors", "register_repair", "registered_repairs", "repair_names",
+           "Repairs", "Rollback", "answered_detectors", "register_repair", "registered_repairs",
            "repair_problems", "repairs_schema", "scale_learning_rate"]
