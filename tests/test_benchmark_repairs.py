@@ -110,7 +110,7 @@ def planned_names(text: str) -> set[str]:
 
 def test_plan_with_repairs_reads_the_recordings_without_repairs(tmp_path, capsys):
     root = tmp_path / "rec"
-    found = {"healthy-default-base-s1": ["stuck"], "healthy-lr-lr0.005-s0": ["dead_gradients"],
+    found = {"healthy-default-base-s1": ["stuck"], "healthy-lr-lr0.005-s0": ["random_large_boxes"],
              "fault-lr_tiny-s0": ["stuck"]}
     fabricate(root, "1", "tune", {"healthy-default-base-s0": 0.04, "healthy-default-base-s1": 0.04,
                                   "healthy-lr-lr0.005-s0": 0.04, "fault-lr_tiny-s0": 0.0}, findings=found)

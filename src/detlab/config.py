@@ -150,14 +150,12 @@ class AdaptiveWeightsConfig:
 
 @dataclass
 class RebalanceConfig:
-    """``loss.rebalance``: how the criterion steers an imbalanced weight pair once the rebalance repair
-    engages it (``diagnosis.repair``; ``detlab.loss.LossRebalancer``). On the steps that sample the two
-    terms' gradient norms (``diagnosis.grad_norm_every``) the box weight is scaled by ``(aim / ratio) **
-    rate``: ``aim`` is ``target`` for a box-heavy run, ``1 / target`` for a class-heavy one.
+    """``loss.rebalance``: how the criterion corrects an imbalanced weight pair when the rebalance repair
+    engages it (``diagnosis.repair``; ``detlab.loss.LossRebalancer``): once, the box weight scaled by
+    ``aim / ratio``, ``aim`` being ``target`` for a box-heavy run and ``1 / target`` for a class-heavy one.
     """
 
     target: float = 2.0  # the healthy middle the detector's advice names too (box-heavy 2, class-heavy 1/2)
-    rate: float = 0.5
     min_factor: float = 1e-3
     max_factor: float = 1e3
 
@@ -448,7 +446,6 @@ def validate(cfg: Config) -> None:
     _check(lo.min_negatives >= 1, "loss.min_negatives", "must be >= 1", lo.min_negatives)
     rb = lo.rebalance
     _check(rb.target >= 1, "loss.rebalance.target", "must be >= 1", rb.target)
-    _check(0 < rb.rate <= 1, "loss.rebalance.rate", "must be in (0, 1]", rb.rate)
     _check(0 < rb.min_factor <= 1 <= rb.max_factor, "loss.rebalance.min_factor/max_factor",
            "need 0 < min_factor <= 1 <= max_factor", (rb.min_factor, rb.max_factor))
 

@@ -11,7 +11,9 @@ schema's default when it is merged onto the schema.
 Also until 2026-12-05 the repairs were switched on where their mechanics live: ``loss.rebalance.enabled``
 (with ``band``) and ``diagnosis.divergence.rollback`` (with ``lr_backoff`` and ``max_rollbacks``). They
 moved to ``diagnosis.repair`` and ``diagnosis.repairs.<name>``; ``move_repair_keys`` carries a saved
-config's values over, so the run reads as it trained (repairs that did not exist yet stay off).
+config's values over, so the run reads as it trained (repairs that did not exist yet stay off). Until
+the same day the rebalancing steered on every gradient sample at ``loss.rebalance.rate``; it now corrects
+once, and a saved ``rate`` is dropped (such a run is read with today's one correction).
 
 Delete this module and its call once no run saved before 2026-12-05 needs reading (from 2027-01).
 """
@@ -42,6 +44,8 @@ def move_repair_keys(container: dict[str, Any]) -> None:
     """The repair switches a config saved before 2026-12-05 holds (a plain nested dict), moved in place to
     ``diagnosis.repair`` and ``diagnosis.repairs``."""
     rebalance = (container.get("loss") or {}).get("rebalance")
+    if isinstance(rebalance, dict):
+        rebalance.pop("rate", None)
     divergence = (container.get("diagnosis") or {}).get("divergence")
     old_rebalance = isinstance(rebalance, dict) and "enabled" in rebalance
     old_rollback = isinstance(divergence, dict) and "rollback" in divergence

@@ -161,6 +161,11 @@ class Detector:
         """A fresh state; override when its windows are sized by the config."""
         return self.State()
 
+    def rearmed_state(self) -> Any:
+        """The state after a repair that left what this detector measures as it was (a new learning rate):
+        by default a fresh one; a detector that compares windows may start from its last one."""
+        return self.new_state()
+
     def check_step(self, when: When, signals: Mapping[str, Any]) -> Verdict:
         """Per optimiser step: loss_cls, loss_box (unweighted), loss_total (weighted), lr, grad_norm,
         num_pos, neg_per_pos, face_coverage, empty_image_share; on sampled steps grad_norm_cls,

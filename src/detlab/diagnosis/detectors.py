@@ -391,6 +391,23 @@ class DeadGradients(_ShareAbove):
         window: int = 3  # gradient samples (every grad_norm_every steps)
         max_share: float = 0.5  # share of the weights (by count) without gradient
 
+    @dataclass
+    class State:
+        recent: deque[float] = field(default_factory=deque)
+        first_share: float = math.nan  # the first sample watched: weights without gradient from the start
+
+    def check_step(self, when: When, signals: Mapping[str, Any]) -> Verdict:
+        value = float(signals.get(self.signal, math.nan))
+        if math.isfinite(value) and math.isnan(self.state.first_share):
+            self.state.first_share = value
+        return super().check_step(when, signals)
+
+    def verdict(self, share: float, signals: Mapping[str, Any]) -> Union[Alarm, bool]:
+        alarm = super().verdict(share, signals)
+        if isinstance(alarm, Alarm):  # the rollback repair tells weights killed on the way from frozen ones
+            alarm.evidence["first_share"] = self.state.first_share
+        return alarm
+
 
 # ---------------------------------------------------------------------------- training patterns
 @register_detector
@@ -628,10 +645,22 @@ class Stuck(Detector):
         recent_lr: deque[float] = field(default_factory=deque)  # the learning rate of the last loss_window steps
         checked: bool = False
         start: int = -1  # the first step watched (after a repair re-arms it: the step after the repair)
+        last_step: int = -1  # the last step seen
 
     def new_state(self) -> State:
         window = self.run.loss_window
         return self.State(recent=deque(maxlen=window), recent_lr=deque(maxlen=window))
+
+    def rearmed_state(self) -> State:
+        """After a new learning rate: the last window before it becomes the first, so the check is decided
+        one window after the change, comparing the loss under the new rate with the loss just before it."""
+        old, state = self.state, self.new_state()
+        window = state.recent.maxlen or 1
+        if old.last_step < 0 or len(old.recent) < window:
+            return state
+        state.first = list(old.recent)
+        state.start = old.last_step + 1 - window  # two windows from here end one window after the change
+        return state
 
     @cached_property
     def decision_step(self) -> int:
@@ -647,6 +676,7 @@ class Stuck(Detector):
         st = self.state
         if st.start < 0:
             st.start = when.step
+        st.last_step = when.step
         # two full windows after the first step watched (re-armed by a repair: after the repair), at most the last step
         window = st.recent.maxlen or 1
         decide = min(max(self.decision_step, st.start + 2 * window - 1), self.run.total_steps - 1)
@@ -793,7 +823,7 @@ class LossImbalance(Detector):
         if box_dominates:
             out += missing_fixes(config, "adaptive_weights")
         if not config.diagnosis.repair:
-            out.append(set_key("or let the run repair it while it trains (the box weight steered)", "diagnosis.repair",
+            out.append(set_key("or let the run repair it while it trains (the weights corrected once)", "diagnosis.repair",
                                True, False))
         return out
 

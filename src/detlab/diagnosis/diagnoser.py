@@ -123,13 +123,14 @@ class Diagnoser:
         """A finding of ``detector`` that no repair has handled (the detector stays quiet meanwhile)."""
         return any(f.detector == detector and i not in self._repaired for i, f in enumerate(self.findings))
 
-    def rearm(self, detector: str) -> None:
+    def rearm(self, detector: str, compare_with_before: bool = False) -> None:
         """A repair handled ``detector``'s pattern (e.g. the divergence rollback): its findings no
-        longer stop the run, its state starts afresh, and it may fire again (a new finding)."""
+        longer stop the run, its state starts afresh (``compare_with_before``: from what it last saw,
+        ``Detector.rearmed_state``), and it may fire again (a new finding)."""
         self._repaired.update(i for i, f in enumerate(self.findings) if f.detector == detector)
         for det in self.detectors:
             if det.name == detector:
-                det.state = det.new_state()
+                det.state = det.rearmed_state() if compare_with_before else det.new_state()
                 self._active[detector] = False
         self._refresh_status()
 

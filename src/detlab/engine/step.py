@@ -197,7 +197,6 @@ def train_step(
         if across_ranks:
             grad_norm_cls, grad_norm_box = (combined_grad_norm(n, images.device) for n in (grad_norm_cls, grad_norm_box))
         record.grad_norm_cls, record.grad_norm_box = grad_norm_cls, grad_norm_box
-        criterion.observe_grad_norms(step, record.grad_norm_cls, record.grad_norm_box)
 
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(losses.total).backward()
