@@ -17,7 +17,7 @@ from detlab.diagnosis.repairs import (Mining, RaiseLearningRate, Rebalance, Repa
 from detlab.engine.callbacks import Callback
 from detlab.errors import ConfigError
 from detlab.schedule import StageBoundaries, build_scheduler
-from detlab.engine.step import dead_gradient_share
+from detlab.engine.step import dead_gradient_share, watched_parameters
 from detlab.loss import LossRebalancer
 from detlab.model import BoxCoder, generate_anchors
 from detlab.model.matching import match_anchors
@@ -76,6 +76,26 @@ def test_a_frozen_backbone_leaves_most_weights_without_gradient():
     # Box-head layers of feature levels without a matched face get no gradient either.
     assert learning.grad_dead_share < 0.3 < 0.5 < backbone / total <= frozen.grad_dead_share
     assert (frozen.grad_norm_cls, frozen.grad_norm_box) == (0.0, 0.0)  # nothing shared that learns
+
+
+@pytest.mark.parametrize("weights, counted", [("none", True), ("/some/imagenet.pth", False)])
+def test_frozen_weights_count_as_dead_unless_they_are_pretrained(weights, counted):
+    images = torch.randn(2, 3, 64, 96)
+    faces = [torch.tensor([[10.0, 10.0, 30.0, 34.0]])] * 2
+    parts, cfg = tiny_parts()
+    for p in parts.model.backbone.parameters():
+        p.requires_grad_(False)
+    cfg.model.backbone_weights = weights  # as if loaded: a fine-tuning recipe freezes pretrained weights on purpose
+    parts.watched = watched_parameters(parts.model, cfg.model)
+    frozen = parts.step(images, faces, step=0, sample_gradients=True)
+    backbone = sum(p.numel() for p in parts.model.backbone.parameters())
+    total = sum(p.numel() for p in parts.model.parameters())
+    assert backbone / total > 0.5
+    assert (frozen.grad_dead_share >= backbone / total) is counted
+    if not counted:  # only the heads' weights are judged (those of levels without a matched face get none)
+        heads = [p for p in parts.model.parameters() if p.requires_grad]
+        assert frozen.grad_dead_share == pytest.approx(dead_gradient_share(heads))
+        assert frozen.grad_dead_share < backbone / total
 
 
 # --------------------------------------------------------------------------------- rebalancing

@@ -33,11 +33,23 @@ class TrainingParts:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     amp: bool  # autocast: float16 with the scaler on CUDA, bfloat16 on the CPU
+    # The weights whose gradients the dead-gradient share counts (None: all; ``watched_parameters``).
+    watched: Optional[list[nn.Parameter]] = None
 
     def step(self, images: Tensor, gt_boxes: Sequence[Tensor], step: int, grad_clip_norm: Optional[float] = None,
              sample_gradients: bool = False) -> "StepRecord":
         return train_step(self.model, self.criterion, self.optimizer, self.scheduler, self.scaler, images, gt_boxes,
-                          step, amp=self.amp, grad_clip_norm=grad_clip_norm, sample_gradients=sample_gradients)
+                          step, amp=self.amp, grad_clip_norm=grad_clip_norm, sample_gradients=sample_gradients,
+                          watched=self.watched)
+
+
+def watched_parameters(model: nn.Module, cfg: ModelConfig) -> list[nn.Parameter]:
+    """The weights a dead-gradient share counts: all of them, except those frozen (``requires_grad=False``)
+    on a model whose backbone loaded pretrained weights (``model.backbone_weights``), which is how a
+    fine-tuning recipe freezes on purpose. Freezing randomly initialised weights is no recipe: those count,
+    so a backbone frozen by mistake is still named."""
+    pretrained = str(cfg.backbone_weights).lower() not in ("none", "")
+    return [p for p in model.parameters() if p.requires_grad or not pretrained]
 
 
 def build_training(cfg: Config, device: torch.device, total_steps: int, steps_per_epoch: int,
@@ -51,7 +63,7 @@ def build_training(cfg: Config, device: torch.device, total_steps: int, steps_pe
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule, total_steps, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=amp and cuda)
-    return TrainingParts(model, criterion, optimizer, scheduler, scaler, amp)
+    return TrainingParts(model, criterion, optimizer, scheduler, scaler, amp, watched_parameters(model, cfg.model))
 
 
 @dataclass
@@ -160,10 +172,11 @@ def train_step(
     amp: bool = False,
     grad_clip_norm: Optional[float] = None,
     sample_gradients: bool = False,
+    watched: Optional[Iterable[nn.Parameter]] = None,
 ) -> StepRecord:
     """One step on a batch already on the model's device. ``sample_gradients`` also measures the two
-    weighted loss terms' gradient norms on the backbone's output (the last layer both heads share;
-    the criterion's rebalancing reads them too) and the share of weights left without gradient.
+    weighted loss terms' gradient norms on the backbone's output (the last layer both heads share) and
+    the share of the ``watched`` weights (default: all) left without gradient.
 
     A ``DistributedDataParallel`` model makes it one rank's share of a global step: the criterion
     normalises over all ranks, and every number in the record is the global batch's, the same on
@@ -202,7 +215,7 @@ def train_step(
     scaler.scale(losses.total).backward()
     scaler.unscale_(optimizer)
     if sample_gradients:
-        record.grad_dead_share = dead_gradient_share(model.parameters())
+        record.grad_dead_share = dead_gradient_share(model.parameters() if watched is None else watched)
     record.grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm or float("inf")))
     scaler.step(optimizer)
     scaler.update()
