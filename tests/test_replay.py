@@ -59,3 +59,26 @@ def test_a_divergence_that_a_rollback_repairs_may_fire_again():
     assert [(f.detector, f.step) for f in found] == [("divergence", 3), ("divergence", 8)]  # one rollback, then none
     config.diagnosis.repair = False
     assert [(f.detector, f.step) for f in replay_findings(config, steps({3, 8, 15}), [], 30)] == [("divergence", 3)]
+
+
+PILOT = Path(__file__).resolve().parents[1] / "benchmarks" / "diagnosis" / "recordings" / "v1-repairs"
+
+
+@pytest.mark.parametrize("name, differs_without", [
+    ("fault-lr_x0.001-s0", [("stuck", 74), ("avoidance", 150)]),  # raise_lr: stuck judged against the window before
+    ("fault-paper_box_10-s0", [("loss_imbalance", 10)]),  # rebalance: stuck's windows restarted
+])
+def test_a_repaired_run_replays_to_its_findings_by_its_recorded_repairs(name, differs_without):
+    from benchmarks.diagnosis.recording import read_recording
+
+    path = PILOT / f"{name}.json.gz"
+    if not path.is_file():
+        pytest.skip(f"{path} is not in this checkout")
+    rec = read_recording(path)
+    live = [(f["detector"], int(f["step"])) for f in rec.summary["findings"]]
+    repaired = rec.summary["repairs"]
+    assert repaired and live != differs_without
+    replayed = replay_findings(rec.replay_config(None), rec.steps, rec.epochs, rec.total_steps, repaired=repaired)
+    assert [(f.detector, f.step) for f in replayed] == live
+    without = replay_findings(rec.replay_config(None), rec.steps, rec.epochs, rec.total_steps)
+    assert [(f.detector, f.step) for f in without] == differs_without  # the re-arms are what makes them equal

@@ -284,7 +284,8 @@ def findings_of(rec: Recording, diagnosis: Any, replay: bool) -> tuple[list[dict
     if not replay:
         return live, None
     findings = [{"detector": f.detector, "step": f.step, "failure": f.failure}
-                for f in replay_findings(rec.replay_config(diagnosis), rec.steps, rec.epochs, rec.total_steps)]
+                for f in replay_findings(rec.replay_config(diagnosis), rec.steps, rec.epochs, rec.total_steps,
+                                         repaired=rec.summary.get("repairs"))]
     return findings, [(f["detector"], f["step"]) for f in findings] == [(f["detector"], f["step"]) for f in live]
 
 

@@ -172,6 +172,7 @@ class Curves:
     total_steps: Optional[int] = None  # the planned length (a run folder), in the source's steps
     config: Optional[Config] = None  # a run folder's config.yaml
     recorded: Optional[list[dict[str, Any]]] = None  # a run folder's findings (summary.json)
+    repaired: Optional[list[dict[str, Any]]] = None  # a run folder's repairs (summary.json), for the replay
     epoch_offset: int = 0  # the source counts epochs from 1 - epoch_offset
     columns: dict[str, str] = field(default_factory=dict)  # signal -> the column or tag it was read from
     ignored: list[str] = field(default_factory=list)  # columns or tags not recognised
@@ -247,6 +248,7 @@ def _load_run_folder(root: Path) -> Curves:
             row.pop(key, None)
     summary = read_summary(root, notes)
     recorded = list(summary.get("findings") or []) if summary else None
+    repaired = list(summary.get("repairs") or []) if summary else None
     total = None
     recorder = root / "steps.json"
     try:
@@ -278,7 +280,7 @@ def _load_run_folder(root: Path) -> Curves:
         if config is not None and config.loss.adaptive_weights.enabled and len(curves.steps):
             _add_weights_ramping(curves, config, _planned_steps(config, epochs, curves))
     curves.source, curves.kind = str(root), RUN_FOLDER
-    curves.epochs, curves.config, curves.recorded = epochs, config, recorded
+    curves.epochs, curves.config, curves.recorded, curves.repaired = epochs, config, recorded, repaired
     curves.epoch_source = "metrics.csv"
     curves.total_steps = total or (_planned_steps(config, epochs, curves) if config is not None else None)
     curves.notes = notes + curves.notes
@@ -810,7 +812,8 @@ def diagnose(curves: Curves, overrides: Sequence[str] = (), today: bool = False)
     n = len(curves.steps)
     every = max(1, int(np.median(np.diff(curves.steps)))) if n > 1 and curves.dated else 1
     replay_steps, total, stages, epoch_rows = _replay_axis(curves, config, every)
-    findings = replay_findings(config, curves.step_rows(replay_steps), epoch_rows, total, advice=own, stages=stages)
+    findings = replay_findings(config, curves.step_rows(replay_steps), epoch_rows, total, advice=own, stages=stages,
+                               repaired=curves.repaired)
 
     report_steps = _report_steps(curves, replay_steps)
     row_steps = {int(row["epoch"]): row.get("report_step", row["step"]) for row in curves.epochs}

@@ -129,6 +129,18 @@ def repairs_schema(module: str) -> type:
     return schema
 
 
+def rearm_plan(repair: str, detector: str) -> tuple[tuple[str, bool], ...]:
+    """The detectors to re-arm after ``repair`` answered a finding of ``detector``: those it restarts (afresh)
+    and the finding's when it re-arms it (from its last window when it ``compares_with_before``)."""
+    cls = _REPAIRS.get(repair)
+    if cls is None:
+        return ()
+    rearm = {name: False for name in cls.restarts}
+    if cls.rearms:
+        rearm.setdefault(detector, cls.compares_with_before)
+    return tuple(rearm.items())
+
+
 def repair_problems(repairs: Any) -> Iterator[tuple[str, Any, str]]:
     """``(key, value, what it must be)`` for each setting of a ``diagnosis.repairs`` block out of range."""
     for name, cls in _REPAIRS.items():
@@ -429,10 +441,7 @@ class Repairs:
                 if message is not None:
                     record = RepairRecord(repair.name, step, epoch, message, finding.detector)
                     self.records.append(record)
-                    rearm = {name: False for name in repair.restarts}
-                    if repair.rearms:
-                        rearm.setdefault(finding.detector, repair.compares_with_before)
-                    done.append((record, tuple(rearm.items())))
+                    done.append((record, rearm_plan(repair.name, finding.detector)))
                     break
         return done
 
