@@ -885,7 +885,7 @@ def test_imbalance_remedy_computes_the_box_weight_from_the_measured_ratio():
     assert finding.remedy == ("lower the box weight so the box term's gradient is about 2x the class term's: "
                               "loss.box_weight=0.4 (now 10); learn classification first and ramp the box weight up "
                               "later: loss.adaptive_weights.enabled=true (now false); or let the run repair it while "
-                              "it trains (the box weight steered): diagnosis.repair=true (now false)")
+                              "it trains (the weights corrected once): diagnosis.repair=true (now false)")
     assert finding.cause.startswith("the box term's gradient dominates the class term's")
     assert finding.message == ("the box loss's gradient on the shared backbone was 50x the class loss's (median of 3 "
                                "samples: 5 against 0.1)")
