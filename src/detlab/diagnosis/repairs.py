@@ -361,7 +361,7 @@ class Mining(Repair):
     the run. A run already at that ratio is left as it is. Under Adam or AdamW it only ever adds negatives
     (1:1 to 3:1): fewer negatives scale the class term down mid-run, and its updates then shrink for about
     a thousand steps (``adapts_step_sizes``; on the tune seeds, no mining turned to 3:1 at step 37 under
-    AdamW ended at AP50 0.37, the same fault without the repair at 0.76)."""
+    AdamW ended at AP50 0.37, the same run without the repair at 0.74)."""
 
     name = "mining"
     answers = (Avoidance.name, ClassLossAtChance.name)
