@@ -11,9 +11,9 @@ import torch
 from omegaconf import OmegaConf
 
 from detlab.config import RebalanceConfig, ScheduleConfig, compose_config, load_saved_config
-from detlab.diagnosis import DIVERGENCE, Diagnoser, DiagnosisConfig, Finding
-from detlab.diagnosis.repairs import (Mining, RaiseLearningRate, Rebalance, Repairs, RepairTarget, Rollback,
-                                      scale_learning_rate)
+from detlab.diagnosis import DIVERGENCE, Diagnoser, DiagnosisConfig, Finding, Rearm
+from detlab.diagnosis.repairs import (Mining, RaiseLearningRate, Rebalance, RepairRecord, Repairs, RepairTarget,
+                                      Rollback, rearm_plan, scale_learning_rate)
 from detlab.engine.callbacks import Callback
 from detlab.errors import ConfigError
 from detlab.schedule import StageBoundaries, build_scheduler
@@ -332,8 +332,8 @@ def test_the_switch_turns_on_the_enabled_repairs_and_a_finding_goes_to_the_first
     done = repairs.respond([stuck(0.0), imbalance(), Finding("overfitting", "late", 90, 9, "", {})],
                            target_of(parts), 74, 3)
     assert [(r.repair, r.detector, r.step, rearm) for r, rearm in done] == [
-        ("raise_lr", "stuck", 74, (("stuck", True),)),  # judged again, against the window before the new rate
-        ("rebalance", "loss_imbalance", 74, (("stuck", False),))]  # the imbalance not re-armed; stuck restarts
+        ("raise_lr", "stuck", 74, (("stuck", Rearm.FROM_BEFORE),)),  # judged again, against the window before
+        ("rebalance", "loss_imbalance", 74, (("stuck", Rearm.STAND_DOWN),))]  # the imbalance not re-armed
     restored = Repairs(DiagnosisConfig(repair=True))
     restored.load_state_dict(repairs.state_dict())
     assert restored.get("raise_lr").times == 1
@@ -363,12 +363,58 @@ def test_stuck_rearmed_by_a_repair_is_judged_again_two_windows_later():
     assert fired == [39]  # two fresh windows after the repair
 
 
+def test_stuck_stands_down_after_a_repair_that_changed_the_loss_and_restarts_after_a_return_to_the_start():
+    """The paper-recipe plateau: the loss falls at once, then stays flat for long. A window after a rebalance at
+    step 10 lies on the plateau; judged there, a run that learns would read as stuck."""
+    def run(plan: tuple[tuple[str, Rearm], ...]) -> tuple[list[int], Diagnoser]:
+        diag = Diagnoser(DiagnosisConfig(loss_window=10), StageBoundaries(10, 70), 100, 10)
+        fired = []
+        for step in range(100):
+            if step == 12:
+                for detector, how in plan:
+                    diag.rearm(detector, how)
+            loss = 4.0 if step < 10 else 2.0  # falls by half at step 10, then a plateau
+            fired += [f.step for f in diag.observe_step(step, 1 + step // 10, {"loss_total": loss, "lr": 0.01})
+                      if f.detector == "stuck"]
+        return fired, diag
+
+    assert run(())[0] == []  # judged at step 19 from the start: it fell by half
+    assert run(rearm_plan("rebalance", "loss_imbalance"))[0] == []  # stood down
+    fired, diag = run((("stuck", Rearm.AFRESH),))
+    assert fired == [31]  # what restarting did: the windows 12-21 and 22-31 lie on the plateau
+    _, stood = run(rearm_plan("mining", "avoidance"))
+    restored = Diagnoser(DiagnosisConfig(loss_window=10), StageBoundaries(10, 70), 100, 10)
+    restored.load_state_dict(stood.state_dict())  # a resumed run keeps it stood down
+    assert [f for step in range(40) for f in restored.observe_step(step, 1, {"loss_total": 2.0, "lr": 0.01})] == []
+    assert restored.scalars()["stuck"] == 0.0
+    # a rollback to the start: the loss starts high again, so "does it fall from the start" is asked anew
+    assert rearm_plan("rollback", "divergence", to_start=True) == (("stuck", Rearm.AFRESH), ("divergence", Rearm.AFRESH))
+    assert rearm_plan("rollback", "divergence") == (("stuck", Rearm.STAND_DOWN), ("divergence", Rearm.AFRESH))
+    restored.rearm("stuck", Rearm.AFRESH)
+    assert [f.step for step in range(40, 60) for f in restored.observe_step(step, 5, {"loss_total": 2.0, "lr": 0.01})
+            ] == [59]  # watching again: two fresh windows after
+
+
+def test_a_rollback_records_whether_it_went_back_to_the_start():
+    parts, _ = tiny_parts()
+    repairs = Repairs(DiagnosisConfig(repair=True))
+    target = target_of(parts)
+    repairs.good_state(target, 0, 0)
+    divergence = Finding(DIVERGENCE, "early", 5, 1, "nan", {})
+    (record, plan), = repairs.respond([divergence], target, 5, 1)
+    assert record.to_start and ("stuck", Rearm.AFRESH) in plan  # the only good state is the start
+    repairs.good_state(target, 1, 10)  # an epoch end
+    (record, plan), = repairs.respond([Finding(DIVERGENCE, "early", 15, 2, "nan", {})], target, 15, 2)
+    assert not record.to_start and ("stuck", Rearm.STAND_DOWN) in plan
+    assert RepairRecord(**record.to_dict()) == record
+
+
 @pytest.mark.parametrize("loss_after, fires", [(1.5, False), (2.0, True)])
 def test_stuck_after_a_new_rate_compares_the_next_window_with_the_one_before(loss_after, fires):
     diag = Diagnoser(DiagnosisConfig(loss_window=10), StageBoundaries(10, 70), 100, 10)
     flat = {"loss_cls": 1.0, "loss_box": 1.0, "loss_total": 2.0, "lr": 0.01}
     assert [f.step for step in range(20) for f in diag.observe_step(step, 1, flat)] == [19]
-    diag.rearm("stuck", compare_with_before=True)  # a new rate: the window before it (steps 10-19) is the first
+    diag.rearm("stuck", Rearm.FROM_BEFORE)  # a new rate: the window before it (steps 10-19) is the first
     fired = [f for step in range(20, 40) for f in diag.observe_step(step, 2, {**flat, "loss_total": loss_after})]
     # decided at step 29, one window after the change: a loss 25% lower is not stuck, the same loss is
     assert [(f.step, f.evidence["first_step"]) for f in fired] == ([(29, 10)] if fires else [])

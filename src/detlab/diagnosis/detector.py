@@ -61,6 +61,14 @@ class StopReason(str, enum.Enum):
     STUCK = "stuck"
 
 
+class Rearm(str, enum.Enum):
+    """What a detector does after a repair changed the run (``Diagnoser.rearm``)."""
+
+    AFRESH = "afresh"  # watches anew from the next step, as at the start of training
+    FROM_BEFORE = "from_before"  # watches anew, comparing with what it last saw (``Detector.rearmed_state``)
+    STAND_DOWN = "stand_down"  # stops watching for the rest of the run: what it compares no longer exists
+
+
 @dataclass
 class DetectorConfig:
     """What every detector's block holds; a detector's ``Config`` adds its own settings."""

@@ -4,7 +4,7 @@ and the stop status.
 The detectors run in registration order (``detlab.diagnosis.registry``), those whose block is
 enabled. A detector never fires twice in a run (the finding records the onset); its TensorBoard
 scalar (``Diagnoser.scalars``) follows whether the condition holds now, so a cleared pattern shows.
-A repair re-arms a detector (``rearm``). Stages come from ``StageBoundaries``; an epoch finding takes
+A repair re-arms a detector, or stands it down for the rest of the run (``rearm``). Stages come from ``StageBoundaries``; an epoch finding takes
 the stage of the epoch's last step (``step - 1``, ``step`` = steps done).
 
 A finding says, in plain words, what was seen (its evidence with the numbers), why it happens and what
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 from detlab.diagnosis.detector import (
     Alarm,
     Detector,
+    Rearm,
     RunInfo,
     Severity,
     StopReason,
@@ -112,6 +113,7 @@ class Diagnoser:
         self._epoch_detectors = [d for d in self.detectors if overrides_check_epoch(type(d))]
         self.findings: list[Finding] = []
         self._repaired: set[int] = set()  # indices in ``findings`` of patterns a repair has handled
+        self._stood_down: set[str] = set()  # detectors a repair stood down for the rest of the run
         self._active = dict.fromkeys(names, False)
         self._status = DiagnosisStatus()
 
@@ -123,15 +125,24 @@ class Diagnoser:
         """A finding of ``detector`` that no repair has handled (the detector stays quiet meanwhile)."""
         return any(f.detector == detector and i not in self._repaired for i, f in enumerate(self.findings))
 
-    def rearm(self, detector: str, compare_with_before: bool = False) -> None:
-        """A repair handled ``detector``'s pattern (e.g. the divergence rollback): its findings no
-        longer stop the run, its state starts afresh (``compare_with_before``: from what it last saw,
-        ``Detector.rearmed_state``), and it may fire again (a new finding)."""
-        self._repaired.update(i for i, f in enumerate(self.findings) if f.detector == detector)
+    def rearm(self, detector: str, how: Rearm = Rearm.AFRESH) -> None:
+        """A repair changed the run under ``detector``. ``AFRESH``, ``FROM_BEFORE``: it handled the
+        pattern (e.g. the divergence rollback) or made the detector's windows incomparable; its findings no
+        longer stop the run, its state starts afresh (``FROM_BEFORE``: from what it last saw,
+        ``Detector.rearmed_state``), and it may fire again (a new finding); a detector stood down earlier
+        watches again. ``STAND_DOWN``: it stops watching for the rest of the run (its findings stay as
+        they are), unless a later repair re-arms it."""
+        how = Rearm(how)
         for det in self.detectors:
-            if det.name == detector:
-                det.state = det.rearmed_state() if compare_with_before else det.new_state()
-                self._active[detector] = False
+            if det.name != detector:
+                continue
+            self._active[detector] = False
+            if how is Rearm.STAND_DOWN:
+                self._stood_down.add(detector)
+                continue
+            self._stood_down.discard(detector)
+            self._repaired.update(i for i, f in enumerate(self.findings) if f.detector == detector)
+            det.state = det.rearmed_state() if how is Rearm.FROM_BEFORE else det.new_state()
         self._refresh_status()
 
     def scalars(self) -> dict[str, float]:
@@ -152,7 +163,8 @@ class Diagnoser:
         if not self.cfg.enabled:
             return []
         when = When(int(step), int(epoch), self.stages.stage(step))
-        return self._apply(when, [(d, d.check_step(when, signals)) for d in self._step_detectors])
+        return self._apply(when, [(d, d.check_step(when, signals)) for d in self._step_detectors
+                                  if d.name not in self._stood_down])
 
     def observe_epoch(self, epoch: int, step: int, signals: Mapping[str, Any]) -> list[Finding]:
         """Epoch-end signals (train/* means, val/* metrics); ``step`` = optimiser steps done so far.
@@ -160,7 +172,8 @@ class Diagnoser:
         if not self.cfg.enabled:
             return []
         when = When(int(step), int(epoch), self.stages.stage(max(step - 1, 0)))
-        return self._apply(when, [(d, d.check_epoch(when, signals)) for d in self._epoch_detectors])
+        return self._apply(when, [(d, d.check_epoch(when, signals)) for d in self._epoch_detectors
+                                  if d.name not in self._stood_down])
 
     def _apply(self, when: When, verdicts: list[tuple[Detector, Verdict]]) -> list[Finding]:
         """Scalars follow the verdicts; a detector's first alarm of the run becomes its finding."""
@@ -199,6 +212,7 @@ class Diagnoser:
             "findings": [f.to_dict() for f in self.findings],
             "active": dict(self._active),
             "repaired": sorted(self._repaired),
+            "stood_down": sorted(self._stood_down),
             "detectors": {d.name: state_to_plain(d.state) for d in self.detectors},
         }
 
@@ -209,6 +223,7 @@ class Diagnoser:
             return
         self.findings = [Finding.from_dict(data) for data in state["findings"]]
         self._repaired = {int(i) for i in state["repaired"]}
+        self._stood_down = {str(name) for name in state.get("stood_down", ()) if name in self._active}
         self._active.update({k: bool(v) for k, v in state["active"].items() if k in self._active})
         saved = state["detectors"]
         for det in self.detectors:

@@ -3,8 +3,10 @@
 A repair answers the findings of some detectors (``answers``). When one fires and the repair can act,
 it changes the run (its learning rate, its loss, its weights) and returns what it did in words; the
 training loop records that in ``summary.json``'s ``repairs``, logs it, and re-arms the detector when
-the repair says so (``rearms``), so the pattern is judged again under the repaired run, and restarts the
-detectors whose windows the repair made incomparable (``restarts``: a re-weighted loss for ``stuck``).
+the repair says so (``rearm``), so the pattern is judged again under the repaired run. The detectors that
+judge the run from its start and whose windows the repair made incomparable (``restarts``: ``stuck``
+after a re-weighted loss) stand down for the rest of the run, or start afresh when the repair took the
+run back to its start (``RepairRecord.to_start``).
 
 ``diagnosis.repair=true`` turns on the repairs whose block ``diagnosis.repairs.<name>`` says
 ``enabled: true``: those that the diagnosis benchmark showed to help (benchmarks/diagnosis/repairs.yaml
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Optional, Sequence, T
 
 import torch
 
+from detlab.diagnosis.detector import Rearm
 from detlab.diagnosis.detectors import Avoidance, ClassLossAtChance, DeadGradients, Divergence, LossImbalance, Stuck
 
 if TYPE_CHECKING:
@@ -59,13 +62,17 @@ class Repair:
     name: ClassVar[str] = ""
     answers: ClassVar[tuple[str, ...]] = ()
     does: ClassVar[str] = ""
-    rearms: ClassVar[bool] = True  # after acting, the detector watches for its pattern anew
-    # ... comparing what follows with what it saw last (stuck: the window after the repair against the one
-    # before), not from scratch: for a repair that leaves what the detector measures as it was (the rate)
-    compares_with_before: ClassVar[bool] = False
-    # Detectors whose windows start afresh after it acts: it changed what they compare (the loss's weights
-    # or its negatives, the weights themselves), so a window before it says nothing about one after.
+    # After acting, the finding's detector watches for its pattern anew (``Rearm.AFRESH``), or comparing what
+    # follows with what it saw last (``Rearm.FROM_BEFORE``; stuck: the window after a new rate against the
+    # one before); None: it stays as it is.
+    rearm: ClassVar[Optional[Rearm]] = Rearm.AFRESH
+    # Detectors that judge the run from its start and whose windows the repair made incomparable (it changed
+    # the loss's weights or its negatives, or the weights themselves). They stand down for the rest of the
+    # run: a window after the repair lies past the loss's first fall, where a healthy run may be flat too
+    # (seen on the tune seeds: stuck restarted after a rebalance at step 10 fired on paper-recipe runs that
+    # learnt). They start afresh when the repair took the run back to its start (``restored_start``).
     restarts: ClassVar[tuple[str, ...]] = ()
+    restored_start: bool = False  # whether the last ``apply`` returned the run to the state it started from
 
     @dataclass
     class Config(RepairConfig):
@@ -129,16 +136,17 @@ def repairs_schema(module: str) -> type:
     return schema
 
 
-def rearm_plan(repair: str, detector: str) -> tuple[tuple[str, bool], ...]:
-    """The detectors to re-arm after ``repair`` answered a finding of ``detector``: those it restarts (afresh)
-    and the finding's when it re-arms it (from its last window when it ``compares_with_before``)."""
+def rearm_plan(repair: str, detector: str, to_start: bool = False) -> tuple[tuple[str, Rearm], ...]:
+    """What the detectors do after ``repair`` answered a finding of ``detector`` (``to_start``: it took the
+    run back to the state it started from): the finding's as the repair's ``rearm`` says; those it
+    ``restarts`` stand down, or start afresh after a return to the start."""
     cls = _REPAIRS.get(repair)
     if cls is None:
         return ()
-    rearm = {name: False for name in cls.restarts}
-    if cls.rearms:
-        rearm.setdefault(detector, cls.compares_with_before)
-    return tuple(rearm.items())
+    plan = {name: Rearm.AFRESH if to_start else Rearm.STAND_DOWN for name in cls.restarts}
+    if cls.rearm is not None:
+        plan[detector] = cls.rearm
+    return tuple(plan.items())
 
 
 def repair_problems(repairs: Any) -> Iterator[tuple[str, Any, str]]:
@@ -251,6 +259,7 @@ class Rollback(Repair):
         # the states taken after the one restored hold the trajectory just undone: a later rollback must not
         # return to them (seen on the tune seeds: an epoch end with finite but dying weights)
         self.snapshot = snap
+        self.restored_start = snap is self.initial
         self.times += 1
         where = "the weights training started from" if dead else f"the weights of epoch {snap.epoch} (step {snap.step})"
         return (f"rolled back to {where} and multiplied the learning rate by {self.cfg.lr_backoff:g} (now "
@@ -295,7 +304,7 @@ class Rebalance(Repair):
     answers = (LossImbalance.name,)
     does = ("corrects the loss weights once so that the box term's gradient is about 2x the class term's (1/2 "
             "for a class-heavy run); under Adam or AdamW by raising the lighter term")
-    rearms = False
+    rearm = None
     restarts = (Stuck.name,)
 
     def apply(self, finding: Finding, target: RepairTarget, earlier: Sequence[RepairRecord] = ()) -> Optional[str]:
@@ -317,14 +326,14 @@ class Rebalance(Repair):
 class RaiseLearningRate(Repair):
     """A stuck run: a loss that stayed flat gets ``factor`` times the learning rate, a loss that rose
     1 / ``factor`` times it, at most ``max_times`` times. The detector then compares the next loss window
-    with the last one before the change (``compares_with_before``), so a rate still far too low is raised
+    with the last one before the change (``Rearm.FROM_BEFORE``), so a rate still far too low is raised
     again one window later. It leaves the run alone once another repair has acted: the loss then changed
     for that repair's reason, and the windows compared after it lie past the loss's first fall, where a
     healthy run may be flat too."""
 
     name = "raise_lr"
     answers = (Stuck.name,)
-    compares_with_before = True
+    rearm = Rearm.FROM_BEFORE
     does = "multiplies the learning rate by 10 when the loss stays flat (by 1/10 when it rose)"
 
     @dataclass
@@ -396,6 +405,7 @@ class RepairRecord:
     epoch: int
     message: str
     detector: str
+    to_start: bool = False  # it took the run back to the state training started from
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -427,11 +437,9 @@ class Repairs:
             repair.good_state(target, epoch, step)
 
     def respond(self, findings: list[Finding], target: RepairTarget, step: int,
-                epoch: int) -> list[tuple[RepairRecord, tuple[tuple[str, bool], ...]]]:
-        """Each new finding to the repairs that answer it, in order; returns what was done, with the
-        detectors to re-arm (the finding's, when the repair re-arms it, and those it restarts), each with
-        whether it compares with what it saw before (``Repair.compares_with_before``) rather than starting
-        afresh. A finding is answered by the first repair that acts."""
+                epoch: int) -> list[tuple[RepairRecord, tuple[tuple[str, Rearm], ...]]]:
+        """Each new finding to the repairs that answer it, in order; returns what was done, with what the
+        detectors do after it (``rearm_plan``). A finding is answered by the first repair that acts."""
         done = []
         for finding in findings:
             for repair in self.repairs:
@@ -439,9 +447,9 @@ class Repairs:
                     continue
                 message = repair.apply(finding, target, self.records)
                 if message is not None:
-                    record = RepairRecord(repair.name, step, epoch, message, finding.detector)
+                    record = RepairRecord(repair.name, step, epoch, message, finding.detector, repair.restored_start)
                     self.records.append(record)
-                    done.append((record, rearm_plan(repair.name, finding.detector)))
+                    done.append((record, rearm_plan(repair.name, finding.detector, record.to_start)))
                     break
         return done
 

@@ -51,8 +51,9 @@ def replay_findings(config: Config, steps: Sequence[Mapping[str, Any]], epochs: 
     pending = sorted((dict(r) for r in repaired or ()), key=lambda r: int(r["step"]))
 
     def rearm_after(record: Mapping[str, Any]) -> None:
-        for detector, compare_with_before in rearm_plan(str(record["repair"]), str(record["detector"])):
-            diagnoser.rearm(detector, compare_with_before)
+        plan = rearm_plan(str(record["repair"]), str(record["detector"]), bool(record.get("to_start", False)))
+        for detector, how in plan:
+            diagnoser.rearm(detector, how)
 
     def repair(new: list[Finding], step: int, epoch_end: bool = False) -> None:
         nonlocal rollbacks_left
@@ -65,8 +66,8 @@ def replay_findings(config: Config, steps: Sequence[Mapping[str, Any]], epochs: 
             return
         if rollbacks_left > 0 and any(f.detector == DIVERGENCE for f in new):
             rollbacks_left -= 1
-            for detector in (DIVERGENCE, *Rollback.restarts):
-                diagnoser.rearm(detector)
+            for detector, how in rearm_plan(Rollback.name, DIVERGENCE):
+                diagnoser.rearm(detector, how)
 
     by_epoch: dict[int, list[Mapping[str, Any]]] = {}
     for signals in steps:

@@ -460,8 +460,8 @@ class Trainer:
             return False
         done = self.repairs.respond(findings, self._repair_target(), step, epoch)
         for record, rearm in done:
-            for detector, compare_with_before in rearm:
-                self.diagnoser.rearm(detector, compare_with_before)
+            for detector, how in rearm:
+                self.diagnoser.rearm(detector, how)
             repair = record.to_dict()
             self.state.repairs.append(repair)
             log.warning("[repair] %s at step %d: %s", record.detector.replace("_", " "), step, record.message)
