@@ -440,6 +440,33 @@ def test_imbalance_skips_samples_while_adaptive_weights_ramp():
     assert only(run(make(), not_ramping, None, 2), "loss_imbalance").step == 100
 
 
+def test_imbalance_is_judged_in_the_first_part_of_training_only():
+    """The first part: max(the early stage, 100 steps; 20% of the run, 200), counted from the first sample.
+    On the paper recipe a healthy run's ratio rises past 10 mid-run while its boxes learn."""
+    def from_step(start: int) -> StepFn:
+        return lambda s: grad_step(0.1, 5.0)(s) if s >= start else healthy_step()(s)
+
+    assert run(make(), from_step(250), None, 10) == []
+    assert only(run(make(), from_step(100), None, 10), "loss_imbalance").step == 150  # samples 0-150: 2, 2, 50, 50
+    # after the adaptive weights' ramp the first part starts at the first sample judged
+    ramped = lambda s: {**from_step(500)(s), "weights_ramping": float(s < 500)}  # noqa: E731
+    assert only(run(make(), ramped, None, 10), "loss_imbalance").step == 600
+
+
+@pytest.mark.parametrize("optimizer, g_box, severity", [("adamw", 5.0, Severity.NOTE),  # 50x
+                                                         ("adamw", 50.0, Severity.FAILURE),  # 500x
+                                                         ("sgd", 5.0, Severity.FAILURE)])
+def test_under_adamw_an_imbalance_up_to_the_adaptive_ratio_is_a_note(optimizer, g_box, severity):
+    config = Config()
+    config.optim.name = optimizer
+    diag = Diagnoser(DiagnosisConfig(), StageBoundaries(EARLY_END, LATE_START), TOTAL, SPE, run_config=config)
+    finding = only(run(diag, grad_step(0.1, g_box), None, 2), "loss_imbalance")
+    assert finding.severity is severity
+    assert ("(a note: AdamW sizes each head's steps" in finding.cause) is (severity is Severity.NOTE)
+    # curves without the run's config (another training's) are judged as under SGD
+    assert only(run(make(), grad_step(0.1, g_box), None, 2), "loss_imbalance").severity is Severity.FAILURE
+
+
 def test_imbalance_window_and_min_samples_from_config():
     # one sample decides (step 0); the window keeps the last 2 samples: at step 50 the median of the
     # ratios 50 and 1 (25.5) still holds, at step 100 only balanced samples are left
@@ -983,6 +1010,24 @@ def test_avoidance_sees_background_swamp_the_class_loss_before_any_validation():
     # 3:1 mining keeps the ratio near 3-5: nothing, whatever the class loss does
     mined = make()
     assert all(mined.observe_step(s, 1, {**avoidance_step(s), "neg_per_pos": 4.0}) == [] for s in range(100))
+
+
+def test_the_swamp_is_a_note_and_the_collapse_seen_at_validation_the_failure():
+    """Background swamping the class loss is a cause seen before any validation (no mining under AdamW
+    swamps it and still learns); predictions collapsed at a validation are the failure. A detector's note
+    does not hold back its failure."""
+    diag = make()
+    new = run(diag, lambda s: {**avoidance_step(s), "neg_per_pos": 900.0}, avoidance_epoch, 3)
+    assert [(f.detector, f.severity, f.step) for f in new] == [("avoidance", Severity.NOTE, 58),
+                                                               ("avoidance", Severity.FAILURE, 200)]
+
+
+def test_avoidance_judges_from_the_end_of_the_first_part_of_training():
+    """A slow run (30% label noise, or 96 images) may still be at chance at its second validation and learn."""
+    late = make(stuck__min_fraction=0.35)  # the first part: 350 of 1000 steps
+    assert only(run(late, avoidance_step, avoidance_epoch, 5), "avoidance").step == 400
+    every = make(stuck__min_fraction=0.35, avoidance__after_first_part=False)
+    assert only(run(every, avoidance_step, avoidance_epoch, 5), "avoidance").step == 200
 
 
 # -------------------------------------------------------------------------- class loss at chance

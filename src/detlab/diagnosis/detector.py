@@ -129,6 +129,7 @@ class Alarm:
     remedy: Optional[str] = None  # None: the detector's ``remedy_for``
     stage: Optional[str] = None  # None: the stage of the check
     kind: str = ""  # which of the detector's variants fired (its ``evidence_text`` key)
+    severity: Optional[Severity] = None  # None: the detector's ``severity``
 
 
 # None: no verdict (the scalar keeps its value); False: the pattern does not hold now; Alarm: it does.

@@ -2,7 +2,8 @@
 and the stop status.
 
 The detectors run in registration order (``detlab.diagnosis.registry``), those whose block is
-enabled. A detector never fires twice in a run (the finding records the onset); its TensorBoard
+enabled. A detector never fires twice in a run (the finding records the onset), but a note of it (an
+alarm of severity note) does not hold back a later failure finding of it; its TensorBoard
 scalar (``Diagnoser.scalars``) follows whether the condition holds now, so a cleared pattern shows.
 A repair re-arms a detector, or stands it down for the rest of the run (``rearm``). Stages come from ``StageBoundaries``; an epoch finding takes
 the stage of the epoch's last step (``step - 1``, ``step`` = steps done).
@@ -121,9 +122,10 @@ class Diagnoser:
     def fired(self, detector: str) -> bool:
         return any(f.detector == detector for f in self.findings)
 
-    def _open(self, detector: str) -> bool:
-        """A finding of ``detector`` that no repair has handled (the detector stays quiet meanwhile)."""
-        return any(f.detector == detector and i not in self._repaired for i, f in enumerate(self.findings))
+    def _open(self, detector: str, severity: Severity) -> bool:
+        """A finding of ``detector`` at ``severity`` that no repair has handled (it stays quiet meanwhile)."""
+        return any(f.detector == detector and f.severity is severity and i not in self._repaired
+                   for i, f in enumerate(self.findings))
 
     def rearm(self, detector: str, how: Rearm = Rearm.AFRESH) -> None:
         """A repair changed the run under ``detector``. ``AFRESH``, ``FROM_BEFORE``: it handled the
@@ -182,12 +184,15 @@ class Diagnoser:
             if verdict is None:
                 continue
             self._active[det.name] = verdict is not False
-            if not isinstance(verdict, Alarm) or self._open(det.name):
+            if not isinstance(verdict, Alarm):
+                continue
+            severity = verdict.severity or det.severity
+            if self._open(det.name, severity):
                 continue
             finding = Finding(detector=det.name, stage=verdict.stage or when.stage, step=when.step,
                               epoch=when.epoch, message=verdict.message,
                               evidence={k: float(v) for k, v in verdict.evidence.items()},
-                              remedy=det.remedy_for(verdict), severity=det.severity, cause=det.cause_for(verdict),
+                              remedy=det.remedy_for(verdict), severity=severity, cause=det.cause_for(verdict),
                               title=det.display_title())
             self.findings.append(finding)
             new.append(finding)
