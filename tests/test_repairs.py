@@ -323,9 +323,12 @@ def test_dead_gradients_evidence_gives_the_share_at_the_first_sample():
 def test_the_switch_turns_on_the_enabled_repairs_and_a_finding_goes_to_the_first_that_acts():
     assert Repairs(DiagnosisConfig()).names == []  # off by default
     on = DiagnosisConfig(repair=True)
+    assert Repairs(on).names == ["rollback", "rebalance", "raise_lr"]  # mining: off until it is shown to help
+    on.repairs.mining.enabled = True
     assert Repairs(on).names == ["rollback", "rebalance", "raise_lr", "mining"]
-    on.repairs.mining.enabled = False
-    assert Repairs(on).names == ["rollback", "rebalance", "raise_lr"]
+    on.repairs.raise_lr.enabled = False
+    assert Repairs(on).names == ["rollback", "rebalance", "mining"]
+    on.repairs.raise_lr.enabled = True
     assert Repairs(DiagnosisConfig(repair=True, enabled=False)).names == []  # no detectors, no findings
     parts, _ = tiny_parts()
     repairs = Repairs(DiagnosisConfig(repair=True))
