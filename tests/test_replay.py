@@ -84,6 +84,19 @@ def test_a_repaired_run_replays_to_its_findings_by_its_recorded_repairs():
     assert [(f.detector, f.step) for f in without] == [("stuck", 74), ("avoidance", 150)]  # the re-arm made them equal
 
 
+@pytest.mark.parametrize("name, repairs", [
+    ("fault-no_warmup_high_lr-s1", [("rollback", 30, True)]),  # to the start: stuck starts afresh
+    ("fault-paper_box_0.01-s1", [("rebalance", 10, False)]),  # stuck stands down
+])
+def test_runs_recorded_with_todays_repairs_replay_to_their_own_findings(name, repairs):
+    rec = _pilot(name)
+    recorded = rec.summary["repairs"]
+    assert [(r["repair"], r["step"], r["to_start"]) for r in recorded] == repairs
+    live = [(f["detector"], int(f["step"])) for f in rec.summary["findings"]]
+    replayed = replay_findings(rec.replay_config(None), rec.steps, rec.epochs, rec.total_steps, repaired=recorded)
+    assert [(f.detector, f.step) for f in replayed] == live
+
+
 @pytest.mark.parametrize("name", ["fault-paper_box_10-s0", "fault-paper_box_10-s1", "fault-paper_box_10-s2",
                                   "fault-paper_box_5-s0", "fault-paper_box_0.01-s0"])
 def test_stuck_stands_down_after_a_rebalance_on_the_paper_recipe(name):
