@@ -116,6 +116,12 @@ def test_the_rebalancer_corrects_once_toward_the_middle_and_keeps_the_factor():
     restored = LossRebalancer(RebalanceConfig())
     restored.load_state_dict(lighter.state_dict())
     assert (restored.factors(), restored.aim) == (pytest.approx((50.0, 1.0)), 2.0)
+    split = LossRebalancer(RebalanceConfig(target=2.0, raise_class_share=0.5))  # SGD, box-heavy: half each way
+    split.engage(box_heavy=True, ratio=100.0)
+    assert split.factors() == pytest.approx((50 ** 0.5, 0.02 ** 0.5))
+    split_light = LossRebalancer(RebalanceConfig(target=2.0, raise_class_share=0.5))
+    split_light.engage(box_heavy=False, ratio=1e-3)
+    assert split_light.factors() == pytest.approx((1.0, 500.0))  # class-heavy: the box weight raised, as always
     for bad in (0.0, math.inf, math.nan):  # an unmeasured ratio leaves the weights as configured
         unknown = LossRebalancer(RebalanceConfig())
         unknown.engage(box_heavy=True, ratio=bad)
@@ -147,6 +153,17 @@ def test_the_rebalance_repair_engages_the_criterion_which_keeps_its_weight_in_it
     parts2, _ = tiny_parts(box_weight=100.0)
     parts2.criterion.load_state_dict(criterion.state_dict())
     assert parts2.criterion.weights(5) == pytest.approx((1.0, 0.2)) and parts2.criterion.rebalancer.aim == 2.0
+
+
+def test_under_sgd_a_share_of_the_box_heavy_correction_may_raise_the_class_weight():
+    parts, _ = tiny_parts(box_weight=100.0)
+    parts.criterion.rebalancer.cfg = RebalanceConfig(raise_class_share=0.5)
+    message = Rebalance(Rebalance.Config()).apply(imbalance(), target_of(parts))  # ratio 1000 -> x 0.002
+    assert message == ("the class weight is now 22.4x and the box weight is now 0.0447x, so that the box term's "
+                       "gradient is about 2x the class term's (it was 1e+03x)")
+    assert parts.criterion.weights(0) == pytest.approx((500 ** 0.5, 100.0 * 0.002 ** 0.5))
+    with pytest.raises(ConfigError, match=r"loss.rebalance.raise_class_share=1.5: must be in \[0, 1\]"):
+        compose_config(overrides=["loss.rebalance.raise_class_share=1.5"])
 
 
 def test_under_adamw_the_rebalance_raises_the_lighter_term_instead_of_lowering_the_heavier():

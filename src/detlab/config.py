@@ -158,6 +158,11 @@ class RebalanceConfig:
     target: float = 2.0  # the healthy middle the detector's advice names too (box-heavy 2, class-heavy 1/2)
     min_factor: float = 1e-3
     max_factor: float = 1e3
+    # Under SGD, the share of a box-heavy correction (in log scale) taken by raising the class weight; the rest
+    # lowers the box weight. 0: the box weight alone; 1: the class weight alone (Adam and AdamW always raise,
+    # never lower). 0, measured on real WIDER under the paper's SGD: box 10 rescued only at 0 (medium AP 32.7;
+    # 0.5: 0.0, 1: 0.0 after a divergence); docs/diagnosis.md, "Repairs while training".
+    raise_class_share: float = 0.0
 
 
 @dataclass
@@ -448,6 +453,8 @@ def validate(cfg: Config) -> None:
     _check(rb.target >= 1, "loss.rebalance.target", "must be >= 1", rb.target)
     _check(0 < rb.min_factor <= 1 <= rb.max_factor, "loss.rebalance.min_factor/max_factor",
            "need 0 < min_factor <= 1 <= max_factor", (rb.min_factor, rb.max_factor))
+    _check(0 <= rb.raise_class_share <= 1, "loss.rebalance.raise_class_share", "must be in [0, 1]",
+           rb.raise_class_share)
 
     _choice(o.name, "optim.name", ("sgd", "adamw"))
     _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)", (o.beta1, o.beta2))

@@ -252,10 +252,13 @@ class LossRebalancer:
         return self.aim
 
     def factors(self) -> tuple[float, float]:
-        """(class, box) weight multipliers: the box factor, or its inverse on the class weight (``raise_lighter``)."""
-        if self.raise_lighter and self.box_factor < 1.0:
-            return 1.0 / self.box_factor, 1.0
-        return 1.0, self.box_factor
+        """(class, box) weight multipliers. A box factor of 1 or more raises the box weight (the lighter
+        term); one below 1 is shared in log scale between raising the class weight (all of it with
+        ``raise_lighter``, else ``raise_class_share``) and lowering the box weight (the rest)."""
+        if self.box_factor >= 1.0:
+            return 1.0, self.box_factor
+        share = 1.0 if self.raise_lighter else self.cfg.raise_class_share
+        return self.box_factor ** -share, self.box_factor ** (1.0 - share)
 
     def state_dict(self) -> dict[str, float]:
         return {"box_factor": self.box_factor, "aim": self.aim if self.aim is not None else 0.0,

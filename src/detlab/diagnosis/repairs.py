@@ -317,8 +317,11 @@ class Rebalance(Repair):
         aim = rebalancer.engage(box_heavy, ratio, raise_lighter=adaptive)
         self.times += 1
         class_factor, box_factor = rebalancer.factors()
-        what = (f"the class weight is now {class_factor:.3g}x (the optimiser adapts its steps: no term is scaled down)"
-                if class_factor != 1.0 else f"the box weight is now {box_factor:.3g}x")
+        changed = [f"the {term} weight is now {factor:.3g}x" for term, factor in (("class", class_factor),
+                                                                                  ("box", box_factor)) if factor != 1.0]
+        what = " and ".join(changed) or "the weights stay as they are"
+        if adaptive and class_factor != 1.0:
+            what += " (the optimiser adapts its steps: no term is scaled down)"
         return f"{what}, so that the box term's gradient is about {aim:.3g}x the class term's (it was {ratio:.3g}x)"
 
 
