@@ -617,11 +617,18 @@ def test_overfitting_late_val_loss_rises_while_train_falls():
 
 def test_overfitting_by_falling_miou():
     miou = {1: 0.1, 2: 0.2, 3: 0.3, 4: 0.35, 5: 0.34, 6: 0.32, 7: 0.30, 8: 0.30}
+    flat_val = {e: 2.0 + (0.001 * e if e >= 4 else 0.5 - 0.1 * e) for e in miou}  # flat (a hair up) from epoch 4
     diag = make()
-    finding = only(run(diag, healthy_step(), lambda e: {**healthy_epoch(e), "val/miou": miou[e]}, 8), "overfitting")
+    epoch = lambda e: {**healthy_epoch(e), "val/miou": miou[e], "val/loss_total": flat_val[e]}  # noqa: E731
+    finding = only(run(diag, healthy_step(), epoch, 8), "overfitting")
     assert (finding.epoch, finding.stage) == (7, "mid")
     assert finding.evidence["val_miou_start"] == 0.35 and finding.evidence["val_miou_now"] == 0.30
     assert finding.evidence["best_val_miou"] == 0.35 and finding.evidence["best_val_miou_epoch"] == 4
+    # the same dip while the validation loss still falls: a model that still generalises, no finding
+    assert run(make(), healthy_step(), lambda e: {**healthy_epoch(e), "val/miou": miou[e]}, 8) == []
+    # curves without a validation loss are judged on mIoU alone
+    no_val = lambda e: {k: v for k, v in epoch(e).items() if k != "val/loss_total"}  # noqa: E731
+    assert only(run(make(), healthy_step(), no_val, 8), "overfitting").epoch == 7
 
 
 def test_no_overfitting_when_train_loss_rises_too_or_val_is_noisy():

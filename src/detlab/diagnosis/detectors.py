@@ -1052,8 +1052,11 @@ class SmallFpExplosion(Detector):
 
 @register_detector
 class Overfitting(Detector):
-    """After the early stage, ``val/loss_total`` rose (or ``val/miou`` fell) for ``epochs`` epochs
-    while ``train/loss_total`` fell."""
+    """After the early stage, ``val/loss_total`` rose (or ``val/miou`` fell while the validation loss did
+    not fall) for ``epochs`` epochs while ``train/loss_total`` fell. A validation loss still falling is a
+    model that still generalises: an mIoU dip beside it is noise (seen on the tune seeds: mIoU 0.557 to
+    0.545 over 3 validations at lr 0.005 while the validation loss fell 6%, and 0.046 to 0.015 while the
+    boxes were still being learnt, the validation loss falling 45%; both runs ended healthy)."""
 
     name = "overfitting"
     level = Level.EPOCH
@@ -1099,7 +1102,8 @@ class Overfitting(Detector):
         val_rise = -relative_drop(val[0], val[-1])
         miou_fall = relative_drop(miou[0], miou[-1])
         val_rising = strictly_increasing(val) and val_rise >= cfg.min_change
-        miou_falling = strictly_increasing(miou[::-1]) and miou_fall >= cfg.min_change
+        val_not_falling = not (math.isfinite(val[0]) and math.isfinite(val[-1])) or val[-1] >= val[0]
+        miou_falling = strictly_increasing(miou[::-1]) and miou_fall >= cfg.min_change and val_not_falling
         if not (train[-1] < train[0] and (val_rising or miou_falling)):
             return False
         return self.alarm({"val_loss_start": val[0], "val_loss_now": val[-1], "val_loss_rose": float(val_rising),
