@@ -335,6 +335,15 @@ def test_dead_gradients_evidence_gives_the_share_at_the_first_sample():
              for f in diag.observe_step(step * 10, 1, {"loss_total": 2.0, "grad_dead_share": share})
              if f.detector == "dead_gradients"]
     assert [(f.step, f.evidence["first_share"]) for f in found] == [(30, 0.0)]
+    # weights alive at the first sample were killed on the way: the cause and the remedy say so
+    assert found[0].cause.startswith("weights that had gradients at the start have lost them")
+    assert "against 0% at the first sample" in found[0].message
+    assert found[0].remedy.startswith("lower the learning rate 10x (optim.lr) and warm it up")  # no run config here
+    frozen = Diagnoser(DiagnosisConfig(), StageBoundaries(10, 70), 100, 10)
+    dead = [f for step in range(4) for f in frozen.observe_step(step * 10, 1, {"loss_total": 2.0, "grad_dead_share": 0.9})
+            if f.detector == "dead_gradients"]
+    assert dead[0].cause.startswith("most weights receive no gradient: layers are frozen")
+    assert dead[0].remedy.startswith("unfreeze the frozen layers") and dead[0].evidence["first_share"] == 0.9
 
 
 def test_the_switch_turns_on_the_enabled_repairs_and_a_finding_goes_to_the_first_that_acts():

@@ -381,10 +381,16 @@ class DeadGradients(_ShareAbove):
     needs = (Need(("grad_dead_share",), "the model's gradients", model=True),)
     unit = "samples"
     cause = "most weights receive no gradient: layers are frozen, or the loss no longer reaches them"
+    cause_killed = ("weights that had gradients at the start have lost them: updates too large (a learning rate far "
+                    "too high, or no warm-up) pushed their units where they no longer fire")
     evidence_text = {"": "{grad_dead_share:.0%} of the weights (by count) got no gradient (mean of the last "
-                         "{samples:.0f} gradient samples)"}
+                         "{samples:.0f} gradient samples)",
+                     "killed": "{grad_dead_share:.0%} of the weights (by count) got no gradient (mean of the last "
+                               "{samples:.0f} gradient samples), against {first_share:.0%} at the first sample"}
     remedy = ("unfreeze the frozen layers unless they are frozen on purpose (a pretrained backbone); check for dead "
               "activations (a learning rate far too high kills ReLUs)")
+    remedy_killed = ("lower the learning rate 10x (optim.lr) and warm it up (schedule.warmup=true), and train again "
+                     "from the start: dead units stay dead")
 
     @dataclass
     class Config(DetectorConfig):
@@ -404,9 +410,25 @@ class DeadGradients(_ShareAbove):
 
     def verdict(self, share: float, signals: Mapping[str, Any]) -> Union[Alarm, bool]:
         alarm = super().verdict(share, signals)
-        if isinstance(alarm, Alarm):  # the rollback repair tells weights killed on the way from frozen ones
-            alarm.evidence["first_share"] = self.state.first_share
-        return alarm
+        if not isinstance(alarm, Alarm):
+            return alarm
+        # weights killed on the way (alive at the first sample) or without gradient from the start (frozen,
+        # unreachable): the causes and the remedies differ, and the rollback repair answers only the first
+        first = self.state.first_share
+        killed = first <= self.cfg.max_share
+        alarm = self.alarm({**alarm.evidence, "first_share": first}, "killed" if killed else "")
+        return replace(alarm, remedy=self.remedy_killed) if killed else alarm
+
+    def cause_for(self, alarm: Alarm) -> str:
+        return self.cause_killed if alarm.kind == "killed" else self.cause
+
+    def advice(self, config: RunConfig, alarm: Alarm) -> list[str]:
+        if alarm.kind != "killed":
+            return []
+        lr = config.optim.lr
+        return [set_key("lower the learning rate 10x", "optim.lr", lr / 10, lr),
+                *missing_fixes(config, "warmup"),
+                "train again from the start (dead units stay dead)"]
 
 
 # ---------------------------------------------------------------------------- training patterns
