@@ -63,8 +63,8 @@ from detlab.diagnosis.windows import is_finite_loss
 
 __all__ = [
     "DIVERGENCE", "FINDING_HEADER", "PREFLIGHT_MODES", "Alarm", "ConfigProblem", "Detector", "DetectorConfig",
-    "Diagnoser", "DiagnosisConfig", "DiagnosisSettings", "DiagnosisStatus", "RepairsConfig", "Divergence", "Finding", "Level", "Need", "Rearm",
-    "RunInfo", "Severity", "StopReason", "Verdict", "When", "config_problems", "finding_columns", "finding_line",
+    "Diagnoser", "DiagnosisConfig", "DiagnosisSettings", "DiagnosisStatus", "RepairsConfig", "Divergence", "Finding",
+    "Level", "Need", "Rearm", "RunInfo", "Severity", "StopReason", "Verdict", "When", "config_problems", "finding_columns", "finding_line",
     "finding_title", "finding_when", "get_detector", "is_finite_loss", "is_note", "list_detectors", "preflight_mode",
     "register_detector", "registered_detectors", "step_level_detectors", "unmet_needs",
 ]

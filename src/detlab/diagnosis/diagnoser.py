@@ -5,8 +5,9 @@ The detectors run in registration order (``detlab.diagnosis.registry``), those w
 enabled. A detector never fires twice in a run (the finding records the onset), but a note of it (an
 alarm of severity note) does not hold back a later failure finding of it; its TensorBoard
 scalar (``Diagnoser.scalars``) follows whether the condition holds now, so a cleared pattern shows.
-A repair re-arms a detector, or stands it down for the rest of the run (``rearm``). Stages come from ``StageBoundaries``; an epoch finding takes
-the stage of the epoch's last step (``step - 1``, ``step`` = steps done).
+A repair re-arms a detector, or stands it down for the rest of the run (``rearm``). Stages come from
+``StageBoundaries``; an epoch finding takes the stage of the epoch's last step (``step - 1``, ``step`` =
+steps done).
 
 A finding says, in plain words, what was seen (its evidence with the numbers), why it happens and what
 to do; given the run's config (``run_config``), what to do is the concrete overrides to try next with
