@@ -434,12 +434,14 @@ class DeadGradients(_ShareAbove):
 # ---------------------------------------------------------------------------- training patterns
 @register_detector
 class Avoidance(Detector):
-    """The model predicts only background, on epochs before the late stage: predictions per image
-    collapse (< ``max_pred_per_image``) with recall near zero while ``loss_cls`` fell, and the ranking
-    is near chance too (``val/ap50`` < ``max_ap50``). Before any validation, a step check sees its
-    cause: the classification term counts so many background anchors per face that predicting
-    nothing is what its falling loss learns. Curves without a predictions-per-image record (another
-    training's) are judged on recall and AP50 alone; a detlab run always records it."""
+    """The model predicts only background, on epochs from the end of the first part of training
+    (``after_first_part``; a slow healthy run may still be at chance at its second validation) to the
+    late stage: predictions per image collapse (< ``max_pred_per_image``) with recall near zero while
+    ``loss_cls`` fell, and the ranking is near chance too (``val/ap50`` < ``max_ap50``). A step check sees
+    its cause earlier, as a note: the classification term counts so many background anchors per face that
+    predicting nothing is what its falling loss learns (no mining under AdamW does that and still learns).
+    Curves without a predictions-per-image record (another training's) are judged on recall and AP50
+    alone; a detlab run always records it."""
 
     name = "avoidance"
     level = Level.EPOCH
