@@ -193,7 +193,8 @@ def _value_of(config: Config, key: str) -> str:
 def test_notes_are_notes_and_failures_warnings(caplog, fired_in):
     kinds = {cls.name: cls.severity for cls in registered_detectors()}
     assert kinds["under_confidence"] is Severity.NOTE
-    assert {name for name, severity in kinds.items() if severity is Severity.NOTE} == {"under_confidence"}
+    assert {name for name, severity in kinds.items() if severity is Severity.NOTE} == {"under_confidence",
+                                                                                       "unnormalised_input"}
     note = next(f for _, f in fired_in["default run"] if f.detector == "under_confidence")
     failure = next(f for _, f in fired_in["default run"] if f.detector == "random_large_boxes")
     assert (note.to_dict()["severity"], note.to_dict()["failure"]) == ("note", False)

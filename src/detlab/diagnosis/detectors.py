@@ -267,8 +267,15 @@ class UnnormalisedInput(_WindowMean):
     name = "unnormalised_input"
     signal = "input_std"
     needs = (Need(("input_std",), "the statistics of the network's input", model=True),)
+    # A note, not a failure (set on the diagnosis benchmark's tune seeds, v1, after seeing them): raw pixels
+    # learnt as well as normalised ones, from scratch (AP50 0.883, healthy median 0.854) and fine-tuning the
+    # ImageNet MobileNetV2 (0.932), because batch norm right after the first convolution takes the scale
+    # out. The pre-flight check names the same input before step 1, as a warning.
+    severity = Severity.NOTE
     cause = ("the images reach the network without normalisation (raw 0-255 pixels) or normalised twice, so its "
-             "first layers work far outside the range they were made for")
+             "first layers work far outside the range they were made for (a note: the batch norm after the first "
+             "convolution takes most of the scale out and such runs can learn, but the first layer's steps and "
+             "any pretrained statistics see the wrong range)")
     evidence_text = {"": "the network's input had mean {input_mean:.3g} and standard deviation {input_std:.3g} (mean "
                          "of the last {samples:.0f} gradient samples); normalised images have about 0 and 1"}
     remedy = ("normalise the images once before the model, as detlab's data pipeline does: scale the pixels to 0-1, "
@@ -1096,7 +1103,11 @@ class Overfitting(Detector):
     @dataclass
     class Config(DetectorConfig):
         epochs: int = 3  # consecutive epochs
-        min_change: float = 0.01  # relative change over those epochs
+        # Relative change over those epochs. Set on the diagnosis benchmark's tune seeds (v1, after seeing
+        # them; was 0.01): on a plateau the validation loss moves several percent from epoch to epoch (late
+        # overfit s1: 2.885-3.087 over its last 18 epochs), and a 3.5% rise over 3 of them fired on a run
+        # whose AP50 then climbed to 0.80. The real-WIDER overfitting run's mIoU fell 38.7%.
+        min_change: float = 0.05
 
     @staticmethod
     def checks(cfg: Overfitting.Config) -> dict[str, tuple[bool, str]]:
