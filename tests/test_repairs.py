@@ -449,6 +449,36 @@ def test_stuck_after_a_new_rate_compares_the_next_window_with_the_one_before(los
     assert [(f.step, f.evidence["first_step"]) for f in fired] == ([(29, 10)] if fires else [])
 
 
+@pytest.mark.parametrize("loss_after, kind", [
+    (1.97, "flat"),  # fell 1.5%: under min_drop (2%), stuck as before
+    (1.9, "still_low"),  # fell 5%: 25x the floor of a flat fall (0.2%), under a sound rate's 10%: still too low
+    (1.7, None),  # fell 15%: what a sound rate does in a window
+])
+def test_stuck_after_a_raised_rate_fires_again_while_the_fall_grows_in_proportion(loss_after, kind):
+    diag = Diagnoser(DiagnosisConfig(loss_window=10), StageBoundaries(10, 70), 100, 10)
+    flat = {"loss_cls": 1.0, "loss_box": 1.0, "loss_total": 2.0, "lr": 0.01}
+    assert [f.step for step in range(20) for f in diag.observe_step(step, 1, flat)] == [19]
+    diag.rearm("stuck", Rearm.FROM_BEFORE)  # the rate raised: steps 10-19 against 20-29
+    fired = [f for step in range(20, 40) for f in diag.observe_step(step, 2, {**flat, "loss_total": loss_after})]
+    kinds = [(f.step, "still_low" if "gain" in f.evidence else "flat") for f in fired]
+    assert kinds == ([] if kind is None else [(29, kind)])
+    if kind == "still_low":
+        finding, = fired
+        assert finding.evidence["gain"] == pytest.approx(0.05 / 0.002) and finding.evidence["drop_before"] == 0.0
+        assert "still falls in proportion to the rate" in finding.message
+        assert "still far too low" in finding.cause
+
+
+def test_stuck_after_a_lowered_rate_never_reads_a_fall_as_still_low():
+    diag = Diagnoser(DiagnosisConfig(loss_window=10), StageBoundaries(10, 70), 100, 10)
+    step_of = lambda step: {"loss_total": 2.0 + 0.1 * step, "lr": 1.0}  # noqa: E731 rising: a rate too high
+    rose, = [f for step in range(20) for f in diag.observe_step(step, 1, step_of(step))]
+    assert rose.evidence["relative_drop"] < -0.02
+    diag.rearm("stuck", Rearm.FROM_BEFORE)  # the rate lowered
+    # 7% under the last window (mean 3.45): a fall that, after a raise, would read as still too low
+    assert [f for step in range(20, 40) for f in diag.observe_step(step, 2, {"loss_total": 3.2, "lr": 0.1})] == []
+
+
 def test_a_repaired_divergence_no_longer_stops_the_run_and_may_fire_again():
     diag = Diagnoser(DiagnosisConfig(), StageBoundaries(10, 70), 100, 10)
     nan = {"loss_cls": math.nan, "loss_box": 1.0, "loss_total": math.nan}

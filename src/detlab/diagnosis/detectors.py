@@ -635,7 +635,14 @@ class Stuck(Detector):
     step of the first part of training (the early stage, or the first ``min_fraction`` of the steps when
     longer), or later, when the warm-up reaches into that part's last window: at the end of the first
     window after the warm-up (the last step of the run when the warm-up outlasts it). A loss that rose
-    by more than ``min_drop`` is stuck too (a rate far too high). ``stop`` ends the run."""
+    by more than ``min_drop`` is stuck too (a rate far too high). ``stop`` ends the run.
+
+    Re-armed after a repair raised a flat run's rate (``rearmed_state``), it compares the window after the
+    change with the one before, and fires again (kind ``still_low``) when the loss, though now falling
+    ``min_drop`` or more, fell ``still_low_gain`` times as much as before the change or more, and still less
+    than ``still_low_below``: under a rate far too low the loss's fall grows in proportion to the rate, so the
+    rate is still on that slope (the reasoning of a learning-rate range test: raise it while the loss
+    responds in proportion), and it falls less than a run at a sound rate does in a window."""
 
     name = "stuck"
     level = Level.STEP
@@ -644,9 +651,16 @@ class Stuck(Detector):
              "reach the weights (skipped, or the weights frozen)")
     cause_rose = ("the loss rose at the full learning rate: the updates overshoot (a learning rate far too high) and "
                   "the run stalls high")
+    cause_still_low = ("the learning rate is still far too low: the loss's fall grew in proportion to the raised rate, "
+                       "as it does while the updates are too small to reach the loss's curvature")
     evidence_text = {
         "": "the total loss fell only {relative_drop:.1%} over the first {steps:.0f} steps",
         "rose": "the total loss rose {relative_rise:.1%} over the first {steps:.0f} steps",
+        "after_change": "the total loss fell only {relative_drop:.1%} in the {window_steps:.0f} steps after the learning "
+                        "rate changed",
+        "still_low": "after the learning rate was raised, the total loss fell {relative_drop:.1%}, {gain:.3g}x its "
+                     "fall before the change ({drop_before:.1%}, counted as at least {floor:.1%}): it still falls in "
+                     "proportion to the rate",
     }
     remedy = ("raise the learning rate (optim.lr) 10x when the loss stays flat, lower it when the loss rose; warm it "
               "up (schedule.warmup=true) when the run has no warm-up; check that the optimiser's step reaches the "
@@ -666,11 +680,21 @@ class Stuck(Detector):
         # is judged at the rate the schedule ramps to, not at the warm-up's fraction of it (0: none;
         # 1: the first part of training alone decides, warm-up or not).
         max_warmup_share: float = 0.0
+        # After a repair raised the rate of a flat run: a fall at least this many times the fall before the
+        # change (a flat one counted as min_drop / 10) is a rate still far too low (0: off). Set from the
+        # mechanism on the tune seeds' lr x0.001 (v1): 10x the rate took the fall from -0.01% to 0.74%.
+        still_low_gain: float = 3.0
+        # ... and only while that fall is under this: at a sound rate the default recipe's loss falls 10-24% a
+        # window (37 steps there) over its first 250 steps (tune seeds' healthy runs, lr 0.005 and 0.01), while
+        # lr x0.001 raised to 0.001 fell 2-6% a window.
+        still_low_below: float = 0.1
 
     @staticmethod
     def checks(cfg: Stuck.Config) -> dict[str, tuple[bool, str]]:
         return {"min_drop": _at_least(cfg.min_drop, 0), "min_fraction": _share(cfg.min_fraction),
-                "max_warmup_share": _share(cfg.max_warmup_share)}
+                "max_warmup_share": _share(cfg.max_warmup_share),
+                "still_low_gain": (cfg.still_low_gain == 0 or cfg.still_low_gain > 1, "must be 0 (off) or > 1"),
+                "still_low_below": (cfg.still_low_below > cfg.min_drop, f"must be > min_drop={cfg.min_drop:g}")}
 
     @dataclass
     class State:
@@ -680,6 +704,9 @@ class Stuck(Detector):
         checked: bool = False
         start: int = -1  # the first step watched (after a repair re-arms it: the step after the repair)
         last_step: int = -1  # the last step seen
+        drop: float = math.nan  # the relative drop judged at the decision
+        drop_before: float = math.nan  # re-armed after a flat verdict: the drop judged then
+        rate_changed: bool = False  # re-armed by a new rate: the first window is the last one before it
 
     def new_state(self) -> State:
         window = self.run.loss_window
@@ -694,6 +721,9 @@ class Stuck(Detector):
             return state
         state.first = list(old.recent)
         state.start = old.last_step + 1 - window  # two windows from here end one window after the change
+        state.rate_changed = True
+        if old.checked and not old.drop < -self.cfg.min_drop:  # flat (a rose verdict's rate was lowered)
+            state.drop_before = old.drop
         return state
 
     @cached_property
@@ -723,14 +753,20 @@ class Stuck(Detector):
         if not st.first or not st.recent:
             return None
         first, last = mean(st.first), mean(st.recent)
-        drop = relative_drop(first, last)
-        if drop >= self.cfg.min_drop:  # a nan drop (first mean 0) counts as stuck too
-            return False
+        drop = st.drop = relative_drop(first, last)
         lrs = [lr for lr in st.recent_lr if math.isfinite(lr)]
         evidence = {"loss_first_window": first, "loss_last_window": last, "relative_drop": drop,
                     "relative_rise": -drop, "min_drop": self.cfg.min_drop, "window_steps": st.recent.maxlen,
                     "steps": when.step + 1, "first_step": st.start, "warmup_steps": self.run.stages.warmup_end,
-                    "lr": float(signals.get("lr", math.nan)), "lr_window": mean(lrs) if lrs else math.nan}
+                    "lr": float(signals.get("lr", math.nan)), "lr_window": mean(lrs) if lrs else math.nan,
+                    "rate_changed": float(st.rate_changed)}
+        if drop >= self.cfg.min_drop:  # a nan drop (first mean 0) counts as stuck too
+            gain, floor = self.cfg.still_low_gain, self.cfg.min_drop / 10
+            if (gain > 0 and math.isfinite(st.drop_before) and drop >= gain * max(st.drop_before, floor)
+                    and drop < self.cfg.still_low_below):
+                return self.alarm({**evidence, "drop_before": st.drop_before, "floor": floor,
+                                   "gain": drop / max(st.drop_before, floor)}, "still_low")
+            return False
         return self.alarm(evidence, "rose" if drop < -self.cfg.min_drop else "")
 
     def describe(self, evidence: Mapping[str, float], kind: str = "") -> str:
@@ -741,12 +777,19 @@ class Stuck(Detector):
             after = e["steps"] - e["window_steps"] >= warmup
             rate.append(f"{'after' if after else 'still in'} the {warmup}-step warm-up")
         last = f"; the last at {', '.join(rate)}" if rate else ""
-        return (f"{super().describe(e, kind)} (from {e['loss_first_window']:.4g} to {e['loss_last_window']:.4g}, the "
-                f"means of the first and the last {e['window_steps']:.0f} steps{last}); a run that learns falls "
-                f"{e['min_drop']:.0%} or more")
+        after_change = e.get("rate_changed", 0.0) > 0  # re-armed by a repair: the windows around the change
+        if after_change and kind == "":
+            kind = "after_change"
+        text = (f"{super().describe(e, kind)} (from {e['loss_first_window']:.4g} to {e['loss_last_window']:.4g}, the "
+                f"means of the {e['window_steps']:.0f} steps before and after the change{last})" if after_change
+                else f"{super().describe(e, kind)} (from {e['loss_first_window']:.4g} to {e['loss_last_window']:.4g}, "
+                f"the means of the first and the last {e['window_steps']:.0f} steps{last})")
+        if kind == "still_low":
+            return f"{text}; at a sound rate 10x more moves it far less than 10x as much"
+        return f"{text}; a run that learns falls {e['min_drop']:.0%} or more"
 
     def cause_for(self, alarm: Alarm) -> str:
-        return self.cause_rose if alarm.kind == "rose" else self.cause
+        return {"rose": self.cause_rose, "still_low": self.cause_still_low}.get(alarm.kind, self.cause)
 
     def advice(self, config: RunConfig, alarm: Alarm) -> list[str]:
         lr = config.optim.lr
@@ -754,6 +797,10 @@ class Stuck(Detector):
             return [set_key("lower the learning rate 10x", "optim.lr", lr / 10, lr),
                     *missing_fixes(config, "warmup", "clipping"),
                     "start the run afresh rather than resume it: weights pushed this far keep dead activations"]
+        now = alarm.evidence.get("lr", math.nan)
+        # re-armed after a repair changed the rate: advise from the rate the run reached
+        if alarm.evidence.get("rate_changed", 0.0) > 0 and math.isfinite(now) and now > 0:
+            return [set_key("train at 10x the rate reached", "optim.lr", now * 10, lr), *missing_fixes(config, "warmup")]
         out = [set_key("raise the learning rate 10x", "optim.lr", lr * 10, lr), *missing_fixes(config, "warmup")]
         warmup, run = self.run.stages.warmup_end, self.run
         if warmup > run.first_part_end:  # the warm-up reaches past the first part of training
