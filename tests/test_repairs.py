@@ -16,7 +16,7 @@ from detlab.diagnosis.repairs import (Mining, RaiseLearningRate, Rebalance, Repa
                                       Rollback, rearm_plan, scale_learning_rate)
 from detlab.engine.callbacks import Callback
 from detlab.errors import ConfigError
-from detlab.schedule import StageBoundaries, build_scheduler
+from detlab.schedule import StageBoundaries, build_scheduler, planned_learning_rates
 from detlab.engine.step import dead_gradient_share, watched_parameters
 from detlab.loss import LossRebalancer
 from detlab.model import BoxCoder, generate_anchors
@@ -295,6 +295,54 @@ def test_rollback_restores_the_last_good_state_with_a_lower_learning_rate():
 def dead(first_share: float) -> Finding:
     return Finding("dead_gradients", "early", 60, 3, "dead", {"grad_dead_share": 0.9, "max_share": 0.5,
                                                               "first_share": first_share})
+
+
+def test_a_rollback_to_the_start_warms_the_lowered_rate_up_again_along_the_schedule():
+    """A warm restart: after a rollback to the start the lowered rate ramps up linearly over an epoch (4
+    steps here) from 1% of it, then follows the schedule (cosine, its position going on) at 0.1x."""
+    parts, _ = tiny_parts()
+    weight = torch.nn.Parameter(torch.zeros(()))
+    parts.optimizer = torch.optim.SGD([weight], lr=0.1)
+    schedule = ScheduleConfig(warmup=False, after_warmup="cosine")
+    parts.scheduler = build_scheduler(parts.optimizer, schedule, 40, 4)
+    plain = planned_learning_rates(schedule, 0.1, 40, 4)
+    target = RepairTarget(parts.model, parts.optimizer, parts.scheduler, parts.scaler, parts.criterion, 4)
+    rollback = Rollback(Rollback.Config(max_rollbacks=3))
+
+    def steps(n: int) -> list[float]:
+        rates = []
+        for _ in range(n):
+            parts.optimizer.step()
+            parts.scheduler.step()
+            rollback.after_step(target)
+            rates.append(parts.optimizer.param_groups[0]["lr"])
+        return rates
+
+    rollback.good_state(target, 0, 0)
+    steps(10)  # steps 0-9; the rate of step 10 is next
+    message = rollback.apply(dead(first_share=0.0), target)
+    assert f"(warmed up again from {plain[10] * 0.001:.3g} over 4 steps)" in message
+    assert parts.optimizer.param_groups[0]["lr"] == pytest.approx(plain[10] * 0.1 * 0.01)
+    ramp = [0.01 + 0.99 * k / 4 for k in (1, 2, 3)] + [1.0, 1.0, 1.0]
+    assert steps(6) == pytest.approx([plain[11 + k] * 0.1 * f for k, f in enumerate(ramp)])
+    # a second rollback: a ramp again, kept in the state a resumed run restores mid-ramp
+    assert rollback.state_dict()["ramp_steps"] == 0
+    rollback.apply(dead(first_share=0.0), target)
+    steps(2)  # steps 16-17
+    resumed = Rollback(Rollback.Config())
+    resumed.load_state_dict(rollback.state_dict())
+    assert (resumed.ramp_steps, resumed.ramp_done, resumed.ramp_factor) == (4, 2, pytest.approx(0.01 + 0.99 / 2))
+    # a third in the middle of that ramp: it ends there, and the new one starts from the rate lowered once more
+    rollback.apply(dead(first_share=0.0), target)
+    assert parts.optimizer.param_groups[0]["lr"] == pytest.approx(plain[18] * 0.001 * 0.01)
+    assert steps(4)[-1] == pytest.approx(plain[22] * 0.001)
+    # a rollback to an epoch end (not the start) lowers the rate at once, without a ramp
+    epoch_end = Rollback(Rollback.Config())
+    epoch_end.good_state(target, 0, 0)
+    epoch_end.good_state(target, 5, 20)
+    before = parts.optimizer.param_groups[0]["lr"]
+    assert "now" in epoch_end.apply(Finding(DIVERGENCE, "early", 21, 6, "nan", {}), target)
+    assert parts.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * before) and epoch_end.ramp_steps == 0
 
 
 def test_dead_gradients_on_weights_that_were_alive_roll_back_to_the_start_not_the_last_epoch():

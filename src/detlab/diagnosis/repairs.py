@@ -53,6 +53,7 @@ class RepairTarget:
     scheduler: LRScheduler
     scaler: torch.amp.GradScaler
     criterion: Any  # detlab.loss.MultiBoxLoss: rebalancer, neg_pos_ratio
+    steps_per_epoch: int = 0  # optimiser steps per epoch (0: unknown)
 
 
 class Repair:
@@ -94,6 +95,10 @@ class Repair:
 
     def good_state(self, target: RepairTarget, epoch: int, step: int) -> None:
         """The run stands at a good point (training starts, or an epoch ended finite and not diverged)."""
+
+    def after_step(self, target: RepairTarget) -> None:
+        """After each optimiser step (and its scheduler step) of a run with this repair on: for a change
+        spread over steps (the rollback's warm restart). Cheap: no device work."""
 
     def state_dict(self) -> dict[str, Any]:
         return {"times": self.times}
@@ -209,7 +214,12 @@ class Rollback(Repair):
     mends) roll back the same way to the state training started from: dead units stay dead, and an epoch
     end with finite weights may already hold them (seen on the tune seeds: AdamW at lr 1.0, and at 0.1
     without warm-up, left more than half the weights without gradient by step 50-60 while the loss stayed
-    finite)."""
+    finite).
+
+    A rollback to the start is a warm restart: untrained weights meet the lowered rate again, so it is
+    ramped up linearly from ``restart_warmup_start`` of it over ``restart_warmup_epochs`` epochs, as a
+    run's own warm-up does (a run that kills its units usually had none left, or none at all); the
+    schedule's position goes on under the ramp."""
 
     name = "rollback"
     answers = (Divergence.name, DeadGradients.name)
@@ -221,16 +231,23 @@ class Rollback(Repair):
     class Config(RepairConfig):
         lr_backoff: float = 0.1
         max_rollbacks: int = 2
+        restart_warmup_epochs: float = 1.0  # the warm restart's ramp after a rollback to the start (0: none)
+        restart_warmup_start: float = 0.01  # ... from this fraction of the lowered rate
 
     @staticmethod
     def checks(cfg: Rollback.Config) -> dict[str, tuple[bool, str]]:
         return {"lr_backoff": (0 < cfg.lr_backoff < 1, "must be in (0, 1)"),
-                "max_rollbacks": (cfg.max_rollbacks >= 0, "must be >= 0")}
+                "max_rollbacks": (cfg.max_rollbacks >= 0, "must be >= 0"),
+                "restart_warmup_epochs": (cfg.restart_warmup_epochs >= 0, "must be >= 0"),
+                "restart_warmup_start": (0 < cfg.restart_warmup_start <= 1, "must be in (0, 1]")}
 
     def __init__(self, cfg: Rollback.Config) -> None:
         super().__init__(cfg)
         self.snapshot: Optional[Snapshot] = None  # the last good state
         self.initial: Optional[Snapshot] = None  # the state training started from
+        self.ramp_steps = 0  # the warm restart's length in steps (0: none under way)
+        self.ramp_done = 0  # its steps taken
+        self.ramp_factor = 1.0  # the multiplier of the rate it applies now
 
     def good_state(self, target: RepairTarget, epoch: int, step: int) -> None:
         weights = {k: v.detach().clone() for k, v in target.model.state_dict().items()}
@@ -255,15 +272,43 @@ class Rollback(Repair):
         for group, lr in zip(optimizer.param_groups, rates):  # the schedule's position is today's
             group["lr"] = lr
         target.scaler.load_state_dict(copy.deepcopy(snap.scaler))
-        scale_learning_rate(optimizer, target.scheduler, self.cfg.lr_backoff)
+        factor = self.cfg.lr_backoff / self.ramp_factor  # a warm restart under way ends here
+        self.ramp_steps, self.ramp_done, self.ramp_factor = 0, 0, 1.0
+        ramp = round(self.cfg.restart_warmup_epochs * target.steps_per_epoch) if snap is self.initial else 0
+        if ramp > 0:
+            self.ramp_steps, self.ramp_factor = ramp, self.cfg.restart_warmup_start
+        scale_learning_rate(optimizer, target.scheduler, factor * self.ramp_factor)
         # the states taken after the one restored hold the trajectory just undone: a later rollback must not
         # return to them (seen on the tune seeds: an epoch end with finite but dying weights)
         self.snapshot = snap
         self.restored_start = snap is self.initial
         self.times += 1
         where = "the weights training started from" if dead else f"the weights of epoch {snap.epoch} (step {snap.step})"
-        return (f"rolled back to {where} and multiplied the learning rate by {self.cfg.lr_backoff:g} (now "
-                f"{_lr(optimizer):.3g}); rollback {self.times} of {self.cfg.max_rollbacks}")
+        rate = (f"(warmed up again from {_lr(optimizer):.3g} over {ramp} steps)" if ramp > 0
+                else f"(now {_lr(optimizer):.3g})")
+        return (f"rolled back to {where} and multiplied the learning rate by {self.cfg.lr_backoff:g} {rate}; "
+                f"rollback {self.times} of {self.cfg.max_rollbacks}")
+
+    def after_step(self, target: RepairTarget) -> None:
+        if self.ramp_steps <= 0:
+            return
+        self.ramp_done += 1
+        start = self.cfg.restart_warmup_start
+        factor = 1.0 if self.ramp_done >= self.ramp_steps else start + (1 - start) * self.ramp_done / self.ramp_steps
+        scale_learning_rate(target.optimizer, target.scheduler, factor / self.ramp_factor)
+        self.ramp_factor = factor
+        if self.ramp_done >= self.ramp_steps:
+            self.ramp_steps, self.ramp_done = 0, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "ramp_steps": self.ramp_steps, "ramp_done": self.ramp_done,
+                "ramp_factor": self.ramp_factor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        state = state or {}
+        self.ramp_steps, self.ramp_done = int(state.get("ramp_steps", 0)), int(state.get("ramp_done", 0))
+        self.ramp_factor = float(state.get("ramp_factor", 1.0))
 
     def snapshot_state(self) -> Optional[dict[str, Any]]:
         """The good states as plain types (a checkpoint written mid-epoch holds them: the epoch-start
@@ -441,6 +486,10 @@ class Repairs:
     def good_state(self, target: RepairTarget, epoch: int, step: int) -> None:
         for repair in self.repairs:
             repair.good_state(target, epoch, step)
+
+    def after_step(self, target: RepairTarget) -> None:
+        for repair in self.repairs:
+            repair.after_step(target)
 
     def respond(self, findings: list[Finding], target: RepairTarget, step: int,
                 epoch: int) -> list[tuple[RepairRecord, tuple[tuple[str, Rearm], ...]]]:

@@ -390,6 +390,8 @@ class Trainer:
                 self.run_callbacks("on_step_end", step, record, signals)
                 findings = self.diagnoser.observe_step(step, epoch, signals)
                 self._report(findings)
+                if self.repairs.repairs and record.updated:
+                    self.repairs.after_step(self._repair_target())  # a change spread over steps (warm restart)
                 repaired = self._repair(findings, step, epoch)
                 # A divergence finding too: repaired (the run goes on), or it ends before the bad update.
                 if not record.updated and not repaired:
@@ -446,7 +448,8 @@ class Trainer:
 
     def _repair_target(self) -> RepairTarget:
         parts = self.parts
-        return RepairTarget(self.model, parts.optimizer, parts.scheduler, parts.scaler, parts.criterion)
+        return RepairTarget(self.model, parts.optimizer, parts.scheduler, parts.scaler, parts.criterion,
+                            self.steps_per_epoch)
 
     def _good_state(self) -> None:
         """The run stands at a good point (its start, or an epoch's end with finite weights): the rollback's copy."""
