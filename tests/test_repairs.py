@@ -107,6 +107,8 @@ def test_the_rebalancer_corrects_once_toward_the_middle_and_keeps_the_factor():
     class_heavy = LossRebalancer(RebalanceConfig(target=2.0))
     assert class_heavy.engage(box_heavy=False, ratio=1e-3) == 0.5
     assert class_heavy.factors() == pytest.approx((1.0, 500.0))  # aim 1/2: the box weight x 0.5/1e-3
+    at_one = LossRebalancer(RebalanceConfig(class_heavy_target=1.0))  # the class-heavy aim is its own setting
+    assert at_one.engage(box_heavy=False, ratio=1e-2) == 1.0 and at_one.factors() == pytest.approx((1.0, 100.0))
     capped = LossRebalancer(RebalanceConfig(max_factor=100.0))
     capped.engage(box_heavy=False, ratio=1e-9)
     assert capped.box_factor == 100.0
@@ -164,6 +166,8 @@ def test_under_sgd_a_share_of_the_box_heavy_correction_may_raise_the_class_weigh
     assert parts.criterion.weights(0) == pytest.approx((500 ** 0.5, 100.0 * 0.002 ** 0.5))
     with pytest.raises(ConfigError, match=r"loss.rebalance.raise_class_share=1.5: must be in \[0, 1\]"):
         compose_config(overrides=["loss.rebalance.raise_class_share=1.5"])
+    with pytest.raises(ConfigError, match=r"loss.rebalance.class_heavy_target=2.0: must be in \(0, 1\]"):
+        compose_config(overrides=["loss.rebalance.class_heavy_target=2.0"])
 
 
 def test_under_adamw_the_rebalance_raises_the_lighter_term_instead_of_lowering_the_heavier():

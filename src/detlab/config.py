@@ -152,10 +152,12 @@ class AdaptiveWeightsConfig:
 class RebalanceConfig:
     """``loss.rebalance``: how the criterion corrects an imbalanced weight pair when the rebalance repair
     engages it (``diagnosis.repair``; ``detlab.loss.LossRebalancer``): once, the box weight scaled by
-    ``aim / ratio``, ``aim`` being ``target`` for a box-heavy run and ``1 / target`` for a class-heavy one.
+    ``aim / ratio``, ``aim`` being ``target`` for a box-heavy run and ``class_heavy_target`` for a
+    class-heavy one.
     """
 
-    target: float = 2.0  # the healthy middle the detector's advice names too (box-heavy 2, class-heavy 1/2)
+    target: float = 2.0  # a box-heavy run's aim, inside the healthy band (the detector's advice names it too)
+    class_heavy_target: float = 0.5  # a class-heavy run's aim
     min_factor: float = 1e-3
     max_factor: float = 1e3
     # Under SGD, the share of a box-heavy correction (in log scale) taken by raising the class weight; the rest
@@ -451,6 +453,8 @@ def validate(cfg: Config) -> None:
     _check(lo.min_negatives >= 1, "loss.min_negatives", "must be >= 1", lo.min_negatives)
     rb = lo.rebalance
     _check(rb.target >= 1, "loss.rebalance.target", "must be >= 1", rb.target)
+    _check(0 < rb.class_heavy_target <= 1, "loss.rebalance.class_heavy_target", "must be in (0, 1]",
+           rb.class_heavy_target)
     _check(0 < rb.min_factor <= 1 <= rb.max_factor, "loss.rebalance.min_factor/max_factor",
            "need 0 < min_factor <= 1 <= max_factor", (rb.min_factor, rb.max_factor))
     _check(0 <= rb.raise_class_share <= 1, "loss.rebalance.raise_class_share", "must be in [0, 1]",

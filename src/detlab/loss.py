@@ -222,7 +222,7 @@ class LossRebalancer:
 
     ``engage`` multiplies the box weight by ``aim / ratio`` (``ratio``: the finding's box/class
     gradient-norm ratio on the backbone's output), ``aim`` being ``target`` for a box-heavy run and
-    ``1 / target`` for a class-heavy one: the weights that would have given the middle of the healthy
+    ``class_heavy_target`` for a class-heavy one: the weights that would have given the middle of the healthy
     range at that moment, not the band's edge. The factor then stays for the rest of the run: a healthy
     run's ratio moves on its own (on the paper's recipe it rises from about 0.6 to 8 while the boxes
     learn, then falls to about 2), and steering it back to ``aim`` on every sample starved that phase
@@ -244,8 +244,8 @@ class LossRebalancer:
 
     def engage(self, box_heavy: bool, ratio: float, raise_lighter: bool = False) -> float:
         """Correct the pair measured at ``ratio`` (box/class gradient norm) toward ``target`` (a box-heavy
-        run) or ``1 / target`` (a class-heavy one); returns the aim."""
-        self.aim = self.cfg.target if box_heavy else 1.0 / self.cfg.target
+        run) or ``class_heavy_target`` (a class-heavy one); returns the aim."""
+        self.aim = self.cfg.target if box_heavy else self.cfg.class_heavy_target
         self.raise_lighter = bool(raise_lighter)
         if ratio > 0 and math.isfinite(ratio):
             self.box_factor = min(max(self.aim / ratio, self.cfg.min_factor), self.cfg.max_factor)

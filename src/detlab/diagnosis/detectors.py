@@ -927,10 +927,12 @@ class LossImbalance(Detector):
         lo = config.loss
         out = []
         if math.isfinite(ratio) and ratio > 0 and lo.box_weight > 0:
-            # The box term's gradient scales with its weight: aim the ratio at 2 (or 1/2).
-            target = 2.0 if box_dominates else 0.5
-            what = ("lower the box weight so the box term's gradient is about 2x the class term's" if box_dominates
-                    else "raise the box weight so the box term's gradient is about half the class term's")
+            # The box term's gradient scales with its weight: aim the ratio where the rebalance repair aims it.
+            aims = lo.rebalance
+            target = aims.target if box_dominates else aims.class_heavy_target
+            what = (f"lower the box weight so the box term's gradient is about {target:g}x the class term's"
+                    if box_dominates else
+                    f"raise the box weight so the box term's gradient is about {target:g}x the class term's")
             out.append(set_key(what, "loss.box_weight", f"{lo.box_weight * target / ratio:.2g}", lo.box_weight))
         elif not box_dominates and lo.box_weight == 0:
             out.append(set_key("give the box term a weight", "loss.box_weight", 1, 0))
