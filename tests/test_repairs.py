@@ -105,10 +105,10 @@ def test_the_rebalancer_corrects_once_toward_the_middle_and_keeps_the_factor():
     assert rb.engage(box_heavy=True, ratio=100.0) == 2.0
     assert rb.factors() == pytest.approx((1.0, 0.02))  # ratio 100 -> the box weight x 2/100, once
     class_heavy = LossRebalancer(RebalanceConfig(target=2.0))
-    assert class_heavy.engage(box_heavy=False, ratio=1e-3) == 0.5
-    assert class_heavy.factors() == pytest.approx((1.0, 500.0))  # aim 1/2: the box weight x 0.5/1e-3
-    at_one = LossRebalancer(RebalanceConfig(class_heavy_target=1.0))  # the class-heavy aim is its own setting
-    assert at_one.engage(box_heavy=False, ratio=1e-2) == 1.0 and at_one.factors() == pytest.approx((1.0, 100.0))
+    assert class_heavy.engage(box_heavy=False, ratio=1e-2) == 1.0  # class_heavy_target: its own setting
+    assert class_heavy.factors() == pytest.approx((1.0, 100.0))  # aim 1: the box weight x 1/1e-2
+    half = LossRebalancer(RebalanceConfig(class_heavy_target=0.5))
+    assert half.engage(box_heavy=False, ratio=1e-3) == 0.5 and half.factors() == pytest.approx((1.0, 500.0))
     capped = LossRebalancer(RebalanceConfig(max_factor=100.0))
     capped.engage(box_heavy=False, ratio=1e-9)
     assert capped.box_factor == 100.0
@@ -123,7 +123,7 @@ def test_the_rebalancer_corrects_once_toward_the_middle_and_keeps_the_factor():
     assert split.factors() == pytest.approx((50 ** 0.5, 0.02 ** 0.5))
     split_light = LossRebalancer(RebalanceConfig(target=2.0, raise_class_share=0.5))
     split_light.engage(box_heavy=False, ratio=1e-3)
-    assert split_light.factors() == pytest.approx((1.0, 500.0))  # class-heavy: the box weight raised, as always
+    assert split_light.factors() == pytest.approx((1.0, 1000.0))  # class-heavy: the box weight raised, as always
     for bad in (0.0, math.inf, math.nan):  # an unmeasured ratio leaves the weights as configured
         unknown = LossRebalancer(RebalanceConfig())
         unknown.engage(box_heavy=True, ratio=bad)
@@ -182,7 +182,7 @@ def test_under_adamw_the_rebalance_raises_the_lighter_term_instead_of_lowering_t
     light, _ = tiny_parts(box_weight=1e-3)  # class-heavy: the box raised
     light.optimizer = torch.optim.AdamW(light.model.parameters(), lr=1e-3)
     Rebalance(Rebalance.Config()).apply(imbalance(box_dominates=False, ratio=1e-3), target_of(light))
-    assert light.criterion.weights(0) == pytest.approx((1.0, 0.5))  # aim 1/2: factor 500 on the box weight
+    assert light.criterion.weights(0) == pytest.approx((1.0, 1.0))  # aim 1: factor 1000 on the box weight
 
 
 # ----------------------------------------------------------------------------- the learning rate

@@ -102,7 +102,7 @@ def test_runs_recorded_with_todays_repairs_replay_to_their_own_findings(name, re
 
 
 @pytest.mark.parametrize("name", ["fault-paper_box_10-s0", "fault-paper_box_10-s1", "fault-paper_box_10-s2",
-                                  "fault-paper_box_5-s0", "fault-paper_box_0.01-s0"])
+                                  "fault-paper_box_5-s0"])
 def test_stuck_stands_down_after_a_rebalance_on_the_paper_recipe(name):
     """These runs were recorded when a rebalance restarted stuck's windows: it then fired at step 110 or 160
     on runs that learnt (their loss had fallen before the repair; a window after it lies on the paper recipe's

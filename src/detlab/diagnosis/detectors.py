@@ -694,7 +694,8 @@ class Stuck(Detector):
         return {"min_drop": _at_least(cfg.min_drop, 0), "min_fraction": _share(cfg.min_fraction),
                 "max_warmup_share": _share(cfg.max_warmup_share),
                 "still_low_gain": (cfg.still_low_gain == 0 or cfg.still_low_gain > 1, "must be 0 (off) or > 1"),
-                "still_low_below": (cfg.still_low_below > cfg.min_drop, f"must be > min_drop={cfg.min_drop:g}")}
+                # at or under min_drop the rule never fires (a fall of min_drop or more is needed)
+                "still_low_below": _above(cfg.still_low_below, 0)}
 
     @dataclass
     class State:
