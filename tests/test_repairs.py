@@ -527,6 +527,10 @@ def test_stuck_after_a_lowered_rate_never_reads_a_fall_as_still_low():
     rose, = [f for step in range(20) for f in diag.observe_step(step, 1, step_of(step))]
     assert rose.evidence["relative_drop"] < -0.02
     diag.rearm("stuck", Rearm.FROM_BEFORE)  # the rate lowered
+    higher = Diagnoser(DiagnosisConfig(loss_window=10), StageBoundaries(10, 70), 100, 10)
+    higher.load_state_dict(diag.state_dict())
+    rose_again, = [f for step in range(20, 40) for f in higher.observe_step(step, 2, {"loss_total": 4.0, "lr": 0.1})]
+    assert rose_again.message.startswith("the total loss rose 15.9% in the 10 steps after the learning rate changed")
     # 7% under the last window (mean 3.45): a fall that, after a raise, would read as still too low
     assert [f for step in range(20, 40) for f in diag.observe_step(step, 2, {"loss_total": 3.2, "lr": 0.1})] == []
 

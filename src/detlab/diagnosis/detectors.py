@@ -658,6 +658,8 @@ class Stuck(Detector):
         "rose": "the total loss rose {relative_rise:.1%} over the first {steps:.0f} steps",
         "after_change": "the total loss fell only {relative_drop:.1%} in the {window_steps:.0f} steps after the learning "
                         "rate changed",
+        "rose_after_change": "the total loss rose {relative_rise:.1%} in the {window_steps:.0f} steps after the "
+                             "learning rate changed",
         "still_low": "after the learning rate was raised, the total loss fell {relative_drop:.1%}, {gain:.3g}x its "
                      "fall before the change ({drop_before:.1%}, counted as at least {floor:.1%}): it still falls in "
                      "proportion to the rate",
@@ -779,8 +781,8 @@ class Stuck(Detector):
             rate.append(f"{'after' if after else 'still in'} the {warmup}-step warm-up")
         last = f"; the last at {', '.join(rate)}" if rate else ""
         after_change = e.get("rate_changed", 0.0) > 0  # re-armed by a repair: the windows around the change
-        if after_change and kind == "":
-            kind = "after_change"
+        if after_change and kind in ("", "rose"):
+            kind = f"{kind}_after_change".lstrip("_")
         text = (f"{super().describe(e, kind)} (from {e['loss_first_window']:.4g} to {e['loss_last_window']:.4g}, the "
                 f"means of the {e['window_steps']:.0f} steps before and after the change{last})" if after_change
                 else f"{super().describe(e, kind)} (from {e['loss_first_window']:.4g} to {e['loss_last_window']:.4g}, "
