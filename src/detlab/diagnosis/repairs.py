@@ -224,8 +224,8 @@ class Rollback(Repair):
     name = "rollback"
     answers = (Divergence.name, DeadGradients.name)
     restarts = (Stuck.name,)
-    does = ("rolls back to the last good epoch (to the start when the weights died) and lowers the learning rate "
-            "(x lr_backoff)")
+    does = ("rolls back to the last good epoch (to the start when the weights died, warming the rate up again) "
+            "and lowers the learning rate (x lr_backoff)")
 
     @dataclass
     class Config(RepairConfig):
@@ -347,7 +347,7 @@ class Rebalance(Repair):
 
     name = "rebalance"
     answers = (LossImbalance.name,)
-    does = ("corrects the loss weights once so that the box term's gradient is about 2x the class term's (1/2 "
+    does = ("corrects the loss weights once so that the box term's gradient is about 2x the class term's (1x "
             "for a class-heavy run); under Adam or AdamW by raising the lighter term")
     rearm = None
     restarts = (Stuck.name,)
@@ -382,7 +382,8 @@ class RaiseLearningRate(Repair):
     name = "raise_lr"
     answers = (Stuck.name,)
     rearm = Rearm.FROM_BEFORE
-    does = "multiplies the learning rate by 10 when the loss stays flat (by 1/10 when it rose)"
+    does = ("multiplies the learning rate by 10 when the loss stays flat, or falls in proportion to the rate (by "
+            "1/10 when it rose)")
 
     @dataclass
     class Config(RepairConfig):
