@@ -5,8 +5,9 @@ Until 2026-12-05 the schema kept six retired ``diagnosis`` keys as null placehol
 of nulls), so every config a run saved before then (checkpoints, run folders' ``config.yaml``) holds
 them, null. ``load_saved_config`` drops them before typing the config against today's schema. A key
 set to a value is from a config older than this month, which is no longer read: the schema names it.
-A key added since (``diagnosis.preflight``) needs no rule here: a saved config without it takes the
-schema's default when it is merged onto the schema.
+A key added since (``diagnosis.preflight``, ``loss.rebalance.class_heavy_target``, the rollback's
+``restart_warmup_*``, stuck's ``still_low_*``) needs no rule here: a saved config without it takes the
+schema's default when it is merged onto the schema, so a run resumed from it goes on under today's rules.
 
 Also until 2026-12-05 the repairs were switched on where their mechanics live: ``loss.rebalance.enabled``
 (with ``band``) and ``diagnosis.divergence.rollback`` (with ``lr_backoff`` and ``max_rollbacks``). They
