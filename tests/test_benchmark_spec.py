@@ -161,3 +161,17 @@ def test_parse_part(text, expected):
 def test_parse_part_refuses(text):
     with pytest.raises(ValueError):
         parse_part(text)
+
+
+def test_the_launcher_threads_check_requirements_at_the_same_time():
+    """A part launches its runs from threads, each composing its run's config to see what it needs; Hydra's
+    compose state is global, and two at once raised "GlobalHydra is already initialized"."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from benchmarks.diagnosis.bench_diagnosis import missing_requirements
+
+    runs = [r for r in plan_runs(SPEC, "tune") if r.requires][:8]
+    assert len(runs) == 8
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(missing_requirements, runs))
+    assert all(isinstance(answer, list) for answer in answers)

@@ -46,6 +46,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -132,16 +133,24 @@ def prepared(run: PlannedRun, args: argparse.Namespace, repairs: Optional[Repair
     return PlannedRun(**{**run.to_dict(), "overrides": [*run.overrides, *extra]})
 
 
-def _epochs(run: PlannedRun) -> int:
+# Hydra's compose API keeps one global state: the parts' launcher threads compose one at a time (two at once
+# raised "GlobalHydra is already initialized" and ended a part of the tune recording).
+_COMPOSE = threading.Lock()
+
+
+def _composed(run: PlannedRun) -> Any:
     from detlab.config import compose_config
 
-    return compose_config(overrides=run.overrides).train.epochs
+    with _COMPOSE:
+        return compose_config(overrides=run.overrides)
+
+
+def _epochs(run: PlannedRun) -> int:
+    return _composed(run).train.epochs
 
 
 def missing_requirements(run: PlannedRun) -> list[str]:
     """What the run needs that this machine lacks: WIDER FACE, the pretrained backbone file, a GPU."""
-    from detlab.config import compose_config
-
     missing = []
     if run.gpu_only:
         import torch
@@ -149,7 +158,7 @@ def missing_requirements(run: PlannedRun) -> list[str]:
         if not torch.cuda.is_available():
             missing.append("a CUDA GPU")
     if run.requires:
-        cfg = compose_config(overrides=run.overrides)
+        cfg = _composed(run)
         if "widerface" in run.requires and not Path(cfg.dataset.root).is_dir():
             missing.append(f"WIDER FACE at {cfg.dataset.root} (DETLAB_DATA)")
         weights = cfg.model.backbone_weights
