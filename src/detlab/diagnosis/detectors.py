@@ -268,7 +268,7 @@ class UnnormalisedInput(_WindowMean):
     signal = "input_std"
     needs = (Need(("input_std",), "the statistics of the network's input", model=True),)
     # A note, not a failure (set on the diagnosis benchmark's tune seeds, v1, after seeing them): raw pixels
-    # learnt as well as normalised ones, from scratch (AP50 0.883, healthy median 0.854) and fine-tuning the
+    # learnt as well as normalised ones, from scratch (AP50 0.883, healthy median 0.85) and fine-tuning the
     # ImageNet MobileNetV2 (0.932), because batch norm right after the first convolution takes the scale
     # out. The pre-flight check names the same input before step 1, as a warning.
     severity = Severity.NOTE
@@ -783,10 +783,10 @@ class Stuck(Detector):
         after_change = e.get("rate_changed", 0.0) > 0  # re-armed by a repair: the windows around the change
         if after_change and kind in ("", "rose"):
             kind = f"{kind}_after_change".lstrip("_")
+        n = f"{e['window_steps']:.0f}"
+        windows = f"the {n} steps before and after the change" if after_change else f"the first and the last {n} steps"
         text = (f"{super().describe(e, kind)} (from {e['loss_first_window']:.4g} to {e['loss_last_window']:.4g}, the "
-                f"means of the {e['window_steps']:.0f} steps before and after the change{last})" if after_change
-                else f"{super().describe(e, kind)} (from {e['loss_first_window']:.4g} to {e['loss_last_window']:.4g}, "
-                f"the means of the first and the last {e['window_steps']:.0f} steps{last})")
+                f"means of {windows}{last})")
         if kind == "still_low":
             return f"{text}; at a sound rate 10x more moves it far less than 10x as much"
         return f"{text}; a run that learns falls {e['min_drop']:.0%} or more"
