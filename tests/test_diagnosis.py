@@ -681,6 +681,19 @@ def test_single_grad_spike_and_amp_overflows_are_not_divergence():
     assert run(make(), spike({5, 6, 7, 120, 121}, math.inf), None, 2) == []
 
 
+def test_no_burst_against_a_zero_median():
+    """Batches that match no face give a loss (and a gradient) of exactly 0; with such steps in the majority
+    the running median is 0, and the loss of the other steps is no burst (it divided by zero before)."""
+    def sparse(s: int) -> dict:
+        zero = s % 4 != 0 and not 200 <= s < 210  # three steps in four without a matched face; 10 in a row with one
+        return {**healthy_step()(s), "loss_cls": 0.0 if zero else 2.5, "loss_box": 0.0 if zero else 4.5,
+                "loss_total": 0.0 if zero else 7.0, "grad_norm": 0.0 if zero else 3.0}
+    assert [f for f in run(make(), sparse, None, 4) if f.detector == "divergence"] == []
+    # before the fix the same run ended in a ZeroDivisionError; a burst over a positive median still fires
+    burst = lambda s: {**healthy_step()(s), "grad_norm": 100.0 if s in (300, 301, 302) else 1.0}  # noqa: E731
+    assert only(run(make(), burst, None, 4), "divergence").evidence["factor"] == 100.0
+
+
 def test_divergence_on_persistent_non_finite_grad_norm():
     finding = only(run(make(), spike(set(range(200, 400)), math.inf), None, 3), "divergence")
     assert finding.step == 219 and finding.evidence["steps"] == 20

@@ -184,7 +184,10 @@ class Divergence(Detector):
                                "loss_box": float(signals.get("loss_box", math.nan)), "lr": lr}, "loss")
         alarm = None
         median = st.loss_median.median()
-        exploding = len(st.loss_median) >= cfg.min_history and raw > cfg.loss_factor * median
+        # a burst is measured against a positive median: a run whose batches match no face has a loss of exactly
+        # 0 on many steps, and against a median of 0 any loss at all would read as a burst (seen on the tune
+        # seeds: zero-size boxes s2 alternated 0 and 7, and the factor divided by zero)
+        exploding = len(st.loss_median) >= cfg.min_history and median > 0 and raw > cfg.loss_factor * median
         st.loss_explode_run = st.loss_explode_run + 1 if exploding else 0
         st.loss_median.push(raw)
         if st.loss_explode_run >= cfg.patience:
@@ -201,7 +204,7 @@ class Divergence(Detector):
             return alarm
         st.nonfinite_grad_run = 0
         median = st.grad_median.median()
-        exploding = len(st.grad_median) >= cfg.min_history and grad > cfg.grad_factor * median
+        exploding = len(st.grad_median) >= cfg.min_history and median > 0 and grad > cfg.grad_factor * median
         st.grad_explode_run = st.grad_explode_run + 1 if exploding else 0
         st.grad_median.push(grad)
         if st.grad_explode_run >= cfg.patience:
