@@ -694,6 +694,27 @@ def test_no_burst_against_a_zero_median():
     assert only(run(make(), burst, None, 4), "divergence").evidence["factor"] == 100.0
 
 
+def test_a_detector_that_raises_is_switched_off_and_the_run_goes_on(caplog):
+    from detlab.diagnosis.detectors import Divergence, Stuck
+
+    class Faulty(Stuck):  # a detector with a bug of its own, from step 10 on
+        def check_step(self, when, signals):
+            if when.step >= 10:
+                raise ZeroDivisionError("float division by zero")
+            return super().check_step(when, signals)
+
+    diag = make(detectors=[Faulty, Divergence])
+    nan_at_300 = lambda s: {**healthy_step()(s), "loss_total": math.nan} if s == 300 else healthy_step()(s)  # noqa: E731
+    with caplog.at_level("WARNING"):
+        findings = run(diag, nan_at_300, None, 4)
+    assert diag.broken == {"stuck": "ZeroDivisionError: float division by zero"}
+    assert "the stuck check failed at step 10" in caplog.text and caplog.text.count("check failed") == 1
+    assert [f.detector for f in findings] == ["divergence"]  # the other detectors still watch the run
+    restored = make(detectors=[Faulty, Divergence])
+    restored.load_state_dict(diag.state_dict())
+    assert restored.broken == diag.broken
+
+
 def test_divergence_on_persistent_non_finite_grad_norm():
     finding = only(run(make(), spike(set(range(200, 400)), math.inf), None, 3), "divergence")
     assert finding.step == 219 and finding.evidence["steps"] == 20

@@ -18,6 +18,8 @@ Nothing is written here: the training loop owns the console, TensorBoard and fil
 
 from __future__ import annotations
 
+import logging
+
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
@@ -41,6 +43,8 @@ if TYPE_CHECKING:
     from detlab.config import Config as RunConfig
     from detlab.schedule import StageBoundaries
 
+
+log = logging.getLogger(__name__)
 
 @dataclass
 class Finding:
@@ -116,6 +120,7 @@ class Diagnoser:
         self.findings: list[Finding] = []
         self._repaired: set[int] = set()  # indices in ``findings`` of patterns a repair has handled
         self._stood_down: set[str] = set()  # detectors a repair stood down for the rest of the run
+        self.broken: dict[str, str] = {}  # detectors whose check raised, with the error: off for the rest of the run
         self._active = dict.fromkeys(names, False)
         self._status = DiagnosisStatus()
 
@@ -166,8 +171,8 @@ class Diagnoser:
         if not self.cfg.enabled:
             return []
         when = When(int(step), int(epoch), self.stages.stage(step))
-        return self._apply(when, [(d, d.check_step(when, signals)) for d in self._step_detectors
-                                  if d.name not in self._stood_down])
+        return self._apply(when, [(d, self._checked(d, d.check_step, when, signals)) for d in self._step_detectors
+                                  if d.name not in self._stood_down and d.name not in self.broken])
 
     def observe_epoch(self, epoch: int, step: int, signals: Mapping[str, Any]) -> list[Finding]:
         """Epoch-end signals (train/* means, val/* metrics); ``step`` = optimiser steps done so far.
@@ -175,8 +180,20 @@ class Diagnoser:
         if not self.cfg.enabled:
             return []
         when = When(int(step), int(epoch), self.stages.stage(max(step - 1, 0)))
-        return self._apply(when, [(d, d.check_epoch(when, signals)) for d in self._epoch_detectors
-                                  if d.name not in self._stood_down])
+        return self._apply(when, [(d, self._checked(d, d.check_epoch, when, signals)) for d in self._epoch_detectors
+                                  if d.name not in self._stood_down and d.name not in self.broken])
+
+    def _checked(self, det: Detector, check: Any, when: When, signals: Mapping[str, Any]) -> Verdict:
+        """A detector's check; one that raises is switched off for the rest of the run with one warning, and
+        the training it watches goes on (a fault of the diagnosis must never end a run)."""
+        try:
+            return check(when, signals)
+        except Exception as error:  # noqa: BLE001 - any fault of a detector; the run is what matters
+            self.broken[det.name] = f"{type(error).__name__}: {error}"
+            log.warning("diagnosis: the %s check failed at step %d (%s); it is off for the rest of the run",
+                        det.name, when.step, self.broken[det.name])
+            self._active[det.name] = False
+            return None
 
     def _apply(self, when: When, verdicts: list[tuple[Detector, Verdict]]) -> list[Finding]:
         """Scalars follow the verdicts; a detector's first alarm of the run becomes its finding."""
@@ -219,6 +236,7 @@ class Diagnoser:
             "active": dict(self._active),
             "repaired": sorted(self._repaired),
             "stood_down": sorted(self._stood_down),
+            "broken": dict(self.broken),
             "detectors": {d.name: state_to_plain(d.state) for d in self.detectors},
         }
 
@@ -230,6 +248,7 @@ class Diagnoser:
         self.findings = [Finding.from_dict(data) for data in state["findings"]]
         self._repaired = {int(i) for i in state["repaired"]}
         self._stood_down = {str(name) for name in state.get("stood_down", ()) if name in self._active}
+        self.broken = {str(k): str(v) for k, v in state.get("broken", {}).items() if k in self._active}
         self._active.update({k: bool(v) for k, v in state["active"].items() if k in self._active})
         saved = state["detectors"]
         for det in self.detectors:
