@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from benchmarks.diagnosis import bench_diagnosis
 from benchmarks.diagnosis.recording import build_record, recording_path, write_recording
-from benchmarks.diagnosis.repairs import REPAIR_ANSWERS, REPAIRS_PATH, RepairsError, load_repairs, repair_plan
+from benchmarks.diagnosis.repairs import REPAIRS_PATH, RepairsError, load_repairs, repair_plan, switched_on_answers
 from benchmarks.diagnosis.spec import load_spec, plan_runs
 from conftest import edited_copy
 from detlab.run_record import read_metrics
@@ -32,10 +32,12 @@ def test_the_hash_is_the_sha256_of_the_files_bytes_and_it_fits_the_spec():
     assert "lr_x100" in REPAIRS.rescuable and "fp16_overflow" in REPAIRS.not_rescuable
 
 
-def test_the_answered_detectors_are_registered_ones():
-    from detlab.diagnosis.registry import registered_detectors
-
-    assert REPAIR_ANSWERS <= {cls.name for cls in registered_detectors()}
+def test_the_plan_reads_the_detectors_that_the_switched_on_repairs_answer():
+    # mining (avoidance, class_loss_at_chance) is off in diagnosis.repair: its findings leave a run as it is
+    assert switched_on_answers(REPAIRS.switch) == {"dead_gradients", "divergence", "loss_imbalance", "stuck"}
+    with_mining = switched_on_answers([*REPAIRS.switch, "diagnosis.repairs.mining.enabled=true"])
+    assert with_mining == {"avoidance", "class_loss_at_chance", "dead_gradients", "divergence", "loss_imbalance", "stuck"}
+    assert switched_on_answers([]) == frozenset()  # the switch off: no repair
 
 
 @pytest.mark.parametrize("old,new,message", [
@@ -66,21 +68,27 @@ def test_a_changed_byte_is_another_hash(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ the plan
-def test_the_plan_keeps_the_rescuable_classes_and_the_healthy_runs_a_repair_may_act_on():
+def test_the_plan_keeps_the_runs_a_repair_may_act_on():
+    answers = frozenset({"stuck", "avoidance"})
     plain = {"healthy-default-base-s3001": [],  # no finding: trains as without the switch
              "healthy-default-base-s3002": ["stuck"],  # answered
              "healthy-lr-lr0.005-s3001": ["dead_gradients", "under_confidence"],  # findings no repair answers
              "healthy-lr-lr0.02-s3001": ["random_large_boxes", "avoidance"],  # one answered is enough
-             "fault-lr_tiny-s3001": ["stuck"]}  # not rescuable, whatever its findings
-    runs = repair_plan(SPEC, REPAIRS, "confirm", plain, answers=frozenset({"stuck", "avoidance"}))
+             "fault-lr_tiny-s3001": ["stuck"],  # not rescuable, whatever its findings
+             "fault-lr_x0.001-s3001": ["stuck"],  # rescuable and answered
+             "fault-neg_pos_1to1-s3001": [],  # rescuable, but nothing a repair acts on: its own twin
+             "fault-weak_mining-s3002": ["overfitting"]}  # the same
+    runs = repair_plan(SPEC, REPAIRS, "confirm", plain, answers)
     every = plan_runs(SPEC, "confirm")
+    names = {r.name for r in runs}
     assert {r.group for r in runs if r.kind == "fault"} == set(REPAIRS.rescuable) - {"fp16_overflow"}
-    assert sum(r.kind == "fault" for r in runs) == 3 * len(REPAIRS.rescuable)
+    assert sum(r.kind == "fault" for r in runs) == 3 * len(REPAIRS.rescuable) - 2
+    assert "fault-lr_x0.001-s3001" in names and not {"fault-neg_pos_1to1-s3001", "fault-weak_mining-s3002"} & names
     assert not [r for r in runs if r.kind == "overhead"]  # the overhead pairs are the diagnosis's
     left_out = {r.name for r in every if r.kind == "healthy"} - {r.name for r in runs if r.kind == "healthy"}
     assert left_out == {"healthy-default-base-s3001", "healthy-lr-lr0.005-s3001"}
     assert [r.name for r in runs] == [r.name for r in every if r in runs]  # spec order
-    assert repair_plan(SPEC, REPAIRS, "confirm", plain, gpu=True) == []  # fp16_overflow is not rescuable
+    assert repair_plan(SPEC, REPAIRS, "confirm", plain, answers, gpu=True) == []  # fp16_overflow is not rescuable
 
 
 def committed_run() -> tuple[dict, list, list, dict, dict]:
@@ -155,7 +163,7 @@ def test_replay_with_repairs_scores_each_run_against_its_twin(tmp_path):
     res = report["rescue"]
     assert {k: v for k, v in res["classes"]["lr_x100"].items() if k != "ap50"} == {
         "runs": 3, "failed": 2, "rescued": 2, "rescued_runs": ["fault-lr_x100-s0", "fault-lr_x100-s1"],
-        "class_rescued": True}
+        "not_rerun": [], "class_rescued": True}
     assert res["classes"]["no_mining"]["class_rescued"] is False and res["classes"]["paper_box_10"]["runs"] == 0
     assert (res["rescued_classes"], res["classes_with_failed_runs"], res["rescued_class_rate"]) == (1, 2, 0.5)
     default = res["healthy"]["default"]  # +0.01 on one of three runs, against a spread of 0.005

@@ -21,6 +21,7 @@ from benchmarks.diagnosis.scoring import (
     overhead,
     reference_medians,
     rescue,
+    rescue_markdown,
     rescue_targets,
     rescued,
     score_all,
@@ -200,6 +201,13 @@ def test_a_class_is_rescued_when_more_than_half_its_failed_runs_are():
     assert (r["rescued_classes"], r["classes_with_failed_runs"], r["rescued_class_rate"]) == (1, 2, 0.5)
     t = rescue_targets(r, REPAIRS.targets)
     assert t["rescued_class_rate"] == {"value": 0.5, "target": 0.5, "kind": "min", "met": True}
+    # a4 not re-run because no finding of its was one a repair answers: it trains as its twin, failed again
+    r = rescue(repaired, plain, SPEC, REPAIRS, identical=["a4", "c1"])
+    a = r["classes"]["a"]
+    assert (a["runs"], a["failed"], a["rescued"], a["class_rescued"]) == (4, 4, 2, False)  # 2 of 4: not more than half
+    assert a["ap50"][-1] == [0.1, 0.1] and a["not_rerun"] == ["a4"]
+    assert r["classes"]["c"]["not_rerun"] == []  # c1 was re-run: its repaired run counts
+    assert "(1 not re-run: no finding a repair answers)" in "\n".join(rescue_markdown(r))
 
 
 def test_the_healthy_groups_change_against_their_spread():

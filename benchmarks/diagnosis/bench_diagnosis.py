@@ -62,9 +62,10 @@ from benchmarks.diagnosis.recording import (
     recording_path,
     write_recording,
 )
-from benchmarks.diagnosis.repairs import REPAIR_ANSWERS, REPAIRS_PATH, Repairs, load_repairs, repair_plan
+from benchmarks.diagnosis.repairs import REPAIRS_PATH, Repairs, load_repairs, repair_plan, switched_on_answers
 from benchmarks.diagnosis.scoring import RunResult, markdown, rescue, rescue_targets, score_all, targets
 from benchmarks.diagnosis.spec import (
+    FAULT,
     OVERHEAD,
     SEED_SETS,
     SPEC_PATH,
@@ -198,15 +199,26 @@ def launch(run: PlannedRun, args: argparse.Namespace, spec: Spec, threads: int) 
 def planned(args: argparse.Namespace, spec: Spec, seed_set: str, repairs: Optional[Repairs]) -> list[PlannedRun]:
     """The runs of ``seed_set`` this invocation trains: the spec's, or with --repairs the reduced plan; with
     --only, those whose name matches one of its patterns."""
-    if repairs is None:
-        runs = plan_runs(spec, seed_set, gpu=args.gpu)
-    else:
-        root, _ = recordings_folder(args, spec)
-        plain = plain_detectors(root, spec, seed_set, benchmarked_diagnosis(spec), replay=not args.recorded_findings)
-        runs = repair_plan(spec, repairs, seed_set, plain, gpu=args.gpu)
+    runs = plan_runs(spec, seed_set, gpu=args.gpu) if repairs is None else reduced_plan(args, spec, seed_set, repairs)[0]
     if args.only:
         runs = [r for r in runs if any(fnmatch.fnmatchcase(r.name, pattern) for pattern in args.only)]
     return runs
+
+
+def reduced_plan(args: argparse.Namespace, spec: Spec, seed_set: str,
+                 repairs: Repairs) -> tuple[list[PlannedRun], dict[str, list[str]], list[str]]:
+    """(the runs to train with the repairs, in spec order; run name -> the detectors of its findings
+    without repairs, for those recorded; the rescuable classes' fault runs left out because no finding of
+    theirs is one a switched-on repair answers: each trains as its twin did)."""
+    root, _ = recordings_folder(args, spec)
+    plain = plain_detectors(root, spec, seed_set, benchmarked_diagnosis(spec), replay=not args.recorded_findings)
+    with _COMPOSE:
+        answers = switched_on_answers(repairs.switch)
+    runs = repair_plan(spec, repairs, seed_set, plain, answers, gpu=args.gpu)
+    kept = {r.name for r in runs}
+    identical = [r.name for r in plan_runs(spec, seed_set, gpu=args.gpu)
+                 if r.kind == FAULT and r.group in repairs.rescuable and r.name not in kept]
+    return runs, plain, identical
 
 
 def train_part(args: argparse.Namespace, spec: Spec, repairs: Optional[Repairs] = None) -> int:
@@ -251,19 +263,22 @@ def print_plan(args: argparse.Namespace, spec: Spec, repairs: Optional[Repairs] 
 def print_repair_plan(args: argparse.Namespace, spec: Spec, repairs: Repairs) -> int:
     root, _ = recordings_folder(args, spec)
     print(f"repairs v{repairs.version} ({repairs.path}), sha256 {repairs.sha256}; switch {' '.join(repairs.switch)}")
-    print(f"healthy runs re-run when their recording without repairs ({root / f'v{spec.version}'}) has a finding of "
-          f"{', '.join(sorted(REPAIR_ANSWERS))}, or is not recorded yet")
+    with _COMPOSE:
+        answers = switched_on_answers(repairs.switch)
+    print(f"runs re-run when their recording without repairs ({root / f'v{spec.version}'}) has a finding of "
+          f"{', '.join(sorted(answers))} (the detectors the switched-on repairs answer), or is not recorded yet")
     plans = {}
     for seed_set in SEED_SETS:
-        plain = plain_detectors(root, spec, seed_set, benchmarked_diagnosis(spec), replay=not args.recorded_findings)
-        runs = plans[seed_set] = repair_plan(spec, repairs, seed_set, plain, gpu=args.gpu)
+        runs, plain, identical = reduced_plan(args, spec, seed_set, repairs)
+        plans[seed_set] = runs
         healthy = [r for r in runs if r.kind == "healthy"]
         left_out = sum(r.kind == "healthy" for r in plan_runs(spec, seed_set, gpu=args.gpu)) - len(healthy)
         minutes = estimated_minutes(runs)
         print(f"{seed_set} seeds {spec.seeds[seed_set]} with the repairs: {len(runs)} "
               f"{'GPU-only' if args.gpu else 'CPU'} runs, about {minutes:.0f} min ({minutes / 60:.1f} h) alone on "
-              f"2 cores: {len(runs) - len(healthy)} fault runs of the {len(repairs.rescuable)} rescuable classes, "
-              f"{len(healthy)} healthy ({sum(r.name in plain for r in healthy)} with a finding a repair answers, "
+              f"2 cores: {len(runs) - len(healthy)} fault runs of the {len(repairs.rescuable)} rescuable classes "
+              f"({len(identical)} left out: no such finding), {len(healthy)} healthy "
+              f"({sum(r.name in plain for r in healthy)} with a finding a repair answers, "
               f"{sum(r.name not in plain for r in healthy)} not recorded yet; {left_out} left out: no such finding)")
     k, n = parse_part(args.part) if args.part else (1, 1)
     for i, part in enumerate(assign_parts(planned(args, spec, args.seed_set, repairs), n), 1):
@@ -378,7 +393,7 @@ def score_recordings(args: argparse.Namespace, spec: Spec, repairs: Optional[Rep
     if repairs:
         # the twins' outcomes and bars only: their findings are not read, so they are not replayed
         plain, _, _, _ = load_results(root, str(spec.version), spec, args.seed_set, None, replay=False)
-        res = rescue(results, plain, spec, repairs)
+        res = rescue(results, plain, spec, repairs, identical=reduced_plan(args, spec, args.seed_set, repairs)[2])
         if res is not None:
             recorded = {r.name for r in results}
             res["not_recorded"] = [r.name for r in planned(args, spec, args.seed_set, repairs)

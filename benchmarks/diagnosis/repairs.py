@@ -3,8 +3,10 @@ the runs ``bench_diagnosis --repairs`` trains.
 
 ``load_repairs(spec)`` reads the file, keeps the sha256 of its bytes and checks it against the diagnosis
 spec it rides on (the same version; every fault class either rescuable or not, once). ``repair_plan``
-reduces a seed set's runs to those worth training with the switch on: the rescuable classes' runs, and the
-healthy runs on which a repair may act (the others train exactly as without the switch).
+reduces a seed set's runs to those worth training with the switch on: the runs of the rescuable classes and
+the healthy runs on which a repair may act. A run whose recording without repairs has no finding that a
+repair the switch turns on answers trains exactly as without the switch (a repair acts only on a finding;
+tests/test_repairs.py), so it is its own twin and is not trained again.
 """
 
 from __future__ import annotations
@@ -21,15 +23,15 @@ from benchmarks.diagnosis.spec import FAULT, HEALTHY, PlannedRun, Spec, SpecErro
 REPAIRS_PATH = Path(__file__).resolve().parent / "repairs.yaml"
 HEALTHY_RULE = "rerun_only_when_a_repair_would_act"  # the one healthy rule version 1 knows
 
-try:  # the product's repair registry, once it says which detectors' findings a repair acts on
-    from detlab.diagnosis.repairs import answered_detectors
 
-    REPAIR_ANSWERS = frozenset(answered_detectors())
-except ImportError:
-    # Mirrors the product's repair registry by hand until it exposes answered_detectors(): the rollback and
-    # back-off (divergence), the lr raise and the warm-up end (stuck), the mining and class-weight changes
-    # (avoidance, class_loss_at_chance), the rebalancing (loss_imbalance).
-    REPAIR_ANSWERS = frozenset({"divergence", "stuck", "avoidance", "loss_imbalance", "class_loss_at_chance"})
+def switched_on_answers(switch: Sequence[str]) -> frozenset[str]:
+    """The detectors whose findings the repairs that ``switch`` turns on answer (each repair's block says
+    whether ``diagnosis.repair=true`` turns it on). Composes a config: call it where Hydra is free."""
+    from detlab.config import compose_config
+    from detlab.diagnosis.repairs import Repairs as RunRepairs
+
+    on = RunRepairs(compose_config(overrides=list(switch)).diagnosis)
+    return frozenset(name for repair in on.repairs for name in repair.answers)
 
 
 class RepairsError(SpecError):
@@ -102,18 +104,19 @@ def load_repairs(spec: Spec, path: Path | str = REPAIRS_PATH) -> Repairs:
 
 
 def repair_plan(spec: Spec, repairs: Repairs, seed_set: str, plain: Mapping[str, Sequence[str]],
-                gpu: Optional[bool] = False, answers: frozenset[str] = REPAIR_ANSWERS) -> list[PlannedRun]:
-    """The runs of ``seed_set`` to train with the switch on, in spec order: every run of a rescuable class,
-    and each healthy run whose recording without repairs has a finding of a detector in ``answers`` or is
-    not recorded yet (nothing says a repair would stay idle). ``plain``: run name -> the detectors of its
-    findings without repairs, for the runs recorded so far. No overhead pair (it measures the diagnosis,
-    not the repairs)."""
+                answers: frozenset[str], gpu: Optional[bool] = False) -> list[PlannedRun]:
+    """The runs of ``seed_set`` to train with the switch on, in spec order: each run of a rescuable class
+    and each healthy run whose recording without repairs has a finding of a detector in ``answers``
+    (``switched_on_answers``) or is not recorded yet (nothing says a repair would stay idle). ``plain``: run
+    name -> the detectors of its findings without repairs, for the runs recorded so far. No overhead pair
+    (it measures the diagnosis, not the repairs)."""
+
+    def acts(run: PlannedRun) -> bool:
+        return run.name not in plain or bool(answers & set(plain[run.name]))
 
     def wanted(run: PlannedRun) -> bool:
         if run.kind == FAULT:
-            return run.group in repairs.rescuable
-        if run.kind == HEALTHY:
-            return run.name not in plain or bool(answers & set(plain[run.name]))
-        return False
+            return run.group in repairs.rescuable and acts(run)
+        return run.kind == HEALTHY and acts(run)
 
     return [r for r in plan_runs(spec, seed_set, gpu=gpu) if wanted(r)]

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Collection, Mapping, Optional, Sequence
 
 FAILED, HEALTHY, NEITHER, UNKNOWN, ERROR = "failed", "healthy", "neither", "unknown", "error"
 DETLAB = "detlab"
@@ -281,26 +281,30 @@ def rescued(r: RunResult, medians: Mapping[tuple[str, str], float], within: floa
 
 
 def rescue(repaired: Sequence[RunResult], plain: Sequence[RunResult], spec: Any,
-           repairs: Any) -> Optional[dict[str, Any]]:
+           repairs: Any, identical: Collection[str] = ()) -> Optional[dict[str, Any]]:
     """The repairs' figures (repairs.yaml), each repaired run against its twin without repairs (``plain``,
     by name); the outcome labels and the reference medians are the plain runs' (the benchmark's bars).
 
     Per rescuable class: its failed plain runs, how many of their twins are rescued, and whether the class
-    is (more than half of at least one). Per healthy group: the mean final AP50 change over the group's
-    plain runs, a run not re-run counting 0 (it trains identically), against the seed-to-seed standard
-    deviation of the plain runs."""
+    is (more than half of at least one). ``identical``: fault runs not re-run because no finding of theirs
+    is one a repair answers; they train exactly as without the switch, so each is its own twin. Per healthy
+    group: the mean final AP50 change over the group's plain runs, a run not re-run counting 0 (it trains
+    identically), against the seed-to-seed standard deviation of the plain runs."""
     if not repaired or not plain:
         return None
     labels, medians = outcome_labels(plain, spec.outcome), reference_medians(plain)
     twins = {r.name: r for r in plain}
+    rerun = {r.name for r in repaired}
+    same = [r for r in plain if r.kind == "fault" and r.name in identical and r.name not in rerun]
     classes: dict[str, dict[str, Any]] = {}
     for cls in repairs.rescuable:
-        runs = [r for r in repaired if r.kind == "fault" and r.group == cls and r.name in twins]
+        runs = [r for r in [*repaired, *same] if r.kind == "fault" and r.group == cls and r.name in twins]
         failed = [r for r in runs if labels[r.name] == FAILED]
         saved = [r for r in failed if rescued(r, medians, repairs.rescued_within)]
         classes[cls] = {"runs": len(runs), "failed": len(failed), "rescued": len(saved),
                         "rescued_runs": [r.name for r in saved],
                         "ap50": [[twins[r.name].final_metric, r.final_metric] for r in runs],
+                        "not_rerun": [r.name for r in runs if r.name not in rerun],
                         "class_rescued": bool(failed) and len(saved) > len(failed) / 2}
     judged = [c for c in classes.values() if c["failed"]]
     by_name = {r.name: r for r in repaired}
@@ -343,6 +347,8 @@ def rescue_markdown(res: Mapping[str, Any]) -> list[str]:
              "| class | failed without | rescued | AP50 each run without -> with | rescued? |", "|---|---|---|---|---|"]
     for cls, c in res["classes"].items():
         pairs = ", ".join(f"{_num(a)}->{_num(b)}" for a, b in c["ap50"]) or "-"
+        if c.get("not_rerun"):
+            pairs += f" ({len(c['not_rerun'])} not re-run: no finding a repair answers)"
         verdict = _yes(c["class_rescued"]) if c["failed"] else "n/a (no failed run)"
         lines.append(f"| {cls} | {c['failed']} of {c['runs']} | {c['rescued']} | {pairs} | {verdict} |")
     lines += ["", f"Rescued classes: {res['rescued_classes']} of {res['classes_with_failed_runs']} with a failed run "
