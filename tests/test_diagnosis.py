@@ -715,6 +715,15 @@ def test_a_detector_that_raises_is_switched_off_and_the_run_goes_on(caplog):
     assert restored.broken == diag.broken
 
 
+def test_the_run_record_names_a_broken_detector_only_when_there_is_one():
+    from detlab.run_record import RunSummary
+
+    assert "diagnosis_errors" not in RunSummary().to_dict()
+    record = RunSummary(diagnosis_errors={"stuck": "ZeroDivisionError: float division by zero"}).to_dict()
+    assert record["diagnosis_errors"] == {"stuck": "ZeroDivisionError: float division by zero"}
+    assert RunSummary.from_dict(record).diagnosis_errors == record["diagnosis_errors"]
+
+
 def test_divergence_on_persistent_non_finite_grad_norm():
     finding = only(run(make(), spike(set(range(200, 400)), math.inf), None, 3), "divergence")
     assert finding.step == 219 and finding.evidence["steps"] == 20

@@ -208,8 +208,10 @@ class RunSummary:
     # The pre-flight checks of the run's first session (detlab.engine.preflight): mode, seconds, counts,
     # findings (check, severity, message, fix, evidence); absent with diagnosis.preflight=off.
     preflight: Optional[dict[str, Any]] = None
+    # detector -> the error its check raised; that detector was off for the rest of the run (only when one did)
+    diagnosis_errors: Optional[dict[str, str]] = None
 
-    _OPTIONAL = ("loss_rebalance", "traceback", "preflight")
+    _OPTIONAL = ("loss_rebalance", "traceback", "preflight", "diagnosis_errors")
 
     def to_dict(self) -> dict[str, Any]:
         record = asdict(self)

@@ -512,7 +512,13 @@ class Trainer:
             wall_time_s=round(self._elapsed(), 3), device="" if self.device is None else str(self.device),
             processes=self.world_size,  # > 1: torchrun's DistributedDataParallel
             loss_rebalance=self.parts.criterion.rebalancer.state_dict() if rebalance else None,
-            traceback=self.traceback, preflight=state.preflight)
+            traceback=self.traceback, preflight=state.preflight, diagnosis_errors=self._diagnosis_errors())
+
+    def _diagnosis_errors(self) -> Optional[dict[str, str]]:
+        """The detectors whose check raised (each off for the rest of the run), for the record; None when none
+        did or the run ended before its diagnosis was built."""
+        diagnoser = getattr(self, "diagnoser", None)
+        return dict(diagnoser.broken) if diagnoser is not None and diagnoser.broken else None
 
     def _elapsed(self) -> float:
         return self.state.elapsed_s + (time.time() - self._session_start)
