@@ -128,11 +128,6 @@ def registered_repairs() -> tuple[type[Repair], ...]:
     return tuple(_REPAIRS.values())
 
 
-def answered_detectors() -> frozenset[str]:
-    """The detectors whose findings some registered repair answers."""
-    return frozenset(name for cls in _REPAIRS.values() for name in cls.answers)
-
-
 def repairs_schema(module: str) -> type:
     """The ``diagnosis.repairs`` block: one field per registered repair, typed as its ``Config``."""
     schema = make_dataclass("RepairsConfig", [(name, cls.Config, field(default_factory=cls.Config))
@@ -520,5 +515,5 @@ class Repairs:
 
 
 __all__ = ["Rebalance", "RaiseLearningRate", "Mining", "Repair", "RepairConfig", "RepairRecord", "RepairTarget",
-           "Repairs", "Rollback", "answered_detectors", "register_repair", "registered_repairs",
+           "Repairs", "Rollback", "register_repair", "registered_repairs",
            "repair_problems", "repairs_schema", "scale_learning_rate"]
