@@ -200,9 +200,14 @@ def planned(args: argparse.Namespace, spec: Spec, seed_set: str, repairs: Option
     """The runs of ``seed_set`` this invocation trains: the spec's, or with --repairs the reduced plan; with
     --only, those whose name matches one of its patterns."""
     runs = plan_runs(spec, seed_set, gpu=args.gpu) if repairs is None else reduced_plan(args, spec, seed_set, repairs)[0]
-    if args.only:
-        runs = [r for r in runs if any(fnmatch.fnmatchcase(r.name, pattern) for pattern in args.only)]
-    return runs
+    return only_matching(args, runs)
+
+
+def only_matching(args: argparse.Namespace, runs: list[PlannedRun]) -> list[PlannedRun]:
+    """With --only, the runs whose name matches one of its patterns."""
+    if not args.only:
+        return runs
+    return [r for r in runs if any(fnmatch.fnmatchcase(r.name, pattern) for pattern in args.only)]
 
 
 def reduced_plan(args: argparse.Namespace, spec: Spec, seed_set: str,
@@ -393,11 +398,11 @@ def score_recordings(args: argparse.Namespace, spec: Spec, repairs: Optional[Rep
     if repairs:
         # the twins' outcomes and bars only: their findings are not read, so they are not replayed
         plain, _, _, _ = load_results(root, str(spec.version), spec, args.seed_set, None, replay=False)
-        res = rescue(results, plain, spec, repairs, identical=reduced_plan(args, spec, args.seed_set, repairs)[2])
+        wanted, _, identical = reduced_plan(args, spec, args.seed_set, repairs)  # the plain runs replayed once
+        res = rescue(results, plain, spec, repairs, identical=identical)
         if res is not None:
             recorded = {r.name for r in results}
-            res["not_recorded"] = [r.name for r in planned(args, spec, args.seed_set, repairs)
-                                   if r.name not in recorded]
+            res["not_recorded"] = [r.name for r in only_matching(args, wanted) if r.name not in recorded]
             res["targets"] = rescue_targets(res, repairs.targets) if judged else None
         report["repairs"] = {"version": repairs.version, "sha256": repairs.sha256, "path": repairs.path,
                              "switch": repairs.switch}

@@ -19,7 +19,6 @@ Nothing is written here: the training loop owns the console, TensorBoard and fil
 from __future__ import annotations
 
 import logging
-
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
@@ -45,6 +44,7 @@ if TYPE_CHECKING:
 
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class Finding:
