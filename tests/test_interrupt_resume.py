@@ -25,6 +25,7 @@ from detlab.errors import ConfigError
 from detlab.resume import SAFE_ON_RESUME, merge_overrides, override_key, resumed_config
 from detlab.run_record import RunStatus, read_signals
 from detlab.runtime.interrupt import Interrupted, InterruptSignals, exit_on_interrupt
+from detlab.runtime.provenance import code_version
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -291,6 +292,7 @@ def test_a_run_interrupted_by_sigterm_and_resumed_ends_as_the_uninterrupted_run(
     assert metric_rows(run_dir) == metric_rows(straight)  # exactly: same batches, draws and updates
     assert resumed["stages"] == record(straight)["stages"]
     assert read_signals(run_dir) == read_signals(straight)  # every step's signals once, as uninterrupted
+    assert resumed["code"] == interrupted["code"] == [code_version()]  # one entry: both sessions ran this code
 
 
 @pytest.mark.slow

@@ -210,6 +210,9 @@ class RunSummary:
     preflight: Optional[dict[str, Any]] = None
     # detector -> the error its check raised; that detector was off for the rest of the run (only when one did)
     diagnosis_errors: Optional[dict[str, str]] = None
+    # The code that trained the run: versions and git commit (detlab.runtime.provenance), one entry per
+    # session whose code differed from the one before (more than one only when resumed with other code).
+    code: list[dict[str, Any]] = field(default_factory=list)
 
     _OPTIONAL = ("loss_rebalance", "traceback", "preflight", "diagnosis_errors")
 

@@ -35,6 +35,9 @@ class RunState:
     repairs: list[dict[str, Any]] = field(default_factory=list)  # what a repair did, and when
     elapsed_s: float = 0.0  # wall time of earlier sessions of this run
     preflight: Optional[dict[str, Any]] = None  # the pre-flight report of the run's first session
+    # The code of the first session, then of each resumed session whose code differs from the one before
+    # (detlab.runtime.provenance.code_version)
+    code: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -45,6 +48,11 @@ class RunState:
         sums["steps"] += 1
         for key in LOSS_KEYS:
             sums[key] += losses[key]
+
+    def note_code(self, version: Mapping[str, Any]) -> None:
+        """This session's code into ``code``, unless it is the code of the session before."""
+        if not self.code or self.code[-1] != dict(version):
+            self.code.append(dict(version))
 
     def stage_means(self) -> dict[str, dict[str, float]]:
         return {stage: {k: sums[k] / sums["steps"] for k in LOSS_KEYS}

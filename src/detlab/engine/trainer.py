@@ -41,6 +41,7 @@ from detlab.runtime.device import select_device
 from detlab.runtime.distributed import (all_gather_object, any_rank, broadcast_buffers, broadcast_object, get_rank,
                                         get_world_size, is_initialized, is_main_process, wrap_model)
 from detlab.runtime.interrupt import Interrupted, InterruptSignals, signal_name
+from detlab.runtime.provenance import code_version
 from detlab.runtime.seeding import rng_state, seed_everything, set_rng_state
 from detlab.schedule import stage_boundaries
 
@@ -205,6 +206,7 @@ class Trainer:
             self._build()
             self.run_callbacks("on_build")
             self.resumed = self._resume(previous)
+            self.state.note_code(code_version())
             if not self.resumed and self.cfg.diagnosis.preflight != "off":
                 # A fresh run (resume_checkpoint refuses a folder with trained steps): its record is this
                 # session's from here, so a fatal finding is recorded with its reason.
@@ -512,7 +514,8 @@ class Trainer:
             wall_time_s=round(self._elapsed(), 3), device="" if self.device is None else str(self.device),
             processes=self.world_size,  # > 1: torchrun's DistributedDataParallel
             loss_rebalance=self.parts.criterion.rebalancer.state_dict() if rebalance else None,
-            traceback=self.traceback, preflight=state.preflight, diagnosis_errors=self._diagnosis_errors())
+            traceback=self.traceback, preflight=state.preflight, diagnosis_errors=self._diagnosis_errors(),
+            code=state.code or [code_version()])
 
     def _diagnosis_errors(self) -> Optional[dict[str, str]]:
         """The detectors whose check raised (each off for the rest of the run), for the record; None when none

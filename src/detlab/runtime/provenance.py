@@ -1,0 +1,46 @@
+"""Which code trained a run: the package and library versions, and the git commit of the source tree
+when detlab runs from a checkout (``pip install -e .``). Kept in ``summary.json``'s ``code`` so that a
+figure read from a run folder can be traced to the code that produced it."""
+
+from __future__ import annotations
+
+import functools
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torchvision
+
+from detlab import __version__
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # src/detlab
+
+
+def _git(args: list[str], cwd: Path) -> Optional[str]:
+    """``git <args>``'s output in ``cwd``, or None when git is missing, ``cwd`` is in no repository, or
+    git does not answer within 5 seconds (a run never waits on this)."""
+    try:
+        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def git_state(source_dir: Path = PACKAGE_DIR) -> dict[str, Any]:
+    """``git_commit`` (40 hex digits) and ``git_dirty`` (tracked files changed since that commit) of the
+    repository holding ``source_dir``; both None when it is in none (an installed wheel)."""
+    commit = _git(["rev-parse", "HEAD"], source_dir)
+    if not commit:
+        return {"git_commit": None, "git_dirty": None}
+    changes = _git(["status", "--porcelain", "--untracked-files=no"], source_dir)
+    return {"git_commit": commit, "git_dirty": None if changes is None else bool(changes)}
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> dict[str, Any]:
+    """This process's code: detlab, torch, torchvision and Python versions, and ``git_state()``. Read once
+    per process (the source does not change under a running process's imports)."""
+    return {"detlab": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "python": platform.python_version(), **git_state()}
