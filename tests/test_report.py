@@ -220,6 +220,11 @@ def test_compact_findings():
                 {"detector": "stuck"}]
     assert compact_findings(findings) == "avoidance@e1; loss_imbalance@s200(x2); overfitting@s900; stuck"
     assert compact_findings([]) == ""
+    # a note is marked; a detector's first alarm is shown before its notes, which still count
+    noted = [{"detector": "loss_imbalance", "step": 10, "severity": "note"},
+             {"detector": "avoidance", "epoch": 2, "severity": "note"},
+             {"detector": "avoidance", "epoch": 5, "severity": "failure"}]
+    assert compact_findings(noted) == "loss_imbalance@s10 (note); avoidance@e5(x2)"
 
 
 def test_partial_and_empty_sweeps(tmp_path):

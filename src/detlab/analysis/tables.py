@@ -99,14 +99,16 @@ def status_markdown(status: str) -> str:
 
 
 def compact_findings(findings: Sequence[Mapping[str, Any]]) -> str:
-    """``avoidance@e1; loss_imbalance@s200(x3)``: first occurrence per detector, at its step for
-    step-level detectors (``STEP_LEVEL_DETECTORS``), else at its epoch (whichever is known)."""
+    """``avoidance@e1; loss_imbalance@s200(x3); under_confidence@e2 (note)``: per detector, its first
+    alarm (else its first note, marked ``(note)``: a note is said of a run that learns, not an alarm), at
+    its step for step-level detectors (``STEP_LEVEL_DETECTORS``), else at its epoch (whichever is known)."""
     first: dict[str, Mapping[str, Any]] = {}
     counts: Counter = Counter()
     for finding in findings:
         detector = str(finding.get("detector", "?"))
         counts[detector] += 1
-        first.setdefault(detector, finding)
+        if detector not in first or (_is_note(first[detector]) and not _is_note(finding)):
+            first[detector] = finding
     parts = []
     for detector, finding in first.items():
         epoch, step = as_int(finding.get("epoch")), as_int(finding.get("step"))
@@ -115,8 +117,12 @@ def compact_findings(findings: Sequence[Mapping[str, Any]]) -> str:
         else:
             where = f"@e{epoch}" if epoch is not None else f"@s{step}" if step is not None else ""
         repeat = f"(x{counts[detector]})" if counts[detector] > 1 else ""
-        parts.append(f"{detector}{where}{repeat}")
+        parts.append(f"{detector}{where}{repeat}{' (note)' if _is_note(finding) else ''}")
     return "; ".join(parts)
+
+
+def _is_note(finding: Mapping[str, Any]) -> bool:
+    return finding.get("severity") == "note"
 
 
 def count_statuses(runs: Sequence[RunResult]) -> dict[str, int]:
