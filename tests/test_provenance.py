@@ -50,6 +50,8 @@ def test_the_code_version_names_the_libraries():
     version = code_version()
     assert version["torch"] == torch.__version__ and version["detlab"]
     assert set(version) == {"detlab", "torch", "torchvision", "python", "git_commit", "git_dirty"}
+    # plain types only: the run state that holds it is saved in weights_only checkpoints
+    assert all(type(value) in (str, bool, type(None)) for value in version.values())
 
 
 def test_a_session_adds_its_code_only_when_it_differs_from_the_one_before():

@@ -42,5 +42,6 @@ def git_state(source_dir: Path = PACKAGE_DIR) -> dict[str, Any]:
 def code_version() -> dict[str, Any]:
     """This process's code: detlab, torch, torchvision and Python versions, and ``git_state()``. Read once
     per process (the source does not change under a running process's imports)."""
-    return {"detlab": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+    # str(): torch.__version__ is a TorchVersion, which a weights_only checkpoint load refuses
+    return {"detlab": str(__version__), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "python": platform.python_version(), **git_state()}
