@@ -166,10 +166,10 @@ def test_status_text_names_the_step_the_divergence_check_named(tmp_path, make_fa
     diverged = load_run(make_fake_run(tmp_path / "d", 10.0, status="diverged", epochs=1, epochs_planned=3, step=76,
                                       findings=[{"detector": "divergence", "epoch": 2, "step": 75}]))
     assert (diverged.step, diverged.stop_step) == (76, 75)
-    assert status_text(diverged) == "DIVERGED at step 75 (epoch 1/3)"
+    assert status_text(diverged) == "DIVERGED at step 75 (1 of 3 epochs done)"
     assert status_text(diverged, compact=True) == "DIVERGED @ step 75"
     running = load_run(make_fake_run(tmp_path / "r", 1.0, status="running", epochs=1, epochs_planned=3))
-    assert status_text(running) == "running (epoch 1/3)" and status_text(running, compact=True) == "running @ epoch 1"
+    assert status_text(running) == "running (1 of 3 epochs done)" and status_text(running, compact=True) == "running @ epoch 1"
     completed = load_run(make_fake_run(tmp_path / "c", 1.0, epochs=2))
     assert status_text(completed) == status_text(completed, compact=True) == "completed"
 

@@ -68,7 +68,7 @@ def test_sweep_table_orders_by_box_weight_and_shows_the_test(tmp_path, make_fake
     make_fake_run(tmp_path / "s" / "0", 0.01, status="diverged", epochs=1, epochs_planned=3)
     lines = sweep_table(load_sweep(tmp_path / "s")).splitlines()
     assert lines[0].startswith("| box weight | status | easy AP | medium AP | hard AP | recall@0.5 |")
-    assert lines[2].startswith("| 0.01 | DIVERGED at step 75 (epoch 1/3) | - | - | - | - | - | - | - |")
+    assert lines[2].startswith("| 0.01 | DIVERGED at step 75 (1 of 3 epochs done) | - | - | - | - | - | - | - |")
     assert lines[3].startswith("| 5 | completed | 83.1 | 78.3 | 58.9 | 0.410 | 0.850 | 763 / 133 / 1,104 | 0.320 |")
 
 

@@ -75,8 +75,9 @@ def format_duration(seconds: Optional[float]) -> str:
 
 def status_text(run: RunResult, compact: bool = False) -> str:
     """The run's status as the tables and the grid show it: ``completed``, ``DIVERGED at step 124
-    (epoch 2/4)``, ``running (epoch 1/4)``; ``compact`` (a grid column's title): ``DIVERGED @ step 124``,
-    ``running @ epoch 1``. Diverged and failed runs are in capitals."""
+    (2 of 4 epochs done)``, ``running (1 of 4 epochs done)``; ``compact`` (a grid column's title):
+    ``DIVERGED @ step 124``, ``running @ epoch 1``. Diverged and failed runs are in capitals. The epochs
+    are those completed: a run that diverged in its second epoch has 1 done."""
     status = str(run.status).upper() if run.failed else str(run.status)
     step = run.stop_step
     if compact:
@@ -86,7 +87,7 @@ def status_text(run: RunResult, compact: bool = False) -> str:
     if run.failed and step is not None:
         status += f" at step {step}"
     if run.status != RunStatus.COMPLETED:
-        status += f" (epoch {run.epochs}/{run.epochs_planned or '?'})"
+        status += f" ({run.epochs} of {run.epochs_planned or '?'} epochs done)"
     return status
 
 
