@@ -21,7 +21,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from detlab.analysis._values import as_float, as_int
 from detlab.analysis.runs import RunResult, by_box_weight, remedy_label, sweep_elapsed_s
-from detlab.diagnosis import FINDING_HEADER, finding_columns, finding_title, finding_when, step_level_detectors
+from detlab.diagnosis import FINDING_HEADER, finding_columns, finding_title, finding_when, is_note, step_level_detectors
 from detlab.run_record import FAILED_STATUSES, LOSS_KEYS, STAGES, STATUSES, TEST_KEYS, RunStatus
 
 
@@ -108,7 +108,7 @@ def compact_findings(findings: Sequence[Mapping[str, Any]]) -> str:
     for finding in findings:
         detector = str(finding.get("detector", "?"))
         counts[detector] += 1
-        if detector not in first or (_is_note(first[detector]) and not _is_note(finding)):
+        if detector not in first or (is_note(first[detector]) and not is_note(finding)):
             first[detector] = finding
     parts = []
     for detector, finding in first.items():
@@ -118,12 +118,8 @@ def compact_findings(findings: Sequence[Mapping[str, Any]]) -> str:
         else:
             where = f"@e{epoch}" if epoch is not None else f"@s{step}" if step is not None else ""
         repeat = f"(x{counts[detector]})" if counts[detector] > 1 else ""
-        parts.append(f"{detector}{where}{repeat}{' (note)' if _is_note(finding) else ''}")
+        parts.append(f"{detector}{where}{repeat}{' (note)' if is_note(finding) else ''}")
     return "; ".join(parts)
-
-
-def _is_note(finding: Mapping[str, Any]) -> bool:
-    return finding.get("severity") == "note"
 
 
 def count_statuses(runs: Sequence[RunResult]) -> dict[str, int]:

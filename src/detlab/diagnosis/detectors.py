@@ -954,10 +954,10 @@ class LossImbalance(Detector):
 class RandomLargeBoxes(Detector):
     """Most predictions are large (``val/pred_large_share`` >= ``share``) with low precision at
     ``validations`` validations in a row, and neither the large share nor the number of boxes per image
-    shrinks from one to the next (by more than ``max_share_fall`` and ``max_count_fall`` of it): boxes placed
-    at random before the classifier knows faces, and staying. The first of them is early: on an epoch with early-stage steps, or one of the
-    ``onset_grace`` validations after the early stage (under a warm-up, the heads' first validations at
-    the full learning rate, where box-first training shows).
+    shrinks from one to the next (by more than ``max_share_fall`` and ``max_count_fall`` of it): boxes
+    placed at random before the classifier knows faces, and staying. The first of them is early: on an
+    epoch with early-stage steps, or one of the ``onset_grace`` validations after the early stage (under
+    a warm-up, the heads' first validations at the full learning rate, where box-first training shows).
 
     Fresh heads show the pattern at their first validation in a healthy run too (measured on real WIDER
     FACE with an ImageNet body: val precision 0.004-0.15 at epoch 1, 0.77-0.94 at epoch 3): the
