@@ -41,6 +41,15 @@ def test_git_state_names_the_commit_and_whether_tracked_files_changed(tmp_path):
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 def test_outside_any_repository_the_commit_is_unknown_not_guessed(tmp_path):
     assert git_state(tmp_path) == {"git_commit": None, "git_dirty": None}
+    # inside a repository that does not track the folder (a wheel in a venv within another project)
+    repo = tmp_path / "project"
+    (repo / ".venv" / "detlab").mkdir(parents=True)
+    (repo / "main.py").write_text("")
+    git(repo, "init", "-q")
+    git(repo, "add", "main.py")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "first")
+    (repo / ".venv" / "detlab" / "__init__.py").write_text("")
+    assert git_state(repo / ".venv" / "detlab") == {"git_commit": None, "git_dirty": None}
 
 
 @pytest.mark.slow  # asks git

@@ -20,7 +20,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent  # src/detlab
 
 def _git(args: list[str], cwd: Path) -> Optional[str]:
     """``git <args>``'s output in ``cwd``, or None when git is missing, ``cwd`` is in no repository, or
-    git does not answer within 5 seconds (a run never waits on this)."""
+    git does not answer within 5 seconds (the longest a run's start waits on this)."""
     try:
         done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5, check=False)
     except (OSError, subprocess.SubprocessError):
@@ -30,9 +30,11 @@ def _git(args: list[str], cwd: Path) -> Optional[str]:
 
 def git_state(source_dir: Path = PACKAGE_DIR) -> dict[str, Any]:
     """``git_commit`` (40 hex digits) and ``git_dirty`` (tracked files changed since that commit) of the
-    repository holding ``source_dir``; both None when it is in none (an installed wheel)."""
+    repository holding ``source_dir``; both None when it is in none (an installed wheel), or when that
+    repository does not track ``source_dir``'s files (a wheel installed in a virtual environment that lies
+    inside some other project's repository)."""
     commit = _git(["rev-parse", "HEAD"], source_dir)
-    if not commit:
+    if not commit or not _git(["ls-files", "."], source_dir):
         return {"git_commit": None, "git_dirty": None}
     changes = _git(["status", "--porcelain", "--untracked-files=no"], source_dir)
     return {"git_commit": commit, "git_dirty": None if changes is None else bool(changes)}
