@@ -87,7 +87,7 @@ def test_a_callback_gets_every_hook_in_order_and_a_run_without_loggers_writes_no
     ]
     assert lifecycle[1][1] is not None and lifecycle[1][1][2] == 3  # the sample grid, RGB
     assert recorder.hooks("on_finding", "on_repair") == []
-    # Per epoch: "best" (epoch 1 always is; epoch 2 when its val/miou beats it), then "last", between
+    # Per epoch: "best" (epoch 1 always is; epoch 2 when its val/ap50, the default monitor, beats it), then "last", between
     # the validation's end and the epoch's end.
     names = [hook if hook != "on_checkpoint" else given for hook, given in recorder.calls
              if hook in ("on_validation_end", "on_checkpoint", "on_epoch_end")]

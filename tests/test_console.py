@@ -158,7 +158,7 @@ def test_a_tiny_run_prints_its_epochs_and_its_table(synthetic_root, tiny_config,
 
     last, best, test = rows[-1], summary["best"], summary["test"]
     assert table[0].startswith(f"run completed: 2/2 epochs, {summary['step']} steps, ")
-    assert table[0].endswith(f"; best epoch {best['epoch']} (val/miou {best['val/miou']:.3g}, max)")
+    assert table[0].endswith(f"; best epoch {best['epoch']} (val/ap50 {best['val/ap50']:.3g}, max)")
     assert table[1].split() == ["recall", "precision", "mIoU", "AP50", "TP", "FP", "FN"]
     keys, counts = ("recall", "precision", "miou", "ap50"), ("tp", "fp", "fn")
     assert table[2].startswith("final (epoch 2)") and _cells(table[2]) == [

@@ -260,12 +260,12 @@ class StageConfig:
 class EarlyStoppingConfig:
     """The one owner of "best" (``best.pt``, ``summary.json``'s ``best``) and of early stopping.
 
-    ``monitor`` is a metrics.csv column (``val/miou``, ``val/ap50``, ``val/loss_total``, ...); ``mode``
+    ``monitor`` is a metrics.csv column (``val/ap50``, ``val/miou``, ``val/loss_total``, ...); ``mode``
     ``max`` or ``min`` (``auto``: min for losses, max otherwise). An epoch is an improvement when it
     beats the best by more than ``min_delta``; ``patience`` epochs without one stop the run (null: never).
     """
 
-    monitor: str = "val/miou"
+    monitor: str = "val/ap50"  # not val/miou, which a box-spamming epoch raises (configs/early_stopping)
     mode: str = "auto"  # auto | max | min
     patience: Optional[int] = None
     min_delta: float = 0.0

@@ -152,9 +152,11 @@ def plot_sweep_grid(runs: Sequence[RunResult], title: str = "", per_step: bool =
                 if run.test.get("miou") is not None:
                     ax.plot([run.epochs], [float(run.test["miou"])], "*", color=TEST_COLOR, ms=9)
                 ax.set_ylim(*miou_limits)
-                best = as_float(run.best.get("val/miou"))
-                if best is not None and math.isfinite(best):
-                    ax.text(0.04, 0.93, f"best {best:.3f}", fontsize=7, va="top", transform=ax.transAxes)
+                # the mIoU of best.pt's epoch (early_stopping.monitor picks it), which need not be the highest
+                best, best_epoch = as_float(run.best.get("val/miou")), run.best.get("epoch")
+                if best is not None and math.isfinite(best) and best_epoch is not None:
+                    ax.text(0.04, 0.93, f"best ep {int(best_epoch)}: {best:.3f}", fontsize=7, va="top",
+                            transform=ax.transAxes)
             ax.set_xlim(*x_limits)
             ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
             ax.grid(True, which="major", alpha=0.3, lw=0.5)

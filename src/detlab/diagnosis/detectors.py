@@ -1160,7 +1160,7 @@ class Overfitting(Detector):
     cause = "the model fits the training images at the expense of the validation images: it memorises them"
     evidence_text = {"": "over {epochs:.0f} validations {what} while the training loss fell {train_loss_drop:.1%}; the "
                          "best validation mIoU was {best_val_miou:.3g}, at epoch {best_val_miou_epoch:.0f}"}
-    remedy = ("early stopping on val mIoU (early_stopping.patience; the best checkpoint is kept), "
+    remedy = ("early stopping (early_stopping.patience; the best checkpoint is kept), "
               "stronger augmentation (dataset.augment.*), more weight decay or more data")
     KEYS = ("train/loss_total", "val/loss_total", "val/miou")
 
@@ -1222,7 +1222,7 @@ class Overfitting(Detector):
     def advice(self, config: RunConfig, alarm: Alarm) -> list[str]:
         out = []
         if config.early_stopping.patience is None:
-            out.append(set_key("stop when the validation mIoU stops improving (the best checkpoint is kept)",
+            out.append(set_key(f"stop when {config.early_stopping.monitor} stops improving (the best checkpoint is kept)",
                                "early_stopping.patience", 3, None))
         augment = config.dataset.augment
         for key in ("random_crop", "hflip", "photometric", "zoom_out"):
