@@ -11,7 +11,7 @@ import pytest
 
 from detlab.engine.run_state import RunState
 from detlab.run_record import RunSummary
-from detlab.runtime.provenance import code_version, git_state
+from detlab.runtime.provenance import code_version, cpu_info, git_state
 
 
 
@@ -56,11 +56,13 @@ def test_outside_any_repository_the_commit_is_unknown_not_guessed(tmp_path):
 def test_the_code_version_names_the_libraries():
     import torch
 
-    version = code_version()
+    version = dict(code_version())  # a copy: code_version() is cached for the process
     assert version["torch"] == torch.__version__ and version["detlab"]
-    assert set(version) == {"detlab", "torch", "torchvision", "python", "git_commit", "git_dirty"}
+    assert set(version) == {"detlab", "torch", "torchvision", "python", "git_commit", "git_dirty", "cpu"}
     # plain types only: the run state that holds it is saved in weights_only checkpoints
+    cpu = version.pop("cpu")
     assert all(type(value) in (str, bool, type(None)) for value in version.values())
+    assert all(type(value) in (str, int, type(None)) for value in cpu.values())
 
 
 def test_a_session_adds_its_code_only_when_it_differs_from_the_one_before():
@@ -73,3 +75,19 @@ def test_a_session_adds_its_code_only_when_it_differs_from_the_one_before():
     state.note_code(other)  # resumed with other code: both are kept, in order
     assert state.code == [first, other]
     assert RunSummary.from_dict(RunSummary(code=state.code).to_dict()).code == [first, other]
+
+
+def test_cpu_info_reads_the_first_processor_of_proc_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+                       "model name\t: AMD EPYC\nflags\t\t: fpu avx512f\n\n"
+                       "processor\t: 1\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: Other\n")
+    info = cpu_info(cpuinfo)
+    assert (info["name"], info["family"], info["model"]) == ("AMD EPYC", "26", "2")
+    assert info["cores"] >= 1
+
+
+def test_cpu_info_without_proc_cpuinfo_still_names_the_machine(tmp_path):
+    info = cpu_info(tmp_path / "missing")
+    assert info["family"] is None and info["model"] is None and info["cores"] >= 1
+    assert info["name"]  # the machine's architecture (platform.machine)
