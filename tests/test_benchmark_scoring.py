@@ -17,6 +17,7 @@ from benchmarks.diagnosis.scoring import (
     UNKNOWN,
     RunResult,
     first_failure,
+    markdown,
     outcome_labels,
     overhead,
     reference_medians,
@@ -128,10 +129,27 @@ def test_detlab_scores_with_known_answers():
                                       "first": ["stuck@20", "avoidance@50"], "false_alarms": 0}
     assert d["per_class"]["blowup"]["labels"] == {FAILED: 1, HEALTHY: 1}
     assert d["per_class"]["blowup"]["false_alarms"] == 1
+    # the healthy-declared runs, per group (the references are group "default"; overhead runs never count)
+    assert set(d["per_healthy_group"]) == {"default", "lr", "b16"}
+    assert d["per_healthy_group"]["default"] == {"runs": 3, "labels": {HEALTHY: 3}, "final_metric": [0.4, 0.5, 0.6],
+                                                 "false_alarms": 0, "first": [None, None, None]}
+    assert d["per_healthy_group"]["lr"]["first"] == [None]  # its note is not an alarm
+    assert d["per_healthy_group"]["b16"] == {"runs": 1, "labels": {HEALTHY: 1}, "final_metric": [0.74],
+                                             "false_alarms": 1, "first": ["random_large_boxes@25"]}
     notes = report["notes"]
     assert (notes["healthy_with_notes"], notes["healthy_runs"], notes["failed_with_notes"]) == (1, 6, 1)
     assert notes["by_detector"] == {"under_confidence": 2}
     assert report["classes_without_detector"] == ["noise"]
+
+
+def test_the_report_has_a_row_per_healthy_group():
+    spec = SimpleNamespace(**vars(SPEC), version=1, sha256="0" * 64, seeds={"tune": [0, 1]})
+    report = {"seed_set": "tune", "runs": len(RESULTS), "stale": [], "scores": score_all(RESULTS, SPEC),
+              "targets": None}
+    table = markdown(report, spec)
+    assert "| b16 | 1 | 0 / 0 / 1 | 0.740 | 1 | random_large_boxes@25 |" in table
+    assert "| default | 3 | 0 / 0 / 3 | 0.400, 0.500, 0.600 | 0 | -, -, - |" in table
+    assert "| overhead |" not in table
 
 
 def test_a_baseline_is_right_when_the_spec_maps_its_rule_to_the_class():

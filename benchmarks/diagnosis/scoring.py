@@ -152,19 +152,27 @@ def score(results: Sequence[RunResult], labels: Mapping[str, str], alarm: Callab
     right_runs = [r for r in declared if hits[r.name] is not None and right(r, hits[r.name])]
     nameable_runs = [r for r in declared if nameable(r)]
     fractions = [hits[r.name].step / max(r.total_steps, 1) for r in flagged]
+    def group_row(runs: list[RunResult]) -> dict[str, Any]:
+        """What the per-class and per-healthy-group tables share: the outcome labels, the first alarm of each
+        run (detector@step) and the false alarms among them."""
+        return {"runs": len(runs),
+                "labels": {lab: sum(labels.get(r.name) == lab for r in runs) for lab in
+                           (FAILED, NEITHER, HEALTHY, UNKNOWN, ERROR) if any(labels.get(r.name) == lab for r in runs)},
+                "first": [None if hits[r.name] is None else f"{hits[r.name].name}@{hits[r.name].step}" for r in runs],
+                "false_alarms": sum(r in false_alarms for r in runs)}
+
+    def of_kind(kind: str) -> dict[str, list[RunResult]]:
+        return {g: [r for r in scored if r.kind == kind and r.group == g]
+                for g in sorted({r.group for r in scored if r.kind == kind})}
+
     per_class: dict[str, dict[str, Any]] = {}
-    for cls in sorted({r.group for r in scored if r.kind == "fault"}):
-        runs = [r for r in scored if r.kind == "fault" and r.group == cls]
+    for cls, runs in of_kind("fault").items():
         cls_failed = [r for r in runs if labels.get(r.name) == FAILED]
-        per_class[cls] = {
-            "runs": len(runs), "failed": len(cls_failed),
-            "labels": {lab: sum(labels.get(r.name) == lab for r in runs) for lab in
-                       (FAILED, NEITHER, HEALTHY, UNKNOWN, ERROR) if any(labels.get(r.name) == lab for r in runs)},
-            "flagged": sum(hits[r.name] is not None for r in cls_failed),
-            "right": sum(r in right_runs for r in cls_failed),
-            "first": [None if hits[r.name] is None else f"{hits[r.name].name}@{hits[r.name].step}" for r in runs],
-            "false_alarms": sum(r in false_alarms for r in runs),
-        }
+        per_class[cls] = {**group_row(runs), "failed": len(cls_failed),
+                          "flagged": sum(hits[r.name] is not None for r in cls_failed),
+                          "right": sum(r in right_runs for r in cls_failed)}
+    per_healthy_group = {grp: {**group_row(runs), "final_metric": [r.final_metric for r in runs]}
+                         for grp, runs in of_kind("healthy").items()}
     return {
         "failed_runs": len(failed), "healthy_runs": len(healthy), "declared_failed_runs": len(declared),
         "flagged": len(flagged), "false_alarms": len(false_alarms), "right_first": len(right_runs),
@@ -175,6 +183,7 @@ def score(results: Sequence[RunResult], labels: Mapping[str, str], alarm: Callab
         "median_detect_fraction": statistics.median(fractions) if fractions else None,
         "false_alarm_runs": [f"{r.name}: {hits[r.name].name}@{hits[r.name].step}" for r in false_alarms],
         "per_class": per_class,
+        "per_healthy_group": per_healthy_group,
     }
 
 
@@ -406,10 +415,15 @@ def markdown(report: Mapping[str, Any], spec: Any) -> str:
     lines += ["", "| fault class | expected | runs | failed | neither / healthy | detlab flagged | detlab right | "
                   "detlab first (detector@step, each run) |", "|---|---|---|---|---|---|---|---|"]
     for cls, c in d["per_class"].items():
-        labels = c["labels"]
         lines.append(f"| {cls} | {', '.join(spec.faults[cls].expected) or 'none yet'} | {c['runs']} | {c['failed']} | "
-                     f"{labels.get(NEITHER, 0)} / {labels.get(HEALTHY, 0)} | {c['flagged']} | {c['right']} | "
-                     f"{', '.join(x or '-' for x in c['first'])} |")
+                     f"{c['labels'].get(NEITHER, 0)} / {c['labels'].get(HEALTHY, 0)} | {c['flagged']} | {c['right']} | "
+                     f"{_firsts(c)} |")
+    lines += ["", "| healthy group | runs | failed / neither / healthy | final val AP50 (each run) | false alarms | "
+                  "detlab first (detector@step, each run) |", "|---|---|---|---|---|---|"]
+    for grp, g in d["per_healthy_group"].items():
+        outcomes = " / ".join(str(g["labels"].get(lab, 0)) for lab in (FAILED, NEITHER, HEALTHY))
+        lines.append(f"| {grp} | {g['runs']} | {outcomes} | {', '.join(_num(x, 3) for x in g['final_metric'])} | "
+                     f"{g['false_alarms']} | {_firsts(g)} |")
     lines += ["", f"False alarms ({d['false_alarms']} of {d['healthy_runs']} healthy runs): "
                   f"{'; '.join(d['false_alarm_runs']) or 'none'}"]
     if report.get("targets") is not None:
@@ -437,6 +451,10 @@ def markdown(report: Mapping[str, Any], spec: Any) -> str:
     if report.get("rescue"):
         lines += rescue_markdown(report["rescue"])
     return "\n".join(lines) + "\n"
+
+
+def _firsts(row: Mapping[str, Any]) -> str:
+    return ", ".join(x or "-" for x in row["first"])
 
 
 def _frac(k: int, n: int) -> str:
