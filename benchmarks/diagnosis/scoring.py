@@ -152,6 +152,7 @@ def score(results: Sequence[RunResult], labels: Mapping[str, str], alarm: Callab
     right_runs = [r for r in declared if hits[r.name] is not None and right(r, hits[r.name])]
     nameable_runs = [r for r in declared if nameable(r)]
     fractions = [hits[r.name].step / max(r.total_steps, 1) for r in flagged]
+
     def group_row(runs: list[RunResult]) -> dict[str, Any]:
         """What the per-class and per-healthy-group tables share: the outcome labels, the first alarm of each
         run (detector@step) and the false alarms among them."""
