@@ -7,7 +7,6 @@ its own; the training loop, ``scripts/profile_step.py``, ``scripts/bench_precisi
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
@@ -36,19 +35,12 @@ class TrainingParts:
     amp: bool  # autocast: float16 with the scaler on CUDA, bfloat16 on the CPU
     # The weights whose gradients the dead-gradient share counts (None: all; ``watched_parameters``).
     watched: Optional[list[nn.Parameter]] = None
-    # The loss term whose gradient was the smaller at the last sample ("cls" or "box"; None before the
-    # first): the next sample measures it on its own and reads the other off the step's own backward.
-    smaller_term: Optional[str] = None
 
     def step(self, images: Tensor, gt_boxes: Sequence[Tensor], step: int, grad_clip_norm: Optional[float] = None,
              sample_gradients: bool = False) -> "StepRecord":
-        record = train_step(self.model, self.criterion, self.optimizer, self.scheduler, self.scaler, images, gt_boxes,
-                            step, amp=self.amp, grad_clip_norm=grad_clip_norm, sample_gradients=sample_gradients,
-                            watched=self.watched, direct_term=self.smaller_term)
-        g_cls, g_box = record.grad_norm_cls, record.grad_norm_box
-        if g_cls is not None and g_box is not None and math.isfinite(g_cls) and math.isfinite(g_box):
-            self.smaller_term = "cls" if g_cls <= g_box else "box"
-        return record
+        return train_step(self.model, self.criterion, self.optimizer, self.scheduler, self.scaler, images, gt_boxes,
+                          step, amp=self.amp, grad_clip_norm=grad_clip_norm, sample_gradients=sample_gradients,
+                          watched=self.watched)
 
 
 def watched_parameters(model: nn.Module, cfg: ModelConfig) -> list[nn.Parameter]:
@@ -155,43 +147,6 @@ def _grad_norm(loss: Tensor, tensors: list[Tensor], scale: float) -> Optional[Te
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
-class _TermFromTotal:
-    """One loss term's gradient on ``shared`` by its own partial backward, and the other term's as the
-    total's gradient there (caught by tensor hooks during the step's backward of the scaled total, which
-    is ``scale`` times the sum of the two terms) minus it: one partial backward instead of two. Create
-    before that backward; ``norms()`` after it gives (this term's norm, the other's), unscaled."""
-
-    def __init__(self, term: Tensor, shared: Iterable[Tensor], scale: float) -> None:
-        self.tensors = [t for t in shared if t.requires_grad]
-        self.scale = scale
-        self.direct: list[Optional[Tensor]] = [None] * len(self.tensors)
-        if self.tensors and isinstance(term, Tensor) and term.requires_grad:
-            self.direct = list(torch.autograd.grad(term * scale if scale != 1.0 else term, self.tensors,
-                                                   retain_graph=True, allow_unused=True))
-        self.total: list[Optional[Tensor]] = [None] * len(self.tensors)
-        for i, t in enumerate(self.tensors):
-            t.register_hook(functools.partial(self._catch, i))
-
-    def _catch(self, i: int, grad: Tensor) -> None:
-        self.total[i] = grad.detach()
-
-    def norms(self) -> tuple[float, float]:
-        if not self.tensors:
-            return 0.0, 0.0
-        zero = torch.zeros((), device=self.tensors[0].device)
-        direct, other = [], []
-        for d, t in zip(self.direct, self.total):
-            d32 = d.detach().float() if d is not None else None
-            t32 = t.float() if t is not None else None
-            direct.append(torch.linalg.vector_norm(d32) if d32 is not None else zero)
-            rest = t32 - d32 if t32 is not None and d32 is not None else (t32 if t32 is not None else None)
-            other.append(torch.linalg.vector_norm(rest) if rest is not None else zero)
-        values = torch.stack([torch.linalg.vector_norm(torch.stack(direct)),
-                              torch.linalg.vector_norm(torch.stack(other))]) / self.scale
-        g_direct, g_other = values.tolist()  # one host sync for both
-        return float(g_direct), float(g_other)
-
-
 def dead_gradient_share(parameters: Iterable[nn.Parameter]) -> float:
     """Share of the weights (by element count) whose gradient is absent or all zero (one host sync):
     frozen layers, or layers the loss no longer reaches."""
@@ -218,15 +173,10 @@ def train_step(
     grad_clip_norm: Optional[float] = None,
     sample_gradients: bool = False,
     watched: Optional[Iterable[nn.Parameter]] = None,
-    direct_term: Optional[str] = None,
 ) -> StepRecord:
     """One step on a batch already on the model's device. ``sample_gradients`` also measures the two
     weighted loss terms' gradient norms on the backbone's output (the last layer both heads share) and
-    the share of the ``watched`` weights (default: all) left without gradient. With ``direct_term``
-    ("cls" or "box", the term whose norm is expected to be the smaller) only that term gets its own
-    partial backward; the other is the step's backward on the output (the total's gradient, caught by a
-    tensor hook) minus it. Taking the difference for the larger term keeps the smaller one exact where
-    bfloat16 gradients of the total could not resolve it; None measures both on their own.
+    the share of the ``watched`` weights (default: all) left without gradient.
 
     A ``DistributedDataParallel`` model makes it one rank's share of a global step: the criterion
     normalises over all ranks, and every number in the record is the global batch's, the same on
@@ -258,23 +208,14 @@ def train_step(
             record.input_mean, record.input_std = (float(v) for v in torch.stack([mean, std]).tolist())
         # Under AMP the terms are scaled like the real backward, so fp16 gradients don't underflow.
         scale = scaler.get_scale() if scaler.is_enabled() else 1.0
-        if direct_term is None:
-            grad_norm_cls, grad_norm_box = loss_term_grad_norms(losses.weighted_cls, losses.weighted_box, features,
-                                                                scale=scale)
-            pending = None
-        else:
-            pending = _TermFromTotal(losses.weighted_cls if direct_term == "cls" else losses.weighted_box,
-                                     features, scale)
-
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(losses.total).backward()
-    if sample_gradients:
-        if pending is not None:
-            direct, other = pending.norms()
-            grad_norm_cls, grad_norm_box = (direct, other) if direct_term == "cls" else (other, direct)
+        grad_norm_cls, grad_norm_box = loss_term_grad_norms(losses.weighted_cls, losses.weighted_box, features,
+                                                            scale=scale)
         if across_ranks:
             grad_norm_cls, grad_norm_box = (combined_grad_norm(n, images.device) for n in (grad_norm_cls, grad_norm_box))
         record.grad_norm_cls, record.grad_norm_box = grad_norm_cls, grad_norm_box
+
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(losses.total).backward()
     scaler.unscale_(optimizer)
     if sample_gradients:
         record.grad_dead_share = dead_gradient_share(model.parameters() if watched is None else watched)
