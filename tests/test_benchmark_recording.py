@@ -59,10 +59,16 @@ def test_a_recording_round_trips_and_replays_to_the_runs_findings(tmp_path):
     assert [{k: r[k] for k in ("epoch", "step")} for r in back.epochs] == [{k: r[k] for k in ("epoch", "step")}
                                                                           for r in epochs]
     assert set(back.config) <= set(CONFIG_SECTIONS)
-    cfg = back.replay_config(compose_config().diagnosis)  # today's diagnosis on the recorded run's config
-    found = [(f.detector, f.step) for f in replay_findings(cfg, back.steps, back.epochs, back.total_steps)]
+    own = back.replay_config()  # the run's own diagnosis block (saved before version 2: judged as then)
+    found = [(f.detector, f.step) for f in replay_findings(own, back.steps, back.epochs, back.total_steps)]
     assert found == [(f["detector"], f["step"]) for f in summary["findings"]] == [("dead_gradients", 10),
                                                                                   ("avoidance", 50)]
+    # today's diagnosis (version 2) on the same signals: AP50 rose 0.0036 over epochs 1-3 (0.00014, 0.0012,
+    # 0.0038), climbing out of chance by two validations, so no avoidance; the class loss sat at chance from
+    # half the run with AP50 0.0012 under class_loss_at_chance.max_ap50
+    cfg = back.replay_config(compose_config().diagnosis)
+    today = [(f.detector, f.step) for f in replay_findings(cfg, back.steps, back.epochs, back.total_steps)]
+    assert today == [("dead_gradients", 10), ("class_loss_at_chance", 49)]
     # the same bytes again (no timestamp in the gzip header): a recording is stable in git
     assert write_recording(tmp_path / "again.json.gz", rec) == size
     assert (tmp_path / "again.json.gz").read_bytes() == path.read_bytes()
@@ -104,13 +110,17 @@ def test_replay_scores_the_recordings_of_the_current_spec(tmp_path):
                              "healthy-default-base-s2": 0.045, "fault-frozen_backbone-s0": 0.01,
                              "healthy-lr-lr0.005-s0": 0.035})
     fabricate(root, "tune", {"healthy-default-base-s3": 0.04}, sha="f" * 64)  # recorded under another spec
-    fabricate(root, "confirm", {"healthy-default-base-s3001": 0.04})  # another seed set
+    fabricate(root, "confirm", {"healthy-default-base-s4001": 0.04})  # another seed set
     assert len(list_recordings(root, SPEC.version)) == 7
     assert bench_diagnosis.main(["--replay", "--recordings", str(root), "--out", str(out)]) == 0
     report = json.loads((out / "bench_diagnosis_tune.json").read_text())
     assert report["spec"] == {"version": SPEC.version, "sha256": SPEC.sha256, "path": SPEC.path}
     assert report["runs"] == 5 and report["stale"] == ["healthy-default-base-s3"]
-    assert report["replay_agreement"] == {"runs": 5, "same": 5, "different": []}
+    # the committed run was recorded by the diagnosis before version 2: today's finds class_loss_at_chance at
+    # step 49 where it found avoidance at step 50 (test_a_recording_round_trips_and_replays_to_the_runs_findings)
+    assert report["replay_agreement"] == {"runs": 5, "same": 0, "different": [
+        "fault-frozen_backbone-s0", "healthy-default-base-s0", "healthy-default-base-s1", "healthy-default-base-s2",
+        "healthy-lr-lr0.005-s0"]}
     scores = report["scores"]
     assert scores["reference_medians"] == {"synthetic_default/tune": 0.04}
     assert scores["labels"]["fault-frozen_backbone-s0"] == "failed"
@@ -118,7 +128,8 @@ def test_replay_scores_the_recordings_of_the_current_spec(tmp_path):
     # every recording carries the frozen run's findings: dead_gradients at step 10, first
     assert (d["failed_runs"], d["flagged"], d["right_first"]) == (1, 1, 1)
     assert (d["healthy_runs"], d["false_alarms"]) == (4, 4)
-    assert d["median_detect_fraction"] == pytest.approx(10 / 75)
+    # replayed at today's gradient sampling (every 10 steps; the run sampled every 5): the third sample is at 20
+    assert d["median_detect_fraction"] == pytest.approx(20 / 75)
     assert set(scores["baselines"]) == {"autotrainer", "sagemaker_loss_not_decreasing", "sagemaker_overfit",
                                         "lightning_early_stopping", "torchvision_nonfinite_loss"}
     assert report["targets"] is None  # the tune seeds are never judged
@@ -133,7 +144,7 @@ def test_replay_with_overrides_and_with_the_recorded_findings(tmp_path):
     bench_diagnosis.main(["--replay", "--recordings", str(root), "--out", str(out),
                           "--set", "diagnosis.dead_gradients.enabled=false"])
     d = json.loads((out / "bench_diagnosis_tune.json").read_text())["scores"]["detlab"]
-    assert d["per_class"]["frozen_backbone"]["first"] == ["avoidance@50"]  # replayed without dead_gradients
+    assert d["per_class"]["frozen_backbone"]["first"] == ["class_loss_at_chance@49"]  # without dead_gradients
     bench_diagnosis.main(["--replay", "--recordings", str(root), "--out", str(out), "--recorded-findings"])
     report = json.loads((out / "bench_diagnosis_tune.json").read_text())
     assert report["scores"]["detlab"]["per_class"]["frozen_backbone"]["first"] == ["dead_gradients@10"]
@@ -142,13 +153,13 @@ def test_replay_with_overrides_and_with_the_recorded_findings(tmp_path):
 
 def test_confirm_seeds_are_judged_unless_a_run_was_shortened(tmp_path):
     root, out = tmp_path / "rec", tmp_path / "out"
-    fabricate(root, "confirm", {"healthy-default-base-s3001": 0.04, "fault-frozen_backbone-s3001": 0.01})
+    fabricate(root, "confirm", {"healthy-default-base-s4001": 0.04, "fault-frozen_backbone-s4001": 0.01})
     bench_diagnosis.main(["--replay", "--seed-set", "confirm", "--recordings", str(root), "--out", str(out)])
     report = json.loads((out / "bench_diagnosis_confirm.json").read_text())
     assert report["targets"]["flagged_rate"]["met"] is True
     assert report["targets"]["false_alarm_rate"]["healthy_runs"] == 1
     assert report["targets"]["false_alarm_rate"]["met"] is False  # 1 false alarm, and 1 healthy run < 30
-    fabricate(root, "confirm", {"healthy-default-base-s3002": 0.04}, shortened=True)
+    fabricate(root, "confirm", {"healthy-default-base-s4002": 0.04}, shortened=True)
     bench_diagnosis.main(["--replay", "--seed-set", "confirm", "--recordings", str(root), "--out", str(out)])
     assert json.loads((out / "bench_diagnosis_confirm_short.json").read_text())["targets"] is None
 

@@ -34,9 +34,10 @@ def test_the_hash_is_the_sha256_of_the_files_bytes_and_it_fits_the_spec():
 
 def test_the_plan_reads_the_detectors_that_the_switched_on_repairs_answer():
     # mining (avoidance, class_loss_at_chance) is off in diagnosis.repair: its findings leave a run as it is
-    assert switched_on_answers(REPAIRS.switch) == {"dead_gradients", "divergence", "loss_imbalance", "stuck"}
-    with_mining = switched_on_answers([*REPAIRS.switch, "diagnosis.repairs.mining.enabled=true"])
-    assert with_mining == {"avoidance", "class_loss_at_chance", "dead_gradients", "divergence", "loss_imbalance", "stuck"}
+    assert switched_on_answers(REPAIRS.switch) == {"avoidance", "class_loss_at_chance", "dead_gradients", "divergence",
+                                                   "loss_imbalance", "stuck"}  # v2: mining on
+    without_mining = switched_on_answers([*REPAIRS.switch, "diagnosis.repairs.mining.enabled=false"])
+    assert without_mining == {"dead_gradients", "divergence", "loss_imbalance", "stuck"}
     assert switched_on_answers([]) == frozenset()  # the switch off: no repair
 
 
@@ -47,7 +48,7 @@ def test_the_plan_reads_the_detectors_that_the_switched_on_repairs_answer():
      r"neither rescuable nor not_rescuable: \['late_overfit'\]; unknown fault classes: \['late_overfitting'\]"),
     ("  paper_box_0.01: rebalancing\n", "  paper_box_0.01: rebalancing\n  paper_box_5: again\n",
      r"listed twice: \['paper_box_5'\]"),
-    ("spec_version: 1", "spec_version: 2", "not the spec's version 1"),
+    ("spec_version: 2", "spec_version: 1", "not the spec's version 2"),
     ("rescued_within: 0.1", "rescued_within: 1.5", "rescued_within"),
 ])
 def test_a_repairs_file_that_breaks_its_rules_is_refused(tmp_path, old, new, message):
@@ -70,25 +71,28 @@ def test_a_changed_byte_is_another_hash(tmp_path):
 # ------------------------------------------------------------------------------------ the plan
 def test_the_plan_keeps_the_runs_a_repair_may_act_on():
     answers = frozenset({"stuck", "avoidance"})
-    plain = {"healthy-default-base-s3001": [],  # no finding: trains as without the switch
-             "healthy-default-base-s3002": ["stuck"],  # answered
-             "healthy-lr-lr0.005-s3001": ["dead_gradients", "under_confidence"],  # findings no repair answers
-             "healthy-lr-lr0.02-s3001": ["random_large_boxes", "avoidance"],  # one answered is enough
-             "fault-lr_tiny-s3001": ["stuck"],  # not rescuable, whatever its findings
-             "fault-lr_x0.001-s3001": ["stuck"],  # rescuable and answered
-             "fault-neg_pos_1to1-s3001": [],  # rescuable, but nothing a repair acts on: its own twin
-             "fault-weak_mining-s3002": ["overfitting"]}  # the same
+    plain = {"healthy-default-base-s4001": [],  # no finding: trains as without the switch
+             "healthy-default-base-s4002": ["stuck"],  # answered
+             "healthy-lr-lr0.005-s4001": ["dead_gradients", "under_confidence"],  # findings no repair answers
+             "healthy-lr-lr0.02-s4001": ["random_large_boxes", "avoidance"],  # one answered is enough
+             "fault-lr_tiny-s4001": ["stuck"],  # not rescuable, whatever its findings
+             "fault-lr_x0.001-s4001": ["stuck"],  # rescuable and answered
+             "fault-neg_pos_1to1-s4001": [],  # rescuable, but nothing a repair acts on: its own twin
+             "fault-weak_mining-s4002": ["overfitting"]}  # the same
     runs = repair_plan(SPEC, REPAIRS, "confirm", plain, answers)
     every = plan_runs(SPEC, "confirm")
     names = {r.name for r in runs}
     assert {r.group for r in runs if r.kind == "fault"} == set(REPAIRS.rescuable) - {"fp16_overflow"}
     assert sum(r.kind == "fault" for r in runs) == 3 * len(REPAIRS.rescuable) - 2
-    assert "fault-lr_x0.001-s3001" in names and not {"fault-neg_pos_1to1-s3001", "fault-weak_mining-s3002"} & names
+    assert "fault-lr_x0.001-s4001" in names and not {"fault-neg_pos_1to1-s4001", "fault-weak_mining-s4002"} & names
     assert not [r for r in runs if r.kind == "overhead"]  # the overhead pairs are the diagnosis's
     left_out = {r.name for r in every if r.kind == "healthy"} - {r.name for r in runs if r.kind == "healthy"}
-    assert left_out == {"healthy-default-base-s3001", "healthy-lr-lr0.005-s3001"}
+    assert left_out == {"healthy-default-base-s4001", "healthy-lr-lr0.005-s4001"}
     assert [r.name for r in runs] == [r.name for r in every if r in runs]  # spec order
     assert repair_plan(SPEC, REPAIRS, "confirm", plain, answers, gpu=True) == []  # fp16_overflow is not rescuable
+
+
+PLAIN, REPAIRED = str(SPEC.version), f"{SPEC.version}-repairs"  # the recordings' folders
 
 
 def committed_run() -> tuple[dict, list, list, dict, dict]:
@@ -120,9 +124,9 @@ def test_plan_with_repairs_reads_the_recordings_without_repairs(tmp_path, capsys
     root = tmp_path / "rec"
     found = {"healthy-default-base-s1": ["stuck"], "healthy-lr-lr0.005-s0": ["random_large_boxes"],
              "fault-lr_tiny-s0": ["stuck"]}
-    fabricate(root, "1", "tune", {"healthy-default-base-s0": 0.04, "healthy-default-base-s1": 0.04,
+    fabricate(root, PLAIN, "tune", {"healthy-default-base-s0": 0.04, "healthy-default-base-s1": 0.04,
                                   "healthy-lr-lr0.005-s0": 0.04, "fault-lr_tiny-s0": 0.0}, findings=found)
-    fabricate(root, "1", "tune", {"healthy-lr-lr0.005-s1": 0.04}, findings={}, sha="f" * 64)  # another spec
+    fabricate(root, PLAIN, "tune", {"healthy-lr-lr0.005-s1": 0.04}, findings={}, sha="f" * 64)  # another spec
     args = ["--plan", "--repairs", "--recordings", str(root), "--recorded-findings"]
     assert bench_diagnosis.main(args) == 0
     text = capsys.readouterr().out
@@ -151,10 +155,10 @@ def test_a_run_with_repairs_gets_the_switch_last_of_its_own_overrides():
 def test_replay_with_repairs_scores_each_run_against_its_twin(tmp_path):
     root, out = tmp_path / "rec", tmp_path / "out"
     # without repairs: the reference median 0.04 (rescued from 0.036), lr_x100 failed twice, no_mining once
-    fabricate(root, "1", "tune", {"healthy-default-base-s0": 0.035, "healthy-default-base-s1": 0.04,
+    fabricate(root, PLAIN, "tune", {"healthy-default-base-s0": 0.035, "healthy-default-base-s1": 0.04,
                                   "healthy-default-base-s2": 0.045, "fault-lr_x100-s0": 0.001,
                                   "fault-lr_x100-s1": 0.002, "fault-lr_x100-s2": 0.03, "fault-no_mining-s0": 0.001})
-    fabricate(root, "1-repairs", "tune", {"fault-lr_x100-s0": 0.039, "fault-lr_x100-s1": 0.037,
+    fabricate(root, REPAIRED, "tune", {"fault-lr_x100-s0": 0.039, "fault-lr_x100-s1": 0.037,
                                           "fault-lr_x100-s2": 0.04, "fault-no_mining-s0": 0.02,
                                           "healthy-default-base-s1": 0.05})
     assert bench_diagnosis.main(["--replay", "--repairs", "--recordings", str(root), "--out", str(out)]) == 0
@@ -178,9 +182,9 @@ def test_replay_with_repairs_scores_each_run_against_its_twin(tmp_path):
 
 def test_replay_with_repairs_on_the_confirm_seeds_judges_the_targets(tmp_path, capsys):
     root, out = tmp_path / "rec", tmp_path / "out"
-    fabricate(root, "1", "confirm", {"healthy-default-base-s3001": 0.04, "healthy-default-base-s3002": 0.04,
-                                     "fault-lr_x100-s3001": 0.001})
-    fabricate(root, "1-repairs", "confirm", {"fault-lr_x100-s3001": 0.01})
+    fabricate(root, PLAIN, "confirm", {"healthy-default-base-s4001": 0.04, "healthy-default-base-s4002": 0.04,
+                                     "fault-lr_x100-s4001": 0.001})
+    fabricate(root, REPAIRED, "confirm", {"fault-lr_x100-s4001": 0.01})
     bench_diagnosis.main(["--replay", "--repairs", "--seed-set", "confirm", "--recordings", str(root),
                           "--out", str(out)])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

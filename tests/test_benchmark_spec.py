@@ -126,7 +126,7 @@ def test_baseline_rules_name_classes_as_detlabs_detectors_do():
 
 
 @pytest.mark.parametrize("old,new,message", [
-    ("confirm: [3001,", "confirm: [5,", "apart"),
+    ("confirm: [4001,", "confirm: [5,", "apart"),
     ("expected: [overfitting]", "expected: [overfit]", "unknown expected detectors"),
     ("inject: step_skipped", "inject: skip_step", "unknown injection"),
     ("classes: [late_overfit]", "classes: [late_overfitting]", "unknown classes"),

@@ -4,6 +4,7 @@ nothing, rolling back a divergence with a lower learning rate, re-arming a detec
 images without faces, dead gradients."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from detlab.config import RebalanceConfig, ScheduleConfig, compose_config, load_saved_config
-from detlab.diagnosis import DIVERGENCE, Diagnoser, DiagnosisConfig, Finding, Rearm
+from detlab.diagnosis import DIVERGENCE, Diagnoser, DiagnosisConfig, Finding, Rearm, Severity
 from detlab.diagnosis.repairs import (Mining, RaiseLearningRate, Rebalance, RepairRecord, Repairs, RepairTarget,
                                       Rollback, rearm_plan, scale_learning_rate)
 from detlab.engine.callbacks import Callback
@@ -401,11 +402,11 @@ def test_dead_gradients_evidence_gives_the_share_at_the_first_sample():
 def test_the_switch_turns_on_the_enabled_repairs_and_a_finding_goes_to_the_first_that_acts():
     assert Repairs(DiagnosisConfig()).names == []  # off by default
     on = DiagnosisConfig(repair=True)
-    assert Repairs(on).names == ["rollback", "rebalance", "raise_lr"]  # mining: off until it is shown to help
-    on.repairs.mining.enabled = True
-    assert Repairs(on).names == ["rollback", "rebalance", "raise_lr", "mining"]
+    assert Repairs(on).names == ["rollback", "rebalance", "raise_lr", "mining"]  # v2: mining on
+    on.repairs.mining.enabled = False
+    assert Repairs(on).names == ["rollback", "rebalance", "raise_lr"]
     on.repairs.raise_lr.enabled = False
-    assert Repairs(on).names == ["rollback", "rebalance", "mining"]
+    assert Repairs(on).names == ["rollback", "rebalance"]
     on.repairs.raise_lr.enabled = True
     assert Repairs(DiagnosisConfig(repair=True, enabled=False)).names == []  # no detectors, no findings
     parts, _ = tiny_parts()
@@ -418,6 +419,10 @@ def test_the_switch_turns_on_the_enabled_repairs_and_a_finding_goes_to_the_first
     restored = Repairs(DiagnosisConfig(repair=True))
     restored.load_state_dict(repairs.state_dict())
     assert restored.get("raise_lr").times == 1
+    # a note is said of a run that learns: no repair answers it (v2; v1 rebalanced on AdamW's imbalance notes)
+    noted = Repairs(DiagnosisConfig(repair=True))
+    assert noted.respond([replace(imbalance(), severity=Severity.NOTE)], target_of(parts), 74, 3) == []
+    assert noted.get("rebalance").times == 0 and noted.records == []
     with pytest.raises(ConfigError, match=r"diagnosis.repairs.raise_lr.factor=0.5: must be > 1"):
         compose_config(overrides=["diagnosis.repairs.raise_lr.factor=0.5"])
 

@@ -61,6 +61,38 @@ def test_a_divergence_that_a_rollback_repairs_may_fire_again():
     assert [(f.detector, f.step) for f in replay_findings(config, steps({3, 8, 15}), [], 30)] == [("divergence", 3)]
 
 
+def test_a_replay_at_a_coarser_gradient_sampling_drops_the_samples_it_would_not_have_taken():
+    """The committed run sampled its gradients every 5 steps; replayed at every 10, dead_gradients (3 samples)
+    decides at the third of steps 0, 10, 20 instead of 0, 5, 10. An interval that is no multiple is refused."""
+    run_dir = DATA / "replay_frozen_backbone"
+    config = load_saved_config(OmegaConf.load(run_dir / "config.yaml"))
+    recorded = json.loads((run_dir / "steps.json").read_text())
+    epochs, total = read_metrics(run_dir / "metrics.csv"), recorded["total_steps"]
+    assert config.diagnosis.grad_norm_every == 5
+    same = replay_findings(config, recorded["steps"], epochs, total, sampled_every=5)
+    assert [(f.detector, f.step) for f in same] == [("dead_gradients", 10), ("avoidance", 50)]
+    config.diagnosis.grad_norm_every = 10
+    coarser = replay_findings(config, recorded["steps"], epochs, total, sampled_every=5)
+    assert [(f.detector, f.step) for f in coarser] == [("dead_gradients", 20), ("avoidance", 50)]
+    config.diagnosis.grad_norm_every = 7
+    with pytest.raises(ValueError, match="not a multiple of the recorded interval 5"):
+        replay_findings(config, recorded["steps"], epochs, total, sampled_every=5)
+
+
+def test_a_config_saved_before_version_2_judges_as_version_1_did():
+    """keep_v1_judgement: the keys version 2 added take the values that judge as before; a config that has
+    them keeps them (today's run folders)."""
+    saved = OmegaConf.to_container(OmegaConf.load(DATA / "replay_frozen_backbone" / "config.yaml"))
+    assert "box_epochs" not in saved["diagnosis"]["loss_imbalance"]
+    old = load_saved_config(saved).diagnosis
+    assert old.loss_imbalance.box_epochs == float(saved["train"]["epochs"])
+    assert (old.avoidance.rise_validations, old.avoidance.validations) == (1, 1)
+    assert not old.class_loss_at_chance.enabled and old.class_loss_at_chance.max_ap50 == 1.0
+    today = load_saved_config(OmegaConf.to_container(OmegaConf.structured(Config()))).diagnosis
+    assert (today.loss_imbalance.box_epochs, today.avoidance.rise_validations, today.avoidance.validations) == (1.0, 2, 2)
+    assert today.class_loss_at_chance.enabled and today.class_loss_at_chance.max_ap50 == 0.1
+
+
 PILOT = Path(__file__).resolve().parents[1] / "benchmarks" / "diagnosis" / "recordings" / "v1-repairs"
 
 

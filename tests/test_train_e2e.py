@@ -102,7 +102,9 @@ def test_non_finite_loss_ends_the_run_as_diverged(synthetic_root, tiny_config, t
 
 
 def test_extreme_weight_pair_records_the_imbalance_finding(synthetic_root, tiny_config, tmp_path):
-    summary = train(tiny_config(synthetic_root, "loss.box_weight=100", "train.epochs=2"), tmp_path / "run")
+    # a box-dominant ratio is judged in the first box_epochs epochs: 2 steps an epoch here, so both
+    summary = train(tiny_config(synthetic_root, "loss.box_weight=100", "train.epochs=2",
+                                "diagnosis.loss_imbalance.box_epochs=2"), tmp_path / "run")
     imbalance = [f for f in summary["findings"] if f["detector"] == "loss_imbalance"]
     assert imbalance, summary["findings"]
     assert imbalance[0]["evidence"]["ratio_box_to_cls"] > 10 and imbalance[0]["evidence"]["box_dominates"] == 1.0

@@ -30,7 +30,7 @@ the granularity their rules assume. Targets are judged for the confirm seeds onl
 ``outputs/bench_diagnosis/recordings-short`` unless ``--recordings`` says otherwise, and never meet targets.
 ``--repairs`` trains with the repairs on (``repairs.yaml``'s switch appended; recordings
 ``v<version>-repairs``) only the runs its pre-registration measures: the rescuable classes' runs and the
-healthy runs on which a repair may act (a finding a repair answers in the recording without repairs, or no
+healthy runs on which a repair may act (a failure finding a repair answers in the recording without repairs, or no
 such recording yet). That plan reads the recordings present when it is made, so record the runs without
 repairs first; a run it missed is listed by ``--replay --repairs`` (``not_recorded``), and ``--part 1/1``
 again trains only what is missing. ``--replay --repairs`` scores the runs against their twins without
@@ -270,7 +270,7 @@ def print_repair_plan(args: argparse.Namespace, spec: Spec, repairs: Repairs) ->
     print(f"repairs v{repairs.version} ({repairs.path}), sha256 {repairs.sha256}; switch {' '.join(repairs.switch)}")
     with _COMPOSE:
         answers = switched_on_answers(repairs.switch)
-    print(f"runs re-run when their recording without repairs ({root / f'v{spec.version}'}) has a finding of "
+    print(f"runs re-run when their recording without repairs ({root / f'v{spec.version}'}) has a failure finding of "
           f"{', '.join(sorted(answers))} (the detectors the switched-on repairs answer), or is not recorded yet")
     plans = {}
     for seed_set in SEED_SETS:
@@ -283,7 +283,7 @@ def print_repair_plan(args: argparse.Namespace, spec: Spec, repairs: Repairs) ->
               f"{'GPU-only' if args.gpu else 'CPU'} runs, about {minutes:.0f} min ({minutes / 60:.1f} h) alone on "
               f"2 cores: {len(runs) - len(healthy)} fault runs of the {len(repairs.rescuable)} rescuable classes "
               f"({len(identical)} left out: no such finding), {len(healthy)} healthy "
-              f"({sum(r.name in plain for r in healthy)} with a finding a repair answers, "
+              f"({sum(r.name in plain for r in healthy)} with a failure finding a repair answers, "
               f"{sum(r.name not in plain for r in healthy)} not recorded yet; {left_out} left out: no such finding)")
     k, n = parse_part(args.part) if args.part else (1, 1)
     for i, part in enumerate(assign_parts(planned(args, spec, args.seed_set, repairs), n), 1):
@@ -314,18 +314,20 @@ def findings_of(rec: Recording, diagnosis: Any, replay: bool) -> tuple[list[dict
         return live, None
     findings = [{"detector": f.detector, "step": f.step, "failure": f.failure}
                 for f in replay_findings(rec.replay_config(diagnosis), rec.steps, rec.epochs, rec.total_steps,
-                                         repaired=rec.summary.get("repairs"))]
+                                         repaired=rec.summary.get("repairs"),
+                                         sampled_every=rec.config.get("diagnosis", {}).get("grad_norm_every"))]
     return findings, [(f["detector"], f["step"]) for f in findings] == [(f["detector"], f["step"]) for f in live]
 
 
 def plain_detectors(root: Path, spec: Spec, seed_set: str, diagnosis: Any, replay: bool) -> dict[str, list[str]]:
-    """Run name -> the detectors of its findings, for the runs of ``seed_set`` recorded without repairs under
+    """Run name -> the detectors of its failure findings, for the runs of ``seed_set`` recorded without repairs under
     the current spec (a run recorded under another spec counts as not recorded)."""
     out = {}
     for path in list_recordings(root, spec.version):
         rec = read_recording(path)
         if rec.spec_sha256 == spec.sha256 and rec.run.get("seed_set") == seed_set:
-            out[rec.name] = [f["detector"] for f in findings_of(rec, diagnosis, replay)[0]]
+            # failure findings only: no repair answers a note
+            out[rec.name] = [f["detector"] for f in findings_of(rec, diagnosis, replay)[0] if f["failure"]]
     return out
 
 

@@ -16,6 +16,16 @@ config's values over, so the run reads as it trained (repairs that did not exist
 the same day the rebalancing steered on every gradient sample at ``loss.rebalance.rate``; it now corrects
 once, and a saved ``rate`` is dropped (such a run is read with today's one correction).
 
+Until 2026-12-06 (the diagnosis benchmark's version 1) a loss imbalance of either side was judged over the
+whole first part of training, and avoidance at a single validation against the one before. Version 2 added
+``loss_imbalance.box_epochs``, ``avoidance.rise_validations``, ``avoidance.validations`` and
+``class_loss_at_chance.max_ap50`` (and turned that detector on);
+``keep_v1_judgement`` gives a saved diagnosis block without them the values that judge as before, so a
+recorded run replays to the findings it recorded and a resumed one goes on as it began (every other key a
+config saves is in it already: ``random_large_boxes.validations`` 2, ``grad_norm_every`` 5,
+``class_loss_at_chance.enabled`` false stay as saved). ``detlab diagnose RUN --today`` reads the run with
+today's block instead.
+
 Delete this module and its call once no run saved before 2026-12-05 needs reading (from 2027-01).
 """
 
@@ -63,3 +73,23 @@ def move_repair_keys(container: dict[str, Any]) -> None:
     diagnosis["repair"] = rebalance_on or rollback["enabled"]
     diagnosis["repairs"] = {"rollback": rollback, "rebalance": {"enabled": rebalance_on},
                             "raise_lr": {"enabled": False}, "mining": {"enabled": False}}
+
+
+def keep_v1_judgement(container: dict[str, Any]) -> None:
+    """A saved ``diagnosis`` block of before version 2 (a plain nested dict): the keys version 2 added, set in
+    place to the values that judge as version 1 did."""
+    diagnosis = container.get("diagnosis")
+    if not isinstance(diagnosis, dict):
+        return
+    imbalance, avoidance = diagnosis.get("loss_imbalance"), diagnosis.get("avoidance")
+    if isinstance(imbalance, dict) and "box_epochs" not in imbalance:
+        epochs = (container.get("train") or {}).get("epochs") or 1
+        imbalance["box_epochs"] = float(max(1, epochs))  # the whole run: the first part's end decides
+    if isinstance(avoidance, dict):
+        avoidance.setdefault("rise_validations", 1)
+        avoidance.setdefault("validations", 1)
+    # class_loss_at_chance: off by default until version 2, and without the AP50 condition (max_ap50 1: off);
+    # a block saved before the detector existed was off
+    chance = diagnosis.setdefault("class_loss_at_chance", {"enabled": False})
+    if isinstance(chance, dict):
+        chance.setdefault("max_ap50", 1.0)

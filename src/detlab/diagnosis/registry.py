@@ -40,7 +40,7 @@ class DiagnosisSettings:
     """
 
     enabled: bool = True
-    grad_norm_every: int = 5  # steps between gradient samples (loss-term norms on the backbone output, dead share)
+    grad_norm_every: int = 10  # steps between gradient samples (loss-term norms on the backbone output, dead share)
     # Loss windows (steps) of stuck and avoidance: shrunk to half the first part of training when longer.
     loss_window: int = 50
     # The pre-flight checks before the first optimiser step (detlab.engine.preflight): on (a fatal

@@ -423,9 +423,10 @@ class Mining(Repair):
 
     @dataclass
     class Config(RepairConfig):
-        # Off in diagnosis.repair: on the tune seeds it acted once, before its Adam rule (no mining under AdamW
-        # turned to 3:1 at step 37: AP50 0.37 against 0.74 without), and never since; no run showed it helping.
-        enabled: bool = False
+        # v1 had it off: on the tune seeds it acted once, before its Adam rule (no mining under AdamW turned to
+        # 3:1 at step 37: AP50 0.37 against 0.74 without), and never since. v2 turns it on for the class loss at
+        # chance that v2's diagnosis names (1:1 mining), measured on the tune seeds (docs/diagnosis.md).
+        enabled: bool = True
         neg_pos_ratio: float = 3.0
 
     @staticmethod
@@ -489,10 +490,15 @@ class Repairs:
 
     def respond(self, findings: list[Finding], target: RepairTarget, step: int,
                 epoch: int) -> list[tuple[RepairRecord, tuple[tuple[str, Rearm], ...]]]:
-        """Each new finding to the repairs that answer it, in order; returns what was done, with what the
-        detectors do after it (``rearm_plan``). A finding is answered by the first repair that acts."""
+        """Each new failure finding to the repairs that answer it, in order; returns what was done, with what
+        the detectors do after it (``rearm_plan``). A finding is answered by the first repair that acts. A
+        note is never answered: it is said of runs that learn (v2: in v1 the rebalance acted on AdamW's
+        imbalance notes, and on healthy SGD runs whose box gradient grew as their boxes learnt, and lowered
+        their AP50)."""
         done = []
         for finding in findings:
+            if not finding.failure:
+                continue
             for repair in self.repairs:
                 if finding.detector not in repair.answers:
                     continue

@@ -21,6 +21,9 @@ from detlab.diagnosis.diagnoser import Diagnoser, Finding
 from detlab.diagnosis.repairs import Repairs, Rollback, rearm_plan
 from detlab.schedule import stage_boundaries
 
+# The step signals taken only on the steps that sample gradients (every ``diagnosis.grad_norm_every``).
+SAMPLED_SIGNALS = ("grad_norm_cls", "grad_norm_box", "grad_dead_share", "input_mean", "input_std")
+
 if TYPE_CHECKING:
     from detlab.config import Config
     from detlab.schedule import StageBoundaries
@@ -28,7 +31,8 @@ if TYPE_CHECKING:
 
 def replay_findings(config: Config, steps: Sequence[Mapping[str, Any]], epochs: Sequence[Mapping[str, Any]],
                     total_steps: int, advice: bool = True, stages: Optional[StageBoundaries] = None,
-                    repaired: Optional[Sequence[Mapping[str, Any]]] = None) -> list[Finding]:
+                    repaired: Optional[Sequence[Mapping[str, Any]]] = None,
+                    sampled_every: Optional[int] = None) -> list[Finding]:
     """All findings of a run replayed: ``config`` is the run's (its ``diagnosis`` block decides),
     ``steps`` the per-step signals in order (``StepRecord.signals()`` with ``step`` and ``epoch``),
     ``epochs`` the per-epoch rows (metrics.csv: ``epoch``, ``step``, ``train/*``, ``val/*``) and
@@ -39,7 +43,17 @@ def replay_findings(config: Config, steps: Sequence[Mapping[str, Any]], epochs: 
     detectors are re-armed as they were after each, at its step (a replayed finding of its detector there,
     else the end of that step's epoch: other thresholds may date the finding elsewhere, but the signals
     after the step are the repaired run's). Without a record, a run with the rollback repair on has its
-    divergences re-armed while rollbacks are left, as the training loop does."""
+    divergences re-armed while rollbacks are left, as the training loop does. ``sampled_every``: the
+    run's ``grad_norm_every`` when it was recorded; when ``config`` samples a multiple of it, the sampled
+    signals of the steps that it would not sample are dropped, so the replay sees what a run sampling at
+    the new interval would have measured (a non-multiple is refused: those samples were never taken)."""
+    every = int(config.diagnosis.grad_norm_every)
+    if sampled_every is not None and every != sampled_every:
+        if every % sampled_every:
+            raise ValueError(f"diagnosis.grad_norm_every={every} is not a multiple of the recorded interval "
+                             f"{sampled_every}: the replay cannot invent gradient samples")
+        steps = [s if int(s["step"]) % every == 0 else {k: v for k, v in s.items() if k not in SAMPLED_SIGNALS}
+                 for s in steps]
     steps_per_epoch = max(1, total_steps // config.train.epochs)
     if stages is None:
         stages = stage_boundaries(config.stages, config.schedule, total_steps, steps_per_epoch)
