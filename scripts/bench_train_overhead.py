@@ -4,9 +4,11 @@
 
 Prints, for the default config (ssd_slim, synthetic, batch 32): the median time of a training step
 (the loop's ``train_step``: matching, forward, loss, backward, optimiser), of the data loading per
-batch, of one gradient-norm sample of the two loss terms (taken every ``diagnosis.grad_norm_every``
-steps: the step with the sample minus the step without, alternating), of ``Diagnoser.observe_step``,
-and of one full validation pass, each as a share of an epoch's wall time.
+batch, of one gradient-norm sample of the two loss terms (the step with the sample minus the step
+without, alternating), of ``Diagnoser.observe_step``, and of one full validation pass, each as a share of
+an epoch's wall time, averaged over the run (the samples are taken every
+``diagnosis.grad_norm_every_first_part`` steps in the first part of training and every
+``diagnosis.grad_norm_every`` after: ``Diagnoser.samples_gradients``).
 """
 
 from __future__ import annotations
@@ -78,16 +80,18 @@ def main() -> None:
     med = statistics.median
     data, bare, observe = med(data_t), med(step_t), med(observe_t)
     grad = max(med(sampled_t) - bare, 0.0)
-    every = cfg.diagnosis.grad_norm_every
-    train_epoch = steps_per_epoch * (data + bare + observe) + (steps_per_epoch / every) * grad
+    samples = sum(diagnoser.samples_gradients(s) for s in range(total_steps)) / cfg.train.epochs  # an epoch's mean
+    train_epoch = steps_per_epoch * (data + bare + observe) + samples * grad
     epoch = train_epoch + val_s
     print(f"config: {cfg.model.name} (autocast {parts.amp}), batch {cfg.train.batch_size}, {len(train_set)} train / {len(val_set)} val "
           f"images, {steps_per_epoch} steps per epoch, torch threads {args.threads}, workers {args.workers}")
     print(f"median per step: data {data * 1e3:.1f} ms | train_step {bare * 1e3:.1f} ms | "
-          f"grad-norm sample {grad * 1e3:.1f} ms (every {every} steps) | observe_step {observe * 1e6:.1f} us")
+          f"grad-norm sample {grad * 1e3:.1f} ms ({samples:.1f} an epoch on average: every "
+          f"{cfg.diagnosis.grad_norm_every_first_part} steps in the first {diagnoser.run.first_part_end}, then every "
+          f"{cfg.diagnosis.grad_norm_every}) | observe_step {observe * 1e6:.1f} us")
     print(f"validation pass: {val_s:.2f} s")
     print(f"share of an epoch ({epoch:.1f} s): data {100 * steps_per_epoch * data / epoch:.1f}% | "
-          f"diagnosis {100 * (steps_per_epoch * observe + steps_per_epoch / every * grad) / epoch:.2f}% | "
+          f"diagnosis {100 * (steps_per_epoch * observe + samples * grad) / epoch:.2f}% | "
           f"validation {100 * val_s / epoch:.1f}%")
 
 

@@ -86,7 +86,7 @@ def compose_tiny_config(root: Path, *overrides: str):
         f"dataset.root={root}", "dataset.synthetic.num_images=20", "dataset.synthetic.image_width=160",
         "dataset.synthetic.image_height=128", "model.input_width=160", "model.input_height=128",
         "train.epochs=1", "train.batch_size=8", "train.log_every=1", "eval.num_logged_images=2",
-        "diagnosis.grad_norm_every=1",
+        "diagnosis.grad_norm_every=1", "diagnosis.grad_norm_every_first_part=1",
     ]
     return compose_config(overrides=[*base, *overrides])
 

@@ -1192,3 +1192,18 @@ def test_class_loss_at_chance_is_a_failure_only_while_the_model_does_not_rank_fa
     finding = only(run(make(), at_chance, turns, 10), "class_loss_at_chance")
     assert (finding.step, finding.evidence["ap50"]) == (700, 0.05)  # the first step after epoch 7's validation
     assert run(make(class_loss_at_chance__max_ap50=0.05), at_chance, turns, 10) == []
+
+
+def test_class_loss_at_chance_waits_for_min_steps_in_a_short_run():
+    """Half of a 200-step run is step 100, when healthy runs may still sit at chance (a 3-epoch real-WIDER
+    recipe run, 135 steps, read 1.03x chance at steps 77-85 with AP50 0.001-0.02, and learnt): judged from
+    step 150 (min_steps), or from half the run when that is later."""
+    at_chance = lambda s: {**healthy_step(200)(s), "neg_per_pos": 1.0, "loss_cls": 2.0 * math.log(2)}  # noqa: E731
+    low = lambda e: {**healthy_epoch(e), "val/ap50": 0.02}  # noqa: E731
+    short = make(total=200, spe=20, early_end=20, late_start=140)
+    assert only(run(short, at_chance, low, 10, spe=20), "class_loss_at_chance").step == 150
+    early = make(total=200, spe=20, early_end=20, late_start=140, class_loss_at_chance__min_steps=0)
+    assert only(run(early, at_chance, low, 10, spe=20), "class_loss_at_chance").step == 100
+    # above chance by more than the margin (fresh heads early in a run) is not at chance
+    above = lambda s: {**at_chance(s), "loss_cls": 2.0 * math.log(2) * 1.05}  # noqa: E731
+    assert run(make(total=200, spe=20, early_end=20, late_start=140), above, low, 10, spe=20) == []

@@ -71,12 +71,26 @@ def test_a_replay_at_a_coarser_gradient_sampling_drops_the_samples_it_would_not_
     assert config.diagnosis.grad_norm_every == 5
     same = replay_findings(config, recorded["steps"], epochs, total, sampled_every=5)
     assert [(f.detector, f.step) for f in same] == [("dead_gradients", 10), ("avoidance", 50)]
-    config.diagnosis.grad_norm_every = 10
+    config.diagnosis.grad_norm_every = 10  # after the first part only (steps 15 on here): the same findings
+    assert [(f.detector, f.step) for f in replay_findings(config, recorded["steps"], epochs, total,
+                                                          sampled_every=5)] == [("dead_gradients", 10), ("avoidance", 50)]
+    config.diagnosis.grad_norm_every_first_part = 10
     coarser = replay_findings(config, recorded["steps"], epochs, total, sampled_every=5)
     assert [(f.detector, f.step) for f in coarser] == [("dead_gradients", 20), ("avoidance", 50)]
     config.diagnosis.grad_norm_every = 7
-    with pytest.raises(ValueError, match="not a multiple of the recorded interval 5"):
+    with pytest.raises(ValueError, match="must be multiples of the recorded interval 5"):
         replay_findings(config, recorded["steps"], epochs, total, sampled_every=5)
+
+
+def test_the_gradients_are_sampled_densely_in_the_first_part_and_sparsely_after():
+    from detlab.diagnosis import Diagnoser, DiagnosisConfig
+    from detlab.schedule import StageBoundaries
+
+    diag = Diagnoser(DiagnosisConfig(), StageBoundaries(75, 262), 375, 25)  # the default run: first part 75 steps
+    assert diag.run.first_part_end == 75
+    sampled = [s for s in range(375) if diag.samples_gradients(s)]
+    assert sampled[:15] == list(range(0, 75, 5)) and sampled[15:17] == [80, 90]
+    assert len(sampled) == 15 + 30  # 0-70 every 5, 80-370 every 10
 
 
 def test_a_config_saved_before_version_2_judges_as_version_1_did():
@@ -88,9 +102,11 @@ def test_a_config_saved_before_version_2_judges_as_version_1_did():
     assert old.loss_imbalance.box_epochs == float(saved["train"]["epochs"])
     assert (old.avoidance.rise_validations, old.avoidance.validations) == (1, 1)
     assert not old.class_loss_at_chance.enabled and old.class_loss_at_chance.max_ap50 == 1.0
+    assert old.class_loss_at_chance.min_steps == 0
     today = load_saved_config(OmegaConf.to_container(OmegaConf.structured(Config()))).diagnosis
     assert (today.loss_imbalance.box_epochs, today.avoidance.rise_validations, today.avoidance.validations) == (1.0, 2, 2)
     assert today.class_loss_at_chance.enabled and today.class_loss_at_chance.max_ap50 == 0.1
+    assert today.class_loss_at_chance.min_steps == 150
 
 
 PILOT = Path(__file__).resolve().parents[1] / "benchmarks" / "diagnosis" / "recordings" / "v1-repairs"

@@ -303,6 +303,13 @@ def benchmarked_diagnosis(spec: Spec, extra: Optional[list[str]] = None) -> Any:
     return compose_config(overrides=[*spec.diagnosis_overrides, *(extra or [])]).diagnosis
 
 
+def recorded_sampling(rec: Recording) -> Optional[int]:
+    """The finest gradient-sampling interval the run was recorded with (version 1: one for the whole run)."""
+    block = rec.config.get("diagnosis", {})
+    intervals = [block.get(key) for key in ("grad_norm_every", "grad_norm_every_first_part") if block.get(key)]
+    return min(intervals) if intervals else None
+
+
 def findings_of(rec: Recording, diagnosis: Any, replay: bool) -> tuple[list[dict[str, Any]], Optional[bool]]:
     """The run's findings ({"detector", "step", "failure"}): replayed with ``diagnosis`` (None: the run's own
     block) or as recorded; and whether the replayed ones equal the run's own (None when not replayed)."""
@@ -315,7 +322,7 @@ def findings_of(rec: Recording, diagnosis: Any, replay: bool) -> tuple[list[dict
     findings = [{"detector": f.detector, "step": f.step, "failure": f.failure}
                 for f in replay_findings(rec.replay_config(diagnosis), rec.steps, rec.epochs, rec.total_steps,
                                          repaired=rec.summary.get("repairs"),
-                                         sampled_every=rec.config.get("diagnosis", {}).get("grad_norm_every"))]
+                                         sampled_every=recorded_sampling(rec))]
     return findings, [(f["detector"], f["step"]) for f in findings] == [(f["detector"], f["step"]) for f in live]
 
 

@@ -93,3 +93,4 @@ def keep_v1_judgement(container: dict[str, Any]) -> None:
     chance = diagnosis.setdefault("class_loss_at_chance", {"enabled": False})
     if isinstance(chance, dict):
         chance.setdefault("max_ap50", 1.0)
+        chance.setdefault("min_steps", 0)

@@ -93,6 +93,13 @@ class RunInfo:
         the first ``stuck.min_fraction`` of the steps when that is longer."""
         return max(self.stages.early_end, math.ceil(self.cfg.stuck.min_fraction * self.total_steps))
 
+    def samples_gradients(self, step: int) -> bool:
+        """Whether ``step`` samples the gradients (the loss terms' norms, the dead share, the input's
+        statistics): every ``grad_norm_every_first_part`` steps in the first part of training, every
+        ``grad_norm_every`` after. The training loop and the replay both ask here."""
+        every = self.cfg.grad_norm_every_first_part if step < self.first_part_end else self.cfg.grad_norm_every
+        return step % every == 0
+
     @cached_property
     def loss_window(self) -> int:
         """Steps in the first and recent loss windows (stuck, avoidance); both fit the first part."""

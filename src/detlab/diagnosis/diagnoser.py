@@ -125,6 +125,10 @@ class Diagnoser:
         self._status = DiagnosisStatus()
 
     # ------------------------------------------------------------------------------ public API
+    def samples_gradients(self, step: int) -> bool:
+        """Whether the training step ``step`` samples the gradients (``RunInfo.samples_gradients``)."""
+        return self.run.samples_gradients(step)
+
     def fired(self, detector: str) -> bool:
         return any(f.detector == detector for f in self.findings)
 

@@ -41,6 +41,9 @@ class DiagnosisSettings:
 
     enabled: bool = True
     grad_norm_every: int = 10  # steps between gradient samples (loss-term norms on the backbone output, dead share)
+    # ... in the first part of training, where the data and gradient checks and loss_imbalance judge (v2: the
+    # sample is almost all of the diagnosis's cost, so it is sparser after)
+    grad_norm_every_first_part: int = 5
     # Loss windows (steps) of stuck and avoidance: shrunk to half the first part of training when longer.
     loss_window: int = 50
     # The pre-flight checks before the first optimiser step (detlab.engine.preflight): on (a fatal
@@ -149,6 +152,7 @@ def detector_problems(diagnosis: Any) -> Iterator[ConfigProblem]:
     registered detector's ``checks`` of its block, in evaluation order (``detlab.diagnosis.schema``'s
     ``config_problems`` adds the repairs')."""
     shared = {"grad_norm_every": (diagnosis.grad_norm_every >= 1, "must be >= 1"),
+              "grad_norm_every_first_part": (diagnosis.grad_norm_every_first_part >= 1, "must be >= 1"),
               "loss_window": (diagnosis.loss_window >= 1, "must be >= 1"),
               "preflight": (diagnosis.preflight in PREFLIGHT_MODES, f"expected one of {', '.join(PREFLIGHT_MODES)}")}
     for key, (valid, message) in shared.items():

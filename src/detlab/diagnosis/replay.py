@@ -44,21 +44,26 @@ def replay_findings(config: Config, steps: Sequence[Mapping[str, Any]], epochs: 
     else the end of that step's epoch: other thresholds may date the finding elsewhere, but the signals
     after the step are the repaired run's). Without a record, a run with the rollback repair on has its
     divergences re-armed while rollbacks are left, as the training loop does. ``sampled_every``: the
-    run's ``grad_norm_every`` when it was recorded; when ``config`` samples a multiple of it, the sampled
-    signals of the steps that it would not sample are dropped, so the replay sees what a run sampling at
-    the new interval would have measured (a non-multiple is refused: those samples were never taken)."""
-    every = int(config.diagnosis.grad_norm_every)
-    if sampled_every is not None and every != sampled_every:
-        if every % sampled_every:
-            raise ValueError(f"diagnosis.grad_norm_every={every} is not a multiple of the recorded interval "
-                             f"{sampled_every}: the replay cannot invent gradient samples")
-        steps = [s if int(s["step"]) % every == 0 else {k: v for k, v in s.items() if k not in SAMPLED_SIGNALS}
-                 for s in steps]
+    run's gradient-sampling interval when it was recorded (one for the whole run: ``grad_norm_every`` before
+    version 2); when ``config`` samples at multiples of it (``grad_norm_every`` and
+    ``grad_norm_every_first_part``), the sampled signals of the steps that it would not sample are dropped,
+    so the replay sees what such a run would have measured (a non-multiple is refused: those samples were
+    never taken). ``sampled_every`` is the recording's finest interval: a sample today's rule wants where the
+    recording has none (a first part longer than the run's) stays missing."""
     steps_per_epoch = max(1, total_steps // config.train.epochs)
     if stages is None:
         stages = stage_boundaries(config.stages, config.schedule, total_steps, steps_per_epoch)
     diagnoser = Diagnoser(config.diagnosis, stages, total_steps, steps_per_epoch,
                           run_config=config if advice else None)
+    if sampled_every is not None:
+        intervals = {int(config.diagnosis.grad_norm_every), int(config.diagnosis.grad_norm_every_first_part)}
+        if any(every % sampled_every for every in intervals):
+            raise ValueError(f"diagnosis.grad_norm_every={config.diagnosis.grad_norm_every} and "
+                             f"grad_norm_every_first_part={config.diagnosis.grad_norm_every_first_part} must be "
+                             f"multiples of the recorded interval {sampled_every}: the replay cannot invent gradient "
+                             "samples")
+        steps = [s if diagnoser.samples_gradients(int(s["step"]))
+                 else {k: v for k, v in s.items() if k not in SAMPLED_SIGNALS} for s in steps]
     rollback = Repairs(config.diagnosis).get(Rollback.name)
     rollbacks_left = rollback.cfg.max_rollbacks if rollback is not None else 0
 

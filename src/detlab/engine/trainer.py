@@ -379,7 +379,7 @@ class Trainer:
                 step = self.state.step
                 images = images.to(self.device, non_blocking=True)
                 gt_boxes = [t["boxes"].to(self.device, non_blocking=True) for t in targets]
-                sample = self.samples_gradients and step % cfg.diagnosis.grad_norm_every == 0
+                sample = self.samples_gradients and self.diagnoser.samples_gradients(step)
                 record = self.parts.step(images, gt_boxes, step, grad_clip_norm=cfg.optim.grad_clip_norm,
                                          sample_gradients=sample)
                 signals = record.signals()
