@@ -18,11 +18,12 @@ once, and a saved ``rate`` is dropped (such a run is read with today's one corre
 
 Until 2026-12-06 (the diagnosis benchmark's version 1) a loss imbalance of either side was judged over the
 whole first part of training, and avoidance at a single validation against the one before. Version 2 added
-``loss_imbalance.box_epochs``, ``avoidance.rise_validations``, ``avoidance.validations`` and
-``class_loss_at_chance.max_ap50`` (and turned that detector on);
+``loss_imbalance.box_epochs``, ``avoidance.rise_validations``, ``avoidance.validations``,
+``class_loss_at_chance.max_ap50`` and ``min_steps`` (and turned that detector on);
 ``keep_v1_judgement`` gives a saved diagnosis block without them the values that judge as before, so a
 recorded run replays to the findings it recorded and a resumed one goes on as it began (every other key a
-config saves is in it already: ``random_large_boxes.validations`` 2, ``grad_norm_every`` 5,
+config saves is in it already: ``random_large_boxes.validations`` 2, ``grad_norm_every`` 5 (and the new
+``grad_norm_every_first_part`` defaults to 5, so such a run samples as it did),
 ``class_loss_at_chance.enabled`` false stay as saved). ``detlab diagnose RUN --today`` reads the run with
 today's block instead.
 
