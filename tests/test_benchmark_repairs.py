@@ -33,11 +33,14 @@ def test_the_hash_is_the_sha256_of_the_files_bytes_and_it_fits_the_spec():
 
 
 def test_the_plan_reads_the_detectors_that_the_switched_on_repairs_answer():
-    # mining (avoidance, class_loss_at_chance) is off in diagnosis.repair: its findings leave a run as it is
     assert switched_on_answers(REPAIRS.switch) == {"avoidance", "class_loss_at_chance", "dead_gradients", "divergence",
                                                    "loss_imbalance", "stuck"}  # v2: mining on
+    # without mining, the rollback still answers avoidance (v3: a run without a warm-up, or restarted)
     without_mining = switched_on_answers([*REPAIRS.switch, "diagnosis.repairs.mining.enabled=false"])
-    assert without_mining == {"dead_gradients", "divergence", "loss_imbalance", "stuck"}
+    assert without_mining == {"avoidance", "dead_gradients", "divergence", "loss_imbalance", "stuck"}
+    without_both = switched_on_answers([*REPAIRS.switch, "diagnosis.repairs.mining.enabled=false",
+                                        "diagnosis.repairs.rollback.enabled=false"])
+    assert without_both == {"loss_imbalance", "stuck"}
     assert switched_on_answers([]) == frozenset()  # the switch off: no repair
 
 

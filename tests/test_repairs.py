@@ -381,6 +381,65 @@ def test_dead_gradients_on_weights_that_were_alive_roll_back_to_the_start_not_th
     assert "epoch 0 (step 0)" in message
 
 
+@pytest.mark.parametrize("warmup_steps, repair", [(0, "rollback"), (25, "mining"), (None, "mining")])
+def test_predicting_nothing_without_a_warm_up_restarts_from_the_start_with_one(warmup_steps, repair):
+    """No warm-up: back to the weights training started from, at the run's own rate warmed up over an epoch;
+    a second time the rate is lowered too. A run that warmed up (or whose warm-up is unknown) goes to mining."""
+    parts, _ = tiny_parts(neg_pos_ratio=1.0)
+    target = RepairTarget(parts.model, parts.optimizer, parts.scheduler, parts.scaler, parts.criterion, 4,
+                          warmup_steps)
+    repairs = Repairs(DiagnosisConfig(repair=True))
+    repairs.good_state(target, 0, 0)
+    start = {k: v.clone() for k, v in parts.model.state_dict().items()}
+    with torch.no_grad():
+        for p in parts.model.parameters():
+            p.add_(1.0)
+    repairs.good_state(target, 2, 8)  # an epoch end: a restart for a missing warm-up ignores it
+    lr = parts.optimizer.param_groups[0]["lr"]
+    avoidance = Finding("avoidance", "early", 12, 3, "predicts nothing", {})
+    (record, plan), = repairs.respond([avoidance], target, 12, 3)
+    assert record.repair == repair
+    if repair == "mining":
+        assert parts.criterion.neg_pos_ratio == 3.0 and parts.optimizer.param_groups[0]["lr"] == lr
+        return
+    assert record.to_start and ("stuck", Rearm.AFRESH) in plan and ("avoidance", Rearm.AFRESH) in plan
+    assert all(torch.equal(start[k], v) for k, v in parts.model.state_dict().items())
+    assert parts.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * lr)  # the ramp's first step
+    assert record.message.startswith("predicting nothing without a warm-up: rolled back to the weights training "
+                                     "started from, kept the learning rate and warmed it up from ")
+    for _ in range(4):
+        repairs.after_step(target)
+    assert parts.optimizer.param_groups[0]["lr"] == pytest.approx(lr)  # warmed up to its own rate
+    (again, _), = repairs.respond([replace(avoidance, step=30)], target, 30, 8)
+    assert again.message.startswith("predicting nothing after a warm restart: rolled back to the weights training "
+                                    "started from, multiplied the learning rate by 0.1")
+    assert "rollback 2 of 2" in again.message
+    assert repairs.respond([replace(avoidance, step=50)], target, 50, 12)[0][0].repair == "mining"  # spent
+
+
+def test_predicting_nothing_after_a_restart_for_dead_gradients_lowers_the_rate_again():
+    """lr far too high: the units died, the rollback restarted at a tenth of the rate with a warm-up; the run
+    then predicts nothing: the rate is still too high, so back to the start at a tenth again. Without that
+    restart, a warmed-up run predicting nothing goes to mining."""
+    parts, _ = tiny_parts(neg_pos_ratio=3.0)
+    target = RepairTarget(parts.model, parts.optimizer, parts.scheduler, parts.scaler, parts.criterion, 4, 4)
+    repairs = Repairs(DiagnosisConfig(repair=True))
+    repairs.good_state(target, 0, 0)
+    lr = parts.optimizer.param_groups[0]["lr"]
+    avoidance = Finding("avoidance", "early", 12, 3, "predicts nothing", {})
+    assert repairs.respond([avoidance], target, 12, 3) == []  # warmed up, 3:1 already: nobody acts
+    (first, _), = repairs.respond([dead(first_share=0.0)], target, 20, 5)
+    assert first.to_start
+    for _ in range(4):
+        repairs.after_step(target)
+    (second, plan), = repairs.respond([replace(avoidance, step=60)], target, 60, 15)
+    assert (second.repair, second.to_start) == ("rollback", True) and ("avoidance", Rearm.AFRESH) in plan
+    assert "after a warm restart" in second.message
+    for _ in range(4):
+        repairs.after_step(target)
+    assert parts.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * lr)
+
+
 def test_dead_gradients_evidence_gives_the_share_at_the_first_sample():
     diag = Diagnoser(DiagnosisConfig(), StageBoundaries(10, 70), 100, 10)
     shares = [0.0, 0.6, 0.9, 0.95]

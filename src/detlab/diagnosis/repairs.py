@@ -54,6 +54,7 @@ class RepairTarget:
     scaler: torch.amp.GradScaler
     criterion: Any  # detlab.loss.MultiBoxLoss: rebalancer, neg_pos_ratio
     steps_per_epoch: int = 0  # optimiser steps per epoch (0: unknown)
+    warmup_steps: Optional[int] = None  # the run's own warm-up in steps (0: none; None: unknown)
 
 
 class Repair:
@@ -214,13 +215,23 @@ class Rollback(Repair):
     A rollback to the start is a warm restart: untrained weights meet the lowered rate again, so it is
     ramped up linearly from ``restart_warmup_start`` of it over ``restart_warmup_epochs`` epochs, as a
     run's own warm-up does (a run that kills its units usually had none left, or none at all); the
-    schedule's position goes on under the ramp."""
+    schedule's position goes on under the ramp.
+
+    Predicting nothing (``avoidance``) in a run whose first steps were not protected is answered the same
+    way, back to the state training started from with a warm restart:
+    - in a run that had no warm-up, it is the early trap the warm-up exists to avoid (full-size updates on
+      untrained heads push every score to background): the run gets the warm-up it lacked, at its own rate
+      (x ``no_warmup_lr_factor``);
+    - after the rollback already restarted the run (dead gradients, a divergence in the first epoch, or a
+      warm-up given), the rate is still too high: x ``lr_backoff``.
+    A run that had a warm-up at a rate not shown too high is left to the mining repair."""
 
     name = "rollback"
-    answers = (Divergence.name, DeadGradients.name)
+    answers = (Divergence.name, DeadGradients.name, Avoidance.name)
     restarts = (Stuck.name,)
     does = ("rolls back to the last good epoch (to the start when the weights died, warming the rate up again) "
-            "and lowers the learning rate (x lr_backoff)")
+            "and lowers the learning rate (x lr_backoff); a run predicting nothing without a warm-up goes back "
+            "to the start and gets one")
 
     @dataclass
     class Config(RepairConfig):
@@ -228,10 +239,12 @@ class Rollback(Repair):
         max_rollbacks: int = 2
         restart_warmup_epochs: float = 1.0  # the warm restart's ramp after a rollback to the start (0: none)
         restart_warmup_start: float = 0.01  # ... from this fraction of the lowered rate
+        no_warmup_lr_factor: float = 1.0  # the rate's factor when predicting nothing without a warm-up (the first time)
 
     @staticmethod
     def checks(cfg: Rollback.Config) -> dict[str, tuple[bool, str]]:
         return {"lr_backoff": (0 < cfg.lr_backoff < 1, "must be in (0, 1)"),
+                "no_warmup_lr_factor": (0 < cfg.no_warmup_lr_factor <= 1, "must be in (0, 1]"),
                 "max_rollbacks": (cfg.max_rollbacks >= 0, "must be >= 0"),
                 "restart_warmup_epochs": (cfg.restart_warmup_epochs >= 0, "must be >= 0"),
                 "restart_warmup_start": (0 < cfg.restart_warmup_start <= 1, "must be in (0, 1]")}
@@ -257,9 +270,16 @@ class Rollback(Repair):
         dead = finding.detector == DeadGradients.name
         if dead and not finding.evidence.get("first_share", 1.0) <= finding.evidence.get("max_share", 0.0):
             return None  # without gradient from the first sample: frozen or unreachable, not killed
-        snap = self.initial if dead else self.snapshot
+        unwarmed = finding.detector == Avoidance.name
+        restarted = any(record.repair == self.name and record.to_start for record in earlier)
+        if unwarmed and target.warmup_steps != 0 and not restarted:
+            return None  # it had a warm-up (or nobody knows) at a rate not shown too high: the mining's
+        snap = self.initial if dead or unwarmed else self.snapshot
         if snap is None or self.times >= self.cfg.max_rollbacks:
             return None
+        backoff = self.cfg.lr_backoff
+        if unwarmed and not restarted:
+            backoff = self.cfg.no_warmup_lr_factor
         optimizer = target.optimizer
         rates = [group["lr"] for group in optimizer.param_groups]
         target.model.load_state_dict(snap.model)
@@ -267,7 +287,7 @@ class Rollback(Repair):
         for group, lr in zip(optimizer.param_groups, rates):  # the schedule's position is today's
             group["lr"] = lr
         target.scaler.load_state_dict(copy.deepcopy(snap.scaler))
-        factor = self.cfg.lr_backoff / self.ramp_factor  # a warm restart under way ends here
+        factor = backoff / self.ramp_factor  # a warm restart under way ends here
         self.ramp_steps, self.ramp_done, self.ramp_factor = 0, 0, 1.0
         ramp = round(self.cfg.restart_warmup_epochs * target.steps_per_epoch) if snap is self.initial else 0
         if ramp > 0:
@@ -278,10 +298,17 @@ class Rollback(Repair):
         self.snapshot = snap
         self.restored_start = snap is self.initial
         self.times += 1
-        where = "the weights training started from" if dead else f"the weights of epoch {snap.epoch} (step {snap.step})"
+        where = ("the weights training started from" if dead or unwarmed
+                 else f"the weights of epoch {snap.epoch} (step {snap.step})")
         rate = (f"(warmed up again from {_lr(optimizer):.3g} over {ramp} steps)" if ramp > 0
                 else f"(now {_lr(optimizer):.3g})")
-        return (f"rolled back to {where} and multiplied the learning rate by {self.cfg.lr_backoff:g} {rate}; "
+        if unwarmed:
+            change = "kept the learning rate" if backoff == 1 else f"multiplied the learning rate by {backoff:g}"
+            why = "after a warm restart" if restarted else "without a warm-up"
+            return (f"predicting nothing {why}: rolled back to {where}, {change} and warmed it up "
+                    f"{rate.removeprefix('(warmed up again ').removesuffix(')')}; rollback {self.times} of "
+                    f"{self.cfg.max_rollbacks}")
+        return (f"rolled back to {where} and multiplied the learning rate by {backoff:g} {rate}; "
                 f"rollback {self.times} of {self.cfg.max_rollbacks}")
 
     def after_step(self, target: RepairTarget) -> None:

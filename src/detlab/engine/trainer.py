@@ -43,7 +43,7 @@ from detlab.runtime.distributed import (all_gather_object, any_rank, broadcast_b
 from detlab.runtime.interrupt import Interrupted, InterruptSignals, signal_name
 from detlab.runtime.provenance import code_version
 from detlab.runtime.seeding import rng_state, seed_everything, set_rng_state
-from detlab.schedule import stage_boundaries
+from detlab.schedule import stage_boundaries, warmup_steps
 
 log = logging.getLogger(__name__)
 
@@ -451,7 +451,7 @@ class Trainer:
     def _repair_target(self) -> RepairTarget:
         parts = self.parts
         return RepairTarget(self.model, parts.optimizer, parts.scheduler, parts.scaler, parts.criterion,
-                            self.steps_per_epoch)
+                            self.steps_per_epoch, warmup_steps(self.cfg.schedule, self.steps_per_epoch))
 
     def _good_state(self) -> None:
         """The run stands at a good point (its start, or an epoch's end with finite weights): the rollback's copy."""
