@@ -305,9 +305,10 @@ class Rollback(Repair):
         if unwarmed:
             change = "kept the learning rate" if backoff == 1 else f"multiplied the learning rate by {backoff:g}"
             why = "after a warm restart" if restarted else "without a warm-up"
-            return (f"predicting nothing {why}: rolled back to {where}, {change} and warmed it up "
-                    f"{rate.removeprefix('(warmed up again ').removesuffix(')')}; rollback {self.times} of "
-                    f"{self.cfg.max_rollbacks}")
+            warm = (f"warmed it up from {_lr(optimizer):.3g} over {ramp} steps" if ramp > 0
+                    else f"set it to {_lr(optimizer):.3g} at once (restart_warmup_epochs=0)")
+            return (f"predicting nothing {why}: rolled back to {where}, {change} and {warm}; rollback "
+                    f"{self.times} of {self.cfg.max_rollbacks}")
         return (f"rolled back to {where} and multiplied the learning rate by {backoff:g} {rate}; "
                 f"rollback {self.times} of {self.cfg.max_rollbacks}")
 
