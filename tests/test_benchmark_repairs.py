@@ -14,12 +14,13 @@ from omegaconf import OmegaConf
 
 from benchmarks.diagnosis import bench_diagnosis
 from benchmarks.diagnosis.recording import build_record, recording_path, write_recording
-from benchmarks.diagnosis.repairs import REPAIRS_PATH, RepairsError, load_repairs, repair_plan, switched_on_answers
+from benchmarks.diagnosis.repairs import (REPAIRS_PATH, RepairsError, load_repairs, repair_plan, repairs_spec_path,
+                                          switched_on_answers)
 from benchmarks.diagnosis.spec import load_spec, plan_runs
 from conftest import edited_copy
 from detlab.run_record import read_metrics
 
-SPEC = load_spec()
+SPEC = load_spec(repairs_spec_path())  # the spec version the repairs file rides on (2)
 REPAIRS = load_repairs(SPEC)
 DATA = Path(__file__).resolve().parent / "data" / "replay_frozen_backbone"
 

@@ -15,9 +15,12 @@ from benchmarks.diagnosis.scoring import (
     HEALTHY,
     NEITHER,
     UNKNOWN,
+    Alarm,
     RunResult,
+    beats,
     first_failure,
     markdown,
+    matches,
     outcome_labels,
     overhead,
     reference_medians,
@@ -169,6 +172,30 @@ def test_targets_and_the_baseline_comparison():
     assert t["overhead"]["met"] is None  # no overhead runs recorded
     # detlab: 80% flagged at 33% false alarms; the tool: 60% at 17%: higher recall, but more false alarms
     assert t["beats_tool"]["met"] is False
+
+
+def test_an_expected_variant_matches_that_variant_only():
+    # spec v3: dead gradients after too-large updates names a too-high rate; the frozen variant does not
+    expected = ["divergence", "stuck", "dead_gradients:killed"]
+    assert matches(Alarm("dead_gradients", 40, "killed"), expected)
+    assert not matches(Alarm("dead_gradients", 40, ""), expected)
+    assert matches(Alarm("stuck", 74, "whatever"), expected)  # a detector's name matches any of its variants
+    assert not matches(Alarm("avoidance", 40, "killed"), expected)
+    findings = [{"detector": "dead_gradients", "kind": "killed", "step": 45, "failure": True}]
+    assert first_failure(findings) == Alarm("dead_gradients", 45, "killed")
+    assert first_failure([{"detector": "stuck", "step": 5}]).kind == ""  # recordings before v3 have no kind
+
+
+@pytest.mark.parametrize("figures,strict,dominates", [
+    ((0.9, 0.02, 0.8, 0.02), True, True),  # higher recall at the same false alarms
+    ((1.0, 0.0, 1.0, 0.29), False, True),  # AUTOTRAINER on v2's confirm seeds: 100% cannot be exceeded
+    ((1.0, 0.0, 1.0, 0.0), False, False),  # the same on both: not beaten
+    ((1.0, 0.017, 0.0, 0.0), False, False),  # more false alarms than a rule that never fires: not beaten
+    ((1.0, 0.0, 0.0, 0.0), True, True),
+    ((0.7, 0.0, 0.8, 0.3), False, False),  # fewer false alarms but lower recall
+])
+def test_beating_a_baseline(figures, strict, dominates):
+    assert beats(*figures, dominates=False) is strict and beats(*figures, dominates=True) is dominates
 
 
 def test_the_false_alarm_target_needs_enough_healthy_runs():

@@ -696,6 +696,16 @@ def test_overfitting_by_falling_miou():
     assert only(run(make(), healthy_step(), no_val, 8), "overfitting").epoch == 7
 
 
+def test_overfitting_waits_until_the_model_has_learnt_something():
+    # v3: the paper's box 5 under SGD (version 2's confirm seeds 4002-4003) swelled its validation box loss while
+    # it predicted nothing yet, then learnt; memorising needs something learnt first (overfitting.min_best_ap50)
+    nothing_yet = lambda e: {**overfit_epoch(e), "val/ap50": 0.016}  # noqa: E731
+    assert run(make(), healthy_step(), nothing_yet, 10) == []
+    learnt_once = lambda e: {**overfit_epoch(e), "val/ap50": 0.05 if e == 3 else 0.01}  # noqa: E731
+    assert only(run(make(), healthy_step(), learnt_once, 10), "overfitting").epoch == 9  # the best so far counts
+    assert only(run(make(overfitting__min_best_ap50=0.0), healthy_step(), nothing_yet, 10), "overfitting").epoch == 9
+
+
 def test_no_overfitting_when_train_loss_rises_too_or_val_is_noisy():
     diag = make()
     rising_train = lambda e: {**overfit_epoch(e), "train/loss_total": 1.0 + 0.1 * e}  # noqa: E731

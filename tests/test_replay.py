@@ -89,8 +89,8 @@ def test_the_gradients_are_sampled_densely_in_the_first_part_and_sparsely_after(
     diag = Diagnoser(DiagnosisConfig(), StageBoundaries(75, 262), 375, 25)  # the default run: first part 75 steps
     assert diag.run.first_part_end == 75
     sampled = [s for s in range(375) if diag.samples_gradients(s)]
-    assert sampled[:15] == list(range(0, 75, 5)) and sampled[15:17] == [80, 90]
-    assert len(sampled) == 15 + 30  # 0-70 every 5, 80-370 every 10
+    assert sampled[:15] == list(range(0, 75, 5)) and sampled[15:17] == [80, 100]
+    assert len(sampled) == 15 + 15  # 0-70 every 5, 80-360 every 20 (v3; was 10)
 
 
 def test_a_config_saved_before_version_2_judges_as_version_1_did():
@@ -107,6 +107,8 @@ def test_a_config_saved_before_version_2_judges_as_version_1_did():
     assert (today.loss_imbalance.box_epochs, today.avoidance.rise_validations, today.avoidance.validations) == (1.0, 2, 2)
     assert today.class_loss_at_chance.enabled and today.class_loss_at_chance.max_ap50 == 0.1
     assert today.class_loss_at_chance.min_steps == 150
+    # version 3's overfitting floor: a block saved without it judges as before (0), today's keeps 0.05
+    assert old.overfitting.min_best_ap50 == 0.0 and today.overfitting.min_best_ap50 == 0.05
 
 
 PILOT = Path(__file__).resolve().parents[1] / "benchmarks" / "diagnosis" / "recordings" / "v1-repairs"

@@ -62,7 +62,8 @@ from benchmarks.diagnosis.recording import (
     recording_path,
     write_recording,
 )
-from benchmarks.diagnosis.repairs import REPAIRS_PATH, Repairs, load_repairs, repair_plan, switched_on_answers
+from benchmarks.diagnosis.repairs import (REPAIRS_PATH, Repairs, load_repairs, repair_plan, repairs_spec_path,
+                                          switched_on_answers)
 from benchmarks.diagnosis.scoring import RunResult, markdown, rescue, rescue_targets, score_all, targets
 from benchmarks.diagnosis.spec import (
     FAULT,
@@ -311,15 +312,15 @@ def recorded_sampling(rec: Recording) -> Optional[int]:
 
 
 def findings_of(rec: Recording, diagnosis: Any, replay: bool) -> tuple[list[dict[str, Any]], Optional[bool]]:
-    """The run's findings ({"detector", "step", "failure"}): replayed with ``diagnosis`` (None: the run's own
+    """The run's findings ({"detector", "kind", "step", "failure"}): replayed with ``diagnosis`` (None: the run's own
     block) or as recorded; and whether the replayed ones equal the run's own (None when not replayed)."""
     from detlab.diagnosis.replay import replay_findings
 
-    live = [{"detector": f["detector"], "step": int(f["step"]), "failure": bool(f.get("failure", True))}
-            for f in rec.summary.get("findings", [])]
+    live = [{"detector": f["detector"], "kind": f.get("kind", ""), "step": int(f["step"]),
+             "failure": bool(f.get("failure", True))} for f in rec.summary.get("findings", [])]
     if not replay:
         return live, None
-    findings = [{"detector": f.detector, "step": f.step, "failure": f.failure}
+    findings = [{"detector": f.detector, "kind": f.kind, "step": f.step, "failure": f.failure}
                 for f in replay_findings(rec.replay_config(diagnosis), rec.steps, rec.epochs, rec.total_steps,
                                          repaired=rec.summary.get("repairs"),
                                          sampled_every=recorded_sampling(rec))]
@@ -386,6 +387,11 @@ def score_recordings(args: argparse.Namespace, spec: Spec, repairs: Optional[Rep
     replay = not args.recorded_findings
     root, version = recordings_folder(args, spec)
     results, used, stale, different = load_results(root, version, spec, args.seed_set, diagnosis, replay)
+    if args.expected_of:  # a later version's expected sets on older recordings (what its scoring says of them)
+        later = load_spec(args.expected_of)
+        for r in results:
+            if r.kind == FAULT and r.group in later.faults:
+                r.expected = list(later.faults[r.group].expected)
     shortened = any(r.shortened for r in used)
     scores = score_all(results, spec)
     report: dict[str, Any] = {
@@ -395,6 +401,7 @@ def score_recordings(args: argparse.Namespace, spec: Spec, repairs: Optional[Rep
         "stale": stale, "shortened": shortened,
         "findings_source": "replayed with today's detectors" + (f" ({' '.join(args.set)})" if args.set else "")
         if replay else "recorded by the runs",
+        "expected_of": str(args.expected_of) if args.expected_of else None,
         "scores": scores,
         "recording_bytes": sum(r.size_bytes for r in used), "bytes_per_step": bytes_per_step(used),
         "replay_agreement": {"runs": sum(r.kind != OVERHEAD for r in results),
@@ -402,7 +409,7 @@ def score_recordings(args: argparse.Namespace, spec: Spec, repairs: Optional[Rep
         if replay and not args.set and not spec.diagnosis_overrides else None,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
-    judged = args.seed_set == "confirm" and not shortened
+    judged = args.seed_set == "confirm" and not shortened and not args.expected_of
     report["targets"] = targets(scores, spec.targets) if judged else None
     if repairs:
         # the twins' outcomes and bars only: their findings are not read, so they are not replayed
@@ -462,6 +469,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="with --replay (and --repairs' plan): the findings the runs recorded instead of "
                              "replaying them")
     parser.add_argument("--spec", type=Path, default=SPEC_PATH)
+    parser.add_argument("--expected-of", type=Path, default=None, metavar="SPEC",
+                        help="with --replay: score with this spec's expected sets (a later version's on --spec's "
+                             "recordings); never judged against the targets")
     parser.add_argument("--recordings", type=Path, default=None, help=f"recordings root (default {RECORDINGS})")
     parser.add_argument("--out", type=Path, default=OUT, help="reports and the runs' working folders")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -481,6 +491,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error("--jobs must be >= 1")
     if args.repairs and args.set:
         parser.error("--set does not apply with --repairs (the repaired runs replay their own diagnosis block)")
+    if args.repairs and args.spec == SPEC_PATH:  # the repairs measure on the spec version they were written for
+        args.spec = repairs_spec_path(args.repairs_file)
     spec = load_spec(args.spec)
     repairs = load_repairs(spec, args.repairs_file) if args.repairs else None
     if args.replay:

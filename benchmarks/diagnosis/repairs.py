@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
-from benchmarks.diagnosis.spec import FAULT, HEALTHY, PlannedRun, Spec, SpecError, plan_runs
+from benchmarks.diagnosis.spec import FAULT, HEALTHY, SPEC_PATH, PlannedRun, Spec, SpecError, plan_runs
 
 REPAIRS_PATH = Path(__file__).resolve().parent / "repairs.yaml"
 HEALTHY_RULE = "rerun_only_when_a_repair_would_act"  # the one healthy rule version 1 knows
@@ -61,6 +61,14 @@ class _UniqueKeys(yaml.SafeLoader):
         if twice:
             raise RepairsError(f"listed twice: {twice}")
         return super().construct_mapping(node, deep)
+
+
+def repairs_spec_path(path: Path | str = REPAIRS_PATH) -> Path:
+    """The spec file the repairs file rides on (its ``spec_version``): spec.yaml while that is its version,
+    else the older version kept byte for byte beside it (spec_v<N>.yaml)."""
+    version = int(yaml.safe_load(Path(path).read_bytes())["spec_version"])
+    current = int(yaml.safe_load(SPEC_PATH.read_bytes())["version"])
+    return SPEC_PATH if version == current else SPEC_PATH.with_name(f"spec_v{version}.yaml")
 
 
 def load_repairs(spec: Spec, path: Path | str = REPAIRS_PATH) -> Repairs:

@@ -13,7 +13,7 @@ Two scorings, for detlab's diagnosis and for each baseline alike:
   notes (``failure: false``, ``severity: note``; logged at INFO) are counted on their own (``notes``), and
   ``false_alarm_rate_with_notes`` counts them as alarms too;
 - the right first diagnosis against the declared class, on the fault runs that failed: the first alarm
-  is right when it is one of the class's expected detectors (detlab) or a rule the spec maps to the class
+  is right when it is one of the class's expected detectors (detlab; ``detector:kind`` names one variant) or a rule the spec maps to the class
   (a baseline). Classes that no detector (or rule) can name stay in the denominator
   (``right_first_rate``); ``right_first_rate_nameable`` leaves them out.
 
@@ -49,7 +49,7 @@ class RunResult:
     final_metric: Optional[float] = None  # the outcome metric's last value (val/ap50)
     final_train_loss: Optional[float] = None
     total_steps: int = 1
-    # findings: {"detector", "step", "failure"} in the order the diagnosis found them
+    # findings: {"detector", "kind", "step", "failure"} in the order the diagnosis found them
     findings: list[dict[str, Any]] = field(default_factory=list)
     # baselines: name -> {"rule", "step"} of its first alarm, or None
     baselines: dict[str, Optional[dict[str, Any]]] = field(default_factory=dict)
@@ -62,6 +62,14 @@ class Alarm:
 
     name: str
     step: int
+    kind: str = ""  # detlab: which of the detector's variants fired
+
+
+def matches(alarm: Alarm, expected: Collection[str]) -> bool:
+    """Whether detlab's alarm is one of ``expected``: a detector's name matches any of its variants,
+    ``detector:kind`` only that variant (spec v3: ``dead_gradients:killed``, dead gradients after too-large
+    updates, names a too-high rate; the frozen variant does not)."""
+    return alarm.name in expected or (bool(alarm.kind) and f"{alarm.name}:{alarm.kind}" in expected)
 
 
 def _finite(value: Any) -> bool:
@@ -116,13 +124,14 @@ def first_failure(findings: Sequence[Mapping[str, Any]]) -> Optional[Alarm]:
     """The first finding with ``failure`` true (findings are in the order they were found)."""
     for f in findings:
         if f.get("failure", True):
-            return Alarm(str(f["detector"]), int(f["step"]))
+            return Alarm(str(f["detector"]), int(f["step"]), str(f.get("kind", "")))
     return None
 
 
 def first_finding(findings: Sequence[Mapping[str, Any]]) -> Optional[Alarm]:
     """The first finding, notes included."""
-    return Alarm(str(findings[0]["detector"]), int(findings[0]["step"])) if findings else None
+    f = findings[0] if findings else None
+    return Alarm(str(f["detector"]), int(f["step"]), str(f.get("kind", ""))) if f else None
 
 
 def detlab_alarm(r: RunResult) -> Optional[Alarm]:
@@ -215,7 +224,7 @@ def score_all(results: Sequence[RunResult], spec: Any) -> dict[str, Any]:
     faults = spec.faults
 
     def detlab_right(r: RunResult, a: Alarm) -> bool:
-        return a.name in r.expected
+        return matches(a, r.expected)
 
     out: dict[str, Any] = {
         "labels": labels,
@@ -251,6 +260,18 @@ def overhead(results: Sequence[RunResult]) -> Optional[float]:
 
 
 # ------------------------------------------------------------------------------------ targets
+def beats(recall: float, false_alarms: float, their_recall: float, their_false_alarms: float,
+          dominates: bool) -> bool:
+    """Whether detlab beats a baseline. Strict (spec v1-v2): a higher recall at equal or fewer false alarms.
+    ``dominates`` (spec v3): a recall at least theirs at equal or fewer false alarms, one of the two strictly
+    better (the strict reading cannot be met against a baseline at 100% recall)."""
+    if false_alarms > their_false_alarms:
+        return False
+    if not dominates:
+        return recall > their_recall
+    return recall >= their_recall and (recall > their_recall or false_alarms < their_false_alarms)
+
+
 def targets(report: Mapping[str, Any], spec_targets: Mapping[str, Any]) -> dict[str, Any]:
     """Each target of the spec with detlab's figure and whether it is met (None: no figure); and, per
     baseline, whether detlab's recall is higher at equal or fewer false alarms."""
@@ -271,13 +292,14 @@ def targets(report: Mapping[str, Any], spec_targets: Mapping[str, Any]) -> dict[
             entry["healthy_runs"] = d["healthy_runs"]
             entry["met"] = None if met is None else (met and enough)
         out[key] = entry
-    if spec_targets.get("beats_baselines"):
+    rule = spec_targets.get("beats_baselines")
+    if rule:
         for name, b in report["baselines"].items():
-            figures_known = None not in (d["flagged_rate"], b["flagged_rate"], d["false_alarm_rate"], b["false_alarm_rate"])
-            met = (figures_known and d["flagged_rate"] > b["flagged_rate"]
-                   and d["false_alarm_rate"] <= b["false_alarm_rate"]) if figures_known else None
-            out[f"beats_{name}"] = {"value": (d["flagged_rate"], d["false_alarm_rate"]),
-                                    "target": (b["flagged_rate"], b["false_alarm_rate"]), "met": met}
+            figures = (d["flagged_rate"], d["false_alarm_rate"], b["flagged_rate"], b["false_alarm_rate"])
+            strict = beats(*figures, dominates=False) if None not in figures else None
+            met = beats(*figures, dominates=rule == "dominates") if None not in figures else None
+            out[f"beats_{name}"] = {"value": figures[:2], "target": figures[2:], "met": met, "strict": strict,
+                                    "rule": "dominates" if rule == "dominates" else "strict"}
     return out
 
 
@@ -432,8 +454,11 @@ def markdown(report: Mapping[str, Any], spec: Any) -> str:
         for key, t in report["targets"].items():
             if key.startswith("beats_"):
                 (dr, df), (br, bf) = t["value"], t["target"]
-                lines.append(f"| beats {key[6:]}: higher recall at <= its false alarms | {_pct(dr)} / {_pct(df)} vs "
-                             f"{_pct(br)} / {_pct(bf)} | {_yes(t['met'])} |")
+                what = ("recall >= at <= its false alarms, one strictly better" if t.get("rule") == "dominates"
+                        else "higher recall at <= its false alarms")
+                strict = (f" (strict reading: {_yes(t['strict'])})" if t.get("rule") == "dominates" else "")
+                lines.append(f"| beats {key[6:]}: {what} | {_pct(dr)} / {_pct(df)} vs "
+                             f"{_pct(br)} / {_pct(bf)} | {_yes(t['met'])}{strict} |")
             else:
                 sign = ">=" if t["kind"] == "min" else "<="
                 fmt = _num if key == "median_detect_fraction" else _pct

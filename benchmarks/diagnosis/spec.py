@@ -107,6 +107,7 @@ class PlannedRun:
     gpu_only: bool = False
     requires: list[str] = field(default_factory=list)
     minutes: float = 0.0
+    order: int = 0  # an overhead run's place in the timed sequence (the spec's overhead.order)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,7 +133,9 @@ def load_spec(path: Path | str = SPEC_PATH, known_injections: Optional[tuple[str
     if known_detectors is None:
         from detlab.diagnosis.registry import registered_detectors
 
-        known_detectors = {cls.name for cls in registered_detectors()}
+        # a detector's name, or "name:kind" for one of its variants (its evidence_text keys)
+        known_detectors = {cls.name for cls in registered_detectors()} | {
+            f"{cls.name}:{kind}" for cls in registered_detectors() for kind in cls.evidence_text if kind}
 
     recipes = {name: Recipe(name, list(r.get("overrides", [])), float(r["minutes"]), list(r.get("requires", [])))
                for name, r in raw["recipes"].items()}
@@ -216,6 +219,8 @@ def check_spec(spec: Spec, known_injections: tuple[str, ...], known_detectors: s
             fail(f"baselines.rules.{key}: unknown classes {unknown}")
     if spec.overhead and spec.overhead.get("recipe") not in spec.recipes:
         fail("overhead.recipe: unknown recipe")
+    if spec.overhead and spec.overhead.get("order", "off_on") not in ("off_on", "abba"):
+        fail("overhead.order: off_on (off, on in every pair) or abba (off, on, on, off, ...)")
 
 
 def _variant_overrides(spec: Spec, recipe: str, own: list[str], seed: int) -> list[str]:
@@ -254,14 +259,15 @@ def plan_runs(spec: Spec, seed_set: str, gpu: Optional[bool] = False) -> list[Pl
     overhead = spec.overhead
     if overhead and seed_set in overhead.get("seed_sets", SEED_SETS):
         recipe = spec.recipes[overhead["recipe"]]
+        abba = overhead.get("order", "off_on") == "abba"  # v3: off, on, on, off, ... (a drift favours neither)
         for k in range(int(overhead.get("pairs", 0))):
-            for enabled in (False, True):
+            for enabled in ((True, False) if abba and k % 2 else (False, True)):
                 own = [f"diagnosis.enabled={str(enabled).lower()}"]
                 runs.append(PlannedRun(
                     name=f"overhead-{'on' if enabled else 'off'}-{k}", kind=OVERHEAD, group="overhead",
                     variant="on" if enabled else "off", recipe=recipe.name, seed_set=seed_set, seed=seeds[0],
                     overrides=_variant_overrides(spec, recipe.name, own, seeds[0]), requires=list(recipe.requires),
-                    minutes=recipe.minutes))
+                    minutes=recipe.minutes, order=sum(r.kind == OVERHEAD for r in runs)))
     return runs
 
 
@@ -273,8 +279,8 @@ def assign_parts(runs: list[PlannedRun], n: int) -> list[list[PlannedRun]]:
         raise ValueError("n must be >= 1")
     parts: list[list[PlannedRun]] = [[] for _ in range(n)]
     load = [0.0] * n
-    # alternating pairs: off then on, pair by pair
-    timed = sorted((r for r in runs if r.kind == OVERHEAD), key=lambda r: (int(r.name.rsplit("-", 1)[-1]), r.variant != "off"))
+    # the pairs in their planned order (the spec's overhead.order)
+    timed = sorted((r for r in runs if r.kind == OVERHEAD), key=lambda r: r.order)
     for run in sorted((r for r in runs if r.kind != OVERHEAD), key=lambda r: (-r.minutes, r.name)):
         k = min(range(n), key=lambda i: (load[i], i))
         parts[k].append(run)

@@ -27,6 +27,9 @@ config saves is in it already: ``random_large_boxes.validations`` 2, ``grad_norm
 ``class_loss_at_chance.enabled`` false stay as saved). ``detlab diagnose RUN --today`` reads the run with
 today's block instead.
 
+Version 3 (2026-12-06) added ``overfitting.min_best_ap50`` (0.05); ``keep_v2_judgement`` gives a saved block
+without it 0, judging as before. Its other change, ``grad_norm_every`` 20, is a key every saved config holds.
+
 Delete this module and its call once no run saved before 2026-12-05 needs reading (from 2027-01).
 """
 
@@ -95,3 +98,12 @@ def keep_v1_judgement(container: dict[str, Any]) -> None:
     if isinstance(chance, dict):
         chance.setdefault("max_ap50", 1.0)
         chance.setdefault("min_steps", 0)
+
+
+def keep_v2_judgement(container: dict[str, Any]) -> None:
+    """A saved ``diagnosis`` block of before version 3 (a plain nested dict): the key version 3 added, set in
+    place to the value that judges as version 2 did."""
+    diagnosis = container.get("diagnosis")
+    overfitting = diagnosis.get("overfitting") if isinstance(diagnosis, dict) else None
+    if isinstance(overfitting, dict):
+        overfitting.setdefault("min_best_ap50", 0.0)

@@ -210,6 +210,10 @@ class Detector:
         """Why the pattern happens (a detector with variants may say it per variant)."""
         return self.cause
 
+    def title_for(self, alarm: Alarm) -> str:
+        """The finding's name in words (a detector with variants may name one by its cause)."""
+        return self.display_title()
+
     def advice(self, config: RunConfig, alarm: Alarm) -> list[str]:
         """What to do in this run, one instruction each in plain words, with the override to try and its
         current value (``raise the learning rate 10x: optim.lr=0.0001 (now 1e-05)``), never one the run

@@ -61,6 +61,7 @@ class Finding:
     severity: Severity = Severity.FAILURE  # NOTE: a note on a run that learns (under_confidence)
     cause: str = ""  # why it happens, in plain words
     title: str = ""  # the finding's name in plain words
+    kind: str = ""  # which of the detector's variants fired ("killed" for dead gradients after too-large updates)
 
     @property
     def failure(self) -> bool:
@@ -70,7 +71,7 @@ class Finding:
     def to_dict(self) -> dict[str, Any]:
         """Plain types for summary.json and checkpoints (non-finite evidence stays a float). ``severity``
         ("failure" or "note") and ``failure`` (its boolean, what the diagnosis benchmark reads) both."""
-        return {"detector": self.detector, "title": self.title,
+        return {"detector": self.detector, "kind": self.kind, "title": self.title,
                 "severity": self.severity.value, "failure": self.failure, "stage": self.stage,
                 "step": int(self.step), "epoch": int(self.epoch), "cause": self.cause, "message": self.message,
                 "evidence": {k: float(v) for k, v in self.evidence.items()}, "remedy": self.remedy}
@@ -82,7 +83,8 @@ class Finding:
         severity = data.get("severity") or (Severity.FAILURE if data.get("failure", True) else Severity.NOTE)
         return cls(detector=data["detector"], stage=data["stage"], step=int(data["step"]), epoch=int(data["epoch"]),
                    message=data["message"], evidence=dict(data["evidence"]), remedy=data["remedy"],
-                   severity=Severity(severity), cause=data.get("cause", ""), title=data.get("title", ""))
+                   severity=Severity(severity), cause=data.get("cause", ""), title=data.get("title", ""),
+                   kind=data.get("kind", ""))
 
     def console_line(self) -> str:
         """One line: the finding, when, its cause, its evidence and what to do (no internal key names)."""
@@ -215,7 +217,7 @@ class Diagnoser:
                               epoch=when.epoch, message=verdict.message,
                               evidence={k: float(v) for k, v in verdict.evidence.items()},
                               remedy=det.remedy_for(verdict), severity=severity, cause=det.cause_for(verdict),
-                              title=det.display_title())
+                              title=det.title_for(verdict), kind=verdict.kind)
             self.findings.append(finding)
             new.append(finding)
         if new:

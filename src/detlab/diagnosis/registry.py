@@ -40,9 +40,11 @@ class DiagnosisSettings:
     """
 
     enabled: bool = True
-    grad_norm_every: int = 10  # steps between gradient samples (loss-term norms on the backbone output, dead share)
-    # ... in the first part of training, where the data and gradient checks and loss_imbalance judge (v2: the
-    # sample is almost all of the diagnosis's cost, so it is sparser after)
+    # Steps between gradient samples (loss-term norms on the backbone output, dead share) after the first part
+    # of training; v3: 20 (was 10), at least one sample an epoch on the default data. The sample is almost all
+    # of the diagnosis's cost, and after the first part only dead_gradients and unnormalised_input read it.
+    grad_norm_every: int = 20
+    # ... in the first part of training, where the data and gradient checks and loss_imbalance judge
     grad_norm_every_first_part: int = 5
     # Loss windows (steps) of stuck and avoidance: shrunk to half the first part of training when longer.
     loss_window: int = 50
