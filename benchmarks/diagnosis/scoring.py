@@ -13,8 +13,8 @@ Two scorings, for detlab's diagnosis and for each baseline alike:
   notes (``failure: false``, ``severity: note``; logged at INFO) are counted on their own (``notes``), and
   ``false_alarm_rate_with_notes`` counts them as alarms too;
 - the right first diagnosis against the declared class, on the fault runs that failed: the first alarm
-  is right when it is one of the class's expected detectors (detlab; ``detector:kind`` names one variant) or a rule the spec maps to the class
-  (a baseline). Classes that no detector (or rule) can name stay in the denominator
+  is right when it is one of the class's expected detectors (detlab; ``detector:kind`` names one variant)
+  or a rule the spec maps to the class (a baseline). Classes that no detector (or rule) can name stay in the denominator
   (``right_first_rate``); ``right_first_rate_nameable`` leaves them out.
 
 ``median_detect_fraction``: the first alarm's step / the run's planned steps, median over the flagged
@@ -122,16 +122,17 @@ def outcome_labels(results: Sequence[RunResult], rule: Any = None) -> dict[str, 
 # ------------------------------------------------------------------------------------ alarms
 def first_failure(findings: Sequence[Mapping[str, Any]]) -> Optional[Alarm]:
     """The first finding with ``failure`` true (findings are in the order they were found)."""
-    for f in findings:
-        if f.get("failure", True):
-            return Alarm(str(f["detector"]), int(f["step"]), str(f.get("kind", "")))
-    return None
+    return next((alarm_of(f) for f in findings if f.get("failure", True)), None)
 
 
 def first_finding(findings: Sequence[Mapping[str, Any]]) -> Optional[Alarm]:
     """The first finding, notes included."""
-    f = findings[0] if findings else None
-    return Alarm(str(f["detector"]), int(f["step"]), str(f.get("kind", ""))) if f else None
+    return alarm_of(findings[0]) if findings else None
+
+
+def alarm_of(finding: Mapping[str, Any]) -> Alarm:
+    """A finding's record as an alarm (recordings before spec v3 have no ``kind``)."""
+    return Alarm(str(finding["detector"]), int(finding["step"]), str(finding.get("kind", "")))
 
 
 def detlab_alarm(r: RunResult) -> Optional[Alarm]:
