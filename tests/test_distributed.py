@@ -136,6 +136,41 @@ def test_without_torchrun_the_helpers_are_single_process(monkeypatch):
     assert distributed.any_rank(True, torch.device("cpu")) is True
 
 
+@pytest.mark.parametrize("wait_for_others, barrier_fails, expected", [
+    (True, False, ["barrier", "destroy"]),  # a normal end: every rank leaves together
+    (False, False, ["destroy"]),  # after an exception: never held waiting for a rank that will not come
+    (True, True, ["barrier", "destroy"]),  # another rank left first: this one still leaves, without an error
+])
+def test_leaving_the_process_group_waits_for_the_other_ranks_only_after_a_normal_end(
+        monkeypatch, tmp_path, wait_for_others, barrier_fails, expected):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    calls = []
+    real_barrier, real_destroy = dist.barrier, dist.destroy_process_group
+
+    def barrier(*args, **kwargs):
+        calls.append("barrier")
+        if barrier_fails:
+            raise dist.DistBackendError("Connection closed by peer")
+        return real_barrier(*args, **kwargs)
+
+    def destroy(*args, **kwargs):
+        calls.append("destroy")
+        return real_destroy(*args, **kwargs)
+
+    monkeypatch.setattr(dist, "barrier", barrier)
+    monkeypatch.setattr(dist, "destroy_process_group", destroy)
+    try:
+        distributed.shutdown(wait_for_others=wait_for_others)
+    finally:
+        if dist.is_initialized():
+            real_destroy()
+    assert calls == expected
+    assert not distributed.is_initialized()
+    distributed.shutdown()  # without a process group: nothing to do
+
+
 def test_the_backend_is_validated_with_its_key_named(tiny_config, synthetic_root):
     with pytest.raises(ConfigError, match=r"train.dist_backend='mpi'"):
         tiny_config(synthetic_root, "train.dist_backend=mpi")

@@ -165,8 +165,10 @@ def run(raw: DictConfig, hydra_cfg, multirun: bool) -> float | None:
 
     try:
         summary = train(cfg, run_dir, overrides)
-    finally:
-        distributed.shutdown()
+    except BaseException:
+        distributed.shutdown(wait_for_others=False)
+        raise
+    distributed.shutdown()
     log.debug("status: %s; run directory: %s", summary["status"], run_dir)  # the console table said both
     if summary["status"] != RunStatus.COMPLETED and not multirun:
         log.warning("run ended with status %s: %s", summary["status"], summary["message"])

@@ -113,9 +113,25 @@ def init_from_environment(backend: str, device_name: str, batch_size: int, timeo
     log.info("process group: %s, rank %d of %d (local rank %d)", name, get_rank(), get_world_size(), local_rank())
 
 
-def shutdown() -> None:
-    if is_initialized():
-        dist.destroy_process_group()
+def shutdown(wait_for_others: bool = True) -> None:
+    """Leave the process group (a no-op without one).
+
+    ``wait_for_others`` (a rank whose run ended normally): first wait until every rank gets here, so
+    that all tear their connections down together. Rank 0 finishes later than the others (it writes
+    the run's record); a gloo rank that tore down and exited meanwhile has been seen to abort at exit
+    (SIGABRT, "terminate called without an active exception") after a complete run, which torchrun
+    then reports as a failed job. A barrier that fails means another rank has left already: this one
+    leaves too. After an exception, no barrier: a rank held in a collective that the failed rank
+    never reaches would keep the others waiting for the process group's whole timeout.
+    """
+    if not is_initialized():
+        return
+    if wait_for_others:
+        try:
+            dist.barrier()
+        except RuntimeError as error:  # DistBackendError is one: a rank that failed has gone
+            log.debug("barrier before leaving the process group failed: %s", error)
+    dist.destroy_process_group()
 
 
 def wrap_model(model: torch.nn.Module, device: torch.device, sync_batchnorm: bool,
