@@ -703,7 +703,22 @@ def test_overfitting_waits_until_the_model_has_learnt_something():
     assert run(make(), healthy_step(), nothing_yet, 10) == []
     learnt_once = lambda e: {**overfit_epoch(e), "val/ap50": 0.05 if e == 3 else 0.01}  # noqa: E731
     assert only(run(make(), healthy_step(), learnt_once, 10), "overfitting").epoch == 9  # the best so far counts
-    assert only(run(make(overfitting__min_best_ap50=0.0), healthy_step(), nothing_yet, 10), "overfitting").epoch == 9
+    both_off = make(overfitting__min_best_ap50=0.0, overfitting__min_ap50_fall=0.0)
+    assert only(run(both_off, healthy_step(), nothing_yet, 10), "overfitting").epoch == 9
+
+
+def test_no_overfitting_while_the_validation_ap50_holds():
+    # v4: version 3's confirm seed 5002 of late overfit: the validation loss rose 13% over 3 validations while the
+    # AP50 stayed within 4% of its best (0.68 against 0.704), then climbed on (over-confidence, not memorising)
+    holds = {**{e: 0.5 + 0.02 * e for e in range(1, 7)}, 7: 0.704, 8: 0.70, 9: 0.69, 10: 0.68}
+    epoch = lambda e: {**overfit_epoch(e), "val/ap50": holds[e]}  # noqa: E731
+    assert run(make(), healthy_step(), epoch, 10) == []
+    assert only(run(make(overfitting__min_ap50_fall=0.0), healthy_step(), epoch, 10), "overfitting").epoch == 9
+    # the same rise with the AP50 5% or more below its best is a finding, and says so
+    falls = {**holds, 9: 0.668}
+    finding = only(run(make(), healthy_step(), lambda e: {**overfit_epoch(e), "val/ap50": falls[e]}, 10), "overfitting")
+    assert finding.epoch == 9 and finding.evidence["best_val_ap50"] == 0.704
+    assert "the validation AP50 was 0.668, 5.1% below its best (0.704)" in finding.message
 
 
 def test_no_overfitting_when_train_loss_rises_too_or_val_is_noisy():

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from detlab.config import Config
-from detlab.engine.step import build_training, loss_term_grad_norms
+from detlab.engine.step import TermGradientProbe, build_training
 
 
 def tiny_parts(**loss):
@@ -67,30 +67,82 @@ def test_a_non_finite_loss_makes_no_update():
     assert "grad_norm" not in record.signals()
 
 
-def test_loss_term_grad_norms_against_hand_computed_values():
-    shared = nn.Linear(2, 2)
+def test_the_probe_reads_each_terms_gradient_on_the_shared_output_with_one_partial_backward():
+    class Backbone(nn.Module):  # two maps, the coarser computed from the finer (as an SSD's extra layers)
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.extra = nn.Linear(2, 2), nn.Linear(2, 2, bias=False)
+
+        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+            fine = self.first(x)
+            return [fine, self.extra(fine)]
+
+    backbone = Backbone()
     cls_head, box_head = nn.Linear(2, 1, bias=False), nn.Linear(2, 1, bias=False)
     with torch.no_grad():
-        shared.weight.copy_(torch.eye(2))
-        shared.bias.zero_()
+        backbone.first.weight.copy_(torch.eye(2))
+        backbone.first.bias.zero_()
+        backbone.extra.weight.copy_(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))  # swaps: coarse = (2, 1)
         cls_head.weight.copy_(torch.tensor([[1.0, 1.0]]))
         box_head.weight.copy_(torch.tensor([[0.0, 2.0]]))
     x = torch.tensor([[1.0, 2.0]])
-    h = shared(x)  # [1, 2] = (1, 2)
-    loss_cls = 0.5 * cls_head(h).pow(2).sum()  # weight 0.5, y = 3
-    loss_box = 4.0 * box_head(h).sum()  # weight 4, y = 4
-    g_cls, g_box = loss_term_grad_norms(loss_cls, loss_box, shared.parameters())
-    # d(0.5 y^2)/dW = y * a x^T = 3 [[1, 2], [1, 2]], d/db = 3 a = (3, 3): |g|^2 = 9 * 10 + 18 = 108
-    assert g_cls == pytest.approx(math.sqrt(108.0))
-    # d(4 y)/dW = 4 b x^T = [[0, 0], [8, 16]], d/db = 4 b = (0, 8): |g|^2 = 64 + 256 + 64 = 384
-    assert g_box == pytest.approx(math.sqrt(384.0))
-    assert all(p.grad is None for p in shared.parameters())  # .grad untouched, graph retained:
+
+    def norms(cls_weight: float, box_weight: float, scale: float = 1.0) -> tuple[float, float]:
+        probe = TermGradientProbe(backbone)
+        fine, coarse = backbone(x)
+        probe.stop_watching()
+        loss_cls = cls_weight * 0.5 * cls_head(fine).pow(2).sum()  # y = 3 on the fine map only
+        loss_box = box_weight * box_head(coarse).sum()  # on the coarse map only
+        backbone.zero_grad()
+        probe.before_backward(loss_cls, loss_box, scale)
+        (scale * (loss_cls + loss_box)).backward()
+        return probe.norms(scale)
+
+    # class: on fine, y a = 3 (1, 1); on coarse, 0: |g| = 3 sqrt(2).
+    # box (weight 4): on coarse, 4 b = (0, 8); on fine, through the swap, (8, 0): |g| = 8 sqrt(2)
+    g_cls, g_box = norms(1.0, 4.0)
+    assert g_cls == pytest.approx(3 * math.sqrt(2.0)) and g_box == pytest.approx(8 * math.sqrt(2.0))
+    assert backbone.first.weight.grad is not None  # the step's backward reached the weights as usual
+    # either term is measured directly (the smaller weighted loss: here the class term's 4.5 against 16, then
+    # the box term's 0.04 against 4.5), the other by difference
+    assert norms(1.0, 0.01) == (pytest.approx(3 * math.sqrt(2.0)), pytest.approx(0.02 * math.sqrt(2.0)))
+    # a scaled backward (the gradient scaler) is unscaled; a zero-weighted term gives 0.0
+    assert norms(0.0, 4.0, scale=1024.0) == (0.0, pytest.approx(8 * math.sqrt(2.0)))
+    assert norms(1.0, 0.0) == (pytest.approx(3 * math.sqrt(2.0)), 0.0)
+    # a class term that does not reach the maps
+    probe = TermGradientProbe(backbone)
+    fine, coarse = backbone(x)
+    probe.stop_watching()
+    loss_cls, loss_box = cls_head(fine.detach()).sum(), box_head(coarse).sum()
+    probe.before_backward(loss_cls, loss_box)
     (loss_cls + loss_box).backward()
-    assert shared.weight.grad is not None
-    # a zero-weighted term, a scaled call (AMP) and a term independent of the shared parameters
-    h = shared(x)
-    g_cls, g_box = loss_term_grad_norms(0.0 * cls_head(h).sum(), 4.0 * box_head(h).sum(), list(shared.parameters()),
-                                        scale=1024.0)
-    assert g_cls == 0.0 and g_box == pytest.approx(math.sqrt(384.0))
-    detached = cls_head(h.detach()).sum()
-    assert loss_term_grad_norms(detached, detached * 0, shared.parameters()) == (0.0, 0.0)
+    assert probe.norms() == (0.0, pytest.approx(2 * math.sqrt(2.0)))
+
+
+@pytest.mark.parametrize("model", ["ssd_slim", "ssdlite"])
+def test_a_sampled_step_reports_the_terms_gradient_norms_on_the_backbones_output(model):
+    """The norms the step reads with one partial backward equal two separate backwards of the weighted
+    terms on the backbone's feature maps (ssd_slim's heads, and torchvision's SSDLiteHead)."""
+    torch.manual_seed(0)
+    cfg = Config()
+    cfg.model.name = model
+    cfg.model.input_width, cfg.model.input_height = 96, 64
+    cfg.optim.name, cfg.optim.lr = "sgd", 0.01
+    cfg.train.cpu_bf16 = False
+    cfg.loss.box_weight = 0.5
+    parts = build_training(cfg, torch.device("cpu"), total_steps=10, steps_per_epoch=5)
+    images, faces = batch()
+    features: list[torch.Tensor] = []
+    hook = parts.model.backbone.register_forward_hook(lambda m, i, out: features.extend(out))
+    losses = parts.criterion(parts.model.train()(images), faces, 0)
+    hook.remove()
+    expected = []
+    for term in (losses.weighted_cls, losses.weighted_box):
+        grads = torch.autograd.grad(term, features, retain_graph=True, allow_unused=True)
+        expected.append(math.sqrt(sum(float(g.pow(2).sum()) for g in grads if g is not None)))
+    record = parts.step(images, faces, step=0, sample_gradients=True)
+    assert expected[0] > 0 and expected[1] > 0
+    assert record.grad_norm_cls == pytest.approx(expected[0], rel=1e-4)
+    assert record.grad_norm_box == pytest.approx(expected[1], rel=1e-4)
+    unsampled = parts.step(images, faces, step=1)
+    assert unsampled.grad_norm_cls is None and unsampled.grad_norm_box is None
