@@ -31,6 +31,7 @@ from detlab.run_record import read_metrics
 
 DATA = Path(__file__).resolve().parent / "data" / "replay_frozen_backbone"
 SPEC = load_spec()
+C1, C2 = SPEC.seeds["confirm"][:2]  # the current version's first confirm seeds
 
 
 def committed_run() -> tuple[dict, list, list, dict, dict]:
@@ -111,7 +112,7 @@ def test_replay_scores_the_recordings_of_the_current_spec(tmp_path):
                              "healthy-default-base-s2": 0.045, "fault-frozen_backbone-s0": 0.01,
                              "healthy-lr-lr0.005-s0": 0.035})
     fabricate(root, "tune", {"healthy-default-base-s3": 0.04}, sha="f" * 64)  # recorded under another spec
-    fabricate(root, "confirm", {"healthy-default-base-s5001": 0.04})  # another seed set
+    fabricate(root, "confirm", {f"healthy-default-base-s{C1}": 0.04})  # another seed set
     assert len(list_recordings(root, SPEC.version)) == 7
     assert bench_diagnosis.main(["--replay", "--recordings", str(root), "--out", str(out)]) == 0
     report = json.loads((out / "bench_diagnosis_tune.json").read_text())
@@ -154,20 +155,20 @@ def test_replay_with_overrides_and_with_the_recorded_findings(tmp_path):
 
 def test_confirm_seeds_are_judged_unless_a_run_was_shortened(tmp_path):
     root, out = tmp_path / "rec", tmp_path / "out"
-    fabricate(root, "confirm", {"healthy-default-base-s5001": 0.04, "fault-frozen_backbone-s5001": 0.01})
+    fabricate(root, "confirm", {f"healthy-default-base-s{C1}": 0.04, f"fault-frozen_backbone-s{C1}": 0.01})
     bench_diagnosis.main(["--replay", "--seed-set", "confirm", "--recordings", str(root), "--out", str(out)])
     report = json.loads((out / "bench_diagnosis_confirm.json").read_text())
     assert report["targets"]["flagged_rate"]["met"] is True
     assert report["targets"]["false_alarm_rate"]["healthy_runs"] == 1
     assert report["targets"]["false_alarm_rate"]["met"] is False  # 1 false alarm, and 1 healthy run < 30
-    fabricate(root, "confirm", {"healthy-default-base-s5002": 0.04}, shortened=True)
+    fabricate(root, "confirm", {f"healthy-default-base-s{C2}": 0.04}, shortened=True)
     bench_diagnosis.main(["--replay", "--seed-set", "confirm", "--recordings", str(root), "--out", str(out)])
     assert json.loads((out / "bench_diagnosis_confirm_short.json").read_text())["targets"] is None
 
 
 def test_replay_scored_with_another_specs_expected_sets(tmp_path):
     root, out = tmp_path / "rec", tmp_path / "out"
-    fabricate(root, "confirm", {"healthy-default-base-s5001": 0.04, "fault-frozen_backbone-s5001": 0.01})
+    fabricate(root, "confirm", {f"healthy-default-base-s{C1}": 0.04, f"fault-frozen_backbone-s{C1}": 0.01})
     later = edited_copy(SPEC_PATH, tmp_path, "expected: [dead_gradients]", "expected: [stuck]")
     bench_diagnosis.main(["--replay", "--seed-set", "confirm", "--recordings", str(root), "--out", str(out),
                           "--expected-of", str(later)])
