@@ -135,7 +135,7 @@ def test_baseline_rules_name_classes_as_detlabs_detectors_do():
 
 
 @pytest.mark.parametrize("old,new,message", [
-    ("confirm: [6001,", "confirm: [5,", "apart"),
+    ("confirm: [7001,", "confirm: [5,", "apart"),
     ('"dead_gradients:killed"]', '"dead_gradients:frozen"]', "unknown expected detectors"),  # not one of its variants
     ("  order: abba\n", "  order: shuffled\n", "overhead.order"),
     ("expected: [overfitting]", "expected: [overfit]", "unknown expected detectors"),

@@ -220,13 +220,31 @@ def test_avoidance_judges_the_rise_over_two_validations_and_needs_two_in_a_row()
     ap50 = {1: 0.001, 2: 0.026, 3: 0.022, 4: 0.36}
     assert run(make(stuck__min_fraction=0.0), avoidance_step,
                lambda e: {**avoidance_epoch(e), "val/ap50": ap50[e]}, 4) == []
-    one_back = make(stuck__min_fraction=0.0, avoidance__rise_validations=1, avoidance__validations=1)
+    # version 1's judgement (and no floor rule, which spares this run too: 0.022 stands 0.021 above its floor)
+    one_back = make(stuck__min_fraction=0.0, avoidance__rise_validations=1, avoidance__validations=1,
+                    avoidance__max_ap50_above_floor=1.0)
     finding = only(run(one_back, avoidance_step, lambda e: {**avoidance_epoch(e), "val/ap50": ap50[e]}, 4), "avoidance")
     assert (finding.epoch, finding.evidence["ap50_rise"]) == (3, pytest.approx(-0.004))
     # the pattern at one validation only (the paper recipe's slow start: the next one climbs past max_ap50)
     slow = {1: 0.0012, 2: 0.0013, 3: 0.056, 4: 0.07}
     assert run(make(stuck__min_fraction=0.0), avoidance_step,
                lambda e: {**avoidance_epoch(e), "val/ap50": slow[e]}, 4) == []
+
+
+def test_avoidance_spares_a_ranking_that_stands_above_its_floor_after_a_dip():
+    # the v4 confirm run late overfit s6001, predicting nothing throughout: AP50 climbed from 0.0002 to 0.056,
+    # dipped to 0.016 and rose again (0.037), then escaped by itself. Two validations below the one two back
+    # read as no rise, but both stand 0.016+ above the floor: a ranking that left chance, no finding (v5)
+    escaped = {1: 0.0002, 2: 0.02, 3: 0.037, 4: 0.056, 5: 0.016, 6: 0.037}
+    series = lambda ap50: (lambda e: {**avoidance_epoch(e), "val/ap50": ap50[e]})  # noqa: E731
+    assert run(make(stuck__min_fraction=0.0), avoidance_step, series(escaped), 6) == []
+    without_floor = make(stuck__min_fraction=0.0, avoidance__max_ap50_above_floor=1.0)
+    finding = only(run(without_floor, avoidance_step, series(escaped), 6), "avoidance")
+    assert finding.epoch == 6 and finding.evidence["ap50_floor"] == pytest.approx(0.0002)
+    # the runs trapped without warm-up (v1-v4 confirm seeds) creep 0.001-0.003 above their floor: still named
+    trapped = {1: 0.001, 2: 0.001, 3: 0.002, 4: 0.003, 5: 0.002, 6: 0.003}
+    finding = only(run(make(stuck__min_fraction=0.0), avoidance_step, series(trapped), 6), "avoidance")
+    assert finding.epoch == 3 and finding.evidence["ap50_floor"] == pytest.approx(0.001)
 
 
 @pytest.mark.parametrize("change", [{"val/recall": 0.3}, {"val/pred_per_image": 2.0}])

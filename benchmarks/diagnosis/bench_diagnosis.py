@@ -94,6 +94,7 @@ def worker(job: dict[str, Any]) -> None:
     from detlab.config import compose_config
     from detlab.engine.loggers import MetricsCsv, RunRecordWriter
     from detlab.engine.trainer import train
+    from detlab.runtime.provenance import cpu_info
 
     run = PlannedRun(**job["run"])
     run_dir = Path(job["run_dir"])
@@ -105,7 +106,8 @@ def worker(job: dict[str, Any]) -> None:
     recorder = SignalRecorder()
 
     def record() -> None:
-        extra = {"machine": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+        # the CPU too (v5): one benchmark's parts may run on machines of different speed
+        extra = {"machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_info(),
                              "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}}
         size = write_recording(job["recording"], record_run_folder(run_dir, run.to_dict(), job["spec_version"],
                                                                    job["spec_sha256"], recorder, job["shortened"], extra))

@@ -451,7 +451,9 @@ class Avoidance(Detector):
     """The model predicts only background, on epochs from the end of the first part of training
     (``after_first_part``; a slow healthy run may still be at chance at its second validation) to the
     late stage: predictions per image collapse (< ``max_pred_per_image``) with recall near zero while
-    ``loss_cls`` fell, and the ranking is near chance too (``val/ap50`` < ``max_ap50``). A step check sees
+    ``loss_cls`` fell, and the ranking is near chance too (``val/ap50`` < ``max_ap50``, not rising, and less
+    than ``max_ap50_above_floor`` above the run's lowest validation AP50: a ranking that left chance learns
+    the faces, and such a run escapes by itself or ends under-confident). A step check sees
     its cause earlier, as a note: the classification term counts so many background anchors per face that
     predicting nothing is what its falling loss learns (no mining under AdamW does that and still learns).
     Curves without a predictions-per-image record (another training's) are judged on recall and AP50
@@ -494,6 +496,12 @@ class Avoidance(Detector):
         # the v1 confirm seeds: AdamW at lr 0.02 read AP50 0.001, 0.026, 0.022, then 0.36, a false alarm at one
         # validation; runs without warm-up at lr 0.1 stay at 0.001-0.002 throughout).
         rise_validations: int = 2
+        # ... and not climbed out of chance since its lowest validation: a ranking that once stood this far above
+        # its floor (the lowest AP50 of the run so far) has begun to tell faces from background, and a dip below a
+        # recent peak is not a return to chance (v5, from the v4 confirm seeds: late overfit s6001 read AP50
+        # 0.0002 at its floor and 0.016-0.056 at epochs 7-11, predicting nothing, then escaped by itself at
+        # epoch 12 and ended healthy; the runs trapped without warm-up stay within 0.003 of their floor).
+        max_ap50_above_floor: float = 0.01
         # Validations in a row that must show the pattern (v2, from the v1 confirm seeds: the paper recipe's
         # slow SGD start reads AP50 0.001-0.005 with no box above the threshold through epoch 4 of 20 and its
         # class loss 3-5.4% down, at the edge of min_cls_drop; by the next validation it climbs).
@@ -508,6 +516,7 @@ class Avoidance(Detector):
         return {"max_pred_per_image": _at_least(cfg.max_pred_per_image, 0), "max_recall": _share(cfg.max_recall),
                 "min_cls_drop": _at_least(cfg.min_cls_drop, 0), "max_ap50": _share(cfg.max_ap50),
                 "min_ap50_rise": _at_least(cfg.min_ap50_rise, 0), "rise_validations": _at_least(cfg.rise_validations, 1),
+                "max_ap50_above_floor": _above(cfg.max_ap50_above_floor, 0),
                 "validations": _at_least(cfg.validations, 1),
                 "max_neg_per_pos": _above(cfg.max_neg_per_pos, 0)}
 
@@ -518,6 +527,7 @@ class Avoidance(Detector):
         first_epoch_cls: float = math.nan  # train/loss_cls of the first epoch (no step signals)
         peak_pred_per_image: float = math.nan
         earlier_ap50: deque[float] = field(default_factory=deque)  # the last rise_validations validations' AP50
+        floor_ap50: float = math.inf  # the lowest AP50 of the validations so far
         streak: int = 0  # validations in a row showing the pattern
         neg_per_pos: deque[float] = field(default_factory=deque)  # the last loss_window steps
 
@@ -562,15 +572,20 @@ class Avoidance(Detector):
         # Judged from rise_validations validations back (the earliest one kept until there are that many).
         rise = ap50 - st.earlier_ap50[0] if st.earlier_ap50 else math.nan
         st.earlier_ap50.append(ap50)
+        if ap50 < st.floor_ap50:
+            st.floor_ap50 = ap50
+        above_floor = ap50 - st.floor_ap50
         collapsed = ppi < cfg.max_pred_per_image if counted else True
         judged = when.step >= self.run.first_part_end or not cfg.after_first_part
         holds = (judged and when.stage != LATE and collapsed and recall < cfg.max_recall
-                 and drop >= cfg.min_cls_drop and not ap50 >= cfg.max_ap50 and rise < cfg.min_ap50_rise)
+                 and drop >= cfg.min_cls_drop and not ap50 >= cfg.max_ap50 and rise < cfg.min_ap50_rise
+                 and not above_floor >= cfg.max_ap50_above_floor)
         st.streak = st.streak + 1 if holds else 0
         if st.streak < cfg.validations:
             return False
         evidence = {"pred_per_image": ppi, "recall": recall, "ap50": ap50, "ap50_rise": rise, "loss_cls_first": cls_first,
-                    "loss_cls_now": cls_now, "loss_cls_drop": drop, "peak_pred_per_image": st.peak_pred_per_image}
+                    "loss_cls_now": cls_now, "loss_cls_drop": drop, "peak_pred_per_image": st.peak_pred_per_image,
+                    "ap50_floor": st.floor_ap50}
         if "val/mean_score" in signals:
             evidence["mean_score"] = float(signals["val/mean_score"])
         if not counted:
