@@ -76,6 +76,24 @@ def test_a_recording_round_trips_and_replays_to_the_runs_findings(tmp_path):
     assert (tmp_path / "again.json.gz").read_bytes() == path.read_bytes()
 
 
+def test_a_recording_keeps_its_process_times(tmp_path):
+    """v6: the worker adds the run's process CPU time and the machine's steal time over the run (``process``);
+    a recording without them reads as empty."""
+    record, steps, epochs, summary, config = committed_run()
+    times = bench_diagnosis.process_times(bench_diagnosis.machine_steal_seconds())
+    assert times["cpu_user_s"] > 0 and times["cpu_system_s"] >= 0
+    steal = times["machine_steal_s"]  # None where /proc/stat does not say (not Linux)
+    assert steal is None or steal >= 0
+    assert bench_diagnosis.process_times(None)["machine_steal_s"] is None
+    path = recording_path(tmp_path, 6, "timed")
+    write_recording(path, build_record({"name": "timed"}, 6, "0" * 64, record["total_steps"], 25, steps, epochs,
+                                       summary, config, extra={"process": times}))
+    assert read_recording(path).process == times
+    write_recording(path, build_record({"name": "timed"}, 6, "0" * 64, record["total_steps"], 25, steps, epochs,
+                                       summary, config))
+    assert read_recording(path).process == {}
+
+
 def test_a_recording_weighs_under_a_hundred_bytes_a_step(tmp_path):
     """The committed run's signals, as the benchmark writes them: about 90 bytes per step (its steps.json
     takes 340)."""

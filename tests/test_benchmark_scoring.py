@@ -23,6 +23,7 @@ from benchmarks.diagnosis.scoring import (
     matches,
     outcome_labels,
     overhead,
+    overhead_pairs,
     reference_medians,
     rescue,
     rescue_markdown,
@@ -211,6 +212,28 @@ def test_overhead_is_the_median_ratio_minus_one():
     runs += [run(f"off{k}", kind="overhead", variant="off", wall=w) for k, w in enumerate([100.0, 90.0, 100.0])]
     assert overhead(runs) == pytest.approx(110.0 / 100.0 - 1)
     assert overhead(runs[:3]) is None
+
+
+def test_the_overhead_by_cpu_time_and_pair_by_pair():
+    """v6: each recording keeps its process's CPU time and the machine's steal time; the pairs match by index."""
+    def timed(name, variant, wall, user, system, steal):
+        r = run(name, kind="overhead", variant=variant, wall=wall)
+        r.process = {"cpu_user_s": user, "cpu_system_s": system, "machine_steal_s": steal}
+        return r
+
+    runs = [timed("overhead-on-0", "on", 110.0, 190.0, 10.0, 1.0), timed("overhead-off-0", "off", 100.0, 180.0, 20.0, 5.0),
+            timed("overhead-on-1", "on", 99.0, 204.0, 6.0, 0.0), timed("overhead-off-1", "off", 100.0, 196.0, 4.0, None)]
+    assert runs[0].cpu_time_s == 200.0
+    assert overhead(runs, "cpu_time_s") == pytest.approx(205.0 / 200.0 - 1)  # medians 205 and 200
+    pairs = overhead_pairs(runs)
+    assert [p["pair"] for p in pairs] == [0, 1]
+    assert pairs[0]["wall"] == pytest.approx(0.10) and pairs[0]["cpu"] == pytest.approx(0.0)
+    assert pairs[1]["wall"] == pytest.approx(-0.01) and pairs[1]["cpu"] == pytest.approx(0.05)
+    assert (pairs[0]["steal_on_s"], pairs[0]["steal_off_s"], pairs[1]["steal_off_s"]) == (1.0, 5.0, None)
+    # a recording without process times (before v6): no CPU figure, the wall figure as before
+    old = [run("overhead-on-0", kind="overhead", variant="on", wall=110.0),
+           run("overhead-off-0", kind="overhead", variant="off", wall=100.0)]
+    assert overhead(old, "cpu_time_s") is None and overhead_pairs(old)[0]["cpu"] is None
 
 
 REPAIRS = SimpleNamespace(rescuable={"a": "why", "b": "why", "c": "why"}, rescued_within=0.1,

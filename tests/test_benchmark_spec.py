@@ -87,17 +87,17 @@ def test_gpu_only_classes_are_planned_apart():
 def test_overhead_pairs_run_on_the_confirm_seeds_only():
     assert not [r for r in plan_runs(SPEC, "tune") if r.kind == "overhead"]
     pairs = [r for r in plan_runs(SPEC, "confirm") if r.kind == "overhead"]
-    assert Counter(r.variant for r in pairs) == {"on": 6, "off": 6}
+    assert Counter(r.variant for r in pairs) == {"on": 12, "off": 12}  # v6: 12 pairs (versions 3-5: 6)
     assert all(f"diagnosis.enabled={'true' if r.variant == 'on' else 'false'}" in r.overrides for r in pairs)
     # v3: order abba, so a drift in time favours neither side; they run last, in that order
     timed = [r.variant for r in assign_parts(plan_runs(SPEC, "confirm"), 4)[-1] if r.kind == "overhead"]
-    assert timed == ["off", "on", "on", "off"] * 3
+    assert timed == ["off", "on", "on", "off"] * 6
 
 
 def test_overhead_pairs_of_an_older_spec_run_off_then_on(tmp_path):
     old = load_spec(edited_copy(SPEC_PATH, tmp_path, "  order: abba\n", ""))
     timed = [r.variant for r in assign_parts(plan_runs(old, "confirm"), 2)[-1] if r.kind == "overhead"]
-    assert timed == ["off", "on"] * 6
+    assert timed == ["off", "on"] * 12
 
 
 @pytest.mark.slow  # several seconds: kept out of the quick loop
@@ -135,7 +135,7 @@ def test_baseline_rules_name_classes_as_detlabs_detectors_do():
 
 
 @pytest.mark.parametrize("old,new,message", [
-    ("confirm: [7001,", "confirm: [5,", "apart"),
+    ("confirm: [8001,", "confirm: [5,", "apart"),
     ('"dead_gradients:killed"]', '"dead_gradients:frozen"]', "unknown expected detectors"),  # not one of its variants
     ("  order: abba\n", "  order: shuffled\n", "overhead.order"),
     ("expected: [overfitting]", "expected: [overfit]", "unknown expected detectors"),

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from detlab.config import Config, validate
 from detlab.errors import ConfigError
 from detlab.diagnosis import (
+    AWAITS_FAILURE,
     Alarm,
     Detector,
     DetectorConfig,
@@ -25,6 +26,7 @@ from detlab.diagnosis import (
     DiagnosisStatus,
     Finding,
     Level,
+    Rearm,
     Severity,
     StopReason,
     finding_columns,
@@ -435,8 +437,9 @@ def grad_step(g_cls: float, g_box: float) -> StepFn:
     return fn
 
 
-# Box-dominant ratios judged over the whole first part (box_epochs past it), for the tests of the other rules.
-BOX_JUDGED_THROUGHOUT = {"loss_imbalance__box_epochs": 10.0}
+# Box-dominant ratios judged over the whole first part (box_epochs past it), and a failure at once under SGD
+# (without waiting for a failure to confirm it, v6), for the tests of the other rules.
+BOX_JUDGED_THROUGHOUT = {"loss_imbalance__box_epochs": 10.0, "loss_imbalance__sgd_box_note": False}
 
 
 def test_imbalance_box_dominates():
@@ -525,6 +528,87 @@ def test_under_adamw_an_imbalance_up_to_the_adaptive_ratio_is_a_note(optimizer, 
     # curves without the run's config (another training's) are judged as under SGD
     assert only(run(make(**BOX_JUDGED_THROUGHOUT), grad_step(0.1, g_box), None, 2),
                 "loss_imbalance").severity is Severity.FAILURE
+
+
+def sgd_diagnoser(**overrides) -> Diagnoser:
+    config = Config()
+    config.optim.name = "sgd"
+    return Diagnoser(configure(DiagnosisConfig(), loss_imbalance__box_epochs=10.0, **overrides),
+                     StageBoundaries(EARLY_END, LATE_START), TOTAL, SPE, run_config=config)
+
+
+def test_under_sgd_a_box_dominant_ratio_is_a_note_until_a_failure_confirms_it():
+    """v6: a box-first start under SGD may still learn (the synthetic paper recipe at box 10 never failed on 18
+    seeds), so its imbalance is a note; the failures it ends in (divergence, stuck, avoidance, random large boxes)
+    make it a failure finding, dated at the confirming finding and placed before it."""
+    diag = sgd_diagnoser()
+    box_first = grad_step(0.1, 5.0)
+    notes = run(diag, box_first, None, 2)
+    note = only(notes, "loss_imbalance")
+    assert note.severity is Severity.NOTE and note.step == 100 and note.kind == "box"
+    assert "becomes a failure if the run then diverges, stalls, predicts nothing" in note.cause
+    assert not diag.status.stop
+    # a class-dominant ratio under SGD is a failure at once, as before
+    assert only(run(sgd_diagnoser(), grad_step(2.0, 0.1), None, 2), "loss_imbalance").severity is Severity.FAILURE
+    # the loss blows up at step 300: divergence confirms the note
+    blow_up = lambda s: {**box_first(s), "loss_total": 1e6, "grad_norm": 1e6} if s >= 300 else box_first(s)  # noqa: E731
+    found = run(diag, blow_up, None, 2, first_epoch=3)
+    assert [(f.detector, f.severity) for f in found][:2] == [("loss_imbalance", Severity.FAILURE),
+                                                              ("divergence", Severity.FAILURE)]
+    confirmed = found[0]
+    assert confirmed.step == found[1].step and confirmed.kind == "box"
+    assert confirmed.evidence["noted_at_step"] == 100 and confirmed.evidence["ratio_box_to_cls"] == pytest.approx(50.0)
+    assert "from step 100; then divergence at step" in confirmed.message
+    assert "(a note" not in confirmed.cause and "lower the box weight" in confirmed.remedy
+    # the run's record: the note, then the confirmed failure before the divergence; confirmed once
+    assert [(f.detector, f.failure) for f in diag.findings] == [("loss_imbalance", False), ("loss_imbalance", True),
+                                                                ("divergence", True)]
+    assert diag.scalars()["loss_imbalance"] == 1.0
+
+
+def test_a_note_is_confirmed_only_by_its_confirmers_and_not_with_the_switch_off():
+    stall = lambda s: {**grad_step(0.1, 5.0)(s), "loss_total": 5.0, "loss_cls": 3.0, "loss_box": 2.0}  # noqa: E731
+    # stuck (the loss does not move) confirms it
+    found = run(sgd_diagnoser(), stall, None, 3)
+    assert [(f.detector, f.failure) for f in found] == [("loss_imbalance", False), ("loss_imbalance", True),
+                                                        ("stuck", True)]
+    # confirmers are declared per detector and variant: none by default, none for a class-dominant note
+    assert sgd_diagnoser().detectors[0].confirmers("box", {}) == ()
+    imbalance = next(d for d in sgd_diagnoser().detectors if d.name == "loss_imbalance")
+    assert imbalance.confirmers("box", {"awaits_failure": 1.0}) == ("divergence", "stuck", "avoidance",
+                                                                    "random_large_boxes")
+    assert imbalance.confirmers("class", {"awaits_failure": 1.0}) == ()
+    # sgd_box_note false: a failure at once, and stuck follows it
+    found = run(sgd_diagnoser(loss_imbalance__sgd_box_note=False), stall, None, 3)
+    assert [(f.detector, f.failure) for f in found] == [("loss_imbalance", True), ("stuck", True)]
+
+
+def test_a_risk_a_repair_answered_is_settled_no_failure_confirms_it_and_it_does_not_fire_again():
+    stall = lambda s: {**grad_step(0.1, 5.0)(s), "loss_total": 5.0, "loss_cls": 3.0, "loss_box": 2.0}  # noqa: E731
+    diag = sgd_diagnoser()
+    # the third gradient sample (step 100) decides; stuck fires later (the loss does not move)
+    note = only([f for s in range(101) for f in diag.observe_step(s, 1 + s // SPE, stall(s))], "loss_imbalance")
+    assert note.evidence[AWAITS_FAILURE] == 1.0 and not note.failure
+    diag.rearm("loss_imbalance", Rearm.SETTLE)  # the rebalance answered it (rearm_plan)
+    later = [f for s in range(101, 3 * SPE) for f in diag.observe_step(s, 1 + s // SPE, stall(s))]
+    assert [(f.detector, f.failure) for f in later] == [("stuck", True)]  # not confirmed, no second note
+    restored = sgd_diagnoser()
+    restored.load_state_dict(diag.state_dict())
+    assert restored.state_dict()["settled"] == [0]
+
+
+def test_a_new_note_is_confirmed_by_a_failure_that_came_before_it():
+    """A confirmer that fired first (the loss stalls before the third gradient sample): the note arrives as a
+    failure at its own step, right after its note."""
+    stall = lambda s: {**grad_step(0.1, 5.0)(s), "loss_total": 5.0, "loss_cls": 3.0, "loss_box": 2.0}  # noqa: E731
+    diag = sgd_diagnoser(stuck__min_fraction=0.05, loss_imbalance__min_samples=3)
+    found = run(diag, stall, None, 3)
+    order = [(f.detector, f.failure, f.step) for f in diag.findings]
+    stuck_step = next(step for name, _, step in order if name == "stuck")
+    note_step = next(step for name, failure, step in order if name == "loss_imbalance" and not failure)
+    assert stuck_step < note_step, order
+    assert order.index(("loss_imbalance", True, note_step)) == order.index(("loss_imbalance", False, note_step)) - 1
+    assert len(found) == 3
 
 
 def test_imbalance_window_and_min_samples_from_config():

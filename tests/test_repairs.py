@@ -12,9 +12,9 @@ import torch
 from omegaconf import OmegaConf
 
 from detlab.config import RebalanceConfig, ScheduleConfig, compose_config, load_saved_config
-from detlab.diagnosis import DIVERGENCE, Diagnoser, DiagnosisConfig, Finding, Rearm, Severity
+from detlab.diagnosis import AWAITS_FAILURE, DIVERGENCE, Diagnoser, DiagnosisConfig, Finding, Rearm, Severity
 from detlab.diagnosis.repairs import (Mining, RaiseLearningRate, Rebalance, RepairRecord, Repairs, RepairTarget,
-                                      Rollback, rearm_plan, scale_learning_rate)
+                                      Rollback, rearm_plan, registered_repairs, scale_learning_rate)
 from detlab.engine.callbacks import Callback
 from detlab.errors import ConfigError
 from detlab.schedule import StageBoundaries, build_scheduler, planned_learning_rates
@@ -478,7 +478,8 @@ def test_the_switch_turns_on_the_enabled_repairs_and_a_finding_goes_to_the_first
                            target_of(parts), 74, 3)
     assert [(r.repair, r.detector, r.step, rearm) for r, rearm in done] == [
         ("raise_lr", "stuck", 74, (("stuck", Rearm.FROM_BEFORE),)),  # judged again, against the window before
-        ("rebalance", "loss_imbalance", 74, (("stuck", Rearm.STAND_DOWN),))]  # the imbalance not re-armed
+        # the imbalance not re-armed; its risks (v6) settled: no later failure confirms them
+        ("rebalance", "loss_imbalance", 74, (("stuck", Rearm.STAND_DOWN), ("loss_imbalance", Rearm.SETTLE)))]
     restored = Repairs(DiagnosisConfig(repair=True))
     restored.load_state_dict(repairs.state_dict())
     assert restored.get("raise_lr").times == 1
@@ -486,6 +487,12 @@ def test_the_switch_turns_on_the_enabled_repairs_and_a_finding_goes_to_the_first
     noted = Repairs(DiagnosisConfig(repair=True))
     assert noted.respond([replace(imbalance(), severity=Severity.NOTE)], target_of(parts), 74, 3) == []
     assert noted.get("rebalance").times == 0 and noted.records == []
+    # ... but a risk, a note that awaits a failure (v6: SGD's box-first imbalance), is answered by a repair that
+    # answers risks: the rebalance, which only rescues early (real WIDER box 10: at step 15, not at step 39)
+    risk = replace(imbalance(), severity=Severity.NOTE, evidence={**imbalance().evidence, AWAITS_FAILURE: 1.0})
+    done = noted.respond([risk], target_of(tiny_parts()[0]), 15, 1)  # fresh parts: the rebalance acts once a run
+    assert [(r.repair, r.detector, r.step) for r, _ in done] == [("rebalance", "loss_imbalance", 15)]
+    assert [cls.name for cls in registered_repairs() if cls.answers_risks] == ["rebalance"]
     with pytest.raises(ConfigError, match=r"diagnosis.repairs.raise_lr.factor=0.5: must be > 1"):
         compose_config(overrides=["diagnosis.repairs.raise_lr.factor=0.5"])
 

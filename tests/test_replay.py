@@ -109,6 +109,9 @@ def test_a_config_saved_before_version_2_judges_as_version_1_did():
     assert today.class_loss_at_chance.min_steps == 150
     # version 3's overfitting floor: a block saved without it judges as before (0), today's keeps 0.05
     assert old.overfitting.min_best_ap50 == 0.0 and today.overfitting.min_best_ap50 == 0.05
+    # version 6's risk note under SGD: a block saved without it judges as before (a failure at once)
+    assert "sgd_box_note" not in saved["diagnosis"]["loss_imbalance"]
+    assert old.loss_imbalance.sgd_box_note is False and today.loss_imbalance.sgd_box_note is True
 
 
 PILOT = Path(__file__).resolve().parents[1] / "benchmarks" / "diagnosis" / "recordings" / "v1-repairs"

@@ -97,6 +97,7 @@ def worker(job: dict[str, Any]) -> None:
     from detlab.runtime.provenance import cpu_info
 
     run = PlannedRun(**job["run"])
+    steal_at_start = machine_steal_seconds()
     run_dir = Path(job["run_dir"])
     shutil.rmtree(run_dir, ignore_errors=True)  # a run cut off mid-way starts again from scratch
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -108,7 +109,8 @@ def worker(job: dict[str, Any]) -> None:
     def record() -> None:
         # the CPU too (v5): one benchmark's parts may run on machines of different speed
         extra = {"machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_info(),
-                             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}}
+                             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+                 "process": process_times(steal_at_start)}
         size = write_recording(job["recording"], record_run_folder(run_dir, run.to_dict(), job["spec_version"],
                                                                    job["spec_sha256"], recorder, job["shortened"], extra))
         print(f"recording: {job['recording']} ({size} bytes, {len(recorder.steps)} steps)", flush=True)
@@ -120,6 +122,28 @@ def worker(job: dict[str, Any]) -> None:
         record()  # a run that crashed is recorded too (its outcome: error)
         raise
     record()
+
+
+def machine_steal_seconds() -> Optional[float]:
+    """CPU time the hypervisor gave to other guests, summed over this machine's CPUs since boot
+    (``/proc/stat``'s steal column), or None where the system does not say."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_times(steal_at_start: Optional[float]) -> dict[str, Optional[float]]:
+    """The run's process CPU time (user and system, all its threads) and the machine's steal time over the run
+    (v6): on a shared virtual machine a wall time also holds what other guests took, which the CPU time
+    leaves out and the steal time measures."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    steal = machine_steal_seconds()
+    return {"cpu_user_s": usage.ru_utime, "cpu_system_s": usage.ru_stime,
+            "machine_steal_s": None if steal is None or steal_at_start is None else steal - steal_at_start}
 
 
 # ------------------------------------------------------------------------------- the orchestrator
@@ -314,15 +338,20 @@ def recorded_sampling(rec: Recording) -> Optional[int]:
 
 
 def findings_of(rec: Recording, diagnosis: Any, replay: bool) -> tuple[list[dict[str, Any]], Optional[bool]]:
-    """The run's findings ({"detector", "kind", "step", "failure"}): replayed with ``diagnosis`` (None: the run's own
-    block) or as recorded; and whether the replayed ones equal the run's own (None when not replayed)."""
+    """The run's findings ({"detector", "kind", "step", "failure", "risk"}; risk: a note that awaits a failure to
+    confirm it, v6): replayed with ``diagnosis`` (None: the run's own block) or as recorded; and whether the
+    replayed ones equal the run's own (None when not replayed)."""
+    from detlab.diagnosis.detector import AWAITS_FAILURE
     from detlab.diagnosis.replay import replay_findings
 
     live = [{"detector": f["detector"], "kind": f.get("kind", ""), "step": int(f["step"]),
-             "failure": bool(f.get("failure", True))} for f in rec.summary.get("findings", [])]
+             "failure": bool(f.get("failure", True)),
+             "risk": not f.get("failure", True) and f.get("evidence", {}).get(AWAITS_FAILURE, 0.0) > 0}
+            for f in rec.summary.get("findings", [])]
     if not replay:
         return live, None
-    findings = [{"detector": f.detector, "kind": f.kind, "step": f.step, "failure": f.failure}
+    findings = [{"detector": f.detector, "kind": f.kind, "step": f.step, "failure": f.failure,
+                 "risk": not f.failure and f.evidence.get(AWAITS_FAILURE, 0.0) > 0}
                 for f in replay_findings(rec.replay_config(diagnosis), rec.steps, rec.epochs, rec.total_steps,
                                          repaired=rec.summary.get("repairs"),
                                          sampled_every=recorded_sampling(rec))]
@@ -330,14 +359,15 @@ def findings_of(rec: Recording, diagnosis: Any, replay: bool) -> tuple[list[dict
 
 
 def plain_detectors(root: Path, spec: Spec, seed_set: str, diagnosis: Any, replay: bool) -> dict[str, list[str]]:
-    """Run name -> the detectors of its failure findings, for the runs of ``seed_set`` recorded without repairs under
-    the current spec (a run recorded under another spec counts as not recorded)."""
+    """Run name -> the detectors of its failure findings and risks (notes that await a failure, which a repair
+    may answer, v6), for the runs of ``seed_set`` recorded without repairs under the current spec (a run recorded
+    under another spec counts as not recorded)."""
     out = {}
     for path in list_recordings(root, spec.version):
         rec = read_recording(path)
         if rec.spec_sha256 == spec.sha256 and rec.run.get("seed_set") == seed_set:
-            # failure findings only: no repair answers a note
-            out[rec.name] = [f["detector"] for f in findings_of(rec, diagnosis, replay)[0] if f["failure"]]
+            # failure findings and risks: no repair answers another note
+            out[rec.name] = [f["detector"] for f in findings_of(rec, diagnosis, replay)[0] if f["failure"] or f["risk"]]
     return out
 
 
@@ -358,7 +388,7 @@ def result_of(rec: Recording, spec: Spec, diagnosis: Any, replay: bool) -> tuple
                      final_train_loss=last_loss, total_steps=rec.total_steps, findings=findings,
                      baselines={name: None if a is None else {"rule": a.rule, "step": a.step}
                                 for name, a in alarms.items()},
-                     wall_time_s=rec.summary.get("wall_time_s")), same
+                     wall_time_s=rec.summary.get("wall_time_s"), process=dict(rec.process)), same
 
 
 def load_results(root: Path, version: str, spec: Spec, seed_set: str, diagnosis: Any,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -79,6 +79,8 @@ class Recording:
     config: dict[str, Any]  # the CONFIG_SECTIONS of the run's resolved config
     shortened: bool
     size_bytes: int
+    # the run's process CPU time and the machine's steal time over it (v6; empty in older recordings)
+    process: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -107,7 +109,7 @@ def read_recording(path: Path | str) -> Recording:
                      steps_per_epoch=record.get("steps_per_epoch"), steps=from_columns(record["steps"]),
                      epochs=from_columns(record["epochs"]), summary=dict(record["summary"]),
                      config=dict(record["config"]), shortened=bool(record.get("shortened", False)),
-                     size_bytes=len(data))
+                     size_bytes=len(data), process=dict(record.get("process") or {}))
 
 
 def build_record(run: Mapping[str, Any], spec_version: int, spec_sha256: str, total_steps: Optional[int],

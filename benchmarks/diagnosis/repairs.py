@@ -114,8 +114,8 @@ def load_repairs(spec: Spec, path: Path | str = REPAIRS_PATH) -> Repairs:
 def repair_plan(spec: Spec, repairs: Repairs, seed_set: str, plain: Mapping[str, Sequence[str]],
                 answers: frozenset[str], gpu: Optional[bool] = False) -> list[PlannedRun]:
     """The runs of ``seed_set`` to train with the switch on, in spec order: each run of a rescuable class
-    and each healthy run whose recording without repairs has a failure finding of a detector in ``answers``
-    (``switched_on_answers``) or is not recorded yet (nothing says a repair would stay idle). ``plain``: run
+    and each healthy run whose recording without repairs has a failure finding (or a risk, v6) of a detector in
+    ``answers`` (``switched_on_answers``) or is not recorded yet (nothing says a repair would stay idle). ``plain``: run
     name -> the detectors of its findings without repairs, for the runs recorded so far. No overhead pair
     (it measures the diagnosis, not the repairs)."""
 

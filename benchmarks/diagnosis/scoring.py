@@ -54,6 +54,14 @@ class RunResult:
     # baselines: name -> {"rule", "step"} of its first alarm, or None
     baselines: dict[str, Optional[dict[str, Any]]] = field(default_factory=dict)
     wall_time_s: Optional[float] = None
+    # the run's process CPU time (cpu_user_s, cpu_system_s) and the machine's steal time (machine_steal_s)
+    process: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cpu_time_s(self) -> Optional[float]:
+        """User and system CPU time of the run's process, where recorded (v6)."""
+        user, system = self.process.get("cpu_user_s"), self.process.get("cpu_system_s")
+        return float(user) + float(system) if _finite(user) and _finite(system) else None
 
 
 @dataclass(frozen=True)
@@ -247,17 +255,42 @@ def score_all(results: Sequence[RunResult], spec: Any) -> dict[str, Any]:
         out["baselines"][name] = score(results, labels, baseline_alarm(name), right,
                                        lambda r, named=named: r.group in named)
     out["overhead"] = overhead(results)
+    out["overhead_cpu"] = overhead(results, "cpu_time_s")
+    out["overhead_pairs"] = overhead_pairs(results)
     out["classes_without_detector"] = sorted(c for c, f in faults.items() if not f.expected)
     return out
 
 
-def overhead(results: Sequence[RunResult]) -> Optional[float]:
-    """Median wall time of the overhead runs with the diagnosis over those without, minus 1."""
-    on = [r.wall_time_s for r in results if r.kind == "overhead" and r.variant == "on" and _finite(r.wall_time_s)]
-    off = [r.wall_time_s for r in results if r.kind == "overhead" and r.variant == "off" and _finite(r.wall_time_s)]
+def overhead(results: Sequence[RunResult], measure: str = "wall_time_s") -> Optional[float]:
+    """Median ``measure`` (wall time; ``cpu_time_s``: the process's CPU time) of the overhead runs with the
+    diagnosis over those without, minus 1."""
+    def times(variant: str) -> list[float]:
+        return [float(getattr(r, measure)) for r in results
+                if r.kind == "overhead" and r.variant == variant and _finite(getattr(r, measure))]
+
+    on, off = times("on"), times("off")
     if not on or not off:
         return None
     return statistics.median(on) / statistics.median(off) - 1.0
+
+
+def overhead_pairs(results: Sequence[RunResult]) -> list[dict[str, Any]]:
+    """Pair by pair (``overhead-on-k`` with ``overhead-off-k``): the wall and CPU times of both runs, each
+    ratio minus 1, and the machine's steal time over each run, where recorded."""
+    runs = {r.name: r for r in results if r.kind == "overhead"}
+    out = []
+    for k in sorted(int(n.rsplit("-", 1)[1]) for n in runs if n.startswith("overhead-on-")):
+        on, off = runs.get(f"overhead-on-{k}"), runs.get(f"overhead-off-{k}")
+        if on is None or off is None:
+            continue
+        row: dict[str, Any] = {"pair": k}
+        for measure, key in (("wall_time_s", "wall"), ("cpu_time_s", "cpu")):
+            a, b = getattr(on, measure), getattr(off, measure)
+            row[key] = (a / b - 1.0) if _finite(a) and _finite(b) and b > 0 else None
+            row[f"{key}_on_s"], row[f"{key}_off_s"] = a, b
+        row["steal_on_s"], row["steal_off_s"] = on.process.get("machine_steal_s"), off.process.get("machine_steal_s")
+        out.append(row)
+    return out
 
 
 # ------------------------------------------------------------------------------------ targets
@@ -467,7 +500,19 @@ def markdown(report: Mapping[str, Any], spec: Any) -> str:
                 lines.append(f"| {key} {sign} {fmt(t['target'])} | {fmt(t['value'])}{extra} | {_yes(t['met'])} |")
     else:
         lines += ["", "Targets are judged on the confirm seeds only (spec rule 2)."]
-    lines += ["", f"Overhead against diagnosis.enabled=false: {_pct(report['scores']['overhead'])}."]
+    scores = report["scores"]
+    lines += ["", f"Overhead against diagnosis.enabled=false: {_pct(scores['overhead'])} by wall time"
+                  + (f", {_pct(scores['overhead_cpu'])} by the processes' CPU time"
+                     if scores.get("overhead_cpu") is not None else "") + "."]
+    pairs = scores.get("overhead_pairs") or []
+    if pairs:
+        def steal(value: Any) -> str:
+            return f"{float(value):.1f} s" if _finite(value) else "-"
+
+        lines += ["", "| pair | wall on / off | wall | CPU | steal on / off |", "|---|---|---|---|---|"]
+        lines += [f"| {p['pair']} | {_num(p['wall_on_s'], 1)} / {_num(p['wall_off_s'], 1)} s | {_signed_pct(p['wall'])} "
+                  f"| {_signed_pct(p['cpu'])} | {steal(p['steal_on_s'])} / {steal(p['steal_off_s'])} |" for p in pairs]
+        lines.append("")
     if report.get("bytes_per_step") is not None:
         lines.append(f"Recordings: {report['recording_bytes']} bytes in all, {report['bytes_per_step']:.0f} bytes "
                      "per recorded step.")
@@ -490,6 +535,10 @@ def _frac(k: int, n: int) -> str:
 
 def _pct(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
+def _signed_pct(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:+.1f}%"
 
 
 def _signed_num(value: Optional[float]) -> str:

@@ -20,7 +20,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from detlab.config_compat import drop_retired_placeholders, keep_v1_judgement, keep_v2_judgement, move_repair_keys
+from detlab.config_compat import (drop_retired_placeholders, keep_v1_judgement, keep_v2_judgement, keep_v5_judgement,
+                                  move_repair_keys)
 from detlab.diagnosis import DiagnosisConfig, config_problems, preflight_mode
 from detlab.errors import ConfigError
 from detlab.paths import PathsConfig, config_dir
@@ -591,6 +592,7 @@ def load_saved_config(saved: Any) -> Config:
     move_repair_keys(container)
     keep_v1_judgement(container)
     keep_v2_judgement(container)
+    keep_v5_judgement(container)
     return to_config(OmegaConf.create(container))
 
 

@@ -30,6 +30,10 @@ today's block instead.
 Version 3 (2026-12-06) added ``overfitting.min_best_ap50`` (0.05); ``keep_v2_judgement`` gives a saved block
 without it 0, judging as before. Its other change, ``grad_norm_every`` 20, is a key every saved config holds.
 
+Version 6 (2026-12-08) added ``loss_imbalance.sgd_box_note`` (true: under SGD a box-dominant ratio is a note
+until a failure confirms it); ``keep_v5_judgement`` gives a saved block without it false, a failure at once as
+before. (Versions 4 and 5 changed keys every saved config holds, or added thresholds whose absence reads as today.)
+
 Delete this module and its call once no run saved before 2026-12-05 needs reading (from 2027-01).
 """
 
@@ -107,3 +111,12 @@ def keep_v2_judgement(container: dict[str, Any]) -> None:
     overfitting = diagnosis.get("overfitting") if isinstance(diagnosis, dict) else None
     if isinstance(overfitting, dict):
         overfitting.setdefault("min_best_ap50", 0.0)
+
+
+def keep_v5_judgement(container: dict[str, Any]) -> None:
+    """A saved ``diagnosis`` block of before version 6 (a plain nested dict): the key version 6 added, set in
+    place to the value that judges as version 5 did."""
+    diagnosis = container.get("diagnosis")
+    imbalance = diagnosis.get("loss_imbalance") if isinstance(diagnosis, dict) else None
+    if isinstance(imbalance, dict):
+        imbalance.setdefault("sgd_box_note", False)

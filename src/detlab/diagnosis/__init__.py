@@ -24,6 +24,7 @@ block under ``repairs:`` there.
 """
 
 from detlab.diagnosis.detector import (
+    AWAITS_FAILURE,
     Alarm,
     Detector,
     DetectorConfig,
@@ -62,7 +63,7 @@ from detlab.diagnosis.schema import DiagnosisConfig, RepairsConfig, config_probl
 from detlab.diagnosis.windows import is_finite_loss
 
 __all__ = [
-    "DIVERGENCE", "FINDING_HEADER", "PREFLIGHT_MODES", "Alarm", "ConfigProblem", "Detector", "DetectorConfig",
+    "AWAITS_FAILURE", "DIVERGENCE", "FINDING_HEADER", "PREFLIGHT_MODES", "Alarm", "ConfigProblem", "Detector", "DetectorConfig",
     "Diagnoser", "DiagnosisConfig", "DiagnosisSettings", "DiagnosisStatus", "RepairsConfig", "Divergence", "Finding",
     "Level", "Need", "Rearm", "RunInfo", "Severity", "StopReason", "Verdict", "When", "config_problems", "finding_columns", "finding_line",
     "finding_title", "finding_when", "get_detector", "is_finite_loss", "is_note", "list_detectors", "preflight_mode",

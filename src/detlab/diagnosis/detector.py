@@ -61,12 +61,18 @@ class StopReason(str, enum.Enum):
     STUCK = "stuck"
 
 
+# The evidence key of a note that awaits a failure to confirm it (``Detector.confirmers``): a risk the run may
+# still escape. A repair that ``answers_risks`` acts on it as on a failure (a correction that only works early).
+AWAITS_FAILURE = "awaits_failure"
+
+
 class Rearm(str, enum.Enum):
     """What a detector does after a repair changed the run (``Diagnoser.rearm``)."""
 
     AFRESH = "afresh"  # watches anew from the next step, as at the start of training
     FROM_BEFORE = "from_before"  # watches anew, comparing with what it last saw (``Detector.rearmed_state``)
     STAND_DOWN = "stand_down"  # stops watching for the rest of the run: what it compares no longer exists
+    SETTLE = "settle"  # a repair answered its risk (a note that awaits a failure): no failure confirms that note
 
 
 @dataclass
@@ -219,6 +225,13 @@ class Detector:
         current value (``raise the learning rate 10x: optim.lr=0.0001 (now 1e-05)``), never one the run
         already has; computed from the run's config and the evidence."""
         return []
+
+    def confirmers(self, kind: str, evidence: Mapping[str, float]) -> tuple[str, ...]:
+        """The detectors whose failure finding turns this detector's note (of variant ``kind``, with
+        ``evidence``) into a failure finding of its own, dated at the confirming finding: a note that names a
+        risk a run may still escape, until the failure it risks shows (``Diagnoser``). Default: none (a note
+        stays a note)."""
+        return ()
 
     def remedy_for(self, alarm: Alarm) -> str:
         """What to do: this run's ``advice`` (given the run's config), else the detector's own ``remedy``."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 from detlab.diagnosis.detector import (
+    AWAITS_FAILURE,
     Alarm,
     Detector,
     Rearm,
@@ -121,6 +122,7 @@ class Diagnoser:
         self._epoch_detectors = [d for d in self.detectors if overrides_check_epoch(type(d))]
         self.findings: list[Finding] = []
         self._repaired: set[int] = set()  # indices in ``findings`` of patterns a repair has handled
+        self._settled: set[int] = set()  # indices in ``findings`` of risks a repair answered (``Rearm.SETTLE``)
         self._stood_down: set[str] = set()  # detectors a repair stood down for the rest of the run
         self.broken: dict[str, str] = {}  # detectors whose check raised, with the error: off for the rest of the run
         self._active = dict.fromkeys(names, False)
@@ -145,8 +147,13 @@ class Diagnoser:
         longer stop the run, its state starts afresh (``FROM_BEFORE``: from what it last saw,
         ``Detector.rearmed_state``), and it may fire again (a new finding); a detector stood down earlier
         watches again. ``STAND_DOWN``: it stops watching for the rest of the run (its findings stay as
-        they are), unless a later repair re-arms it."""
+        they are), unless a later repair re-arms it. ``SETTLE``: a repair answered its risks (notes that await
+        a failure): no failure confirms them any more, and it watches on as it was."""
         how = Rearm(how)
+        if how is Rearm.SETTLE:  # its risks answered: no failure confirms them (``_confirmed``); it watches on
+            self._settled.update(i for i, f in enumerate(self.findings) if f.detector == detector
+                                 and not f.failure and f.evidence.get(AWAITS_FAILURE, 0.0) > 0)
+            return
         for det in self.detectors:
             if det.name != detector:
                 continue
@@ -221,8 +228,58 @@ class Diagnoser:
             self.findings.append(finding)
             new.append(finding)
         if new:
+            new = self._confirmed(new)
             self._refresh_status()
         return new
+
+    def _confirmed(self, new: list[Finding]) -> list[Finding]:
+        """``new`` with the notes that a failure confirms (``Detector.confirmers``) turned into failure findings
+        of their detectors, each placed just before the confirming failure (a note older than it) or the note
+        (a new note, confirmed by an older failure), in ``findings`` too: the note named the cause. A note is
+        confirmed once, and not when its detector already has an open failure finding."""
+        fresh = {id(f) for f in new}
+        failures = [(i, f) for i, f in enumerate(self.findings) if f.failure and i not in self._repaired]
+        if not failures:
+            return new
+        by_name = {d.name: d for d in self.detectors}
+        before: dict[int, list[Finding]] = {}  # index in ``findings`` -> the confirmed findings placed before it
+        done: set[str] = set()
+        for i, note in enumerate(self.findings):
+            det = by_name.get(note.detector)
+            if (note.failure or i in self._repaired or i in self._settled or det is None or note.detector in done
+                    or self._open(note.detector, Severity.FAILURE)):
+                continue
+            names = det.confirmers(note.kind, note.evidence)
+            # a failure of this call confirms any open note; a new note is confirmed by an earlier failure too
+            at = next(((j, f) for j, f in failures
+                       if f.detector in names and (id(f) in fresh or id(note) in fresh)), None)
+            if at is None:
+                continue
+            j, by = at
+            alarm = Alarm(note.message, dict(note.evidence), kind=note.kind, severity=Severity.FAILURE)
+            later = by if j > i else note
+            before.setdefault(max(i, j), []).append(
+                Finding(detector=note.detector, stage=later.stage, step=later.step, epoch=later.epoch,
+                        message=f"{note.message} from step {note.step}; then {by.title or by.detector} "
+                                f"at step {by.step}",
+                        evidence={**note.evidence, "noted_at_step": float(note.step)},
+                        remedy=det.remedy_for(alarm), severity=Severity.FAILURE, cause=det.cause_for(alarm),
+                        title=det.title_for(alarm), kind=note.kind))
+            done.add(note.detector)
+            self._active[note.detector] = True
+        if not before:
+            return new
+        findings: list[Finding] = []
+        moved: dict[int, int] = {}  # old index -> new index (the repaired ones are kept by index)
+        for j, f in enumerate(self.findings):
+            findings += before.get(j, [])
+            moved[j] = len(findings)
+            findings.append(f)
+        self.findings = findings
+        self._repaired = {moved[i] for i in self._repaired}
+        self._settled = {moved[i] for i in self._settled}
+        added = {id(f) for found in before.values() for f in found}
+        return [f for f in findings if id(f) in fresh or id(f) in added]
 
     def _refresh_status(self) -> None:
         by_detector = {f.detector: f for i, f in enumerate(self.findings) if i not in self._repaired}
@@ -241,6 +298,7 @@ class Diagnoser:
             "findings": [f.to_dict() for f in self.findings],
             "active": dict(self._active),
             "repaired": sorted(self._repaired),
+            "settled": sorted(self._settled),
             "stood_down": sorted(self._stood_down),
             "broken": dict(self.broken),
             "detectors": {d.name: state_to_plain(d.state) for d in self.detectors},
@@ -253,6 +311,7 @@ class Diagnoser:
             return
         self.findings = [Finding.from_dict(data) for data in state["findings"]]
         self._repaired = {int(i) for i in state["repaired"]}
+        self._settled = {int(i) for i in state.get("settled", ())}
         self._stood_down = {str(name) for name in state.get("stood_down", ()) if name in self._active}
         self.broken = {str(k): str(v) for k, v in state.get("broken", {}).items() if k in self._active}
         self._active.update({k: bool(v) for k, v in state["active"].items() if k in self._active})
